@@ -1,0 +1,122 @@
+//! The common change model every source produces and every sink applies.
+//!
+//! A source emits a stream of [`Event`]s: `Begin`, the transaction's changes in
+//! commit order, `Commit`. Transactions are never collected in memory; the
+//! pipeline and the sink see them change by change and group whole transactions
+//! into target transactions.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::position::Position;
+
+/// A table's qualified name, as the source spells it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        TableName { schema: schema.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// How the source identifies the row an UPDATE or DELETE touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// By the columns marked `is_key` (primary key or a replica identity index).
+    Key,
+    /// By all columns (PostgreSQL `REPLICA IDENTITY FULL`): the old row is sent whole.
+    Full,
+    /// Not at all: only INSERT and TRUNCATE can be replicated.
+    Nothing,
+}
+
+/// One column of a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// The type as the source's SQL spells it (`numeric(30,10)`, `public.mood[]`).
+    pub type_name: String,
+    /// The source's type OID (PostgreSQL) — decides the copy format.
+    pub type_oid: u32,
+    /// Part of the row identity.
+    pub is_key: bool,
+}
+
+/// A table's columns and identity, as of some position in the source's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSchema {
+    pub name: TableName,
+    pub columns: Vec<Column>,
+    pub identity: Identity,
+}
+
+impl TableSchema {
+    /// Indexes of the identity columns, in column order.
+    pub fn key_indexes(&self) -> Vec<usize> {
+        self.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect()
+    }
+}
+
+/// A column value. PostgreSQL sources carry values in PostgreSQL's text form,
+/// which a PostgreSQL target casts back without loss.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Value {
+    Null,
+    /// PostgreSQL's unchanged-TOAST marker: the column keeps the value the target has.
+    Unchanged,
+    /// The value in the source's canonical text form.
+    Text(String),
+}
+
+/// One row, its values in the order of its table's columns.
+pub type Row = Vec<Value>;
+
+/// One change inside a transaction.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Insert { table: Arc<TableSchema>, row: Row },
+    /// `old` is the identity of the row before the update when the source sent one:
+    /// key columns only (other columns `Null`) for [`Identity::Key`], the whole row for
+    /// [`Identity::Full`]. `None` means the key did not change.
+    Update { table: Arc<TableSchema>, old: Option<Row>, new: Row },
+    /// `old` holds the key columns ([`Identity::Key`]) or the whole row ([`Identity::Full`]).
+    Delete { table: Arc<TableSchema>, old: Row },
+    Truncate { tables: Vec<Arc<TableSchema>>, cascade: bool, restart_identity: bool },
+    /// The table's columns as of this point (a column was added, or first sight of it).
+    Relation(Arc<TableSchema>),
+}
+
+impl Change {
+    /// The table the change is about (the first one for a truncate).
+    pub fn table(&self) -> Option<&TableName> {
+        match self {
+            Change::Insert { table, .. }
+            | Change::Update { table, .. }
+            | Change::Delete { table, .. }
+            | Change::Relation(table) => Some(&table.name),
+            Change::Truncate { tables, .. } => tables.first().map(|t| &t.name),
+        }
+    }
+}
+
+/// What a source's change stream yields.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A transaction starts. `position` orders it against snapshot positions
+    /// (PostgreSQL: its commit LSN).
+    Begin { position: Position, commit_time: SystemTime },
+    Change(Change),
+    /// The transaction committed. `position` is where a restart resumes after it.
+    Commit { position: Position, commit_time: SystemTime },
+}

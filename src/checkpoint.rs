@@ -1,0 +1,144 @@
+//! The checkpoint store: RocksDB in the pipeline's state directory.
+//!
+//! It holds the position of the last source transaction the target committed,
+//! each table's snapshot progress and the pipeline's identity (which source it
+//! replicates, from which slot). Every write is synced: once `save_position`
+//! returns, a crash cannot take the position back. The target holds the same
+//! position in the same transaction as the rows; at startup the target wins.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::change::TableName;
+use crate::position::Position;
+
+const POSITION: &str = "position";
+const IDENTITY: &str = "identity";
+const TABLE_PREFIX: &str = "table/";
+
+/// What a state directory belongs to; a mismatch means the wrong state dir.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineIdentity {
+    /// The source's identity (PostgreSQL: `system_identifier` and database).
+    pub source: String,
+    /// Where the change stream comes from (PostgreSQL: the slot name).
+    pub stream: String,
+    /// Where the initial snapshot's stream begins.
+    pub consistent_point: Position,
+}
+
+/// How far one table's snapshot copy got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableProgress {
+    /// Stream changes to the table are applied only from this position on: the
+    /// position of the snapshot its rows were copied under.
+    pub copied_at: Position,
+    /// Rows copied.
+    pub rows: u64,
+}
+
+/// The RocksDB-backed checkpoint store.
+pub struct CheckpointStore {
+    db: rocksdb::DB,
+}
+
+impl CheckpointStore {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<CheckpointStore> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create state dir {}", dir.display()))?;
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        let db = rocksdb::DB::open(&options, dir.join("checkpoint")).with_context(|| {
+            format!(
+                "cannot open the checkpoint store in {} (is another cutover running with this state dir?)",
+                dir.display()
+            )
+        })?;
+        Ok(CheckpointStore { db })
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &str) -> anyhow::Result<Option<T>> {
+        let Some(bytes) = self.db.get(key).with_context(|| format!("checkpoint store: reading {key}"))?
+        else {
+            return Ok(None);
+        };
+        let value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("checkpoint store: {key} is corrupt"))?;
+        Ok(Some(value))
+    }
+
+    fn put<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(value)?;
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .put_opt(key, bytes, &options)
+            .with_context(|| format!("checkpoint store: writing {key}"))
+    }
+
+    pub fn identity(&self) -> anyhow::Result<Option<PipelineIdentity>> {
+        self.get(IDENTITY)
+    }
+
+    pub fn save_identity(&self, identity: &PipelineIdentity) -> anyhow::Result<()> {
+        self.put(IDENTITY, identity)
+    }
+
+    /// The end position of the last source transaction known committed on the target.
+    pub fn position(&self) -> anyhow::Result<Option<Position>> {
+        self.get(POSITION)
+    }
+
+    pub fn save_position(&self, position: &Position) -> anyhow::Result<()> {
+        self.put(POSITION, position)
+    }
+
+    pub fn table(&self, table: &TableName) -> anyhow::Result<Option<TableProgress>> {
+        self.get(&format!("{TABLE_PREFIX}{table}"))
+    }
+
+    pub fn save_table(&self, table: &TableName, progress: &TableProgress) -> anyhow::Result<()> {
+        self.put(&format!("{TABLE_PREFIX}{table}"), progress)
+    }
+
+    /// Every table whose copy finished, with its progress.
+    pub fn tables(&self) -> anyhow::Result<Vec<(String, TableProgress)>> {
+        let mut tables = Vec::new();
+        for item in self.db.prefix_iterator(TABLE_PREFIX) {
+            let (key, value) = item.context("checkpoint store: listing tables")?;
+            let Some(name) = key.strip_prefix(TABLE_PREFIX.as_bytes()) else { break };
+            let progress = serde_json::from_slice(&value)
+                .context("checkpoint store: a table's progress is corrupt")?;
+            tables.push((String::from_utf8_lossy(name).into_owned(), progress));
+        }
+        Ok(tables)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::position::Lsn;
+
+    #[test]
+    fn values_survive_reopen() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("cutover-ckpt-{}", std::process::id()));
+        let table = TableName::new("public", "t");
+        {
+            let store = CheckpointStore::open(&dir)?;
+            assert_eq!(store.position()?, None);
+            store.save_position(&Position::Lsn(Lsn(42)))?;
+            store.save_table(&table, &TableProgress { copied_at: Position::Lsn(Lsn(7)), rows: 3 })?;
+        }
+        let store = CheckpointStore::open(&dir)?;
+        assert_eq!(store.position()?, Some(Position::Lsn(Lsn(42))));
+        assert_eq!(store.table(&table)?.map(|t| t.rows), Some(3));
+        assert_eq!(store.tables()?.len(), 1);
+        drop(store);
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,39 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Change-data-capture replication for near-zero-downtime database migrations.
+#[derive(Debug, Parser)]
+#[command(name = "cutover", version)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Copy a consistent snapshot, then stream every committed transaction until stopped.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Compare source and target: row counts and checksums per table; exit 1 on a difference.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Throwaway source and target, a live write load, snapshot then streaming, then verification.
+    Demo {
+        /// pgbench scale of the source data (100 000 account rows per unit).
+        #[arg(long, default_value_t = 5)]
+        scale: u32,
+        /// Seconds of write load during snapshot and streaming.
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+    },
+}

@@ -1,0 +1,344 @@
+//! The pipeline's TOML configuration: one file per pipeline.
+//!
+//! Parsing is strict (unknown keys are errors) and every error names the file,
+//! the key and the reason. Passwords may sit in the URL or come from
+//! `password_file` / `password_env`; they never appear in `Debug` output.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration of one pipeline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub target: TargetConfig,
+    pub state: StateConfig,
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// The pipeline's name: names the slot, publication and replication origin.
+    /// Taken from the config file's name (`shop.toml` → `shop`).
+    #[serde(skip)]
+    pub name: String,
+}
+
+/// Which kind of database an endpoint is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Postgres,
+}
+
+/// Which kind of database the target is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    Postgres,
+}
+
+/// `[source]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    pub url: ConnUrl,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+    /// Glob patterns over `schema.table`; empty means every table.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// `[target]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub kind: TargetKind,
+    pub url: ConnUrl,
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+}
+
+impl SourceConfig {
+    pub fn endpoint(&self) -> Endpoint<'_> {
+        Endpoint { url: &self.url, password_file: self.password_file.as_deref(), password_env: self.password_env.as_deref() }
+    }
+}
+
+impl TargetConfig {
+    pub fn endpoint(&self) -> Endpoint<'_> {
+        Endpoint { url: &self.url, password_file: self.password_file.as_deref(), password_env: self.password_env.as_deref() }
+    }
+}
+
+/// A connection URL. It may hold a password, so `Debug` and `Display` redact it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct ConnUrl(String);
+
+impl ConnUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        ConnUrl(url.into())
+    }
+
+    /// The URL as written, password included: for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ConnUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl fmt::Display for ConnUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// Where a server is and how to log in: one endpoint's part of the config.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint<'a> {
+    pub url: &'a ConnUrl,
+    pub password_file: Option<&'a Path>,
+    pub password_env: Option<&'a str>,
+}
+
+impl Endpoint<'_> {
+    /// The password from `password_file` or `password_env`, if either is set.
+    pub fn external_password(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read password_file {}: {e}", path.display())
+            })?;
+            return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
+        }
+        if let Some(var) = self.password_env {
+            let value = std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("password_env names ${var}, which is not set in the environment")
+            })?;
+            return Ok(Some(value));
+        }
+        Ok(None)
+    }
+}
+
+/// Replaces the password in `scheme://user:password@host/...` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_string() };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
+    match rest[..at].find(':') {
+        Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &rest[..colon], &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+/// `[state]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Holds the RocksDB checkpoint store.
+    pub dir: PathBuf,
+}
+
+/// `[snapshot] mode`
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Copy, then stream.
+    #[default]
+    Initial,
+    /// Stream only: the target already holds the data.
+    Never,
+    /// Copy, then exit 0 (one-shot migration, major-version upgrade).
+    Only,
+}
+
+/// `[snapshot]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    #[serde(default)]
+    pub mode: SnapshotMode,
+    /// Parallel copy connections; default: the number of cores.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig { mode: SnapshotMode::default(), workers: default_workers() }
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+/// `[pipeline]`: batching limits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Most changes buffered before they are written to the open target transaction.
+    #[serde(default = "default_max_batch_changes")]
+    pub max_batch_changes: usize,
+    /// Longest a target transaction stays open while more source transactions arrive.
+    #[serde(default = "default_max_batch_ms")]
+    pub max_batch_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            max_batch_changes: default_max_batch_changes(),
+            max_batch_ms: default_max_batch_ms(),
+        }
+    }
+}
+
+fn default_max_batch_changes() -> usize {
+    5_000
+}
+
+fn default_max_batch_ms() -> u64 {
+    200
+}
+
+/// A configuration that could not be loaded; says which file and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names it in errors and gives the pipeline name.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
+        let mut config: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        config.name = pipeline_name(path);
+        if config.name.is_empty() {
+            return Err(invalid(
+                "the file name must contain letters or digits: it names the pipeline".into(),
+            ));
+        }
+        if config.snapshot.workers == 0 {
+            return Err(invalid("[snapshot] workers: must be at least 1".into()));
+        }
+        if config.pipeline.max_batch_changes == 0 {
+            return Err(invalid("[pipeline] max_batch_changes: must be at least 1".into()));
+        }
+        for (key, patterns) in
+            [("[source] tables", &config.source.tables), ("[source] exclude", &config.source.exclude)]
+        {
+            for pattern in patterns {
+                glob::Pattern::new(pattern).map_err(|e| {
+                    invalid(format!("{key}: `{pattern}` is not a valid glob pattern: {e}"))
+                })?;
+            }
+        }
+        for (key, endpoint) in [("[source]", config.source.endpoint()), ("[target]", config.target.endpoint())] {
+            if endpoint.password_file.is_some() && endpoint.password_env.is_some() {
+                return Err(invalid(format!(
+                    "{key}: set password_file or password_env, not both"
+                )));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Which tables `[source] tables` and `exclude` select.
+    pub fn table_filter(&self) -> TableFilter {
+        let compile = |patterns: &[String]| patterns.iter().filter_map(|p| glob::Pattern::new(p).ok()).collect();
+        TableFilter { tables: compile(&self.source.tables), exclude: compile(&self.source.exclude) }
+    }
+}
+
+/// `[source] tables` / `exclude`, compiled.
+#[derive(Clone, Debug)]
+pub struct TableFilter {
+    tables: Vec<glob::Pattern>,
+    exclude: Vec<glob::Pattern>,
+}
+
+impl TableFilter {
+    /// Whether `schema.table` is selected by `tables` and not by `exclude`.
+    pub fn includes(&self, qualified: &str) -> bool {
+        (self.tables.is_empty() || self.tables.iter().any(|p| p.matches(qualified)))
+            && !self.exclude.iter().any(|p| p.matches(qualified))
+    }
+}
+
+/// `/etc/cutover/shop-eu.toml` → `shop_eu`: safe as a slot, publication and origin name.
+fn pipeline_name(path: &Path) -> String {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().to_lowercase()).unwrap_or_default();
+    stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [source]
+        kind = "postgres"
+        url = "postgresql://app:secret@old:5432/shop"
+        tables = ["public.*"]
+        exclude = ["public.audit_*"]
+        [target]
+        kind = "postgres"
+        url = "postgresql://app@new:5432/shop"
+        [state]
+        dir = "/tmp/x"
+    "#;
+
+    #[test]
+    fn parses_and_filters_tables() {
+        let config = Config::parse(MINIMAL, Path::new("/etc/cutover/Shop-EU.toml")).expect("valid");
+        assert_eq!(config.name, "shop_eu");
+        assert_eq!(config.snapshot.mode, SnapshotMode::Initial);
+        let filter = config.table_filter();
+        assert!(filter.includes("public.orders"));
+        assert!(!filter.includes("public.audit_log"));
+        assert!(!filter.includes("other.orders"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let text = MINIMAL.replace("[state]", "[state]\ndirr = 1");
+        let err = Config::parse(&text, Path::new("p.toml")).expect_err("unknown key").to_string();
+        assert!(err.contains("p.toml") && err.contains("dirr"), "{err}");
+        let text = MINIMAL.replacen("\"postgres\"", "\"oracle\"", 1);
+        let err = Config::parse(&text, Path::new("p.toml")).expect_err("bad kind").to_string();
+        assert!(err.contains("oracle") && err.contains("postgres"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("postgresql://app:secret@old:5432/shop"), "postgresql://app:***@old:5432/shop");
+        assert_eq!(redact_url("postgresql://app@old/shop"), "postgresql://app@old/shop");
+        assert_eq!(redact_url("postgresql://a:b:c@h/d?x=@"), "postgresql://a:***@h/d?x=@");
+        let config = Config::parse(MINIMAL, Path::new("p.toml")).expect("valid");
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}

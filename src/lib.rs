@@ -1,0 +1,17 @@
+//! cutover: change-data-capture replication for near-zero-downtime database moves.
+//!
+//! See `ARCHITECTURE.md` for the module map.
+
+pub mod change;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod pgconn;
+pub mod pipeline;
+pub mod position;
+pub mod sandbox;
+pub mod schema;
+pub mod sink;
+pub mod source;
+pub mod verify;

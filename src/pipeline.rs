@@ -1,0 +1,428 @@
+//! The pipeline: snapshot, then stream, with checkpoints.
+//!
+//! It knows no database by name: it drives a [`Source`] and a [`Sink`].
+//!
+//! Order of work, and why it is safe:
+//! 1. The target's own record of the last applied position wins over RocksDB's.
+//! 2. The first run sets up the change stream and pins a snapshot at the point
+//!    the stream begins; tables are copied inside it. A later run copies the
+//!    tables it does not have yet under a new snapshot, and each table
+//!    remembers the position of the snapshot it was copied under.
+//! 3. Streaming applies a change to a table only if its transaction is ordered
+//!    at or after the table's copy position, and skips transactions the target
+//!    already has. Whole source transactions are grouped into target
+//!    transactions that carry their end position; after each commit the
+//!    position goes to RocksDB and back to the source as confirmed.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::change::{Change, Event, TableName};
+use crate::checkpoint::{CheckpointStore, TableProgress};
+use crate::config::{Config, SnapshotMode, SourceKind, TargetKind};
+use crate::pgconn::ConnectParams;
+use crate::position::Position;
+use crate::schema::{SourceSchema, TableDefinition};
+use crate::sink::{postgres::PostgresSink, Sink};
+use crate::source::{postgres::PostgresSource, Chunk, SnapshotPoint, Source};
+
+/// What a finished snapshot copied.
+#[derive(Clone, Debug, Default)]
+pub struct CopySummary {
+    pub tables: usize,
+    pub rows: u64,
+    pub elapsed: Duration,
+}
+
+/// Opens the configured source and sink.
+pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dyn Sink>)> {
+    let source: Box<dyn Source> = match config.source.kind {
+        SourceKind::Postgres => {
+            let params = ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
+            Box::new(PostgresSource::connect(params, config.table_filter(), &config.name).await?)
+        }
+    };
+    let sink: Box<dyn Sink> = match config.target.kind {
+        TargetKind::Postgres => {
+            let params = ConnectParams::from_endpoint(config.target.endpoint()).context("[target] url")?;
+            Box::new(PostgresSink::connect(params, &config.name).await?)
+        }
+    };
+    Ok((source, sink))
+}
+
+/// Runs the pipeline until `shutdown` resolves (or, with `mode = "only"`, until the copy is done).
+pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let store = Arc::new(CheckpointStore::open(&config.state.dir)?);
+    let (mut source, mut sink) = connect(config).await?;
+    let schema = source.schema().await?;
+    if schema.tables.is_empty() {
+        anyhow::bail!("[source] tables / exclude select no table on the source: nothing to replicate");
+    }
+    let workers = config.snapshot.workers;
+
+    if config.snapshot.mode == SnapshotMode::Only {
+        let pending = pending_tables(&store, &schema)?;
+        if !pending.is_empty() {
+            let fresh = store.tables()?.is_empty();
+            sink.create_tables(&schema, &pending, fresh).await?;
+            let snapshot = source.new_snapshot().await?;
+            let summary = copy_tables(source.as_mut(), sink.as_ref(), &store, &snapshot, &pending, workers, !fresh).await?;
+            sink.finish_snapshot(&schema).await?;
+            log_copy(&summary);
+        }
+        tracing::info!("snapshot complete (mode = \"only\"): exiting");
+        return Ok(());
+    }
+
+    let (identity, first_snapshot) = match store.identity()? {
+        Some(identity) => {
+            source.resume_stream(&identity, &schema.tables).await?;
+            (identity, None)
+        }
+        None => {
+            let (identity, snapshot) = source.create_stream(&schema.tables).await?;
+            store.save_identity(&identity)?;
+            (identity, Some(snapshot))
+        }
+    };
+
+    let pending = match config.snapshot.mode {
+        SnapshotMode::Initial => pending_tables(&store, &schema)?,
+        SnapshotMode::Never | SnapshotMode::Only => Vec::new(),
+    };
+    if pending.is_empty() {
+        source.release_snapshot().await;
+    } else {
+        let fresh = first_snapshot.is_some();
+        sink.create_tables(&schema, &pending, fresh).await?;
+        let snapshot = match first_snapshot {
+            Some(snapshot) => snapshot,
+            None => source.new_snapshot().await?,
+        };
+        let summary = copy_tables(source.as_mut(), sink.as_ref(), &store, &snapshot, &pending, workers, !fresh).await?;
+        sink.finish_snapshot(&schema).await?;
+        log_copy(&summary);
+    }
+
+    let start = match (sink.applied_position().await?, store.position()?) {
+        (Some(target), checkpoint) => {
+            if checkpoint.as_ref() != Some(&target) {
+                tracing::info!(%target, "the target is ahead of the checkpoint store: taking the target's position");
+                store.save_position(&target)?;
+            }
+            target
+        }
+        (None, Some(checkpoint)) => checkpoint,
+        (None, None) => identity.consistent_point.clone(),
+    };
+    let mut copied_at = HashMap::new();
+    for (name, progress) in store.tables()? {
+        copied_at.insert(name, progress.copied_at);
+    }
+    stream(source.as_mut(), sink.as_mut(), &store, start, copied_at, config, shutdown).await
+}
+
+fn log_copy(summary: &CopySummary) {
+    let secs = summary.elapsed.as_secs_f64().max(0.001);
+    tracing::info!(
+        tables = summary.tables,
+        rows = summary.rows,
+        seconds = format!("{secs:.1}"),
+        rows_per_second = (summary.rows as f64 / secs) as u64,
+        "snapshot copied"
+    );
+}
+
+/// Tables whose copy has not finished.
+fn pending_tables<'a>(store: &CheckpointStore, schema: &'a SourceSchema) -> anyhow::Result<Vec<&'a TableDefinition>> {
+    let mut pending = Vec::new();
+    for table in &schema.tables {
+        if store.table(&table.schema.name)?.is_none() {
+            pending.push(table);
+        }
+    }
+    Ok(pending)
+}
+
+/// Copies tables inside `snapshot` with `workers` connections on each side,
+/// largest first and big ones in chunks, building each table's keys and indexes
+/// on a connection of its own as soon as its last chunk lands.
+pub async fn copy_tables(
+    source: &mut dyn Source,
+    sink: &dyn Sink,
+    store: &Arc<CheckpointStore>,
+    snapshot: &SnapshotPoint,
+    tables: &[&TableDefinition],
+    workers: usize,
+    truncate_first: bool,
+) -> anyhow::Result<CopySummary> {
+    let started = Instant::now();
+    let mut readers = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        readers.push(source.snapshot_reader(snapshot).await?);
+    }
+    // Every reader holds the snapshot now; the exporting session may go.
+    source.release_snapshot().await;
+
+    let mut sorted: Vec<Arc<TableDefinition>> = tables.iter().map(|t| Arc::new((*t).clone())).collect();
+    sorted.sort_by_key(|t| std::cmp::Reverse(t.pages));
+    if truncate_first {
+        let mut writer = sink.table_writer().await?;
+        for table in &sorted {
+            writer.truncate(&table.schema.name).await?;
+        }
+    }
+    let dialect = source.dialect();
+    let mut queue = VecDeque::new();
+    let mut remaining = HashMap::new();
+    for table in &sorted {
+        let chunks = source.chunks(table, workers);
+        remaining.insert(table.schema.name.clone(), (chunks.len(), 0u64));
+        let format = sink.copy_format(table, dialect);
+        queue.extend(chunks.into_iter().map(|chunk| (table.clone(), chunk, format)));
+    }
+    let queue = Arc::new(Mutex::new(queue));
+    let remaining = Arc::new(Mutex::new(remaining));
+
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Arc<TableDefinition>, u64)>();
+    let mut index_writer = sink.table_writer().await?;
+    let index_store = store.clone();
+    let position = snapshot.position.clone();
+    let indexer = tokio::spawn(async move {
+        let mut total = 0u64;
+        while let Some((table, rows)) = done_rx.recv().await {
+            let started = Instant::now();
+            index_writer.build_indexes(&table).await?;
+            index_store.save_table(&table.schema.name, &TableProgress { copied_at: position.clone(), rows })?;
+            tracing::info!(table = %table.schema.name, rows, index_seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "table copied");
+            total += rows;
+        }
+        anyhow::Ok(total)
+    });
+
+    let mut tasks = JoinSet::new();
+    for mut reader in readers {
+        let mut writer = sink.table_writer().await?;
+        let queue = queue.clone();
+        let remaining = remaining.clone();
+        let done_tx = done_tx.clone();
+        tasks.spawn(async move {
+            loop {
+                let next = queue.lock().map_err(|_| anyhow::anyhow!("copy queue poisoned"))?.pop_front();
+                let Some((table, chunk, format)) = next else { return anyhow::Ok(()) };
+                let rows = reader.read(&table, chunk, format).await?;
+                let copied = writer.write(&table, rows).await?;
+                if chunk != Chunk::Whole {
+                    tracing::debug!(table = %table.schema.name, ?chunk, rows = copied, "chunk copied");
+                }
+                let finished = {
+                    let mut remaining = remaining.lock().map_err(|_| anyhow::anyhow!("copy progress poisoned"))?;
+                    let entry = remaining.entry(table.schema.name.clone()).or_insert((1, 0));
+                    entry.0 -= 1;
+                    entry.1 += copied;
+                    (entry.0 == 0).then_some(entry.1)
+                };
+                if let Some(rows) = finished {
+                    // The indexer only stops when every sender is gone.
+                    let _ = done_tx.send((table, rows));
+                }
+            }
+        });
+    }
+    drop(done_tx);
+    while let Some(result) = tasks.join_next().await {
+        if let Err(e) = result.context("a copy worker panicked").and_then(|r| r) {
+            tasks.abort_all();
+            indexer.abort();
+            return Err(e);
+        }
+    }
+    let rows = indexer.await.context("the index builder panicked")??;
+    Ok(CopySummary { tables: sorted.len(), rows, elapsed: started.elapsed() })
+}
+
+/// The apply side of streaming: groups source transactions into target transactions.
+struct Applier<'a> {
+    sink: &'a mut dyn Sink,
+    store: &'a CheckpointStore,
+    confirmed: watch::Sender<Position>,
+    copied_at: HashMap<String, Position>,
+    max_changes: usize,
+    max_group: Duration,
+    /// Changes not yet handed to the sink.
+    buffer: Vec<Change>,
+    /// A target transaction is open.
+    open: bool,
+    /// The last source transaction in the open target transaction that ended.
+    ended: Option<(Position, SystemTime)>,
+    group_started: Instant,
+    /// Where the current source transaction is ordered; `None` between transactions.
+    current: Option<Position>,
+    /// The current source transaction is already on the target.
+    skipping: bool,
+    applied: Position,
+    transactions: u64,
+    last_report: Instant,
+    last_commit_time: Option<SystemTime>,
+}
+
+impl Applier<'_> {
+    async fn handle(&mut self, event: Event, more_waiting: bool) -> anyhow::Result<()> {
+        match event {
+            Event::Begin { position, .. } => {
+                if self.ended.is_some() && (!more_waiting || self.group_started.elapsed() >= self.max_group) {
+                    self.commit().await?;
+                }
+                // Ordered before the end of the last applied one: the target has it.
+                self.skipping = position < self.applied;
+                self.current = Some(position);
+                if !self.skipping && !self.open {
+                    self.sink.begin().await?;
+                    self.open = true;
+                    self.group_started = Instant::now();
+                }
+            }
+            Event::Change(change) => {
+                if self.skipping {
+                    return Ok(());
+                }
+                if let Some(change) = self.filter(change) {
+                    self.buffer.push(change);
+                    if self.buffer.len() >= self.max_changes {
+                        self.sink.apply(&self.buffer).await?;
+                        self.buffer.clear();
+                    }
+                }
+            }
+            Event::Commit { position, commit_time } => {
+                self.current = None;
+                if std::mem::take(&mut self.skipping) {
+                    return Ok(());
+                }
+                self.ended = Some((position, commit_time));
+                self.transactions += 1;
+                if !more_waiting || self.group_started.elapsed() >= self.max_group {
+                    self.commit().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops changes to tables whose copy is newer than the transaction.
+    fn filter(&self, change: Change) -> Option<Change> {
+        let current = self.current.as_ref()?;
+        let copied_later = |name: &TableName| self.copied_at.get(&name.to_string()).is_some_and(|at| current < at);
+        match change {
+            Change::Relation(_) => Some(change),
+            Change::Truncate { tables, cascade, restart_identity } => {
+                let tables: Vec<_> = tables.into_iter().filter(|t| !copied_later(&t.name)).collect();
+                (!tables.is_empty()).then_some(Change::Truncate { tables, cascade, restart_identity })
+            }
+            other => match other.table() {
+                Some(name) if copied_later(name) => None,
+                _ => Some(other),
+            },
+        }
+    }
+
+    async fn commit(&mut self) -> anyhow::Result<()> {
+        let Some((position, commit_time)) = self.ended.take() else { return Ok(()) };
+        if !self.buffer.is_empty() {
+            self.sink.apply(&self.buffer).await?;
+            self.buffer.clear();
+        }
+        self.sink.commit(&position, commit_time).await?;
+        self.open = false;
+        self.store.save_position(&position)?;
+        self.applied = position.clone();
+        self.last_commit_time = Some(commit_time);
+        let _ = self.confirmed.send(position);
+        if self.last_report.elapsed() >= Duration::from_secs(10) {
+            let lag = self.last_commit_time.and_then(|t| t.elapsed().ok()).unwrap_or_default();
+            tracing::info!(
+                applied = %self.applied,
+                transactions = self.transactions,
+                lag_seconds = format!("{:.3}", lag.as_secs_f64()),
+                "streaming"
+            );
+            self.last_report = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+async fn stream(
+    source: &mut dyn Source,
+    sink: &mut dyn Sink,
+    store: &CheckpointStore,
+    start: Position,
+    copied_at: HashMap<String, Position>,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (confirmed, confirmed_rx) = watch::channel(start.clone());
+    let mut changes = source.start_stream(&start, confirmed_rx).await?;
+    tracing::info!(from = %start, "streaming changes");
+    let (tx, mut rx) = mpsc::channel::<Event>(8192);
+    // Decoding runs beside applying; the bounded channel is the backpressure.
+    let reader = tokio::spawn(async move {
+        loop {
+            let event = changes.next().await?;
+            if tx.send(event).await.is_err() {
+                return anyhow::Ok(());
+            }
+        }
+    });
+    let mut applier = Applier {
+        sink,
+        store,
+        confirmed,
+        copied_at,
+        max_changes: config.pipeline.max_batch_changes,
+        max_group: Duration::from_millis(config.pipeline.max_batch_ms),
+        buffer: Vec::new(),
+        open: false,
+        ended: None,
+        group_started: Instant::now(),
+        current: None,
+        skipping: false,
+        applied: start,
+        transactions: 0,
+        last_report: Instant::now(),
+        last_commit_time: None,
+    };
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(event) => {
+                    let more_waiting = !rx.is_empty();
+                    if let Err(e) = applier.handle(event, more_waiting).await {
+                        reader.abort();
+                        return Err(e);
+                    }
+                }
+                None => {
+                    return match reader.await {
+                        Ok(Err(e)) => Err(e.context(format!("the change stream stopped; the target has everything up to {}", applier.applied))),
+                        Ok(Ok(())) => Ok(()),
+                        Err(e) => Err(anyhow::anyhow!("the change stream task failed: {e}")),
+                    };
+                }
+            },
+            _ = &mut shutdown => {
+                reader.abort();
+                tracing::info!(applied = %applier.applied, "stopping: the target has everything up to the applied position");
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Throwaway PostgreSQL servers for the demo and the tests: `initdb` in a temp
+//! dir, `wal_level = logical`, a free loopback port, stopped and removed on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context as _;
+
+/// A running throwaway PostgreSQL server; superuser `cutover`, no password.
+pub struct PostgresServer {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+}
+
+/// The PostgreSQL server binaries: `$CUTOVER_PG_BIN`, else the newest under
+/// /usr/lib/postgresql, else whatever `pg_ctl` is on the PATH.
+pub fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CUTOVER_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin): &(u32, PathBuf)| bin.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    let output = Command::new("pg_config").arg("--bindir").output().context(
+        "no PostgreSQL server found: install it (apt-get install -y postgresql) or set CUTOVER_PG_BIN",
+    )?;
+    Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Runs a server binary; as root, as the `postgres` user, which initdb requires.
+fn server_command(bin: &Path, program: &str) -> Command {
+    let path = bin.join(program);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(path);
+        command
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run(mut command: Command, what: &str) -> anyhow::Result<()> {
+    let output = command.output().with_context(|| format!("cannot run {what}"))?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl PostgresServer {
+    /// Starts a server with `wal_level = logical` and the extra `settings`.
+    pub fn start(settings: &[(&str, &str)]) -> anyhow::Result<PostgresServer> {
+        Self::start_with(&postgres_bin_dir()?, settings)
+    }
+
+    /// Starts a server from the binaries in `bin`.
+    pub fn start_with(bin: &Path, settings: &[(&str, &str)]) -> anyhow::Result<PostgresServer> {
+        let dir = std::env::temp_dir().join(format!("cutover-pg-{}-{}", std::process::id(), free_port()?));
+        std::fs::create_dir_all(&dir)?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.arg("postgres:postgres").arg(&dir);
+                    c
+                },
+                "chown of the sandbox dir",
+            )?;
+        }
+        let data = dir.join("data");
+        let mut initdb = server_command(bin, "initdb");
+        initdb.arg("-D").arg(&data).args(["-U", "cutover", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"]);
+        run(initdb, "initdb")?;
+        let port = free_port()?;
+        let mut conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\nfsync = off\n\
+             full_page_writes = off\nshared_buffers = '256MB'\nmax_wal_size = '4GB'\nlogging_collector = off\n",
+            dir.display()
+        );
+        for (key, value) in settings {
+            conf.push_str(&format!("{key} = {value}\n"));
+        }
+        let conf_path = data.join("postgresql.auto.conf");
+        std::fs::write(&conf_path, conf)?;
+        let server = PostgresServer { dir: dir.clone(), bin: bin.to_path_buf(), port };
+        let mut start = server_command(bin, "pg_ctl");
+        start.arg("-D").arg(&data).arg("-l").arg(dir.join("server.log")).args(["-w", "-t", "60", "start"]);
+        run(start, "pg_ctl start").with_context(|| format!("see {}", dir.join("server.log").display()))?;
+        Ok(server)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for `database` as the superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgresql://cutover@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops the server hard (a crash), keeping its data.
+    pub fn stop(&self, mode: &str) -> anyhow::Result<()> {
+        let mut stop = server_command(&self.bin, "pg_ctl");
+        stop.arg("-D").arg(self.dir.join("data")).args(["-m", mode, "-w", "stop"]);
+        run(stop, "pg_ctl stop")
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        let _ = self.stop("immediate");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,87 @@
+//! What a table looks like beyond its columns — constraints, indexes,
+//! sequences, enum types — so a sink can create it, plus identifier quoting.
+//!
+//! Definitions carry SQL fragments in PostgreSQL's dialect (as the source's
+//! catalog prints them); the PostgreSQL sink turns them into DDL.
+
+pub mod postgres;
+
+use crate::change::{TableName, TableSchema};
+
+/// `"ident"`, with embedded quotes doubled.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// `'text'`, with embedded quotes doubled (standard_conforming_strings on).
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// `"schema"."name"`.
+pub fn quote_table(name: &TableName) -> String {
+    format!("{}.{}", quote_ident(&name.schema), quote_ident(&name.name))
+}
+
+/// Everything the source knows about the objects it replicates.
+#[derive(Clone, Debug, Default)]
+pub struct SourceSchema {
+    pub enums: Vec<EnumType>,
+    pub sequences: Vec<Sequence>,
+    pub tables: Vec<TableDefinition>,
+}
+
+/// A table with everything needed to recreate it.
+#[derive(Clone, Debug)]
+pub struct TableDefinition {
+    pub schema: TableSchema,
+    pub columns: Vec<ColumnDefinition>,
+    /// `(name, definition)` as `pg_get_constraintdef` prints it.
+    pub primary_key: Option<(String, String)>,
+    /// Unique, check and exclusion constraints.
+    pub constraints: Vec<(String, String)>,
+    pub foreign_keys: Vec<(String, String)>,
+    /// `CREATE INDEX` statements for indexes that back no constraint.
+    pub indexes: Vec<String>,
+    /// The planner's row estimate and the table's size in 8 kB pages.
+    pub estimated_rows: u64,
+    pub pages: u64,
+    /// Some column's type (or its element type) is user-defined: its binary form
+    /// carries OIDs that differ on the target, so the copy goes as text.
+    pub has_user_types: bool,
+}
+
+/// A column's DDL beyond name and type.
+#[derive(Clone, Debug)]
+pub struct ColumnDefinition {
+    pub not_null: bool,
+    /// The default expression, as `pg_get_expr` prints it.
+    pub default: Option<String>,
+    /// `a` (always) or `d` (by default) for identity columns.
+    pub identity: Option<char>,
+}
+
+/// An enum type with its labels in order.
+#[derive(Clone, Debug)]
+pub struct EnumType {
+    pub name: TableName,
+    pub labels: Vec<String>,
+}
+
+/// A sequence, with its value as of the snapshot.
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    pub name: TableName,
+    pub data_type: String,
+    pub start: i64,
+    pub increment: i64,
+    pub min: i64,
+    pub max: i64,
+    pub cache: i64,
+    pub cycle: bool,
+    /// `None` when `nextval` was never called.
+    pub last_value: Option<i64>,
+    /// The column that owns it (`serial`); `identity` when it belongs to an identity column.
+    pub owned_by: Option<(TableName, String)>,
+    pub identity: bool,
+}

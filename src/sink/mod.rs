@@ -1,0 +1,65 @@
+//! Sinks: where rows and changes go.
+//!
+//! A sink creates the tables, bulk-loads snapshot copies, builds keys and
+//! indexes after the data, and applies streamed changes idempotently in target
+//! transactions that end only on source transaction boundaries, each carrying
+//! the source position it reaches (the exactly-once marker).
+
+pub mod postgres;
+
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::change::{Change, TableName};
+use crate::position::Position;
+use crate::schema::{SourceSchema, TableDefinition};
+use crate::source::{CopyFormat, CopyStream, Dialect};
+
+/// A change sink.
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// The copy format this sink wants for a table coming from a `source` dialect.
+    fn copy_format(&self, table: &TableDefinition, source: Dialect) -> CopyFormat;
+
+    /// The position of the last source transaction committed here, as recorded
+    /// in the same target transactions as the rows.
+    async fn applied_position(&mut self) -> anyhow::Result<Option<Position>>;
+
+    /// Creates what the tables need and the bare tables. With `fresh`, a table
+    /// that already exists must be empty: cutover never overwrites data it did not write.
+    async fn create_tables(
+        &mut self,
+        schema: &SourceSchema,
+        tables: &[&TableDefinition],
+        fresh: bool,
+    ) -> anyhow::Result<()>;
+
+    /// A connection for copying tables and building their indexes (one per worker).
+    async fn table_writer(&self) -> anyhow::Result<Box<dyn TableWriter>>;
+
+    /// Foreign keys and sequence values, once every table holds its rows.
+    async fn finish_snapshot(&mut self, schema: &SourceSchema) -> anyhow::Result<()>;
+
+    /// Opens a target transaction.
+    async fn begin(&mut self) -> anyhow::Result<()>;
+
+    /// Applies changes, in order, inside the open transaction.
+    async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()>;
+
+    /// Commits the open transaction, recording `position` in it.
+    async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()>;
+}
+
+/// Bulk loading on a connection of its own.
+#[async_trait]
+pub trait TableWriter: Send {
+    /// Empties a table before it is copied (again).
+    async fn truncate(&mut self, table: &TableName) -> anyhow::Result<()>;
+
+    /// Loads a copy stream; returns the rows loaded.
+    async fn write(&mut self, table: &TableDefinition, rows: CopyStream) -> anyhow::Result<u64>;
+
+    /// Primary key, unique constraints and indexes, after the data.
+    async fn build_indexes(&mut self, table: &TableDefinition) -> anyhow::Result<()>;
+}

@@ -1,0 +1,595 @@
+//! PostgreSQL sink.
+//!
+//! Why replay is safe and nothing doubles: every target transaction ends on a
+//! source transaction boundary and records the source position it reaches with
+//! `pg_replication_origin_xact_setup`, as PostgreSQL's own subscriber does. The
+//! origin's progress commits atomically with the rows, so after a crash the
+//! target itself says which transactions it has, and the pipeline resumes after
+//! them — even for tables without a key, where an upsert could not absorb a replay.
+//!
+//! Changes are applied as multi-row statements over `unnest` of text arrays
+//! (one prepared statement per table and shape, any batch size); values travel
+//! in PostgreSQL's text form and are cast to the column type on the server.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Statement};
+
+use super::{Sink, TableWriter};
+use crate::change::{Change, Identity, TableName, TableSchema, Value};
+use crate::pgconn::ConnectParams;
+use crate::position::{Lsn, Position};
+use crate::schema::postgres::{self as ddl, PostDataObject};
+use crate::schema::{quote_ident, quote_table, SourceSchema, TableDefinition};
+use crate::source::{CopyFormat, CopyStream, Dialect};
+
+/// A PostgreSQL database as the target.
+pub struct PostgresSink {
+    params: ConnectParams,
+    client: Client,
+    origin: String,
+    major: u32,
+    statements: HashMap<String, Statement>,
+    /// Target columns per table, to notice columns added on the source.
+    columns: HashMap<TableName, Vec<String>>,
+}
+
+impl PostgresSink {
+    pub async fn connect(params: ConnectParams, pipeline: &str) -> anyhow::Result<PostgresSink> {
+        let client = params.connect().await?;
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+            .await
+            .context("reading the target's server version")?
+            .get(0);
+        let origin = format!("cutover_{pipeline}");
+        let sink = PostgresSink {
+            major: u32::try_from(version / 10_000).unwrap_or(0),
+            params,
+            client,
+            origin,
+            statements: HashMap::new(),
+            columns: HashMap::new(),
+        };
+        sink.setup_origin().await?;
+        Ok(sink)
+    }
+
+    /// Creates the replication origin if needed and binds this session to it.
+    async fn setup_origin(&self) -> anyhow::Result<()> {
+        let needs_grant = "(needs superuser, or GRANT EXECUTE on the pg_replication_origin_* functions)";
+        self.client
+            .execute(
+                "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS \
+                 (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+                &[&self.origin],
+            )
+            .await
+            .with_context(|| format!("creating replication origin {} on the target {needs_grant}", self.origin))?;
+        // A killed predecessor's session may hold the origin until its backend notices.
+        let mut attempts = 0;
+        loop {
+            match self.client.execute("SELECT pg_replication_origin_session_setup($1)", &[&self.origin]).await {
+                Ok(_) => return Ok(()),
+                Err(e) if attempts < 50 && e.code().map(|c| c.code()) == Some("55006") => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "binding to replication origin {} on the target {needs_grant}; \
+                         is another cutover running this pipeline?",
+                        self.origin
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn statement(&mut self, sql: &str, params: usize) -> anyhow::Result<Statement> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let types = vec![Type::TEXT_ARRAY; params];
+        let statement = self
+            .client
+            .prepare_typed(sql, &types)
+            .await
+            .with_context(|| format!("preparing on the target: {sql}"))?;
+        self.statements.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    async fn ensure_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
+        if !self.columns.contains_key(&table.name) {
+            let existing: Vec<String> = self
+                .client
+                .query(
+                    "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass \
+                     AND attnum > 0 AND NOT attisdropped",
+                    &[&quote_table(&table.name)],
+                )
+                .await
+                .with_context(|| format!("reading the columns of {} on the target", table.name))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            self.columns.insert(table.name.clone(), existing);
+        }
+        let known = self.columns.get(&table.name).cloned().unwrap_or_default();
+        for column in table.columns.iter().filter(|c| !known.contains(&c.name)) {
+            let sql = format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                quote_table(&table.name),
+                quote_ident(&column.name),
+                column.type_name
+            );
+            self.client
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("adding column {} to {} on the target", column.name, table.name))?;
+            tracing::info!(table = %table.name, column = %column.name, "added a column the source added");
+            self.columns.entry(table.name.clone()).or_default().push(column.name.clone());
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, run: Option<Run>) -> anyhow::Result<()> {
+        let Some(run) = run else { return Ok(()) };
+        if run.rows == 0 {
+            return Ok(());
+        }
+        let statement = self.statement(&run.sql, run.params.len()).await?;
+        let params: Vec<&(dyn ToSql + Sync)> = run.params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        self.client.execute(&statement, &params).await.map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "applying {} row(s) to {} on the target (statement: {})",
+                run.rows, run.table, run.sql
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// Updates or deletes one row matched on all its old values (no key).
+    async fn apply_by_full_row(&mut self, table: &TableSchema, old: &[Value], new: Option<&[Value]>) -> anyhow::Result<()> {
+        let mut params: Vec<Option<String>> = Vec::new();
+        let mut predicates = Vec::new();
+        for (column, value) in table.columns.iter().zip(old) {
+            let expr = format!("{}::text", quote_ident(&column.name));
+            match value {
+                Value::Unchanged => continue,
+                Value::Null => predicates.push(format!("{expr} IS NULL")),
+                Value::Text(text) => {
+                    params.push(Some(text.clone()));
+                    predicates.push(format!("{expr} = ${}", params.len()));
+                }
+            }
+        }
+        let qualified = quote_table(&table.name);
+        let locate = format!("ctid = (SELECT ctid FROM {qualified} WHERE {} LIMIT 1)", predicates.join(" AND "));
+        let sql = match new {
+            None => format!("DELETE FROM {qualified} WHERE {locate}"),
+            Some(new) => {
+                let mut sets = Vec::new();
+                for (column, value) in table.columns.iter().zip(new) {
+                    if *value == Value::Unchanged {
+                        continue;
+                    }
+                    params.push(text_of(value));
+                    sets.push(format!("{} = ${}::{}", quote_ident(&column.name), params.len(), column.type_name));
+                }
+                format!("UPDATE {qualified} SET {} WHERE {locate}", sets.join(", "))
+            }
+        };
+        let types = vec![Type::TEXT; params.len()];
+        let statement = self.client.prepare_typed(&sql, &types).await.with_context(|| format!("preparing {sql}"))?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let touched = self
+            .client
+            .execute(&statement, &refs)
+            .await
+            .with_context(|| format!("applying a change to {} on the target", table.name))?;
+        if touched == 0 {
+            tracing::warn!(table = %table.name, "a row to update or delete by its old values was not on the target");
+        }
+        Ok(())
+    }
+}
+
+fn text_of(value: &Value) -> Option<String> {
+    match value {
+        Value::Text(text) => Some(text.clone()),
+        Value::Null | Value::Unchanged => None,
+    }
+}
+
+/// What a run of changes does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RunKind {
+    /// Insert, or update of the whole row: `INSERT … ON CONFLICT (key) DO UPDATE`.
+    Upsert,
+    /// Plain insert (table without key).
+    Insert,
+    /// Update of some columns (unchanged TOAST left out) or of the key, by the old key.
+    Update,
+    Delete,
+}
+
+/// Consecutive changes of one shape, gathered into one statement's arrays.
+struct Run {
+    kind: RunKind,
+    table: TableName,
+    /// The columns written (for `Update`: the ones present), by index.
+    columns: Vec<usize>,
+    sql: String,
+    params: Vec<Vec<Option<String>>>,
+    keys: HashSet<Vec<Option<String>>>,
+    rows: usize,
+}
+
+impl Run {
+    fn new(kind: RunKind, table: &TableSchema, columns: Vec<usize>) -> Run {
+        let key = table.key_indexes();
+        let sql = run_sql(kind, table, &columns, &key);
+        let params = match kind {
+            RunKind::Upsert | RunKind::Insert => columns.len(),
+            RunKind::Update => columns.len() + key.len(),
+            RunKind::Delete => key.len(),
+        };
+        Run {
+            kind,
+            table: table.name.clone(),
+            columns,
+            sql,
+            params: vec![Vec::new(); params],
+            keys: HashSet::new(),
+            rows: 0,
+        }
+    }
+
+    fn fits(&self, kind: RunKind, table: &TableSchema, columns: &[usize], key: &[Option<String>]) -> bool {
+        self.kind == kind
+            && self.table == table.name
+            && self.columns == columns
+            // A row may appear once per statement (ON CONFLICT, UPDATE … FROM); deletes may repeat.
+            && (kind == RunKind::Delete || kind == RunKind::Insert || !self.keys.contains(key))
+    }
+
+    fn push(&mut self, values: impl Iterator<Item = Option<String>>, key: Vec<Option<String>>) {
+        for (param, value) in self.params.iter_mut().zip(values) {
+            param.push(value);
+        }
+        if self.kind == RunKind::Upsert || self.kind == RunKind::Update {
+            self.keys.insert(key);
+        }
+        self.rows += 1;
+    }
+}
+
+/// The statement for a run: arrays of text, one per parameter, unnested into rows.
+fn run_sql(kind: RunKind, table: &TableSchema, columns: &[usize], key: &[usize]) -> String {
+    let qualified = quote_table(&table.name);
+    let cast = |alias: &str, i: usize| format!("{alias}::{}", table.columns[i].type_name);
+    let name = |i: usize| quote_ident(&table.columns[i].name);
+    let aliases: Vec<String> = (1..=columns.len()).map(|n| format!("a{n}")).collect();
+    let key_aliases: Vec<String> = (1..=key.len()).map(|n| format!("k{n}")).collect();
+    let unnest = |names: &[String]| {
+        let arrays: Vec<String> = (1..=names.len()).map(|n| format!("${n}::text[]")).collect();
+        format!("unnest({}) AS v({})", arrays.join(", "), names.join(", "))
+    };
+    let key_match = key
+        .iter()
+        .zip(&key_aliases)
+        .map(|(&i, alias)| format!("t.{} = {}", name(i), cast(&format!("v.{alias}"), i)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    match kind {
+        RunKind::Upsert | RunKind::Insert => {
+            let names: Vec<String> = columns.iter().map(|&i| name(i)).collect();
+            let values: Vec<String> = columns.iter().zip(&aliases).map(|(&i, a)| cast(&format!("v.{a}"), i)).collect();
+            let mut sql = format!(
+                "INSERT INTO {qualified} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}",
+                names.join(", "),
+                values.join(", "),
+                unnest(&aliases)
+            );
+            if kind == RunKind::Upsert {
+                let key_names: Vec<String> = key.iter().map(|&i| name(i)).collect();
+                let updates: Vec<String> = columns
+                    .iter()
+                    .filter(|i| !key.contains(i))
+                    .map(|&i| format!("{} = EXCLUDED.{}", name(i), name(i)))
+                    .collect();
+                if updates.is_empty() {
+                    sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", key_names.join(", ")));
+                } else {
+                    sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", key_names.join(", "), updates.join(", ")));
+                }
+            }
+            sql
+        }
+        RunKind::Update => {
+            let sets: Vec<String> = columns
+                .iter()
+                .zip(&aliases)
+                .map(|(&i, a)| format!("{} = {}", name(i), cast(&format!("v.{a}"), i)))
+                .collect();
+            let mut all = aliases.clone();
+            all.extend(key_aliases.iter().cloned());
+            format!("UPDATE {qualified} AS t SET {} FROM {} WHERE {}", sets.join(", "), unnest(&all), key_match)
+        }
+        RunKind::Delete => format!("DELETE FROM {qualified} AS t USING {} WHERE {}", unnest(&key_aliases), key_match),
+    }
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    fn copy_format(&self, table: &TableDefinition, source: Dialect) -> CopyFormat {
+        // Binary is the fastest path, but carries type OIDs (user types differ between
+        // databases) and is documented as less portable across major versions.
+        match source {
+            Dialect::Postgres { major } if major == self.major && !table.has_user_types => CopyFormat::PostgresBinary,
+            Dialect::Postgres { .. } => CopyFormat::PostgresText,
+        }
+    }
+
+    async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {
+        let row = self
+            .client
+            .query_one("SELECT pg_replication_origin_progress($1, true)::text", &[&self.origin])
+            .await
+            .context("reading the replication origin's progress on the target")?;
+        let lsn: Option<String> = row.get(0);
+        match lsn.as_deref() {
+            None | Some("0/0") => Ok(None),
+            Some(text) => Ok(Some(Position::Lsn(text.parse::<Lsn>()?))),
+        }
+    }
+
+    async fn create_tables(&mut self, schema: &SourceSchema, tables: &[&TableDefinition], fresh: bool) -> anyhow::Result<()> {
+        let mut sql = ddl::prerequisites(schema);
+        for table in tables {
+            let exists = self
+                .client
+                .query_opt("SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2", &[&table.schema.name.schema, &table.schema.name.name])
+                .await
+                .context("looking for existing tables on the target")?
+                .is_some();
+            if exists && fresh {
+                let has_rows = self
+                    .client
+                    .query_opt(&format!("SELECT 1 FROM {} LIMIT 1", quote_table(&table.schema.name)), &[])
+                    .await
+                    .with_context(|| format!("looking into {} on the target", table.schema.name))?
+                    .is_some();
+                if has_rows {
+                    anyhow::bail!(
+                        "table {} already holds rows on the target, and cutover never overwrites data it did not write: \
+                         empty or drop it, or set [snapshot] mode = \"never\" if the target already has the data",
+                        table.schema.name
+                    );
+                }
+            }
+            sql.push(ddl::create_table(table));
+        }
+        let script = format!("BEGIN; {}; COMMIT", sql.join(";\n"));
+        self.client.batch_execute(&script).await.map_err(|e| {
+            anyhow::Error::new(e).context("creating the schema on the target")
+        })?;
+        Ok(())
+    }
+
+    async fn table_writer(&self) -> anyhow::Result<Box<dyn TableWriter>> {
+        let client = self.params.connect().await?;
+        // Index builds after the data go faster with room to sort in.
+        client
+            .batch_execute("SET maintenance_work_mem = '1GB'; SET synchronous_commit = off")
+            .await
+            .context("setting up a copy connection on the target")?;
+        Ok(Box::new(PostgresTableWriter { client }))
+    }
+
+    async fn finish_snapshot(&mut self, schema: &SourceSchema) -> anyhow::Result<()> {
+        for table in &schema.tables {
+            create_missing(&self.client, table, ddl::foreign_keys(table)).await?;
+        }
+        for sql in ddl::sequence_values(schema) {
+            self.client.batch_execute(&sql).await.with_context(|| format!("setting sequences on the target: {sql}"))?;
+        }
+        Ok(())
+    }
+
+    async fn begin(&mut self) -> anyhow::Result<()> {
+        self.client.batch_execute("BEGIN").await.context("opening a target transaction")
+    }
+
+    async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+        let mut run: Option<Run> = None;
+        for change in changes {
+            let (kind, table, columns, key, values): (RunKind, &Arc<TableSchema>, Vec<usize>, Vec<Option<String>>, Vec<Option<String>>) = match change {
+                Change::Relation(table) => {
+                    self.flush(run.take()).await?;
+                    self.ensure_columns(table).await?;
+                    continue;
+                }
+                Change::Truncate { tables, cascade, restart_identity } => {
+                    self.flush(run.take()).await?;
+                    let names: Vec<String> = tables.iter().map(|t| quote_table(&t.name)).collect();
+                    let sql = format!(
+                        "TRUNCATE {}{}{}",
+                        names.join(", "),
+                        if *restart_identity { " RESTART IDENTITY" } else { "" },
+                        if *cascade { " CASCADE" } else { "" }
+                    );
+                    self.client.batch_execute(&sql).await.with_context(|| format!("applying {sql} on the target"))?;
+                    continue;
+                }
+                Change::Insert { table, row } => {
+                    let all: Vec<usize> = (0..row.len()).collect();
+                    let kind = if table.identity == Identity::Key { RunKind::Upsert } else { RunKind::Insert };
+                    let key = table.key_indexes().iter().map(|&i| text_of(&row[i])).collect();
+                    (kind, table, all, key, row.iter().map(text_of).collect())
+                }
+                Change::Update { table, old, new } => {
+                    if table.identity != Identity::Key {
+                        self.flush(run.take()).await?;
+                        let old = old.as_deref().with_context(|| {
+                            format!("an UPDATE of {} came without its old row; the table needs REPLICA IDENTITY FULL", table.name)
+                        })?;
+                        self.apply_by_full_row(table, old, Some(new)).await?;
+                        continue;
+                    }
+                    let key_indexes = table.key_indexes();
+                    let new_key: Vec<Option<String>> = key_indexes.iter().map(|&i| text_of(&new[i])).collect();
+                    let old_key: Vec<Option<String>> = match old {
+                        Some(old) => key_indexes.iter().map(|&i| text_of(&old[i])).collect(),
+                        None => new_key.clone(),
+                    };
+                    let partial = new.iter().any(|v| *v == Value::Unchanged);
+                    if !partial && old_key == new_key {
+                        (RunKind::Upsert, table, (0..new.len()).collect(), new_key, new.iter().map(text_of).collect())
+                    } else {
+                        let present: Vec<usize> = (0..new.len()).filter(|&i| new[i] != Value::Unchanged).collect();
+                        let mut values: Vec<Option<String>> = present.iter().map(|&i| text_of(&new[i])).collect();
+                        values.extend(old_key.iter().cloned());
+                        (RunKind::Update, table, present, old_key, values)
+                    }
+                }
+                Change::Delete { table, old } => {
+                    if table.identity != Identity::Key {
+                        self.flush(run.take()).await?;
+                        self.apply_by_full_row(table, old, None).await?;
+                        continue;
+                    }
+                    let key: Vec<Option<String>> = table.key_indexes().iter().map(|&i| text_of(&old[i])).collect();
+                    (RunKind::Delete, table, Vec::new(), key.clone(), key)
+                }
+            };
+            if !run.as_ref().is_some_and(|r| r.fits(kind, table, &columns, &key)) {
+                self.flush(run.take()).await?;
+                run = Some(Run::new(kind, table, columns));
+            }
+            if let Some(run) = run.as_mut() {
+                run.push(values.into_iter(), key);
+            }
+        }
+        self.flush(run).await
+    }
+
+    async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()> {
+        let Position::Lsn(lsn) = position;
+        let micros = commit_time.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+        let seconds = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+        self.client
+            .batch_execute(&format!(
+                "SELECT pg_replication_origin_xact_setup('{lsn}', to_timestamp({seconds})); COMMIT"
+            ))
+            .await
+            .with_context(|| format!("committing the target transaction that reaches {position}"))
+    }
+}
+
+/// A copy connection on the target.
+struct PostgresTableWriter {
+    client: Client,
+}
+
+#[async_trait]
+impl TableWriter for PostgresTableWriter {
+    async fn truncate(&mut self, table: &TableName) -> anyhow::Result<()> {
+        self.client
+            .batch_execute(&format!("TRUNCATE {}", quote_table(table)))
+            .await
+            .with_context(|| format!("emptying {table} on the target before copying it again"))
+    }
+
+    async fn write(&mut self, table: &TableDefinition, mut rows: CopyStream) -> anyhow::Result<u64> {
+        let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let format = match rows.format {
+            CopyFormat::PostgresBinary => "binary",
+            CopyFormat::PostgresText => "text",
+        };
+        let name = &table.schema.name;
+        let sql = format!("COPY {} ({}) FROM STDIN (FORMAT {format})", quote_table(name), columns.join(", "));
+        let sink = self.client.copy_in::<_, bytes::Bytes>(&sql).await.with_context(|| format!("starting to copy {name} into the target"))?;
+        futures_util::pin_mut!(sink);
+        while let Some(chunk) = rows.data.next().await {
+            sink.feed(chunk?).await.with_context(|| format!("copying {name} into the target"))?;
+        }
+        sink.as_mut().finish().await.with_context(|| format!("finishing the copy of {name} into the target"))
+    }
+
+    async fn build_indexes(&mut self, table: &TableDefinition) -> anyhow::Result<()> {
+        create_missing(&self.client, table, ddl::post_data(table)).await
+    }
+}
+
+/// Runs the statements for objects the table does not have yet (a restart may
+/// have built some already).
+async fn create_missing(client: &Client, table: &TableDefinition, objects: Vec<PostDataObject>) -> anyhow::Result<()> {
+    let name = &table.schema.name;
+    let existing: Vec<String> = client
+        .query(
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::text::regclass \
+             UNION SELECT relname::text FROM pg_class WHERE relnamespace = $2::text::regnamespace",
+            &[&quote_table(name), &quote_ident(&name.schema)],
+        )
+        .await
+        .with_context(|| format!("reading the constraints of {name} on the target"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for object in objects.into_iter().filter(|o| !existing.contains(&o.name)) {
+        client
+            .batch_execute(&object.sql)
+            .await
+            .with_context(|| format!("creating {} on {name} on the target: {}", object.name, object.sql))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::Column;
+
+    fn table() -> TableSchema {
+        let column = |name: &str, type_name: &str, is_key| Column {
+            name: name.into(),
+            type_name: type_name.into(),
+            type_oid: 0,
+            is_key,
+        };
+        TableSchema {
+            name: TableName::new("public", "Order Lines"),
+            columns: vec![column("id", "integer", true), column("note", "text", false)],
+            identity: Identity::Key,
+        }
+    }
+
+    #[test]
+    fn statements_unnest_text_arrays_and_cast() {
+        let t = table();
+        assert_eq!(
+            run_sql(RunKind::Upsert, &t, &[0, 1], &[0]),
+            "INSERT INTO \"public\".\"Order Lines\" (\"id\", \"note\") OVERRIDING SYSTEM VALUE \
+             SELECT v.a1::integer, v.a2::text FROM unnest($1::text[], $2::text[]) AS v(a1, a2) \
+             ON CONFLICT (\"id\") DO UPDATE SET \"note\" = EXCLUDED.\"note\""
+        );
+        assert_eq!(
+            run_sql(RunKind::Delete, &t, &[], &[0]),
+            "DELETE FROM \"public\".\"Order Lines\" AS t USING unnest($1::text[]) AS v(k1) WHERE t.\"id\" = v.k1::integer"
+        );
+        assert_eq!(
+            run_sql(RunKind::Update, &t, &[1], &[0]),
+            "UPDATE \"public\".\"Order Lines\" AS t SET \"note\" = v.a1::text FROM unnest($1::text[], $2::text[]) AS v(a1, k1) \
+             WHERE t.\"id\" = v.k1::integer"
+        );
+    }
+}

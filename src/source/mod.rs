@@ -1,0 +1,120 @@
+//! Sources: where rows and changes come from.
+//!
+//! A source pins a snapshot and the point in its change log where that snapshot
+//! ends, lets copy workers read tables inside the snapshot, and streams every
+//! committed transaction from a position on. The pipeline drives these traits
+//! and knows no database by name.
+
+pub mod postgres;
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::watch;
+
+use crate::change::Event;
+use crate::checkpoint::PipelineIdentity;
+use crate::position::Position;
+use crate::schema::{SourceSchema, TableDefinition};
+
+/// Which database and version the data comes from; sinks pick copy formats by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres { major: u32 },
+}
+
+/// A pinned snapshot: its rows are the source exactly as of `position`.
+#[derive(Clone, Debug)]
+pub struct SnapshotPoint {
+    pub position: Position,
+    /// The source's handle for it (PostgreSQL: the exported snapshot name).
+    pub id: String,
+}
+
+/// The part of a table one copy reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunk {
+    Whole,
+    /// PostgreSQL heap pages `[start, end)`, read by a TID range scan.
+    Pages { start: u32, end: u32 },
+}
+
+/// The byte format of a copy stream, understood by both ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyFormat {
+    PostgresBinary,
+    PostgresText,
+}
+
+/// Table rows on their way from source to sink, never parsed on the way.
+pub struct CopyStream {
+    pub format: CopyFormat,
+    pub data: Pin<Box<dyn Stream<Item = anyhow::Result<Bytes>> + Send>>,
+}
+
+/// A change source.
+#[async_trait]
+pub trait Source: Send + Sync {
+    fn dialect(&self) -> Dialect;
+
+    /// The tables to replicate, with everything needed to recreate them.
+    async fn schema(&mut self) -> anyhow::Result<SourceSchema>;
+
+    /// Sets up the change stream for these tables the first time (PostgreSQL:
+    /// publications and slot) and pins a snapshot where the stream begins.
+    async fn create_stream(
+        &mut self,
+        tables: &[TableDefinition],
+    ) -> anyhow::Result<(PipelineIdentity, SnapshotPoint)>;
+
+    /// Checks that the stream set up earlier is still there and still this source's,
+    /// and brings its table list up to date.
+    async fn resume_stream(
+        &mut self,
+        identity: &PipelineIdentity,
+        tables: &[TableDefinition],
+    ) -> anyhow::Result<()>;
+
+    /// Pins a fresh snapshot for tables copied after the stream began; changes to
+    /// them are applied from its position on.
+    async fn new_snapshot(&mut self) -> anyhow::Result<SnapshotPoint>;
+
+    /// Opens a reader inside the pinned snapshot: one per copy worker.
+    async fn snapshot_reader(&self, snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>>;
+
+    /// Lets the pinned snapshot go, once every reader has opened.
+    async fn release_snapshot(&mut self);
+
+    /// How to split a table so several workers can copy it.
+    fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk>;
+
+    /// Streams every transaction that commits after `from`. `confirmed` carries
+    /// the position up to which the target has durably applied, so the source
+    /// may release its log up to there.
+    async fn start_stream(
+        &mut self,
+        from: &Position,
+        confirmed: watch::Receiver<Position>,
+    ) -> anyhow::Result<Box<dyn ChangeStream>>;
+}
+
+/// Reads tables inside a pinned snapshot.
+#[async_trait]
+pub trait TableReader: Send {
+    async fn read(
+        &mut self,
+        table: &TableDefinition,
+        chunk: Chunk,
+        format: CopyFormat,
+    ) -> anyhow::Result<CopyStream>;
+}
+
+/// A source's committed transactions, in commit order.
+#[async_trait]
+pub trait ChangeStream: Send {
+    /// The next event. Errors when the stream breaks or sends something bad;
+    /// nothing after the last confirmed position is lost then.
+    async fn next(&mut self) -> anyhow::Result<Event>;
+}

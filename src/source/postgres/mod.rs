@@ -1,0 +1,538 @@
+//! PostgreSQL source: publications + a logical slot with pgoutput.
+//!
+//! Why nothing is lost or doubled:
+//! - The publications exist before the slot, so every change the slot decodes
+//!   to a selected table is published.
+//! - `CREATE_REPLICATION_SLOT … EXPORT_SNAPSHOT` returns the slot's consistent
+//!   point and a snapshot that sees exactly the transactions committed before it.
+//!   Every copy worker imports that snapshot (`SET TRANSACTION SNAPSHOT`) while
+//!   the exporting connection stays idle; the stream starts at the consistent
+//!   point, and the server decodes only transactions that commit at or after it.
+//! - A table copied later (restart mid-snapshot, table added to the config) is
+//!   copied under a temporary slot's snapshot; the pipeline applies its stream
+//!   changes only from that snapshot's position on, as PostgreSQL's table-sync
+//!   workers do.
+//! - The server is told as flushed only what the target committed, or — while
+//!   no transaction is pending — the position it reported itself, so a quiet
+//!   database never makes the slot hold WAL.
+
+mod catalog;
+pub mod pgoutput;
+mod replication;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use futures_util::TryStreamExt;
+use tokio::sync::watch;
+
+use self::pgoutput::{Message, OldTuple, PG_EPOCH_OFFSET_MICROS};
+use self::replication::{ReplicationConnection, ReplicationMessage};
+use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint, Source, TableReader};
+use crate::change::{Change, Column, Event, Identity, TableName, TableSchema};
+use crate::checkpoint::PipelineIdentity;
+use crate::config::TableFilter;
+use crate::pgconn::ConnectParams;
+use crate::position::{Lsn, Position};
+use crate::schema::{quote_ident, quote_literal, quote_table, SourceSchema, TableDefinition};
+
+/// Tables larger than this many 8 kB pages are copied in page ranges by several workers.
+const CHUNK_MIN_PAGES: u64 = 8192;
+
+/// A PostgreSQL database as a change source.
+pub struct PostgresSource {
+    params: ConnectParams,
+    filter: TableFilter,
+    slot: String,
+    client: tokio_postgres::Client,
+    major: u32,
+    /// The replication connection whose exported snapshot is pinned, kept idle.
+    exporting: Option<ReplicationConnection>,
+    /// Tables without a replica identity: only their INSERTs and TRUNCATEs stream.
+    insert_only: Vec<TableName>,
+}
+
+impl PostgresSource {
+    pub async fn connect(params: ConnectParams, filter: TableFilter, pipeline: &str) -> anyhow::Result<Self> {
+        let client = params.connect().await?;
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+            .await
+            .context("reading the source's server version")?
+            .get(0);
+        let major = u32::try_from(version / 10_000).unwrap_or(0);
+        if major < 14 {
+            anyhow::bail!(
+                "the source at {} runs PostgreSQL {major}; cutover needs 14 or newer",
+                params.endpoint()
+            );
+        }
+        Ok(PostgresSource {
+            params,
+            filter,
+            slot: format!("cutover_{pipeline}"),
+            client,
+            major,
+            exporting: None,
+            insert_only: Vec::new(),
+        })
+    }
+
+    /// `(all changes, inserts and truncates only)`: the two publications.
+    fn publications(&self) -> [String; 2] {
+        [self.slot.clone(), format!("{}_inserts", self.slot)]
+    }
+
+    async fn system_identity(&self) -> anyhow::Result<String> {
+        let row = self
+            .client
+            .query_one("SELECT system_identifier::text, current_database()::text FROM pg_control_system()", &[])
+            .await
+            .context("reading the source's system identifier")?;
+        Ok(format!("postgres system {} database {}", row.get::<_, String>(0), row.get::<_, String>(1)))
+    }
+
+    /// Makes both publications list exactly the given tables. Never drops a
+    /// publication: WAL decoded while it was missing would lose changes.
+    async fn sync_publications(&mut self, tables: &[TableDefinition]) -> anyhow::Result<()> {
+        let (full, inserts): (Vec<&TableDefinition>, Vec<&TableDefinition>) =
+            tables.iter().partition(|t| t.schema.identity != Identity::Nothing);
+        self.insert_only = inserts.iter().map(|t| t.schema.name.clone()).collect();
+        for t in &inserts {
+            tracing::warn!(
+                "table {} has no primary key and no replica identity: only its INSERTs and TRUNCATEs replicate, \
+                 and an UPDATE or DELETE on it stops the pipeline. To replicate it fully: ALTER TABLE {} REPLICA IDENTITY FULL",
+                t.schema.name,
+                quote_table(&t.schema.name)
+            );
+        }
+        let [full_name, inserts_name] = self.publications();
+        for (name, members, publish) in
+            [(full_name, full, "insert, update, delete, truncate"), (inserts_name, inserts, "insert, truncate")]
+        {
+            let list: Vec<String> = members.iter().map(|t| quote_table(&t.schema.name)).collect();
+            let exists = self
+                .client
+                .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+                .await
+                .context("reading the source's publications")?
+                .is_some();
+            let sql = match (exists, list.is_empty()) {
+                (false, true) => format!("CREATE PUBLICATION {} WITH (publish = '{publish}')", quote_ident(&name)),
+                (false, false) => format!(
+                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = '{publish}')",
+                    quote_ident(&name),
+                    list.join(", ")
+                ),
+                (true, false) => format!("ALTER PUBLICATION {} SET TABLE {}", quote_ident(&name), list.join(", ")),
+                (true, true) => {
+                    let current = self
+                        .client
+                        .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&name])
+                        .await
+                        .context("reading the source's publications")?;
+                    for row in current {
+                        let table = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+                        self.client
+                            .batch_execute(&format!("ALTER PUBLICATION {} DROP TABLE {}", quote_ident(&name), quote_table(&table)))
+                            .await
+                            .with_context(|| format!("removing {table} from publication {name}"))?;
+                    }
+                    continue;
+                }
+            };
+            self.client.batch_execute(&sql).await.with_context(|| {
+                format!("creating publication {name} on the source (needs CREATE on the database and ownership of the tables)")
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn slot_exists(&self) -> anyhow::Result<bool> {
+        Ok(self
+            .client
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
+            .await
+            .context("reading the source's replication slots")?
+            .is_some())
+    }
+
+    async fn export_snapshot(&mut self, slot: &str, temporary: bool) -> anyhow::Result<SnapshotPoint> {
+        let mut conn = ReplicationConnection::connect(&self.params).await?;
+        let created = conn.create_slot(slot, temporary).await.with_context(|| {
+            format!(
+                "creating replication slot {slot} on {} (needs wal_level = logical, a free slot in max_replication_slots and the REPLICATION attribute)",
+                self.params.endpoint()
+            )
+        })?;
+        self.exporting = Some(conn);
+        Ok(SnapshotPoint { position: Position::Lsn(created.consistent_point), id: created.snapshot_name })
+    }
+}
+
+#[async_trait]
+impl Source for PostgresSource {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres { major: self.major }
+    }
+
+    async fn schema(&mut self) -> anyhow::Result<SourceSchema> {
+        let filter = self.filter.clone();
+        catalog::read_schema(&self.client, |name| filter.includes(name)).await
+    }
+
+    async fn create_stream(
+        &mut self,
+        tables: &[TableDefinition],
+    ) -> anyhow::Result<(PipelineIdentity, SnapshotPoint)> {
+        if self.slot_exists().await? {
+            anyhow::bail!(
+                "replication slot {} already exists on the source, but this state dir is new: use the state dir that \
+                 belongs to it, or drop the slot (SELECT pg_drop_replication_slot('{}')) to start over",
+                self.slot,
+                self.slot
+            );
+        }
+        let source = self.system_identity().await?;
+        self.sync_publications(tables).await?;
+        let slot = self.slot.clone();
+        let snapshot = self.export_snapshot(&slot, false).await?;
+        let identity = PipelineIdentity { source, stream: slot, consistent_point: snapshot.position.clone() };
+        Ok((identity, snapshot))
+    }
+
+    async fn resume_stream(
+        &mut self,
+        identity: &PipelineIdentity,
+        tables: &[TableDefinition],
+    ) -> anyhow::Result<()> {
+        let source = self.system_identity().await?;
+        if source != identity.source {
+            anyhow::bail!(
+                "this state dir belongs to {}, but the source is {source}: point [state] dir at this pipeline's own directory",
+                identity.source
+            );
+        }
+        if !self.slot_exists().await? {
+            anyhow::bail!(
+                "replication slot {} is gone from the source, so the changes since the last checkpoint cannot be read: \
+                 start over with an empty target and a new state dir",
+                identity.stream
+            );
+        }
+        self.sync_publications(tables).await
+    }
+
+    async fn new_snapshot(&mut self) -> anyhow::Result<SnapshotPoint> {
+        let slot = format!("{}_copy_{}", self.slot, std::process::id());
+        self.export_snapshot(&slot, true).await
+    }
+
+    async fn snapshot_reader(&self, snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>> {
+        let client = self.params.connect().await?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                quote_literal(&snapshot.id)
+            ))
+            .await
+            .context("importing the exported snapshot into a copy connection")?;
+        Ok(Box::new(PostgresTableReader { client }))
+    }
+
+    async fn release_snapshot(&mut self) {
+        self.exporting = None;
+    }
+
+    fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk> {
+        let per_chunk = (table.pages / (workers as u64 * 2).max(1)).max(CHUNK_MIN_PAGES);
+        if workers < 2 || table.pages < 2 * CHUNK_MIN_PAGES {
+            return vec![Chunk::Whole];
+        }
+        let mut chunks = Vec::new();
+        let mut start = 0u64;
+        while start < table.pages {
+            let end = start + per_chunk;
+            // The last chunk is open-ended: the table may have grown since it was measured.
+            let end = if end >= table.pages { u32::MAX } else { u32::try_from(end).unwrap_or(u32::MAX) };
+            chunks.push(Chunk::Pages { start: u32::try_from(start).unwrap_or(u32::MAX), end });
+            start += per_chunk;
+        }
+        chunks
+    }
+
+    async fn start_stream(
+        &mut self,
+        from: &Position,
+        confirmed: watch::Receiver<Position>,
+    ) -> anyhow::Result<Box<dyn ChangeStream>> {
+        let Position::Lsn(from) = from;
+        let mut conn = ReplicationConnection::connect(&self.params).await?;
+        conn.start_replication(&self.slot, *from, &self.publications())
+            .await
+            .with_context(|| format!("starting replication from slot {} at {from}", self.slot))?;
+        let catalog = self.params.connect().await?;
+        let watched = InsertOnlyWatch::start(&catalog, &self.insert_only).await?;
+        Ok(Box::new(PostgresChangeStream {
+            conn,
+            catalog,
+            relations: HashMap::new(),
+            type_names: HashMap::new(),
+            confirmed,
+            last_commit_end: *from,
+            reported_flush: Lsn(0),
+            in_transaction: false,
+            last_status: Instant::now(),
+            last_housekeeping: Instant::now(),
+            watched,
+        }))
+    }
+}
+
+/// A copy connection inside the exported snapshot.
+struct PostgresTableReader {
+    client: tokio_postgres::Client,
+}
+
+#[async_trait]
+impl TableReader for PostgresTableReader {
+    async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
+        let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let qualified = quote_table(&table.schema.name);
+        let source = match chunk {
+            Chunk::Whole => format!("{qualified} ({})", columns.join(", ")),
+            Chunk::Pages { start, end } => {
+                let upper = if end == u32::MAX { String::new() } else { format!(" AND ctid < '({end},0)'::tid") };
+                format!("(SELECT {} FROM {qualified} WHERE ctid >= '({start},0)'::tid{upper})", columns.join(", "))
+            }
+        };
+        let options = match format {
+            CopyFormat::PostgresBinary => "FORMAT binary",
+            CopyFormat::PostgresText => "FORMAT text",
+        };
+        let name = table.schema.name.clone();
+        let stream = self
+            .client
+            .copy_out(&format!("COPY {source} TO STDOUT ({options})"))
+            .await
+            .with_context(|| format!("starting to copy {name} out of the source"))?
+            .map_err(move |e| anyhow::anyhow!("copying {name} out of the source: {e:#}"));
+        Ok(CopyStream { format, data: Box::pin(stream) })
+    }
+}
+
+/// Tables whose UPDATEs and DELETEs cannot replicate: their counters are watched,
+/// and the first such change stops the pipeline instead of being lost silently.
+struct InsertOnlyWatch {
+    tables: Vec<TableName>,
+    baseline: i64,
+}
+
+impl InsertOnlyWatch {
+    async fn start(client: &tokio_postgres::Client, tables: &[TableName]) -> anyhow::Result<InsertOnlyWatch> {
+        let mut watch = InsertOnlyWatch { tables: tables.to_vec(), baseline: 0 };
+        watch.baseline = watch.count(client).await?;
+        Ok(watch)
+    }
+
+    async fn count(&self, client: &tokio_postgres::Client) -> anyhow::Result<i64> {
+        if self.tables.is_empty() {
+            return Ok(0);
+        }
+        let names: Vec<String> = self.tables.iter().map(|t| quote_table(t)).collect();
+        let row = client
+            .query_one(
+                "SELECT coalesce(sum(n_tup_upd + n_tup_del), 0)::int8 FROM pg_stat_user_tables \
+                 WHERE relid = ANY(SELECT unnest($1::text[])::regclass)",
+                &[&names],
+            )
+            .await
+            .context("reading update/delete counters of tables without replica identity")?;
+        Ok(row.get(0))
+    }
+
+    async fn check(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
+        if self.tables.is_empty() || self.count(client).await? == self.baseline {
+            return Ok(());
+        }
+        let names: Vec<String> = self.tables.iter().map(|t| t.to_string()).collect();
+        let fixes: Vec<String> =
+            self.tables.iter().map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(t))).collect();
+        anyhow::bail!(
+            "an UPDATE or DELETE ran on the source on a table without primary key or replica identity ({}); \
+             it cannot be replicated, so cutover stopped at its last checkpoint. Fix: {} then re-copy the table \
+             (remove it from the target and start over with a new state dir)",
+            names.join(", "),
+            fixes.join(" ")
+        )
+    }
+}
+
+/// The decoded pgoutput stream of one slot.
+struct PostgresChangeStream {
+    conn: ReplicationConnection,
+    catalog: tokio_postgres::Client,
+    relations: HashMap<u32, Arc<TableSchema>>,
+    type_names: HashMap<(u32, i32), String>,
+    confirmed: watch::Receiver<Position>,
+    last_commit_end: Lsn,
+    reported_flush: Lsn,
+    in_transaction: bool,
+    last_status: Instant,
+    last_housekeeping: Instant,
+    watched: InsertOnlyWatch,
+}
+
+/// How often the server hears from us even when nothing changes.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// How often confirmed positions are passed on and watched tables checked.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+impl PostgresChangeStream {
+    fn confirmed_lsn(&self) -> Lsn {
+        let Position::Lsn(lsn) = *self.confirmed.borrow();
+        lsn
+    }
+
+    async fn send_status(&mut self, received: Lsn, flushed: Lsn) -> anyhow::Result<()> {
+        self.conn.send_status(received.max(flushed), flushed).await?;
+        self.reported_flush = flushed;
+        self.last_status = Instant::now();
+        Ok(())
+    }
+
+    async fn type_name(&mut self, oid: u32, modifier: i32) -> anyhow::Result<String> {
+        if let Some(name) = self.type_names.get(&(oid, modifier)) {
+            return Ok(name.clone());
+        }
+        let name: String = self
+            .catalog
+            .query_one("SELECT format_type($1, $2)", &[&oid, &modifier])
+            .await
+            .with_context(|| format!("looking up the name of type OID {oid}"))?
+            .get(0);
+        self.type_names.insert((oid, modifier), name.clone());
+        Ok(name)
+    }
+
+    async fn relation(&mut self, rel: pgoutput::Relation) -> anyhow::Result<Arc<TableSchema>> {
+        let mut columns = Vec::with_capacity(rel.columns.len());
+        for c in &rel.columns {
+            columns.push(Column {
+                name: c.name.clone(),
+                type_name: self.type_name(c.type_oid, c.type_modifier).await?,
+                type_oid: c.type_oid,
+                is_key: c.is_key,
+            });
+        }
+        let identity = match rel.replica_identity {
+            // FULL flags every column; when a primary key exists, match by it instead.
+            b'f' => {
+                let key: Vec<String> = self
+                    .catalog
+                    .query(
+                        "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a \
+                         ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                         WHERE i.indrelid = $1 AND i.indisprimary",
+                        &[&rel.relid],
+                    )
+                    .await
+                    .context("looking up a primary key")?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                for column in &mut columns {
+                    column.is_key = key.contains(&column.name);
+                }
+                if key.is_empty() { Identity::Full } else { Identity::Key }
+            }
+            _ if columns.iter().any(|c| c.is_key) => Identity::Key,
+            _ => Identity::Nothing,
+        };
+        let schema = Arc::new(TableSchema { name: TableName::new(rel.namespace, rel.name), columns, identity });
+        self.relations.insert(rel.relid, schema.clone());
+        Ok(schema)
+    }
+
+    fn table(&self, relid: u32, at: Lsn) -> anyhow::Result<Arc<TableSchema>> {
+        self.relations.get(&relid).cloned().with_context(|| {
+            format!("the source sent a change for relation {relid} at {at} before describing it (protocol error)")
+        })
+    }
+
+    /// Turns one pgoutput message into an event, if it is one.
+    async fn event(&mut self, message: Message, at: Lsn) -> anyhow::Result<Option<Event>> {
+        Ok(Some(match message {
+            Message::Begin { final_lsn, commit_time, .. } => {
+                self.in_transaction = true;
+                Event::Begin { position: Position::Lsn(Lsn(final_lsn)), commit_time: pg_time(commit_time) }
+            }
+            Message::Commit { end_lsn, commit_time, .. } => {
+                self.in_transaction = false;
+                self.last_commit_end = Lsn(end_lsn);
+                Event::Commit { position: Position::Lsn(Lsn(end_lsn)), commit_time: pg_time(commit_time) }
+            }
+            Message::Relation(rel) => Event::Change(Change::Relation(self.relation(rel).await?)),
+            Message::Insert { relid, new } => Event::Change(Change::Insert { table: self.table(relid, at)?, row: new }),
+            Message::Update { relid, old, new } => {
+                let old = old.map(|o| match o {
+                    OldTuple::Key(row) | OldTuple::Full(row) => row,
+                });
+                Event::Change(Change::Update { table: self.table(relid, at)?, old, new })
+            }
+            Message::Delete { relid, old: OldTuple::Key(old) | OldTuple::Full(old) } => {
+                Event::Change(Change::Delete { table: self.table(relid, at)?, old })
+            }
+            Message::Truncate { relids, cascade, restart_identity } => {
+                let tables = relids.iter().map(|&r| self.table(r, at)).collect::<anyhow::Result<_>>()?;
+                Event::Change(Change::Truncate { tables, cascade, restart_identity })
+            }
+            Message::Type { .. } | Message::Origin { .. } | Message::Message { .. } => return Ok(None),
+        }))
+    }
+}
+
+#[async_trait]
+impl ChangeStream for PostgresChangeStream {
+    async fn next(&mut self) -> anyhow::Result<Event> {
+        loop {
+            let housekeeping = tokio::time::sleep_until((self.last_housekeeping + HOUSEKEEPING_INTERVAL).into());
+            tokio::select! {
+                message = self.conn.recv() => match message? {
+                    ReplicationMessage::XLogData { wal_start, data } => {
+                        let decoded = pgoutput::decode(&data)
+                            .with_context(|| format!("decoding the replication stream at {wal_start}"))?;
+                        if let Some(event) = self.event(decoded, wal_start).await? {
+                            return Ok(event);
+                        }
+                    }
+                    ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                        let confirmed = self.confirmed_lsn();
+                        // Idle and fully applied: the server's own position is safe to confirm.
+                        let idle = !self.in_transaction && self.last_commit_end <= confirmed;
+                        let flushed = if idle { confirmed.max(wal_end) } else { confirmed };
+                        if reply_requested || flushed != self.reported_flush || self.last_status.elapsed() >= STATUS_INTERVAL {
+                            self.send_status(wal_end, flushed).await?;
+                        }
+                    }
+                },
+                _ = housekeeping => {
+                    self.last_housekeeping = Instant::now();
+                    let confirmed = self.confirmed_lsn();
+                    if confirmed > self.reported_flush || self.last_status.elapsed() >= STATUS_INTERVAL {
+                        self.send_status(self.last_commit_end, confirmed.max(self.reported_flush)).await?;
+                    }
+                    self.watched.check(&self.catalog).await?;
+                }
+            }
+        }
+    }
+}
+
+fn pg_time(micros_since_2000: i64) -> SystemTime {
+    let micros = micros_since_2000.saturating_add(PG_EPOCH_OFFSET_MICROS);
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+}
