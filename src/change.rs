@@ -51,6 +51,9 @@ pub struct Column {
     pub type_oid: u32,
     /// Part of the row identity.
     pub is_key: bool,
+    /// The default expression (PostgreSQL SQL) as the source has it: a column added
+    /// mid-stream gets it on the target, so rows that existed before match.
+    pub default: Option<String>,
 }
 
 /// A table's columns and identity, as of some position in the source's log.

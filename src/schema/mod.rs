@@ -55,8 +55,6 @@ pub struct TableDefinition {
 #[derive(Clone, Debug)]
 pub struct ColumnDefinition {
     pub not_null: bool,
-    /// The default expression, as `pg_get_expr` prints it.
-    pub default: Option<String>,
     /// `a` (always) or `d` (by default) for identity columns.
     pub identity: Option<char>,
 }

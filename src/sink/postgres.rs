@@ -124,8 +124,9 @@ impl PostgresSink {
         }
         let known = self.columns.get(&table.name).cloned().unwrap_or_default();
         for column in table.columns.iter().filter(|c| !known.contains(&c.name)) {
+            let default = column.default.as_ref().map(|d| format!(" DEFAULT {d}")).unwrap_or_default();
             let sql = format!(
-                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}{default}",
                 quote_table(&table.name),
                 quote_ident(&column.name),
                 column.type_name
@@ -565,6 +566,7 @@ mod tests {
             type_name: type_name.into(),
             type_oid: 0,
             is_key,
+            default: None,
         };
         TableSchema {
             name: TableName::new("public", "Order Lines"),

@@ -87,11 +87,11 @@ async fn read_table(
             type_name: row.get(1),
             type_oid: row.get(2),
             is_key: in_primary_key,
+            default: row.get(4),
         });
         let identity: String = row.get(5);
         definitions.push(ColumnDefinition {
             not_null: row.get(3),
-            default: row.get(4),
             identity: identity.chars().next(),
         });
     }

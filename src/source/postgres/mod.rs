@@ -419,6 +419,18 @@ impl PostgresChangeStream {
     }
 
     async fn relation(&mut self, rel: pgoutput::Relation) -> anyhow::Result<Arc<TableSchema>> {
+        let defaults: HashMap<String, String> = self
+            .catalog
+            .query(
+                "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d \
+                 JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum WHERE d.adrelid = $1",
+                &[&rel.relid],
+            )
+            .await
+            .context("looking up column defaults")?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         let mut columns = Vec::with_capacity(rel.columns.len());
         for c in &rel.columns {
             columns.push(Column {
@@ -426,6 +438,7 @@ impl PostgresChangeStream {
                 type_name: self.type_name(c.type_oid, c.type_modifier).await?,
                 type_oid: c.type_oid,
                 is_key: c.is_key,
+                default: defaults.get(&c.name).cloned(),
             });
         }
         let identity = match rel.replica_identity {

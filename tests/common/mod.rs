@@ -1,0 +1,124 @@
+//! Shared helpers for the integration tests: sandbox servers, a `cutover run`
+//! child process, catch-up waits and source-vs-target comparison.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cutover::config::{ConnUrl, Config, Endpoint};
+use cutover::pgconn::ConnectParams;
+use cutover::sandbox::PostgresServer;
+
+/// A source and a target server and a pipeline config between them.
+pub struct Pair {
+    pub source: PostgresServer,
+    pub target: PostgresServer,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+}
+
+impl Pair {
+    pub fn start(name: &str, extra_config: &str) -> Pair {
+        let source = PostgresServer::start(&[]).expect("source server");
+        let target = PostgresServer::start(&[]).expect("target server");
+        let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let config_path = dir.join(format!("{name}.toml"));
+        cutover::demo::write_config(&config_path, &source.url("postgres"), &target.url("postgres"), &dir.join("state"), extra_config)
+            .expect("config");
+        Pair { source, target, dir, config_path }
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).expect("config loads")
+    }
+
+    pub fn slot(&self) -> String {
+        format!("cutover_{}", self.config().name)
+    }
+
+    /// Starts `cutover run` as a child process, logging to a file in the test dir.
+    pub fn spawn(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("cutover.log"))
+            .expect("log file");
+        Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("CUTOVER_LOG", "info,cutover=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cutover starts")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cutover.log")).unwrap_or_default()
+    }
+
+    /// Waits until the slot confirms everything the source has written so far.
+    pub async fn wait_caught_up(&self, child: &mut Child) {
+        let source = connect(&self.source.url("postgres")).await;
+        let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+        let started = Instant::now();
+        loop {
+            let done = source
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
+                    &[&self.slot(), &end],
+                )
+                .await
+                .expect("slot query")
+                .is_some();
+            if done {
+                return;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("cutover exited early with {status}:\n{}", self.log());
+            }
+            assert!(started.elapsed() < Duration::from_secs(180), "no catch-up within 180 s:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every selected table: same row count and checksum on both sides.
+    pub async fn assert_identical(&self) {
+        let reports = cutover::verify::verify(&self.config()).await.expect("verify runs");
+        assert!(!reports.is_empty());
+        assert!(
+            reports.iter().all(|r| r.matches()),
+            "source and target differ:\n{}\n{}",
+            cutover::verify::render(&reports),
+            self.log()
+        );
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let url = ConnUrl::new(url);
+    let params = ConnectParams::from_endpoint(Endpoint { url: &url, password_file: None, password_env: None })
+        .expect("url parses");
+    params.connect().await.expect("connects")
+}
+
+pub fn kill9(child: &mut Child) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+pub fn stop(child: &mut Child) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
