@@ -11,7 +11,7 @@
 //! (one prepared statement per table and shape, any batch size); values travel
 //! in PostgreSQL's text form and are cast to the column type on the server.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -58,6 +58,13 @@ impl PostgresSink {
             columns: HashMap::new(),
         };
         sink.setup_origin().await?;
+        // As PostgreSQL's own subscriber: no triggers and no foreign-key checks while
+        // applying (the source checked them), which also lets a batch group its
+        // changes by table.
+        sink.client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .context("setting session_replication_role = replica on the target (needs superuser)")?;
         Ok(sink)
     }
 
@@ -230,7 +237,8 @@ struct Run {
     columns: Vec<usize>,
     sql: String,
     params: Vec<Vec<Option<String>>>,
-    keys: HashSet<Vec<Option<String>>>,
+    /// Row index of each key in the arrays.
+    keys: HashMap<Vec<Option<String>>, usize>,
     rows: usize,
 }
 
@@ -249,7 +257,7 @@ impl Run {
             columns,
             sql,
             params: vec![Vec::new(); params],
-            keys: HashSet::new(),
+            keys: HashMap::new(),
             rows: 0,
         }
     }
@@ -258,16 +266,26 @@ impl Run {
         self.kind == kind
             && self.table == table.name
             && self.columns == columns
-            // A row may appear once per statement (ON CONFLICT, UPDATE … FROM); deletes may repeat.
-            && (kind == RunKind::Delete || kind == RunKind::Insert || !self.keys.contains(key))
+            // UPDATE … FROM may touch a row once per statement; upserts of a key
+            // already in the run replace it, deletes may repeat.
+            && (kind != RunKind::Update || !self.keys.contains_key(key))
     }
 
     fn push(&mut self, values: impl Iterator<Item = Option<String>>, key: Vec<Option<String>>) {
+        if self.kind == RunKind::Upsert {
+            if let Some(&row) = self.keys.get(&key) {
+                // The later whole-row image of the same key wins.
+                for (param, value) in self.params.iter_mut().zip(values) {
+                    param[row] = value;
+                }
+                return;
+            }
+        }
         for (param, value) in self.params.iter_mut().zip(values) {
             param.push(value);
         }
         if self.kind == RunKind::Upsert || self.kind == RunKind::Update {
-            self.keys.insert(key);
+            self.keys.insert(key, self.rows);
         }
         self.rows += 1;
     }
@@ -412,7 +430,7 @@ impl Sink for PostgresSink {
 
     async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
         let mut run: Option<Run> = None;
-        for change in changes {
+        for change in group_by_table(changes) {
             let (kind, table, columns, key, values): (RunKind, &Arc<TableSchema>, Vec<usize>, Vec<Option<String>>, Vec<Option<String>>) = match change {
                 Change::Relation(table) => {
                     self.flush(run.take()).await?;
@@ -494,6 +512,32 @@ impl Sink for PostgresSink {
             .await
             .with_context(|| format!("committing the target transaction that reaches {position}"))
     }
+}
+
+/// The changes with those between barriers grouped by table, each table's in
+/// their original order, so runs grow long. Safe because the final state of a row
+/// depends only on the order of its own table's changes, and foreign keys are not
+/// checked while applying. Truncates, column additions and row-matched changes of
+/// tables without key stay where they are.
+fn group_by_table(changes: &[Change]) -> Vec<&Change> {
+    let is_barrier = |change: &Change| match change {
+        Change::Relation(_) | Change::Truncate { .. } => true,
+        Change::Update { table, .. } | Change::Delete { table, .. } => table.identity != Identity::Key,
+        Change::Insert { .. } => false,
+    };
+    let mut ordered: Vec<&Change> = Vec::with_capacity(changes.len());
+    let mut segment_start = 0;
+    for change in changes {
+        if is_barrier(change) {
+            ordered[segment_start..].sort_by(|a, b| a.table().cmp(&b.table()));
+            ordered.push(change);
+            segment_start = ordered.len();
+        } else {
+            ordered.push(change);
+        }
+    }
+    ordered[segment_start..].sort_by(|a, b| a.table().cmp(&b.table()));
+    ordered
 }
 
 /// A copy connection on the target.
