@@ -1,6 +1,6 @@
 # cutover — make demo (end to end on throwaway servers), make test (all tests).
 export CARGO_TARGET_DIR ?= /var/tmp/cutover-target
-PACKAGES := postgresql postgresql-contrib mariadb-server libclang-dev sqlite3 pgcopydb
+PACKAGES := postgresql postgresql-contrib mariadb-server libclang-dev sqlite3 pgcopydb bc time
 
 .PHONY: deps demo test bench
 

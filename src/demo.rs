@@ -100,13 +100,7 @@ pub async fn run(scale: u32, seconds: u32) -> anyhow::Result<()> {
     let work = std::env::temp_dir().join(format!("cutover-demo-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let config_path = work.join("demo.toml");
-    let config_text = format!(
-        "[source]\nkind = \"postgres\"\nurl = \"{}\"\n[target]\nkind = \"postgres\"\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
-        source.url("postgres"),
-        target.url("postgres"),
-        work.join("state").display()
-    );
-    std::fs::write(&config_path, config_text)?;
+    write_config(&config_path, &source.url("postgres"), &target.url("postgres"), &work.join("state"), "")?;
     let config = Config::load(&config_path)?;
 
     println!("starting a {seconds}s pgbench write load (4 clients) and the pipeline");
@@ -120,7 +114,7 @@ pub async fn run(scale: u32, seconds: u32) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let pipeline_config = Config::load(&config_path)?;
     let pipeline = tokio::spawn(async move {
-        cutover_run(pipeline_config, async move {
+        crate::pipeline::run(&pipeline_config, async move {
             let _ = stop_rx.await;
         })
         .await
@@ -174,10 +168,6 @@ pub async fn run(scale: u32, seconds: u32) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("verification found differences")
     }
-}
-
-async fn cutover_run(config: Config, stop: impl std::future::Future<Output = ()> + Send) -> anyhow::Result<()> {
-    crate::pipeline::run(&config, stop).await
 }
 
 /// Writes a pipeline config for two sandbox URLs (tests and benchmarks).

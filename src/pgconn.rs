@@ -75,6 +75,16 @@ impl ConnectParams {
     }
 }
 
+/// The server's major version (15 for 15.4).
+pub async fn server_major(client: &tokio_postgres::Client, side: &str) -> anyhow::Result<u32> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .with_context(|| format!("reading the {side}'s server version"))?
+        .get(0);
+    Ok(u32::try_from(version / 10_000).unwrap_or(0))
+}
+
 /// A failure on a PostgreSQL connection.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {

@@ -43,14 +43,10 @@ pub struct PostgresSink {
 impl PostgresSink {
     pub async fn connect(params: ConnectParams, pipeline: &str) -> anyhow::Result<PostgresSink> {
         let client = params.connect().await?;
-        let version: i32 = client
-            .query_one("SELECT current_setting('server_version_num')::int4", &[])
-            .await
-            .context("reading the target's server version")?
-            .get(0);
+        let major = crate::pgconn::server_major(&client, "target").await?;
         let origin = format!("cutover_{pipeline}");
         let sink = PostgresSink {
-            major: u32::try_from(version / 10_000).unwrap_or(0),
+            major,
             params,
             client,
             origin,

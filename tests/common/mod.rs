@@ -2,7 +2,7 @@
 //! child process, catch-up waits and source-vs-target comparison.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,9 @@ pub struct Pair {
     pub target: PostgresServer,
     pub dir: PathBuf,
     pub config_path: PathBuf,
+    /// How many "streaming changes" lines the log held when `cutover run` last started:
+    /// the latest run logs one more once its snapshot work is done.
+    streaming_before: std::cell::Cell<usize>,
 }
 
 impl Pair {
@@ -27,7 +30,7 @@ impl Pair {
         let config_path = dir.join(format!("{name}.toml"));
         cutover::demo::write_config(&config_path, &source.url("postgres"), &target.url("postgres"), &dir.join("state"), extra_config)
             .expect("config");
-        Pair { source, target, dir, config_path }
+        Pair { source, target, dir, config_path, streaming_before: std::cell::Cell::new(0) }
     }
 
     pub fn config(&self) -> Config {
@@ -45,6 +48,7 @@ impl Pair {
             .append(true)
             .open(self.dir.join("cutover.log"))
             .expect("log file");
+        self.streaming_before.set(self.log().matches("streaming changes").count());
         Command::new(env!("CARGO_BIN_EXE_cutover"))
             .args(["run", "--config"])
             .arg(&self.config_path)
@@ -59,7 +63,8 @@ impl Pair {
         std::fs::read_to_string(self.dir.join("cutover.log")).unwrap_or_default()
     }
 
-    /// Waits until the slot confirms everything the source has written so far.
+    /// Waits until the latest `cutover run` is streaming and the slot confirms
+    /// everything the source has written so far.
     pub async fn wait_caught_up(&self, child: &mut Child) {
         let source = connect(&self.source.url("postgres")).await;
         let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
@@ -73,7 +78,7 @@ impl Pair {
                 .await
                 .expect("slot query")
                 .is_some();
-            if done {
+            if done && self.log().matches("streaming changes").count() > self.streaming_before.get() {
                 return;
             }
             if let Ok(Some(status)) = child.try_wait() {

@@ -58,12 +58,7 @@ pub struct PostgresSource {
 impl PostgresSource {
     pub async fn connect(params: ConnectParams, filter: TableFilter, pipeline: &str) -> anyhow::Result<Self> {
         let client = params.connect().await?;
-        let version: i32 = client
-            .query_one("SELECT current_setting('server_version_num')::int4", &[])
-            .await
-            .context("reading the source's server version")?
-            .get(0);
-        let major = u32::try_from(version / 10_000).unwrap_or(0);
+        let major = crate::pgconn::server_major(&client, "source").await?;
         if major < 14 {
             anyhow::bail!(
                 "the source at {} runs PostgreSQL {major}; cutover needs 14 or newer",
