@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{connect, kill9, stop, Pair};
+use common::{connect, count, kill9, stop, Pair};
 
 const STREAM_TABLES: &str = r#"
 CREATE TABLE toasty (id int PRIMARY KEY, counter int NOT NULL, body text);
@@ -70,28 +70,13 @@ async fn snapshot_then_stream_keeps_every_type_and_change() {
 
     // The unchanged-TOAST update kept the bodies the target had.
     let target = connect(&pair.target.url("postgres")).await;
-    let long_bodies: i64 = target
-        .query_one("SELECT count(*) FROM toasty WHERE length(body) = 9600 AND counter = 1", &[])
-        .await
-        .expect("toasty")
-        .get(0);
-    assert_eq!(long_bodies, 19);
+    assert_eq!(count(&target, "SELECT count(*) FROM toasty WHERE length(body) = 9600 AND counter = 1").await, 19);
     // Keys, indexes and foreign keys came along.
-    let objects: i64 = target
-        .query_one(
-            "SELECT count(*) FROM pg_indexes WHERE indexname IN ('child_note', 'parent_name_key', 'child_pkey', 'Awkward Types_pkey')",
-            &[],
-        )
-        .await
-        .expect("indexes")
-        .get(0);
-    assert_eq!(objects, 4);
-    let fks: i64 = target
-        .query_one("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid = 'child'::regclass", &[])
-        .await
-        .expect("fks")
-        .get(0);
-    assert_eq!(fks, 1);
+    let indexes = "SELECT count(*) FROM pg_indexes \
+                   WHERE indexname IN ('child_note', 'parent_name_key', 'child_pkey', 'Awkward Types_pkey')";
+    assert_eq!(count(&target, indexes).await, 4);
+    let fks = "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND conrelid = 'child'::regclass";
+    assert_eq!(count(&target, fks).await, 1);
     stop(&mut child);
 }
 
@@ -160,7 +145,6 @@ async fn kill_9_during_snapshot_and_streaming_loses_and_doubles_nothing() {
     pair.wait_caught_up(&mut child).await;
     pair.assert_identical().await;
     // The keyless table's rows are exactly those of the source: nothing doubled.
-    let events: i64 = target.query_one("SELECT count(*) FROM events", &[]).await.expect("events").get(0);
-    assert_eq!(events, 14 * 200);
+    assert_eq!(count(&target, "SELECT count(*) FROM events").await, 14 * 200);
     stop(&mut child);
 }

@@ -115,6 +115,11 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     params.connect().await.expect("connects")
 }
 
+/// The single integer a query returns.
+pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
 pub fn kill9(child: &mut Child) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };

@@ -414,17 +414,21 @@ impl PostgresChangeStream {
     }
 
     async fn relation(&mut self, rel: pgoutput::Relation) -> anyhow::Result<Arc<TableSchema>> {
-        let defaults: HashMap<String, String> = self
+        // One catalog read per Relation: each column's default and primary-key membership.
+        let catalog: HashMap<String, (Option<String>, bool)> = self
             .catalog
             .query(
-                "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d \
-                 JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum WHERE d.adrelid = $1",
+                "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid), coalesce(a.attnum = ANY(i.indkey), false) \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
                 &[&rel.relid],
             )
             .await
-            .context("looking up column defaults")?
+            .with_context(|| format!("looking up the columns of {}.{} on the source", rel.namespace, rel.name))?
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect();
         let mut columns = Vec::with_capacity(rel.columns.len());
         for c in &rel.columns {
@@ -433,29 +437,16 @@ impl PostgresChangeStream {
                 type_name: self.type_name(c.type_oid, c.type_modifier).await?,
                 type_oid: c.type_oid,
                 is_key: c.is_key,
-                default: defaults.get(&c.name).cloned(),
+                default: catalog.get(&c.name).and_then(|(default, _)| default.clone()),
             });
         }
         let identity = match rel.replica_identity {
             // FULL flags every column; when a primary key exists, match by it instead.
             b'f' => {
-                let key: Vec<String> = self
-                    .catalog
-                    .query(
-                        "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a \
-                         ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                         WHERE i.indrelid = $1 AND i.indisprimary",
-                        &[&rel.relid],
-                    )
-                    .await
-                    .context("looking up a primary key")?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
                 for column in &mut columns {
-                    column.is_key = key.contains(&column.name);
+                    column.is_key = catalog.get(&column.name).is_some_and(|(_, in_key)| *in_key);
                 }
-                if key.is_empty() { Identity::Full } else { Identity::Key }
+                if columns.iter().any(|c| c.is_key) { Identity::Key } else { Identity::Full }
             }
             _ if columns.iter().any(|c| c.is_key) => Identity::Key,
             _ => Identity::Nothing,
