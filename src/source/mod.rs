@@ -7,6 +7,7 @@
 
 pub mod postgres;
 
+use std::collections::HashMap;
 use std::pin::Pin;
 
 use async_trait::async_trait;
@@ -31,6 +32,10 @@ pub struct SnapshotPoint {
     pub position: Position,
     /// The source's handle for it (PostgreSQL: the exported snapshot name).
     pub id: String,
+    /// Per table (display name), a count of changes the stream cannot carry,
+    /// taken just before the snapshot (PostgreSQL: UPDATEs and DELETEs of tables
+    /// without replica identity). Stored with each table's copy progress.
+    pub untracked: HashMap<String, i64>,
 }
 
 /// The part of a table one copy reads.
@@ -92,11 +97,13 @@ pub trait Source: Send + Sync {
 
     /// Streams every transaction that commits after `from`. `confirmed` carries
     /// the position up to which the target has durably applied, so the source
-    /// may release its log up to there.
+    /// may release its log up to there. `untracked_at_copy` holds each copied
+    /// table's [`SnapshotPoint::untracked`] count: the stream fails as soon as one grows.
     async fn start_stream(
         &mut self,
         from: &Position,
         confirmed: watch::Receiver<Position>,
+        untracked_at_copy: &HashMap<String, i64>,
     ) -> anyhow::Result<Box<dyn ChangeStream>>;
 }
 

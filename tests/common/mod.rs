@@ -23,8 +23,18 @@ pub struct Pair {
 
 impl Pair {
     pub fn start(name: &str, extra_config: &str) -> Pair {
-        let source = PostgresServer::start(&[]).expect("source server");
         let target = PostgresServer::start(&[]).expect("target server");
+        Pair::with_target(name, target, extra_config)
+    }
+
+    /// A pair whose target runs the server binaries in `target_bin`.
+    pub fn start_with_target(name: &str, target_bin: &std::path::Path, extra_config: &str) -> Pair {
+        let target = PostgresServer::start_with(target_bin, &[]).expect("target server");
+        Pair::with_target(name, target, extra_config)
+    }
+
+    fn with_target(name: &str, target: PostgresServer, extra_config: &str) -> Pair {
+        let source = PostgresServer::start(&[]).expect("source server");
         let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
         std::fs::create_dir_all(&dir).expect("test dir");
         let config_path = dir.join(format!("{name}.toml"));

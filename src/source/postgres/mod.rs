@@ -156,6 +156,9 @@ impl PostgresSource {
     }
 
     async fn export_snapshot(&mut self, slot: &str, temporary: bool) -> anyhow::Result<SnapshotPoint> {
+        // Read before the snapshot: a change counted here is in the copy, so the
+        // baseline can only make the watch stricter, never blind.
+        let untracked = untracked_changes(&self.client, &self.insert_only).await?;
         let mut conn = ReplicationConnection::connect(&self.params).await?;
         let created = conn.create_slot(slot, temporary).await.with_context(|| {
             format!(
@@ -164,7 +167,7 @@ impl PostgresSource {
             )
         })?;
         self.exporting = Some(conn);
-        Ok(SnapshotPoint { position: Position::Lsn(created.consistent_point), id: created.snapshot_name })
+        Ok(SnapshotPoint { position: Position::Lsn(created.consistent_point), id: created.snapshot_name, untracked })
     }
 }
 
@@ -263,6 +266,7 @@ impl Source for PostgresSource {
         &mut self,
         from: &Position,
         confirmed: watch::Receiver<Position>,
+        untracked_at_copy: &HashMap<String, i64>,
     ) -> anyhow::Result<Box<dyn ChangeStream>> {
         let Position::Lsn(from) = from;
         let mut conn = ReplicationConnection::connect(&self.params).await?;
@@ -270,7 +274,7 @@ impl Source for PostgresSource {
             .await
             .with_context(|| format!("starting replication from slot {} at {from}", self.slot))?;
         let catalog = self.params.connect().await?;
-        let watched = InsertOnlyWatch::start(&catalog, &self.insert_only).await?;
+        let watched = InsertOnlyWatch::start(&catalog, &self.insert_only, untracked_at_copy).await?;
         Ok(Box::new(PostgresChangeStream {
             conn,
             catalog,
@@ -319,43 +323,76 @@ impl TableReader for PostgresTableReader {
     }
 }
 
-/// Tables whose UPDATEs and DELETEs cannot replicate: their counters are watched,
-/// and the first such change stops the pipeline instead of being lost silently.
+/// UPDATEs + DELETEs so far on each table, per the statistics collector, keyed
+/// by the table's display name.
+async fn untracked_changes(client: &tokio_postgres::Client, tables: &[TableName]) -> anyhow::Result<HashMap<String, i64>> {
+    if tables.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let names: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
+    let rows = client
+        .query(
+            "SELECT n.ord::int4, coalesce(s.n_tup_upd + s.n_tup_del, 0)::int8 \
+             FROM unnest($1::text[]) WITH ORDINALITY AS n(name, ord) \
+             LEFT JOIN pg_stat_user_tables s ON s.relid = n.name::regclass",
+            &[&names],
+        )
+        .await
+        .context("reading update/delete counters of tables without replica identity")?;
+    let mut counts = HashMap::new();
+    for row in rows {
+        let index = usize::try_from(row.get::<_, i32>(0) - 1).unwrap_or(usize::MAX);
+        if let Some(table) = tables.get(index) {
+            counts.insert(table.to_string(), row.get(1));
+        }
+    }
+    Ok(counts)
+}
+
+/// Tables whose UPDATEs and DELETEs cannot replicate: their counters are watched
+/// against the counts taken when each was copied, and the first such change
+/// stops the pipeline instead of being lost silently — also one made while
+/// cutover was not running.
 struct InsertOnlyWatch {
     tables: Vec<TableName>,
-    baseline: i64,
+    baselines: HashMap<String, i64>,
 }
 
 impl InsertOnlyWatch {
-    async fn start(client: &tokio_postgres::Client, tables: &[TableName]) -> anyhow::Result<InsertOnlyWatch> {
-        let mut watch = InsertOnlyWatch { tables: tables.to_vec(), baseline: 0 };
-        watch.baseline = watch.count(client).await?;
-        Ok(watch)
-    }
-
-    async fn count(&self, client: &tokio_postgres::Client) -> anyhow::Result<i64> {
-        if self.tables.is_empty() {
-            return Ok(0);
+    /// Tables without a stored baseline (never copied by cutover) start from now.
+    async fn start(
+        client: &tokio_postgres::Client,
+        tables: &[TableName],
+        stored: &HashMap<String, i64>,
+    ) -> anyhow::Result<InsertOnlyWatch> {
+        let mut baselines = untracked_changes(client, tables).await?;
+        for (table, count) in &mut baselines {
+            if let Some(&at_copy) = stored.get(table) {
+                *count = at_copy;
+            }
         }
-        let names: Vec<String> = self.tables.iter().map(|t| quote_table(t)).collect();
-        let row = client
-            .query_one(
-                "SELECT coalesce(sum(n_tup_upd + n_tup_del), 0)::int8 FROM pg_stat_user_tables \
-                 WHERE relid = ANY(SELECT unnest($1::text[])::regclass)",
-                &[&names],
-            )
-            .await
-            .context("reading update/delete counters of tables without replica identity")?;
-        Ok(row.get(0))
+        Ok(InsertOnlyWatch { tables: tables.to_vec(), baselines })
     }
 
     async fn check(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
-        if self.tables.is_empty() || self.count(client).await? == self.baseline {
+        if self.tables.is_empty() {
             return Ok(());
         }
-        let names: Vec<String> = self.tables.iter().map(|t| t.to_string()).collect();
+        let counts = untracked_changes(client, &self.tables).await?;
+        let changed: Vec<&TableName> = self
+            .tables
+            .iter()
+            .filter(|t| {
+                let name = t.to_string();
+                counts.get(&name).copied().unwrap_or(0) > self.baselines.get(&name).copied().unwrap_or(0)
+            })
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = changed.iter().map(|t| t.to_string()).collect();
         let fixes: Vec<String> =
-            self.tables.iter().map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(t))).collect();
+            changed.iter().map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(t))).collect();
         anyhow::bail!(
             "an UPDATE or DELETE ran on the source on a table without primary key or replica identity ({}); \
              it cannot be replicated, so cutover stopped at its last checkpoint. Fix: {} then re-copy the table \
