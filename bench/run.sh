@@ -32,6 +32,8 @@ full_page_writes = off
 shared_buffers = '256MB'
 max_wal_size = '4GB'
 maintenance_work_mem = '1GB'
+# Off so one tool's freshly loaded tables are not vacuumed during the next tool's run.
+autovacuum = off
 CONF
   as_pg "$BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -w start >/dev/null
   echo "$port"
@@ -42,41 +44,53 @@ now() { date +%s.%N; }
 SRC=$(start_server source)
 "$BIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$SRC" -U cutover postgres >/dev/null 2>&1
 psql -q -h 127.0.0.1 -p "$SRC" -U cutover postgres -c "CHECKPOINT" >/dev/null
-url() { echo "postgresql://cutover@127.0.0.1:$1/postgres"; }
-
-# Peer 1: pg_dump | psql
-T1=$(start_server dump)
-t0=$(now); "$BIN/pg_dump" -h 127.0.0.1 -p "$SRC" -U cutover postgres | psql -q -h 127.0.0.1 -p "$T1" -U cutover postgres >/dev/null; t1=$(now)
-DUMP=$(echo "$t1 - $t0" | bc)
-
-# Peer 2: pgcopydb clone
-PGCOPYDB=""
-if command -v pgcopydb >/dev/null; then
-  T2=$(start_server copydb)
-  t0=$(now)
-  PGCOPYDB_DIR="$WORK/pgcopydb" pgcopydb clone --source "$(url "$SRC")" --target "$(url "$T2")" \
-    --table-jobs 2 --index-jobs 2 --dir "$WORK/pgcopydb" >/dev/null 2>&1 && t1=$(now) && PGCOPYDB=$(echo "$t1 - $t0" | bc)
-fi
-
-# cutover: snapshot mode = "only", peak RSS from /usr/bin/time
-T3=$(start_server cutover)
-cat > "$WORK/bench.toml" <<TOML
+url() { echo "postgresql://cutover@127.0.0.1:$1/${2:-postgres}"; }
+ROUNDS="${ROUNDS:-3}"
+median() { sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+T1=$(start_server dump); T2=$(start_server copydb); T3=$(start_server cutover)
+# A fresh database, and the previous run's dirty pages written out first, so no run
+# pays for another's disk writeback.
+newdb() { psql -q -h 127.0.0.1 -p "$1" -U cutover postgres -c "CREATE DATABASE $2" >/dev/null; sync; sleep 1; }
+# The tools take turns, each into a fresh database, ROUNDS times; the median counts.
+: > "$WORK/dump.times"; : > "$WORK/copydb.times"; : > "$WORK/cutover.times"; : > "$WORK/rss"
+for round in $(seq "$ROUNDS"); do
+  db="r$round"
+  # Peer 1: pg_dump | psql
+  newdb "$T1" "$db"
+  t0=$(now); "$BIN/pg_dump" -h 127.0.0.1 -p "$SRC" -U cutover postgres | psql -q -h 127.0.0.1 -p "$T1" -U cutover "$db" >/dev/null; t1=$(now)
+  echo "$t1 - $t0" | bc >> "$WORK/dump.times"
+  # Peer 2: pgcopydb clone
+  if command -v pgcopydb >/dev/null; then
+    newdb "$T2" "$db"
+    t0=$(now)
+    if pgcopydb clone --source "$(url "$SRC")" --target "$(url "$T2" "$db")" \
+        --table-jobs 2 --index-jobs 2 --dir "$WORK/pgcopydb-$round" >"$WORK/pgcopydb.log" 2>&1; then
+      t1=$(now); echo "$t1 - $t0" | bc >> "$WORK/copydb.times"
+    fi
+  fi
+  # cutover: snapshot mode = "only"; peak RSS from /usr/bin/time
+  newdb "$T3" "$db"
+  cat > "$WORK/bench.toml" <<TOML
 [source]
 kind = "postgres"
 url = "$(url "$SRC")"
 [target]
 kind = "postgres"
-url = "$(url "$T3")"
+url = "$(url "$T3" "$db")"
 [state]
-dir = "$WORK/state"
+dir = "$WORK/state-$round"
 [snapshot]
 mode = "only"
 workers = 2
 TOML
-t0=$(now); /usr/bin/time -f "%M" -o "$WORK/rss" "$CUTOVER" run --config "$WORK/bench.toml" 2>"$WORK/cutover.log"; t1=$(now)
-CUT=$(echo "$t1 - $t0" | bc)
-RSS_MB=$(( $(cat "$WORK/rss") / 1024 ))
-ROWS=$(psql -tA -h 127.0.0.1 -p "$T3" -U cutover postgres -c "SELECT count(*) FROM pgbench_accounts")
+  t0=$(now); /usr/bin/time -a -f "%M" -o "$WORK/rss" "$CUTOVER" run --config "$WORK/bench.toml" 2>"$WORK/cutover.log"; t1=$(now)
+  echo "$t1 - $t0" | bc >> "$WORK/cutover.times"
+done
+DUMP=$(median < "$WORK/dump.times")
+PGCOPYDB=$( [ -s "$WORK/copydb.times" ] && median < "$WORK/copydb.times" || true)
+CUT=$(median < "$WORK/cutover.times")
+RSS_MB=$(( $(sort -n "$WORK/rss" | tail -1) / 1024 ))
+ROWS=$(psql -tA -h 127.0.0.1 -p "$T3" -U cutover r1 -c "SELECT count(*) FROM pgbench_accounts")
 
 SNAPSHOT_CUT=$CUT
 
@@ -88,7 +102,16 @@ SRC2=$(start_server source2)
 psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "CREATE TABLE bench_marker (id int PRIMARY KEY, note text); INSERT INTO bench_marker VALUES (1, 'start'); CREATE TABLE bench_big (id int PRIMARY KEY, payload text);" >/dev/null
 CT=$(start_server catchup_cutover)
 NT=$(start_server catchup_native)
-sed -e "s#$(url "$SRC")#$(url "$SRC2")#; s#$(url "$T3")#$(url "$CT")#; s#$WORK/state#$WORK/state2#; /^\[snapshot\]/,\$d" "$WORK/bench.toml" > "$WORK/catchup.toml"
+cat > "$WORK/catchup.toml" <<TOML
+[source]
+kind = "postgres"
+url = "$(url "$SRC2")"
+[target]
+kind = "postgres"
+url = "$(url "$CT")"
+[state]
+dir = "$WORK/state-catchup"
+TOML
 wait_marker() { # port note
   until [ "$(psql -tA -h 127.0.0.1 -p "$1" -U cutover postgres -c "SELECT note FROM bench_marker WHERE id = 1" 2>/dev/null)" = "$2" ]; do sleep 0.05; done
 }
@@ -116,7 +139,7 @@ STREAM_RSS_MB=$(( $(awk '/VmHWM/ {print $2}' /proc/$CPID/status) / 1024 ))
 kill -TERM $CPID; wait $CPID || true
 psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "ALTER SUBSCRIPTION bench_native DISABLE; ALTER SUBSCRIPTION bench_native SET (slot_name = NONE); DROP SUBSCRIPTION bench_native" >/dev/null
 
-echo "pgbench scale $SCALE snapshot ($ROWS account rows, with indexes), seconds:"
+echo "pgbench scale $SCALE snapshot ($ROWS account rows, with indexes), median of $ROUNDS rounds, seconds:"
 printf "  cutover            %6.1f s   peak RSS %d MiB\n" "$CUT" "$RSS_MB"
 printf "  pg_dump | psql     %6.1f s   ratio cutover/pg_dump = %.2f\n" "$DUMP" "$(echo "$CUT / $DUMP" | bc -l)"
 if [ -n "$PGCOPYDB" ]; then
