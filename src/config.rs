@@ -31,6 +31,7 @@ pub struct Config {
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     Postgres,
+    Mysql,
 }
 
 /// Which kind of database the target is.
@@ -240,6 +241,13 @@ impl Config {
         if config.name.is_empty() {
             return Err(invalid(
                 "the file name must contain letters or digits: it names the pipeline".into(),
+            ));
+        }
+        if config.source.kind == SourceKind::Mysql && config.snapshot.mode != SnapshotMode::Only {
+            return Err(invalid(
+                "[snapshot] mode: a MySQL / MariaDB source supports only mode = \"only\" so far (one-shot copy); \
+                 binlog streaming is not built yet"
+                    .into(),
             ));
         }
         if config.snapshot.workers == 0 {

@@ -30,6 +30,7 @@ use crate::pgconn::ConnectParams;
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
 use crate::sink::{postgres::PostgresSink, Sink};
+use crate::source::mysql::{MysqlParams, MysqlSource};
 use crate::source::{postgres::PostgresSource, ChangeStream, Chunk, SnapshotPoint, Source};
 
 /// What a finished snapshot copied.
@@ -46,6 +47,10 @@ pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dy
         SourceKind::Postgres => {
             let params = ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
             Box::new(PostgresSource::connect(params, config.table_filter(), &config.name).await?)
+        }
+        SourceKind::Mysql => {
+            let params = MysqlParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
+            Box::new(MysqlSource::connect(params, config.table_filter()).await?)
         }
     };
     let sink: Box<dyn Sink> = match config.target.kind {

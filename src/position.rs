@@ -38,12 +38,25 @@ impl FromStr for Lsn {
 pub enum Position {
     /// PostgreSQL: an LSN.
     Lsn(Lsn),
+    /// MySQL / MariaDB: a binlog file and the offset of the next event in it.
+    Binlog { file: String, pos: u64 },
+}
+
+impl Position {
+    /// The LSN, for a PostgreSQL position.
+    pub fn lsn(&self) -> Option<Lsn> {
+        match self {
+            Position::Lsn(lsn) => Some(*lsn),
+            Position::Binlog { .. } => None,
+        }
+    }
 }
 
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Lsn(lsn) => write!(f, "lsn:{lsn}"),
+            Position::Binlog { file, pos } => write!(f, "{file}:{pos}"),
         }
     }
 }
@@ -54,9 +67,15 @@ impl FromStr for Position {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
             Some(("lsn", rest)) => Ok(Position::Lsn(rest.parse()?)),
-            _ => Err(PositionError(format!(
-                "`{s}` is not a position (expected the form lsn:0/16B3748)"
-            ))),
+            _ => match s.rsplit_once(':') {
+                Some((file, pos)) if !file.is_empty() && pos.bytes().all(|b| b.is_ascii_digit()) && !pos.is_empty() => {
+                    let pos = pos.parse().map_err(|_| PositionError(format!("`{s}`: binlog offset out of range")))?;
+                    Ok(Position::Binlog { file: file.to_string(), pos })
+                }
+                _ => Err(PositionError(format!(
+                    "`{s}` is not a position (expected lsn:0/16B3748 or a binlog file:offset such as binlog.000042:1234)"
+                ))),
+            },
         }
     }
 }
@@ -100,5 +119,9 @@ mod tests {
         assert!(a < b);
         assert!("lsn:zz".parse::<Position>().is_err());
         assert!("0/10".parse::<Position>().is_err());
+        let binlog: Position = "binlog.000042:1234".parse().expect("valid");
+        assert_eq!(binlog, Position::Binlog { file: "binlog.000042".into(), pos: 1234 });
+        assert_eq!(binlog.to_string(), "binlog.000042:1234");
+        assert!(binlog < "binlog.000043:4".parse().expect("valid"));
     }
 }

@@ -134,3 +134,95 @@ impl Drop for PostgresServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A running throwaway MariaDB server with `log-bin` and `binlog-format = ROW`;
+/// user `cutover` with every privilege, no password.
+pub struct MariaDbServer {
+    dir: PathBuf,
+    port: u16,
+    process: std::process::Child,
+}
+
+impl MariaDbServer {
+    /// Starts a server with the extra `mariadbd` options in `options` (`--key=value`).
+    pub fn start(options: &[&str]) -> anyhow::Result<MariaDbServer> {
+        let dir = std::env::temp_dir().join(format!("cutover-mariadb-{}-{}", std::process::id(), free_port()?));
+        let data = dir.join("data");
+        std::fs::create_dir_all(&dir)?;
+        // SAFETY: geteuid has no preconditions.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        let mut install = Command::new("mariadb-install-db");
+        install.arg("--no-defaults").arg(format!("--datadir={}", data.display()));
+        install.args(["--auth-root-authentication-method=socket", "--skip-test-db"]);
+        if as_root {
+            install.arg("--user=root");
+        }
+        run(install, "mariadb-install-db (apt-get install -y mariadb-server)")?;
+        let port = free_port()?;
+        let socket = dir.join("mariadb.sock");
+        let mut server = Command::new("mariadbd");
+        server
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--port={port}"))
+            .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
+            .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .arg(format!("--log-bin={}", data.join("binlog").display()))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--binlog-format=ROW",
+                "--server-id=1",
+                "--innodb-buffer-pool-size=256M",
+                "--innodb-flush-log-at-trx-commit=2",
+                "--sync-binlog=0",
+                "--character-set-server=utf8mb4",
+                "--collation-server=utf8mb4_unicode_ci",
+            ])
+            .args(options)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if as_root {
+            server.arg("--user=root");
+        }
+        let process = server.spawn().context("cannot start mariadbd (apt-get install -y mariadb-server)")?;
+        let server = MariaDbServer { dir, port, process };
+        let started = std::time::Instant::now();
+        loop {
+            let mut client = Command::new("mariadb");
+            client.arg(format!("--socket={}", socket.display())).args([
+                "-u",
+                "root",
+                "-e",
+                "CREATE USER IF NOT EXISTS 'cutover'@'%'; GRANT ALL ON *.* TO 'cutover'@'%' WITH GRANT OPTION",
+            ]);
+            if run(client, "creating the sandbox user").is_ok() {
+                return Ok(server);
+            }
+            if started.elapsed() > std::time::Duration::from_secs(60) {
+                anyhow::bail!(
+                    "mariadbd did not accept connections within 60 s; see {}",
+                    server.dir.join("error.log").display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for `database` as the `cutover` user.
+    pub fn url(&self, database: &str) -> String {
+        format!("mysql://cutover@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for MariaDbServer {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

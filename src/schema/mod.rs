@@ -4,6 +4,7 @@
 //! Definitions carry SQL fragments in PostgreSQL's dialect (as the source's
 //! catalog prints them); the PostgreSQL sink turns them into DDL.
 
+pub mod mysql;
 pub mod postgres;
 
 use crate::change::{TableName, TableSchema};

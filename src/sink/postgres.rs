@@ -350,7 +350,7 @@ impl Sink for PostgresSink {
         // databases) and is documented as less portable across major versions.
         match source {
             Dialect::Postgres { major } if major == self.major && !table.has_user_types => CopyFormat::PostgresBinary,
-            Dialect::Postgres { .. } => CopyFormat::PostgresText,
+            Dialect::Postgres { .. } | Dialect::Mysql => CopyFormat::PostgresText,
         }
     }
 
@@ -498,7 +498,12 @@ impl Sink for PostgresSink {
     }
 
     async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()> {
-        let Position::Lsn(lsn) = position;
+        let Some(lsn) = position.lsn() else {
+            anyhow::bail!(
+                "the PostgreSQL target records LSN positions in its replication origin; recording {position} \
+                 (a binlog position) is not built yet"
+            )
+        };
         let micros = commit_time.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
         let seconds = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
         self.client

@@ -5,6 +5,7 @@
 //! committed transaction from a position on. The pipeline drives these traits
 //! and knows no database by name.
 
+pub mod mysql;
 pub mod postgres;
 
 use std::collections::HashMap;
@@ -24,6 +25,8 @@ use crate::schema::{SourceSchema, TableDefinition};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
     Postgres { major: u32 },
+    /// MySQL or MariaDB: values in MySQL's text form, rewritten for the target.
+    Mysql,
 }
 
 /// A pinned snapshot: its rows are the source exactly as of `position`.

@@ -268,9 +268,11 @@ impl Source for PostgresSource {
         confirmed: watch::Receiver<Position>,
         untracked_at_copy: &HashMap<String, i64>,
     ) -> anyhow::Result<Box<dyn ChangeStream>> {
-        let Position::Lsn(from) = from;
+        let Some(from) = from.lsn() else {
+            anyhow::bail!("a PostgreSQL slot resumes from an LSN, not from {from}: this state dir belongs to another source")
+        };
         let mut conn = ReplicationConnection::connect(&self.params).await?;
-        conn.start_replication(&self.slot, *from, &self.publications())
+        conn.start_replication(&self.slot, from, &self.publications())
             .await
             .with_context(|| format!("starting replication from slot {} at {from}", self.slot))?;
         let catalog = self.params.connect().await?;
@@ -281,7 +283,7 @@ impl Source for PostgresSource {
             relations: HashMap::new(),
             type_names: HashMap::new(),
             confirmed,
-            last_commit_end: *from,
+            last_commit_end: from,
             reported_flush: Lsn(0),
             in_transaction: false,
             last_status: Instant::now(),
@@ -425,8 +427,8 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 impl PostgresChangeStream {
     fn confirmed_lsn(&self) -> Lsn {
-        let Position::Lsn(lsn) = *self.confirmed.borrow();
-        lsn
+        // The pipeline only ever confirms positions this stream produced: LSNs.
+        self.confirmed.borrow().lsn().unwrap_or_default()
     }
 
     async fn send_status(&mut self, received: Lsn, flushed: Lsn) -> anyhow::Result<()> {
