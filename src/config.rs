@@ -243,13 +243,6 @@ impl Config {
                 "the file name must contain letters or digits: it names the pipeline".into(),
             ));
         }
-        if config.source.kind == SourceKind::Mysql && config.snapshot.mode != SnapshotMode::Only {
-            return Err(invalid(
-                "[snapshot] mode: a MySQL / MariaDB source supports only mode = \"only\" so far (one-shot copy); \
-                 binlog streaming is not built yet"
-                    .into(),
-            ));
-        }
         if config.snapshot.workers == 0 {
             return Err(invalid("[snapshot] workers: must be at least 1".into()));
         }

@@ -50,7 +50,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dy
         }
         SourceKind::Mysql => {
             let params = MysqlParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
-            Box::new(MysqlSource::connect(params, config.table_filter()).await?)
+            Box::new(MysqlSource::connect(params, config.table_filter(), &config.name).await?)
         }
     };
     let sink: Box<dyn Sink> = match config.target.kind {

@@ -105,3 +105,153 @@ async fn one_shot_copy_maps_every_type() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every table of schema `shop` in two PostgreSQL databases: count and a digest of the ordered rows.
+async fn digests(client: &tokio_postgres::Client) -> Vec<(String, i64, String)> {
+    let tables = client
+        .query("SELECT tablename::text FROM pg_tables WHERE schemaname = 'shop' ORDER BY 1", &[])
+        .await
+        .expect("tables");
+    let mut out = Vec::new();
+    for row in tables {
+        let table: String = row.get(0);
+        let digest = client
+            .query_one(
+                &format!("SELECT count(*), coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM shop.\"{table}\" t"),
+                &[],
+            )
+            .await
+            .expect("digest");
+        out.push((table, digest.get(0), digest.get(1)));
+    }
+    out
+}
+
+async fn pg(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("pg");
+    tokio::spawn(connection);
+    client
+        .batch_execute("SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3")
+        .await
+        .expect("session");
+    client
+}
+
+fn write_config(path: &std::path::Path, source: &str, target: &str, state: &std::path::Path, mode: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[source]\nkind = \"mysql\"\nurl = \"{source}\"\n[target]\nkind = \"postgres\"\nurl = \"{target}\"\n[state]\ndir = \"{}\"\n[snapshot]\nmode = \"{mode}\"\nworkers = 2\n",
+            state.display()
+        ),
+    )
+    .expect("config");
+}
+
+const STREAM_CHANGES: &str = r#"
+SET SESSION sql_mode = '', time_zone = '+00:00';
+INSERT INTO every_type (flag, utiny, usmall, umedium, uint, ubig, money, f, d, vc, t, bin, dt, dtm, ts, tm, yr, mood, tags, doc, bits, latin)
+VALUES (1, 255, 65535, 16777215, 4294967295, 18446744073709551615, 0.0000000001, -1.5, 1e300, 'streamed ☃',
+        'multi\nline', 0x01020304, '2000-01-01', '0000-00-00 00:00:00', '1970-01-02 00:00:00.5', '-00:00:01.5', 2155,
+        'ok', 'b,c', '{"s": "x"}', b'111100001111', 'Ærø');
+UPDATE every_type SET vc = 'updated', uint = 4000000000, tags = 'a' WHERE id = 1;
+UPDATE every_type SET id = 100 WHERE id = 2;
+DELETE FROM every_type WHERE id = 3;
+UPDATE no_key SET b = 'uno' WHERE a = 1 LIMIT 1;
+DELETE FROM no_key WHERE a = 2;
+START TRANSACTION;
+INSERT INTO big_one SELECT seq + 1000000, CONCAT('tx ', seq) FROM seq_1_to_50000;
+UPDATE big_one SET payload = 'touched' WHERE id % 10 = 0;
+DELETE FROM big_one WHERE id % 7 = 0;
+COMMIT;
+INSERT INTO marker VALUES (1);
+"#;
+
+const STREAM_CHANGES_AFTER_KILL: &str = r#"
+SET SESSION sql_mode = '', time_zone = '+00:00';
+INSERT INTO big_one VALUES (5000000, 'before rotation');
+FLUSH BINARY LOGS;
+INSERT INTO big_one VALUES (5000001, 'after rotation');
+ALTER TABLE big_one ADD COLUMN extra int DEFAULT 7;
+INSERT INTO big_one VALUES (5000002, 'with extra', 42);
+TRUNCATE no_key;
+INSERT INTO no_key VALUES (5, 'five');
+INSERT INTO marker VALUES (2);
+"#;
+
+async fn wait_for_marker(target: &tokio_postgres::Client, n: i32, child: &mut std::process::Child, log: &std::path::Path) {
+    let started = std::time::Instant::now();
+    loop {
+        let found = target
+            .query_opt("SELECT 1 FROM shop.marker WHERE id = $1", &[&n])
+            .await
+            .map(|r| r.is_some())
+            .unwrap_or(false);
+        if found {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("cutover exited with {status}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "marker {n} never arrived:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binlog_stream_matches_a_fresh_copy_after_kill_rotation_and_ddl() {
+    let source = MariaDbServer::start(&[]).expect("mariadb");
+    let target = PostgresServer::start(&[]).expect("postgres");
+    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url"))
+        .await
+        .expect("connects to mariadb");
+    conn.query_drop(SOURCE_SQL).await.expect("source data");
+    conn.query_drop("CREATE TABLE shop.marker (id int PRIMARY KEY)").await.expect("marker");
+
+    let dir = std::env::temp_dir().join(format!("cutover-test-binlog-{}", source.port()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("stream.toml");
+    write_config(&config, &source.url("shop"), &target.url("postgres"), &dir.join("state"), "initial");
+    let log = dir.join("cutover.log");
+    let spawn = || {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
+        Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(file)
+            .spawn()
+            .expect("cutover starts")
+    };
+    let streamed = pg(&target.url("postgres")).await;
+
+    let mut child = spawn();
+    conn.query_drop(STREAM_CHANGES).await.expect("changes");
+    wait_for_marker(&streamed, 1, &mut child, &log).await;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    conn.query_drop(STREAM_CHANGES_AFTER_KILL).await.expect("changes after kill");
+    let mut child = spawn();
+    wait_for_marker(&streamed, 2, &mut child, &log).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+
+    // The stream's result against a fresh one-shot copy of the source as it is now.
+    streamed.batch_execute("CREATE DATABASE fresh").await.expect("fresh db");
+    let fresh_config = dir.join("fresh.toml");
+    write_config(&fresh_config, &source.url("shop"), &target.url("fresh"), &dir.join("fresh-state"), "only");
+    let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&fresh_config).output().expect("runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let fresh = pg(&target.url("fresh")).await;
+    let (streamed_digests, fresh_digests) = (digests(&streamed).await, digests(&fresh).await);
+    assert_eq!(streamed_digests.len(), 4);
+    assert_eq!(streamed_digests, fresh_digests, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let extra: i64 = streamed.query_one("SELECT count(*) FROM shop.big_one WHERE extra = 7", &[]).await.expect("extra").get(0);
+    assert!(extra > 200_000, "ADD COLUMN … DEFAULT 7 reached the existing rows: {extra}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,6 +5,10 @@
 //! PostgreSQL's text form, ready for text `COPY` or a cast on the server.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
+
+use mysql_async::binlog::value::BinlogValue;
+use mysql_async::Value as MysqlValue;
 
 /// A MySQL column as `information_schema.columns` describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +24,8 @@ pub struct MysqlColumn {
     pub character_maximum_length: Option<u64>,
     /// MariaDB's JSON is `longtext` with a `json_valid` check.
     pub is_json: bool,
+    /// `CHARACTER_SET_NAME` of a text column.
+    pub charset: Option<String>,
 }
 
 /// How one MySQL column lands in PostgreSQL.
@@ -35,11 +41,20 @@ pub struct ColumnMapping {
     pub enum_labels: Option<Vec<String>>,
 }
 
-/// The value rewrite a column needs between MySQL's and PostgreSQL's text forms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The value rewrite a column needs between MySQL's forms (text protocol,
+/// binlog) and PostgreSQL's text form.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Encoding {
     /// The text is the same in both.
     Same,
+    /// Text stored as latin1: the text protocol converts it, the binlog carries the stored bytes.
+    Latin1,
+    /// An unsigned integer of this many bits: the binlog may carry it as signed.
+    Unsigned { bits: u32 },
+    /// `TIME`: the binlog carries its parts.
+    Time,
+    /// `enum(…)`: the binlog carries the 1-based index.
+    Enum { labels: Arc<[String]> },
     /// Bytes → `\x…` hex.
     Bytes,
     /// `bit(n)`: big-endian bytes → a string of 0s and 1s.
@@ -50,8 +65,8 @@ pub enum Encoding {
     DateTime,
     /// UTC (the session runs at `+00:00`), zero → NULL, suffixed `+00`.
     Timestamp,
-    /// `set('a','b')`: `a,b` → `{"a","b"}`.
-    Set,
+    /// `set('a','b')`: `a,b` (text protocol) or a bit mask (binlog) → `{"a","b"}`.
+    Set { labels: Arc<[String]> },
 }
 
 /// A MySQL type cutover does not map.
@@ -99,6 +114,13 @@ fn labels(column_type: &str) -> Vec<String> {
 /// The default type mapping.
 pub fn map_column(column: &MysqlColumn) -> Result<ColumnMapping, UnsupportedType> {
     let unsigned = column.column_type.contains("unsigned");
+    let text = || if column.charset.as_deref() == Some("latin1") { Encoding::Latin1 } else { Encoding::Same };
+    let unsigned_as = |target: &str, bits: u32| ColumnMapping {
+        target_type: target.to_string(),
+        encoding: Encoding::Unsigned { bits },
+        loss: None,
+        enum_labels: None,
+    };
     let same = |target: &str| ColumnMapping {
         target_type: target.to_string(),
         encoding: Encoding::Same,
@@ -116,12 +138,16 @@ pub fn map_column(column: &MysqlColumn) -> Result<ColumnMapping, UnsupportedType
         "tinyint" if column.column_type.starts_with("tinyint(1)") => {
             with("boolean".into(), Encoding::Same, Some("values other than 0 and 1 do not fit boolean"))
         }
-        "tinyint" | "smallint" if !(column.data_type == "smallint" && unsigned) => same("smallint"),
-        "smallint" | "mediumint" => same("integer"),
-        "int" | "integer" if !unsigned => same("integer"),
-        "int" | "integer" => same("bigint"),
-        "bigint" if !unsigned => same("bigint"),
-        "bigint" => same("numeric(20,0)"),
+        "tinyint" if unsigned => unsigned_as("smallint", 8),
+        "tinyint" => same("smallint"),
+        "smallint" if unsigned => unsigned_as("integer", 16),
+        "smallint" => same("smallint"),
+        "mediumint" if unsigned => unsigned_as("integer", 24),
+        "mediumint" => same("integer"),
+        "int" | "integer" if unsigned => unsigned_as("bigint", 32),
+        "int" | "integer" => same("integer"),
+        "bigint" if unsigned => unsigned_as("numeric(20,0)", 64),
+        "bigint" => same("bigint"),
         "decimal" | "numeric" => same(&format!(
             "numeric({},{})",
             column.numeric_precision.unwrap_or(10),
@@ -129,25 +155,28 @@ pub fn map_column(column: &MysqlColumn) -> Result<ColumnMapping, UnsupportedType
         )),
         "float" => same("real"),
         "double" | "real" => same("double precision"),
-        "char" | "varchar" => same(&format!("varchar({})", column.character_maximum_length.unwrap_or(1))),
+        "char" | "varchar" => with(format!("varchar({})", column.character_maximum_length.unwrap_or(1)), text(), None),
         "longtext" if column.is_json => same("jsonb"),
         "json" => same("jsonb"),
-        "tinytext" | "text" | "mediumtext" | "longtext" => same("text"),
+        "tinytext" | "text" | "mediumtext" | "longtext" => with("text".into(), text(), None),
         "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => {
             with("bytea".into(), Encoding::Bytes, None)
         }
         "date" => with("date".into(), Encoding::Date, Some("zero dates become NULL")),
         "datetime" => with(format!("timestamp({fraction})"), Encoding::DateTime, Some("zero dates become NULL")),
         "timestamp" => with(format!("timestamptz({fraction})"), Encoding::Timestamp, Some("zero dates become NULL")),
-        "time" => same("interval"),
+        "time" => with("interval".into(), Encoding::Time, None),
         "year" => same("smallint"),
-        "enum" => ColumnMapping {
-            target_type: String::new(),
-            encoding: Encoding::Same,
-            loss: None,
-            enum_labels: Some(labels(&column.column_type)),
-        },
-        "set" => with("text[]".into(), Encoding::Set, None),
+        "enum" => {
+            let labels = labels(&column.column_type);
+            ColumnMapping {
+                target_type: String::new(),
+                encoding: Encoding::Enum { labels: labels.clone().into() },
+                loss: None,
+                enum_labels: Some(labels),
+            }
+        }
+        "set" => with("text[]".into(), Encoding::Set { labels: labels(&column.column_type).into() }, None),
         "bit" => {
             let width = column.numeric_precision.unwrap_or(1);
             with(format!("bit varying({width})"), Encoding::Bits { width: u32::try_from(width).unwrap_or(64) }, None)
@@ -160,12 +189,18 @@ pub fn map_column(column: &MysqlColumn) -> Result<ColumnMapping, UnsupportedType
     })
 }
 
-/// A value in MySQL's text form → PostgreSQL's text form; `None` is NULL.
-pub fn encode(encoding: Encoding, value: &[u8]) -> Result<Option<String>, std::str::Utf8Error> {
+fn is_zero_date(t: &str) -> bool {
+    t.starts_with("0000-00-00") || t.get(5..10).is_some_and(|md| md.contains("-00") || md.starts_with("00"))
+}
+
+/// A value in MySQL's text form (text protocol) → PostgreSQL's text form; `None` is NULL.
+pub fn encode(encoding: &Encoding, value: &[u8]) -> Result<Option<String>, std::str::Utf8Error> {
     let text = || std::str::from_utf8(value);
-    let zero_date = |t: &str| t.starts_with("0000-00-00") || t.get(5..10).is_some_and(|md| md.contains("-00") || md.starts_with("00"));
+    let zero_date = is_zero_date;
     Ok(match encoding {
-        Encoding::Same => Some(text()?.to_string()),
+        Encoding::Same | Encoding::Latin1 | Encoding::Unsigned { .. } | Encoding::Time | Encoding::Enum { .. } => {
+            Some(text()?.to_string())
+        }
         Encoding::Bytes => {
             let mut hex = String::with_capacity(2 + value.len() * 2);
             hex.push_str("\\x");
@@ -176,7 +211,7 @@ pub fn encode(encoding: Encoding, value: &[u8]) -> Result<Option<String>, std::s
         }
         Encoding::Bits { width } => {
             let bits: String = value.iter().map(|b| format!("{b:08b}")).collect();
-            let width = width as usize;
+            let width = *width as usize;
             Some(if bits.len() > width { bits[bits.len() - width..].to_string() } else { format!("{bits:0>width$}") })
         }
         Encoding::Date | Encoding::DateTime => {
@@ -187,15 +222,107 @@ pub fn encode(encoding: Encoding, value: &[u8]) -> Result<Option<String>, std::s
             let t = text()?;
             (!zero_date(t)).then(|| format!("{t}+00"))
         }
-        Encoding::Set => {
+        Encoding::Set { .. } => {
             let t = text()?;
-            let elements: Vec<String> = if t.is_empty() {
-                Vec::new()
-            } else {
-                t.split(',').map(|e| format!("\"{}\"", e.replace('\\', "\\\\").replace('"', "\\\""))).collect()
-            };
-            Some(format!("{{{}}}", elements.join(",")))
+            let elements: Vec<&str> = if t.is_empty() { Vec::new() } else { t.split(',').collect() };
+            Some(array_literal(&elements))
         }
+    })
+}
+
+/// `{"a","b"}`: a PostgreSQL text-array literal.
+fn array_literal(elements: &[&str]) -> String {
+    let quoted: Vec<String> =
+        elements.iter().map(|e| format!("\"{}\"", e.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
+/// A binlog value that cannot become a PostgreSQL value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BinlogValueError(String);
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// A value as the binlog carries it (decoded by `mysql_common`) → PostgreSQL's text form.
+pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Option<String>, BinlogValueError> {
+    let value = match value {
+        BinlogValue::Value(value) => value,
+        BinlogValue::Jsonb(jsonb) => {
+            let json = serde_json::Value::try_from(jsonb)
+                .map_err(|e| BinlogValueError(format!("a JSON value cannot be read: {e}")))?;
+            return Ok(Some(json.to_string()));
+        }
+        BinlogValue::JsonDiff(_) => {
+            return Err(BinlogValueError(
+                "a partial JSON update cannot be applied: set binlog_row_value_options = '' on the source".into(),
+            ))
+        }
+    };
+    let utf8 = |bytes: &[u8]| encode(encoding, bytes).map_err(|_| BinlogValueError("a text value is not valid UTF-8".into()));
+    Ok(match (encoding, value) {
+        (_, MysqlValue::NULL) => None,
+        (Encoding::Unsigned { bits }, MysqlValue::Int(i)) => {
+            let mask = if *bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            Some(((i as u64) & mask).to_string())
+        }
+        (Encoding::Enum { labels }, MysqlValue::Int(i)) => {
+            let label = usize::try_from(i).ok().and_then(|i| i.checked_sub(1)).and_then(|i| labels.get(i));
+            Some(label.cloned().ok_or_else(|| BinlogValueError(format!("enum index {i} is not one of the column's labels")))?)
+        }
+        (_, MysqlValue::Int(i)) => Some(i.to_string()),
+        (_, MysqlValue::UInt(u)) => Some(u.to_string()),
+        (_, MysqlValue::Float(f)) => Some(f.to_string()),
+        (_, MysqlValue::Double(d)) => Some(d.to_string()),
+        (Encoding::Set { labels }, MysqlValue::Bytes(mask)) => {
+            let members: Vec<&str> = labels
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask.get(i / 8).is_some_and(|byte| byte & (1 << (i % 8)) != 0))
+                .map(|(_, label)| label.as_str())
+                .collect();
+            Some(array_literal(&members))
+        }
+        // ISO 8859-1: every byte is the code point of the same number.
+        (Encoding::Latin1, MysqlValue::Bytes(bytes)) => Some(bytes.iter().map(|&b| char::from(b)).collect()),
+        (Encoding::Timestamp, MysqlValue::Bytes(bytes)) => {
+            let text = std::str::from_utf8(&bytes).map_err(|_| BinlogValueError("bad TIMESTAMP".into()))?;
+            let (seconds, fraction) = text.split_once('.').unwrap_or((text, ""));
+            let seconds: i64 = seconds.parse().map_err(|_| BinlogValueError(format!("bad TIMESTAMP {text}")))?;
+            if seconds == 0 && fraction.trim_matches('0').is_empty() {
+                None
+            } else {
+                let (y, m, d) = civil_from_days(seconds.div_euclid(86_400));
+                let second_of_day = seconds.rem_euclid(86_400);
+                let fraction = if fraction.is_empty() { String::new() } else { format!(".{fraction}") };
+                Some(format!(
+                    "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}{fraction}+00",
+                    second_of_day / 3600,
+                    second_of_day / 60 % 60,
+                    second_of_day % 60
+                ))
+            }
+        }
+        (Encoding::Date, MysqlValue::Date(y, m, d, ..)) => (y != 0 && m != 0 && d != 0).then(|| format!("{y:04}-{m:02}-{d:02}")),
+        (_, MysqlValue::Date(y, m, d, h, mi, s, us)) => {
+            (y != 0 && m != 0 && d != 0).then(|| format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02}.{us:06}"))
+        }
+        (_, MysqlValue::Time(negative, days, h, m, s, us)) => {
+            let hours = u64::from(days) * 24 + u64::from(h);
+            Some(format!("{}{hours}:{m:02}:{s:02}.{us:06}", if negative { "-" } else { "" }))
+        }
+        (_, MysqlValue::Bytes(bytes)) => utf8(&bytes)?,
     })
 }
 
@@ -230,6 +357,7 @@ mod tests {
             datetime_precision: Some(6),
             character_maximum_length: Some(40),
             is_json: false,
+            charset: None,
         }
     }
 
@@ -256,15 +384,29 @@ mod tests {
 
     #[test]
     fn encodes_values() {
-        let enc = |e: Encoding, v: &[u8]| encode(e, v).ok().flatten();
+        let enc = |e: Encoding, v: &[u8]| encode(&e, v).ok().flatten();
         assert_eq!(enc(Encoding::Bytes, &[0, 255]), Some("\\x00ff".into()));
         assert_eq!(enc(Encoding::Bits { width: 12 }, &[0x0a, 0xbc]), Some("101010111100".into()));
         assert_eq!(enc(Encoding::Date, b"0000-00-00"), None);
         assert_eq!(enc(Encoding::Date, b"2024-02-00"), None);
         assert_eq!(enc(Encoding::DateTime, b"2024-02-29 10:00:00.5"), Some("2024-02-29 10:00:00.5".into()));
         assert_eq!(enc(Encoding::Timestamp, b"2024-02-29 10:00:00"), Some("2024-02-29 10:00:00+00".into()));
-        assert_eq!(enc(Encoding::Set, b"a,b"), Some("{\"a\",\"b\"}".into()));
-        assert_eq!(enc(Encoding::Set, b""), Some("{}".into()));
+        let set = || Encoding::Set { labels: vec!["a".to_string(), "b".to_string()].into() };
+        assert_eq!(enc(set(), b"a,b"), Some("{\"a\",\"b\"}".into()));
+        assert_eq!(enc(set(), b""), Some("{}".into()));
+        let bin = |e: Encoding, v: MysqlValue| encode_binlog(&e, BinlogValue::Value(v)).ok().flatten();
+        assert_eq!(bin(Encoding::Unsigned { bits: 32 }, MysqlValue::Int(-1)), Some("4294967295".into()));
+        assert_eq!(bin(Encoding::Unsigned { bits: 64 }, MysqlValue::Int(-1)), Some("18446744073709551615".into()));
+        assert_eq!(bin(set(), MysqlValue::Bytes(vec![0b10])), Some("{\"b\"}".into()));
+        assert_eq!(bin(Encoding::Latin1, MysqlValue::Bytes(vec![b'Z', 0xfc])), Some("Zü".into()));
+        assert_eq!(
+            bin(Encoding::Timestamp, MysqlValue::Bytes(b"1709251199.654321".to_vec())),
+            Some("2024-02-29 23:59:59.654321+00".into())
+        );
+        assert_eq!(bin(Encoding::Timestamp, MysqlValue::Bytes(b"0".to_vec())), None);
+        assert_eq!(bin(Encoding::Time, MysqlValue::Time(true, 34, 22, 59, 59, 0)), Some("-838:59:59.000000".into()));
+        assert_eq!(bin(Encoding::Date, MysqlValue::Date(0, 0, 0, 0, 0, 0, 0)), None);
+        assert_eq!(bin(Encoding::DateTime, MysqlValue::Date(1999, 12, 31, 23, 59, 59, 5)), Some("1999-12-31 23:59:59.000005".into()));
         let mut row = Vec::new();
         push_copy_field(&mut row, Some("a\tb\\c\n"));
         push_copy_field(&mut row, None);

@@ -26,7 +26,7 @@ use crate::change::{Change, Identity, TableName, TableSchema, Value};
 use crate::pgconn::ConnectParams;
 use crate::position::{Lsn, Position};
 use crate::schema::postgres::{self as ddl, PostDataObject};
-use crate::schema::{quote_ident, quote_table, SourceSchema, TableDefinition};
+use crate::schema::{quote_ident, quote_literal, quote_table, SourceSchema, TableDefinition};
 use crate::source::{CopyFormat, CopyStream, Dialect};
 
 /// A PostgreSQL database as the target.
@@ -357,14 +357,27 @@ impl Sink for PostgresSink {
     async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {
         let row = self
             .client
-            .query_one("SELECT pg_replication_origin_progress($1, true)::text", &[&self.origin])
+            .query_one(
+                "SELECT pg_replication_origin_progress($1, true)::text, to_regclass('cutover.progress') IS NOT NULL",
+                &[&self.origin],
+            )
             .await
             .context("reading the replication origin's progress on the target")?;
         let lsn: Option<String> = row.get(0);
-        match lsn.as_deref() {
-            None | Some("0/0") => Ok(None),
-            Some(text) => Ok(Some(Position::Lsn(text.parse::<Lsn>()?))),
+        if let Some(text) = lsn.as_deref().filter(|t| *t != "0/0") {
+            return Ok(Some(Position::Lsn(text.parse::<Lsn>()?)));
         }
+        if !row.get::<_, bool>(1) {
+            return Ok(None);
+        }
+        let recorded = self
+            .client
+            .query_opt("SELECT position FROM cutover.progress WHERE pipeline = $1", &[&self.origin])
+            .await
+            .context("reading cutover.progress on the target")?;
+        recorded
+            .map(|r| r.get::<_, String>(0).parse().context("cutover.progress holds a position cutover cannot read"))
+            .transpose()
     }
 
     async fn create_tables(&mut self, schema: &SourceSchema, tables: &[&TableDefinition], fresh: bool) -> anyhow::Result<()> {
@@ -498,18 +511,25 @@ impl Sink for PostgresSink {
     }
 
     async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()> {
-        let Some(lsn) = position.lsn() else {
-            anyhow::bail!(
-                "the PostgreSQL target records LSN positions in its replication origin; recording {position} \
-                 (a binlog position) is not built yet"
-            )
-        };
         let micros = commit_time.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
         let seconds = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+        // An LSN goes into the replication origin, as PostgreSQL's own subscriber keeps it;
+        // other sources' positions into cutover.progress, in the same transaction.
+        let record = match position.lsn() {
+            Some(lsn) => format!("SELECT pg_replication_origin_xact_setup('{lsn}', to_timestamp({seconds}))"),
+            None => format!(
+                "CREATE SCHEMA IF NOT EXISTS cutover; \
+                 CREATE TABLE IF NOT EXISTS cutover.progress (pipeline text PRIMARY KEY, position text NOT NULL, \
+                     commit_time timestamptz, updated_at timestamptz NOT NULL DEFAULT now()); \
+                 INSERT INTO cutover.progress (pipeline, position, commit_time) VALUES ({}, {}, to_timestamp({seconds})) \
+                 ON CONFLICT (pipeline) DO UPDATE SET position = EXCLUDED.position, commit_time = EXCLUDED.commit_time, \
+                     updated_at = now()",
+                quote_literal(&self.origin),
+                quote_literal(&position.to_string())
+            ),
+        };
         self.client
-            .batch_execute(&format!(
-                "SELECT pg_replication_origin_xact_setup('{lsn}', to_timestamp({seconds})); COMMIT"
-            ))
+            .batch_execute(&format!("{record}; COMMIT"))
             .await
             .with_context(|| format!("committing the target transaction that reaches {position}"))
     }

@@ -22,13 +22,16 @@ use bytes::{Bytes, BytesMut};
 use mysql_async::prelude::Queryable;
 use tokio::sync::{mpsc, watch, Mutex};
 
+mod binlog;
+mod catalog;
+
 use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint, Source, TableReader};
-use crate::change::{Column, Identity, TableName, TableSchema};
+use crate::change::{TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::{Endpoint, TableFilter};
 use crate::position::Position;
-use crate::schema::mysql::{encode, map_column, push_copy_field, Encoding, MysqlColumn};
-use crate::schema::{quote_ident, ColumnDefinition, EnumType, Sequence, SourceSchema, TableDefinition};
+use crate::schema::mysql::{encode, push_copy_field, Encoding};
+use crate::schema::{SourceSchema, TableDefinition};
 
 /// How to reach the server, from a `mysql://` URL.
 #[derive(Clone)]
@@ -68,21 +71,32 @@ impl MysqlParams {
     }
 }
 
+/// A replicated table: its columns and how each column's values are rewritten.
+#[derive(Clone)]
+pub struct MysqlTable {
+    schema: Arc<TableSchema>,
+    encodings: Arc<Vec<Encoding>>,
+}
+
 /// A MySQL or MariaDB database as a source.
 pub struct MysqlSource {
     params: MysqlParams,
     filter: TableFilter,
     conn: mysql_async::Conn,
-    /// Per table, how each column's values are rewritten.
-    encodings: HashMap<TableName, Arc<Vec<Encoding>>>,
+    /// The replica id the binlog dump registers with: unique per pipeline.
+    server_id: u32,
+    tables: HashMap<TableName, MysqlTable>,
     /// The connection holding `FLUSH TABLES WITH READ LOCK` while workers open.
     locked: Option<mysql_async::Conn>,
 }
 
 impl MysqlSource {
-    pub async fn connect(params: MysqlParams, filter: TableFilter) -> anyhow::Result<MysqlSource> {
+    pub async fn connect(params: MysqlParams, filter: TableFilter, pipeline: &str) -> anyhow::Result<MysqlSource> {
         let conn = params.connect().await?;
-        Ok(MysqlSource { params, filter, conn, encodings: HashMap::new(), locked: None })
+        // A stable id per pipeline, clear of the small ids servers usually have.
+        let hash = pipeline.bytes().fold(2_166_136_261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16_777_619));
+        let server_id = 1_000_000 + hash % 1_000_000_000;
+        Ok(MysqlSource { params, filter, conn, server_id, tables: HashMap::new(), locked: None })
     }
 
     async fn server_identity(&mut self) -> anyhow::Result<String> {
@@ -103,146 +117,20 @@ impl Source for MysqlSource {
     }
 
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {
-        let db = self.params.database.clone();
-        let tables: Vec<(String, Option<u64>, Option<u64>, Option<u64>)> = self
-            .conn
-            .exec(
-                "SELECT TABLE_NAME, TABLE_ROWS, DATA_LENGTH, AUTO_INCREMENT FROM information_schema.TABLES \
-                 WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
-                (db.clone(),),
-            )
-            .await
-            .context("reading the source's tables")?;
-        let columns: Vec<(String, String, String, String, Option<u64>, Option<u64>, Option<u64>, Option<u64>, String, String)> = self
-            .conn
-            .exec(
-                "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_PRECISION, NUMERIC_SCALE, \
-                        DATETIME_PRECISION, CHARACTER_MAXIMUM_LENGTH, IS_NULLABLE, EXTRA \
-                 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME, ORDINAL_POSITION",
-                (db.clone(),),
-            )
-            .await
-            .context("reading the source's columns")?;
-        // MariaDB's JSON is longtext with a json_valid() check; MySQL has no such table before 8.0.16.
-        let checks: Vec<(String, String)> = self
-            .conn
-            .exec(
-                "SELECT TABLE_NAME, CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = ?",
-                (db.clone(),),
-            )
-            .await
-            .unwrap_or_default();
-        let indexes: Vec<(String, String, u64, String)> = self
-            .conn
-            .exec(
-                "SELECT TABLE_NAME, INDEX_NAME, NON_UNIQUE, COLUMN_NAME FROM information_schema.STATISTICS \
-                 WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX",
-                (db.clone(),),
-            )
-            .await
-            .context("reading the source's indexes")?;
-
-        let mut schema = SourceSchema::default();
-        self.encodings.clear();
-        for (table, rows, bytes, auto_increment) in tables {
-            let name = TableName::new(db.clone(), table.clone());
-            if !self.filter.includes(&name.to_string()) {
-                continue;
-            }
-            let mut key_columns: Vec<String> = Vec::new();
-            let mut index_groups: Vec<(String, bool, Vec<String>)> = Vec::new();
-            for (_, index, non_unique, column) in indexes.iter().filter(|i| i.0 == table) {
-                if index == "PRIMARY" {
-                    key_columns.push(column.clone());
-                    continue;
-                }
-                match index_groups.last_mut() {
-                    Some((name, _, columns)) if name == index => columns.push(column.clone()),
-                    _ => index_groups.push((index.clone(), *non_unique == 0, vec![column.clone()])),
-                }
-            }
-            let mut table_columns = Vec::new();
-            let mut definitions = Vec::new();
-            let mut encodings = Vec::new();
-            for (_, column, data_type, column_type, precision, scale, datetime_precision, length, nullable, extra) in
-                columns.iter().filter(|c| c.0 == table)
-            {
-                let is_json = checks.iter().any(|(t, clause)| {
-                    t == &table && clause.replace('`', "").trim() == format!("json_valid({column})")
-                });
-                let mysql = MysqlColumn {
-                    name: column.clone(),
-                    data_type: data_type.to_lowercase(),
-                    column_type: column_type.to_lowercase(),
-                    numeric_precision: *precision,
-                    numeric_scale: *scale,
-                    datetime_precision: *datetime_precision,
-                    character_maximum_length: *length,
-                    is_json,
+        let filter = self.filter.clone();
+        let (schema, mut encodings) =
+            catalog::read_tables(&mut self.conn, &self.params.database, |name| filter.includes(&name.to_string())).await?;
+        self.tables = schema
+            .tables
+            .iter()
+            .map(|t| {
+                let table = MysqlTable {
+                    schema: Arc::new(t.schema.clone()),
+                    encodings: encodings.remove(&t.schema.name).unwrap_or_default(),
                 };
-                let mapping = map_column(&mysql).with_context(|| format!("table {name}"))?;
-                let type_name = match mapping.enum_labels {
-                    Some(labels) => {
-                        let enum_name = TableName::new(db.clone(), format!("{table}_{column}"));
-                        let qualified = crate::schema::quote_table(&enum_name);
-                        schema.enums.push(EnumType { name: enum_name, labels });
-                        qualified
-                    }
-                    None => mapping.target_type,
-                };
-                let auto = extra.contains("auto_increment");
-                if auto {
-                    schema.sequences.push(Sequence {
-                        name: TableName::new(db.clone(), format!("{table}_{column}_seq")),
-                        data_type: String::new(),
-                        start: 1,
-                        increment: 1,
-                        min: 1,
-                        max: i64::MAX,
-                        cache: 1,
-                        cycle: false,
-                        last_value: auto_increment.and_then(|n| i64::try_from(n).ok()).map(|n| n - 1).filter(|&n| n > 0),
-                        owned_by: Some((name.clone(), column.clone())),
-                        identity: true,
-                    });
-                }
-                table_columns.push(Column {
-                    name: column.clone(),
-                    type_name,
-                    type_oid: 0,
-                    is_key: key_columns.contains(column),
-                    default: None,
-                });
-                definitions.push(ColumnDefinition { not_null: nullable == "NO", identity: auto.then_some('d') });
-                encodings.push(mapping.encoding);
-            }
-            let list = |columns: &[String]| columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
-            let qualified = crate::schema::quote_table(&name);
-            let mut constraints = Vec::new();
-            let mut index_sql = Vec::new();
-            for (index, unique, columns) in &index_groups {
-                // MySQL index names are per table; PostgreSQL's are per schema.
-                let pg_name = format!("{table}_{index}");
-                if *unique {
-                    constraints.push((pg_name, format!("UNIQUE ({})", list(columns))));
-                } else {
-                    index_sql.push(format!("CREATE INDEX {} ON {qualified} ({})", quote_ident(&pg_name), list(columns)));
-                }
-            }
-            let identity = if key_columns.is_empty() { Identity::Full } else { Identity::Key };
-            self.encodings.insert(name.clone(), Arc::new(encodings));
-            schema.tables.push(TableDefinition {
-                schema: TableSchema { name: name.clone(), columns: table_columns, identity },
-                columns: definitions,
-                primary_key: (!key_columns.is_empty()).then(|| (format!("{table}_pkey"), format!("PRIMARY KEY ({})", list(&key_columns)))),
-                constraints,
-                foreign_keys: Vec::new(),
-                indexes: index_sql,
-                estimated_rows: rows.unwrap_or(0),
-                pages: bytes.unwrap_or(0) / 8192,
-                has_user_types: false,
-            });
-        }
+                (t.schema.name.clone(), table)
+            })
+            .collect();
         Ok(schema)
     }
 
@@ -288,7 +176,8 @@ impl Source for MysqlSource {
         conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             .await
             .context("opening a consistent-snapshot transaction on the source")?;
-        Ok(Box::new(MysqlTableReader { conn: Arc::new(Mutex::new(conn)), encodings: self.encodings.clone() }))
+        let encodings = self.tables.iter().map(|(name, t)| (name.clone(), t.encodings.clone())).collect();
+        Ok(Box::new(MysqlTableReader { conn: Arc::new(Mutex::new(conn)), encodings }))
     }
 
     async fn release_snapshot(&mut self) {
@@ -305,11 +194,16 @@ impl Source for MysqlSource {
 
     async fn start_stream(
         &mut self,
-        _from: &Position,
+        from: &Position,
         _confirmed: watch::Receiver<Position>,
         _untracked_at_copy: &HashMap<String, i64>,
     ) -> anyhow::Result<Box<dyn ChangeStream>> {
-        anyhow::bail!("binlog streaming from MySQL / MariaDB is not built yet: use [snapshot] mode = \"only\"")
+        // The binlog keeps no per-reader state on the server: nothing to confirm.
+        let Position::Binlog { file, pos } = from else {
+            anyhow::bail!("a MySQL binlog resumes from a file:offset position, not from {from}")
+        };
+        let stream = binlog::BinlogChangeStream::start(&self.params, self.tables.clone(), file, *pos, self.server_id).await?;
+        Ok(Box::new(stream))
     }
 }
 
@@ -345,7 +239,7 @@ impl TableReader for MysqlTableReader {
                         }
                         let value = match row.as_ref(i) {
                             None | Some(mysql_async::Value::NULL) => None,
-                            Some(mysql_async::Value::Bytes(bytes)) => encode(*encoding, bytes).map_err(|_| {
+                            Some(mysql_async::Value::Bytes(bytes)) => encode(encoding, bytes).map_err(|_| {
                                 anyhow::anyhow!("table {name}, column {}: a value is not valid UTF-8", i + 1)
                             })?,
                             Some(other) => Some(other.as_sql(true).trim_matches('\'').to_string()),
