@@ -37,36 +37,30 @@ CREATE TABLE big_one (id bigint PRIMARY KEY, payload varchar(100));
 INSERT INTO big_one SELECT seq, CONCAT('row ', seq) FROM seq_1_to_250000;
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_shot_copy_maps_every_type() {
+/// A MariaDB source holding `SOURCE_SQL`, a PostgreSQL target, a connection to the source
+/// and a scratch dir.
+async fn start(name: &str) -> (MariaDbServer, PostgresServer, mysql_async::Conn, std::path::PathBuf) {
     let source = MariaDbServer::start(&[]).expect("mariadb");
     let target = PostgresServer::start(&[]).expect("postgres");
     let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url"))
         .await
         .expect("connects to mariadb");
     conn.query_drop(SOURCE_SQL).await.expect("source data");
-    drop(conn);
-
-    let dir = std::env::temp_dir().join(format!("cutover-test-mysql-{}", source.port()));
+    let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
     std::fs::create_dir_all(&dir).expect("dir");
+    (source, target, conn, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_copy_maps_every_type() {
+    let (source, target, _conn, dir) = start("mysql").await;
     let config = dir.join("mysql-to-pg.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nkind = \"mysql\"\nurl = \"{}\"\n[target]\nkind = \"postgres\"\nurl = \"{}\"\n[state]\ndir = \"{}\"\n[snapshot]\nmode = \"only\"\nworkers = 2\n",
-            source.url("shop"),
-            target.url("postgres"),
-            dir.join("state").display()
-        ),
-    )
-    .expect("config");
+    write_config(&config, &source.url("shop"), &target.url("postgres"), &dir.join("state"), "only");
     let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&config).output().expect("runs");
     let log = String::from_utf8_lossy(&output.stderr).to_string();
     assert!(output.status.success(), "cutover failed:\n{log}");
 
-    let (client, connection) = tokio_postgres::connect(&target.url("postgres"), tokio_postgres::NoTls).await.expect("pg");
-    tokio::spawn(connection);
-    client.batch_execute("SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres'").await.expect("session");
+    let client = pg(&target.url("postgres")).await;
     let rows = client
         .query(
             "SELECT concat_ws('|', flag, tiny, utiny, small, usmall, medium, umedium, regular, uint, big, ubig, money, f, d,
@@ -204,16 +198,8 @@ async fn wait_for_marker(target: &tokio_postgres::Client, n: i32, child: &mut st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binlog_stream_matches_a_fresh_copy_after_kill_rotation_and_ddl() {
-    let source = MariaDbServer::start(&[]).expect("mariadb");
-    let target = PostgresServer::start(&[]).expect("postgres");
-    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url"))
-        .await
-        .expect("connects to mariadb");
-    conn.query_drop(SOURCE_SQL).await.expect("source data");
+    let (source, target, mut conn, dir) = start("binlog").await;
     conn.query_drop("CREATE TABLE shop.marker (id int PRIMARY KEY)").await.expect("marker");
-
-    let dir = std::env::temp_dir().join(format!("cutover-test-binlog-{}", source.port()));
-    std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("stream.toml");
     write_config(&config, &source.url("shop"), &target.url("postgres"), &dir.join("state"), "initial");
     let log = dir.join("cutover.log");
