@@ -29,7 +29,10 @@ pub enum Command {
     },
     /// Throwaway source and target, a live write load, snapshot then streaming, then verification.
     Demo {
-        /// pgbench scale of the source data (100 000 account rows per unit).
+        /// Where the demo's data comes from.
+        #[arg(long, value_enum, default_value = "postgres")]
+        source: crate::demo::DemoSource,
+        /// Source data size: pgbench scale (PostgreSQL) or 100 000-row units of orders (MySQL).
         #[arg(long, default_value_t = 5)]
         scale: u32,
         /// Seconds of write load during snapshot and streaming.

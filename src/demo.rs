@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::config::Config;
-use crate::sandbox::{postgres_bin_dir, PostgresServer};
+use crate::sandbox::{postgres_bin_dir, MariaDbServer, PostgresServer};
 
 /// A table with every awkward type the tests check, and rows of extreme values.
 pub const AWKWARD_TYPES_SQL: &str = r#"
@@ -74,8 +74,133 @@ async fn lag_bytes(client: &tokio_postgres::Client, slot: &str) -> anyhow::Resul
     Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(-1))
 }
 
+/// MySQL / MariaDB tables with every mapped type, extreme values, NULLs and a table
+/// without a key, in database `shop`.
+pub const MYSQL_AWKWARD_TYPES_SQL: &str = r#"
+SET SESSION sql_mode = '', time_zone = '+00:00';
+CREATE DATABASE shop CHARACTER SET utf8mb4;
+USE shop;
+CREATE TABLE every_type (
+  id int unsigned NOT NULL AUTO_INCREMENT PRIMARY KEY,
+  flag tinyint(1), tiny tinyint, utiny tinyint unsigned, small smallint, usmall smallint unsigned,
+  medium mediumint, umedium mediumint unsigned, regular int, uint int unsigned, big bigint,
+  ubig bigint unsigned, money decimal(30,10), f float, d double, c char(5), vc varchar(20),
+  t text, lt longtext, bin binary(4), vb varbinary(10), bl blob, dt date, dtm datetime(6),
+  ts timestamp(6) NULL DEFAULT NULL, tm time(3), yr year, mood enum('sad','ok','it''s fine'),
+  tags set('a','b','c'), doc json, bits bit(12), g geometry,
+  latin varchar(10) CHARACTER SET latin1,
+  UNIQUE KEY vc_unique (vc), KEY by_big (big, small)
+);
+INSERT INTO every_type VALUES
+ (NULL, 1, -128, 255, -32768, 65535, -8388608, 16777215, -2147483648, 4294967295, -9223372036854775808,
+  18446744073709551615, -12345678901234567890.0123456789, 3.14159, 2.718281828459045, 'ab', 'emoji 🦀',
+  'tab\there\nnewline \\ backslash', REPEAT('x', 70000), 0x00FF0102, 0xDEADBEEF, 0x00, '2024-02-29',
+  '1999-12-31 23:59:59.123456', '2024-02-29 23:59:59.654321', '-838:59:59.000', 2024, 'it''s fine',
+  'a,c', '{"k": [1, "two", null]}', b'101010111100', ST_GeomFromText('POINT(1 2)'), 'Zürich'),
+ (NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '', '', '', '', 0x00000000, '', '', '0000-00-00',
+  '0000-00-00 00:00:00', NULL, '838:59:59.999', 1901, 'sad', '', '[]', b'0', NULL, ''),
+ (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+CREATE TABLE no_key (a int, b varchar(10));
+INSERT INTO no_key VALUES (1, 'one'), (1, 'one'), (2, NULL);
+"#;
+
+/// Which source the demo replicates from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoSource {
+    Postgres,
+    Mysql,
+}
+
+/// Writes a pipeline config between two sandbox servers (demo, tests, benchmarks).
+pub fn write_config(
+    path: &Path,
+    source_kind: &str,
+    source_url: &str,
+    target_url: &str,
+    state: &Path,
+    extra: &str,
+) -> anyhow::Result<()> {
+    let text = format!(
+        "[source]\nkind = \"{source_kind}\"\nurl = \"{source_url}\"\n[target]\nkind = \"postgres\"\nurl = \"{target_url}\"\n[state]\ndir = \"{}\"\n{extra}",
+        state.display()
+    );
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `cutover run` inside this process, until `stop`.
+struct RunningPipeline {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningPipeline {
+    fn start(config: Config) -> RunningPipeline {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            crate::pipeline::run(&config, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        RunningPipeline { stop, task }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("the pipeline task failed")?
+    }
+}
+
+/// A connection to a sandbox PostgreSQL server with cutover's session settings.
+async fn postgres_client(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let url = crate::config::ConnUrl::new(url);
+    crate::pgconn::ConnectParams::from_endpoint(crate::config::Endpoint { url: &url, password_file: None, password_env: None })?
+        .connect()
+        .await
+}
+
+/// Polls until `done` says so, the pipeline stops, or 5 minutes pass.
+async fn wait_until<F, Fut>(pipeline: &RunningPipeline, mut done: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let started = Instant::now();
+    while !done().await? {
+        if pipeline.task.is_finished() || started.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(started.elapsed())
+}
+
+fn finish(reports: &[crate::verify::TableReport], summary: &str) -> anyhow::Result<()> {
+    print!("{}", crate::verify::render(reports));
+    let rows: i64 = reports.iter().map(|r| r.target_rows).sum();
+    println!("\n{rows} rows on the target; {summary}");
+    if reports.iter().all(|r| r.matches()) {
+        println!("verification: every table matches");
+        Ok(())
+    } else {
+        anyhow::bail!("verification found differences")
+    }
+}
+
 /// Runs the demo.
-pub async fn run(scale: u32, seconds: u32) -> anyhow::Result<()> {
+pub async fn run(source: DemoSource, scale: u32, seconds: u32) -> anyhow::Result<()> {
+    let work = std::env::temp_dir().join(format!("cutover-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let result = match source {
+        DemoSource::Postgres => run_postgres(&work, scale, seconds).await,
+        DemoSource::Mysql => run_mysql(&work, scale, seconds).await,
+    };
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+async fn run_postgres(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<()> {
     println!("starting throwaway source and target PostgreSQL servers");
     let source = PostgresServer::start(&[])?;
     let target = PostgresServer::start(&[])?;
@@ -89,18 +214,11 @@ pub async fn run(scale: u32, seconds: u32) -> anyhow::Result<()> {
         .status()
         .context("running pgbench (apt-get install -y postgresql-contrib)")?;
     anyhow::ensure!(status.success(), "pgbench -i failed");
-    let params = crate::pgconn::ConnectParams::from_endpoint(crate::config::Endpoint {
-        url: &crate::config::ConnUrl::new(source.url("postgres")),
-        password_file: None,
-        password_env: None,
-    })?;
-    let source_client = params.connect().await?;
+    let source_client = postgres_client(&source.url("postgres")).await?;
     source_client.batch_execute(AWKWARD_TYPES_SQL).await.context("creating the awkward-types table")?;
 
-    let work = std::env::temp_dir().join(format!("cutover-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
     let config_path = work.join("demo.toml");
-    write_config(&config_path, &source.url("postgres"), &target.url("postgres"), &work.join("state"), "")?;
+    write_config(&config_path, "postgres", &source.url("postgres"), &target.url("postgres"), &work.join("state"), "")?;
     let config = Config::load(&config_path)?;
 
     println!("starting a {seconds}s pgbench write load (4 clients) and the pipeline");
@@ -111,14 +229,7 @@ pub async fn run(scale: u32, seconds: u32) -> anyhow::Result<()> {
         .spawn()
         .context("starting the pgbench load")?;
     let started = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let pipeline_config = Config::load(&config_path)?;
-    let pipeline = tokio::spawn(async move {
-        crate::pipeline::run(&pipeline_config, async move {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let pipeline = RunningPipeline::start(Config::load(&config_path)?);
 
     let slot = format!("cutover_{}", config.name);
     let load_output = loop {
@@ -136,45 +247,114 @@ pub async fn run(scale: u32, seconds: u32) -> anyhow::Result<()> {
         .to_string();
     let end_lsn = query_lsn(&source_client, "SELECT pg_current_wal_lsn()::text").await?.unwrap_or_default();
     println!("load stopped at source LSN {end_lsn}; waiting for the target to catch up");
-    let catch_up = Instant::now();
-    loop {
-        let caught_up = source_client
+    let caught_up = wait_until(&pipeline, || async {
+        Ok(source_client
             .query_opt(
                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
                 &[&slot, &end_lsn],
             )
             .await?
-            .is_some();
-        if caught_up {
-            break;
-        }
-        if pipeline.is_finished() || catch_up.elapsed() > Duration::from_secs(300) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = stop_tx.send(());
-    pipeline.await.context("the pipeline task failed")??;
-    println!("caught up {:.1}s after the load stopped\n", catch_up.elapsed().as_secs_f64());
-
-    let reports = crate::verify::verify(&config).await?;
-    print!("{}", crate::verify::render(&reports));
-    let rows: i64 = reports.iter().map(|r| r.target_rows).sum();
-    println!("\n{rows} rows on the target; pgbench load: {tps}");
-    let _ = std::fs::remove_dir_all(&work);
-    if reports.iter().all(|r| r.matches()) {
-        println!("verification: every table matches");
-        Ok(())
-    } else {
-        anyhow::bail!("verification found differences")
-    }
+            .is_some())
+    })
+    .await?;
+    pipeline.stop().await?;
+    println!("caught up {:.1}s after the load stopped\n", caught_up.as_secs_f64());
+    finish(&crate::verify::verify(&config).await?, &format!("pgbench load: {tps}"))
 }
 
-/// Writes a pipeline config for two sandbox URLs (tests and benchmarks).
-pub fn write_config(path: &Path, source_url: &str, target_url: &str, state: &Path, extra: &str) -> anyhow::Result<()> {
-    let text = format!(
-        "[source]\nkind = \"postgres\"\nurl = \"{source_url}\"\n[target]\nkind = \"postgres\"\nurl = \"{target_url}\"\n[state]\ndir = \"{}\"\n{extra}",
-        state.display()
-    );
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+/// The MariaDB demo's own tables beside the awkward types: orders under load and a marker.
+fn mysql_demo_sql(rows: u64) -> String {
+    format!(
+        "USE shop;
+         CREATE TABLE orders (id bigint AUTO_INCREMENT PRIMARY KEY, customer int NOT NULL, amount decimal(12,2),
+             status enum('new','paid','shipped') NOT NULL, note varchar(100), created datetime(6) NOT NULL,
+             KEY by_customer (customer));
+         INSERT INTO orders (customer, amount, status, note, created)
+             SELECT seq % 1000, seq * 1.25, ELT(1 + seq % 3, 'new', 'paid', 'shipped'), CONCAT('order ', seq),
+                    '2024-01-01' + INTERVAL seq SECOND FROM seq_1_to_{rows};
+         CREATE TABLE demo_marker (id int PRIMARY KEY);"
+    )
+}
+
+/// One client of the MariaDB demo's write load: small transactions for `seconds`.
+async fn mysql_load(url: String, client: u64, seconds: u32) -> anyhow::Result<u64> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&url)?).await?;
+    let deadline = Instant::now() + Duration::from_secs(u64::from(seconds));
+    let mut transactions = 0u64;
+    while Instant::now() < deadline {
+        let n = transactions * 4 + client;
+        conn.query_drop(format!(
+            "START TRANSACTION;
+             INSERT INTO orders (customer, amount, status, note, created) VALUES ({c}, {n}.5, 'new', 'live {n}', NOW(6));
+             UPDATE orders SET status = 'paid', amount = amount + 1 WHERE id = {u};
+             DELETE FROM orders WHERE id = {d};
+             COMMIT",
+            c = n % 1000,
+            u = 1 + (n * 7919) % 100_000,
+            d = 1 + (n * 104_729) % 100_000,
+        ))
+        .await?;
+        transactions += 1;
+    }
+    Ok(transactions)
+}
+
+async fn run_mysql(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<()> {
+    use mysql_async::prelude::Queryable;
+    println!("starting a throwaway MariaDB source and PostgreSQL target");
+    let source = MariaDbServer::start(&[])?;
+    let target = PostgresServer::start(&[])?;
+    let rows = u64::from(scale) * 100_000;
+    println!("loading {rows} orders and the awkward-types tables into MariaDB database `shop`");
+    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql"))?).await?;
+    conn.query_drop(MYSQL_AWKWARD_TYPES_SQL).await.context("creating the awkward-types tables")?;
+    conn.query_drop(mysql_demo_sql(rows)).await.context("creating the orders table")?;
+
+    let config_path = work.join("demo.toml");
+    write_config(&config_path, "mysql", &source.url("shop"), &target.url("postgres"), &work.join("state"), "")?;
+    println!("starting a {seconds}s write load (4 clients) and the pipeline");
+    let started = Instant::now();
+    let load: Vec<_> =
+        (0..4).map(|client| tokio::spawn(mysql_load(source.url("shop"), client, seconds))).collect();
+    let pipeline = RunningPipeline::start(Config::load(&config_path)?);
+    let streamed = postgres_client(&target.url("postgres")).await?;
+    let mut transactions = 0;
+    for client in load {
+        transactions += client.await.context("a load client failed")??;
+    }
+    let load_seconds = started.elapsed().as_secs_f64();
+    conn.query_drop("INSERT INTO shop.demo_marker VALUES (1)").await?;
+    println!("load stopped ({transactions} transactions); waiting for the target to catch up");
+    let caught_up = wait_until(&pipeline, || async {
+        Ok(streamed.query_opt("SELECT 1 FROM shop.demo_marker WHERE id = 1", &[]).await.is_ok_and(|r| r.is_some()))
+    })
+    .await?;
+    pipeline.stop().await?;
+    println!("caught up {:.1}s after the load stopped", caught_up.as_secs_f64());
+
+    // Verification across dialects: the streamed target against a fresh consistent
+    // copy of the source as it is now, table by table.
+    println!("copying the source afresh into database `verify` to check the streamed copy against it\n");
+    streamed.batch_execute("CREATE DATABASE verify").await?;
+    let verify_path = work.join("verify.toml");
+    let mode = "[snapshot]\nmode = \"only\"\n";
+    write_config(&verify_path, "mysql", &source.url("shop"), &target.url("verify"), &work.join("verify-state"), mode)?;
+    crate::pipeline::run(&Config::load(&verify_path)?, std::future::pending()).await?;
+    let fresh = postgres_client(&target.url("verify")).await?;
+    let mut reports = Vec::new();
+    for (table, target_rows, target_checksum) in crate::verify::schema_digests(&streamed, "shop").await? {
+        let source_rows: i64 = conn.query_first(format!("SELECT COUNT(*) FROM shop.`{table}`")).await?.unwrap_or(-1);
+        let fresh_digest = crate::verify::schema_digests(&fresh, "shop").await?.into_iter().find(|d| d.0 == table);
+        let source_checksum = fresh_digest.map(|d| d.2).unwrap_or_default();
+        reports.push(crate::verify::TableReport {
+            table: format!("shop.{table}"),
+            source_rows,
+            target_rows,
+            source_checksum,
+            target_checksum,
+        });
+    }
+    let rate = transactions as f64 / load_seconds;
+    finish(&reports, &format!("write load: {transactions} transactions, {rate:.0}/s"))
 }

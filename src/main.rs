@@ -43,8 +43,8 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cutover::verify::render(&reports));
             Ok(if reports.iter().all(|r| r.matches()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Demo { scale, seconds } => {
-            cutover::demo::run(scale, seconds).await?;
+        Command::Demo { source, scale, seconds } => {
+            cutover::demo::run(source, scale, seconds).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

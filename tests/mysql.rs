@@ -6,38 +6,16 @@ use std::process::Command;
 use cutover::sandbox::{MariaDbServer, PostgresServer};
 use mysql_async::prelude::Queryable;
 
-const SOURCE_SQL: &str = r#"
-SET SESSION sql_mode = '', time_zone = '+00:00';
-CREATE DATABASE shop CHARACTER SET utf8mb4;
-USE shop;
-CREATE TABLE every_type (
-  id int unsigned NOT NULL AUTO_INCREMENT PRIMARY KEY,
-  flag tinyint(1), tiny tinyint, utiny tinyint unsigned, small smallint, usmall smallint unsigned,
-  medium mediumint, umedium mediumint unsigned, regular int, uint int unsigned, big bigint,
-  ubig bigint unsigned, money decimal(30,10), f float, d double, c char(5), vc varchar(20),
-  t text, lt longtext, bin binary(4), vb varbinary(10), bl blob, dt date, dtm datetime(6),
-  ts timestamp(6) NULL DEFAULT NULL, tm time(3), yr year, mood enum('sad','ok','it''s fine'),
-  tags set('a','b','c'), doc json, bits bit(12), g geometry,
-  latin varchar(10) CHARACTER SET latin1,
-  UNIQUE KEY vc_unique (vc), KEY by_big (big, small)
-);
-INSERT INTO every_type VALUES
- (NULL, 1, -128, 255, -32768, 65535, -8388608, 16777215, -2147483648, 4294967295, -9223372036854775808,
-  18446744073709551615, -12345678901234567890.0123456789, 3.14159, 2.718281828459045, 'ab', 'emoji 🦀',
-  'tab\there\nnewline \\ backslash', REPEAT('x', 70000), 0x00FF0102, 0xDEADBEEF, 0x00, '2024-02-29',
-  '1999-12-31 23:59:59.123456', '2024-02-29 23:59:59.654321', '-838:59:59.000', 2024, 'it''s fine',
-  'a,c', '{"k": [1, "two", null]}', b'101010111100', ST_GeomFromText('POINT(1 2)'), 'Zürich'),
- (NULL, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '', '', '', '', 0x00000000, '', '', '0000-00-00',
-  '0000-00-00 00:00:00', NULL, '838:59:59.999', 1901, 'sad', '', '[]', b'0', NULL, ''),
- (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
-CREATE TABLE no_key (a int, b varchar(10));
-INSERT INTO no_key VALUES (1, 'one'), (1, 'one'), (2, NULL);
-CREATE TABLE big_one (id bigint PRIMARY KEY, payload varchar(100));
-INSERT INTO big_one SELECT seq, CONCAT('row ', seq) FROM seq_1_to_250000;
-"#;
+/// The awkward types plus a table big enough to take a moment.
+fn source_sql() -> String {
+    format!(
+        "{}\nCREATE TABLE big_one (id bigint PRIMARY KEY, payload varchar(100));\n\
+         INSERT INTO big_one SELECT seq, CONCAT('row ', seq) FROM seq_1_to_250000;",
+        cutover::demo::MYSQL_AWKWARD_TYPES_SQL
+    )
+}
 
-/// A MariaDB source holding `SOURCE_SQL`, a PostgreSQL target, a connection to the source
+/// A MariaDB source holding `source_sql()`, a PostgreSQL target, a connection to the source
 /// and a scratch dir.
 async fn start(name: &str) -> (MariaDbServer, PostgresServer, mysql_async::Conn, std::path::PathBuf) {
     let source = MariaDbServer::start(&[]).expect("mariadb");
@@ -45,7 +23,7 @@ async fn start(name: &str) -> (MariaDbServer, PostgresServer, mysql_async::Conn,
     let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url"))
         .await
         .expect("connects to mariadb");
-    conn.query_drop(SOURCE_SQL).await.expect("source data");
+    conn.query_drop(source_sql()).await.expect("source data");
     let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
     std::fs::create_dir_all(&dir).expect("dir");
     (source, target, conn, dir)
@@ -100,27 +78,6 @@ async fn one_shot_copy_maps_every_type() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Every table of schema `shop` in two PostgreSQL databases: count and a digest of the ordered rows.
-async fn digests(client: &tokio_postgres::Client) -> Vec<(String, i64, String)> {
-    let tables = client
-        .query("SELECT tablename::text FROM pg_tables WHERE schemaname = 'shop' ORDER BY 1", &[])
-        .await
-        .expect("tables");
-    let mut out = Vec::new();
-    for row in tables {
-        let table: String = row.get(0);
-        let digest = client
-            .query_one(
-                &format!("SELECT count(*), coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM shop.\"{table}\" t"),
-                &[],
-            )
-            .await
-            .expect("digest");
-        out.push((table, digest.get(0), digest.get(1)));
-    }
-    out
-}
-
 async fn pg(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("pg");
     tokio::spawn(connection);
@@ -132,14 +89,8 @@ async fn pg(url: &str) -> tokio_postgres::Client {
 }
 
 fn write_config(path: &std::path::Path, source: &str, target: &str, state: &std::path::Path, mode: &str) {
-    std::fs::write(
-        path,
-        format!(
-            "[source]\nkind = \"mysql\"\nurl = \"{source}\"\n[target]\nkind = \"postgres\"\nurl = \"{target}\"\n[state]\ndir = \"{}\"\n[snapshot]\nmode = \"{mode}\"\nworkers = 2\n",
-            state.display()
-        ),
-    )
-    .expect("config");
+    let extra = format!("[snapshot]\nmode = \"{mode}\"\nworkers = 2\n");
+    cutover::demo::write_config(path, "mysql", source, target, state, &extra).expect("config");
 }
 
 const STREAM_CHANGES: &str = r#"
@@ -234,7 +185,8 @@ async fn binlog_stream_matches_a_fresh_copy_after_kill_rotation_and_ddl() {
     let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&fresh_config).output().expect("runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let fresh = pg(&target.url("fresh")).await;
-    let (streamed_digests, fresh_digests) = (digests(&streamed).await, digests(&fresh).await);
+    let streamed_digests = cutover::verify::schema_digests(&streamed, "shop").await.expect("digests");
+    let fresh_digests = cutover::verify::schema_digests(&fresh, "shop").await.expect("digests");
     assert_eq!(streamed_digests.len(), 4);
     assert_eq!(streamed_digests, fresh_digests, "{}", std::fs::read_to_string(&log).unwrap_or_default());
     let extra: i64 = streamed.query_one("SELECT count(*) FROM shop.big_one WHERE extra = 7", &[]).await.expect("extra").get(0);

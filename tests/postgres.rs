@@ -20,6 +20,8 @@ INSERT INTO log_only (what) VALUES ('before');
 CREATE TABLE parent (id serial PRIMARY KEY, name text UNIQUE);
 CREATE TABLE child (id serial PRIMARY KEY, parent_id int REFERENCES parent(id), note text);
 CREATE INDEX child_note ON child (note);
+CREATE TABLE uniq (id int PRIMARY KEY, email text UNIQUE);
+INSERT INTO uniq VALUES (1, 'a'), (2, 'b');
 INSERT INTO parent (name) SELECT 'p' || g FROM generate_series(1, 50) g;
 INSERT INTO child (parent_id, note) SELECT 1 + g % 50, 'c' || g FROM generate_series(1, 500) g;
 "#;
@@ -48,6 +50,11 @@ INSERT INTO pgbench_branches_copy VALUES (1, 'after truncate');
 ALTER TABLE parent ADD COLUMN added_later numeric(10,2) DEFAULT 1.5;
 INSERT INTO parent (name, added_later) VALUES ('with new column', 42.25);
 UPDATE parent SET added_later = 7 WHERE id = 1;
+UPDATE uniq SET email = 'x' WHERE id = 1;
+UPDATE uniq SET email = 'a' WHERE id = 2;
+UPDATE uniq SET email = 'b' WHERE id = 1;
+DELETE FROM uniq WHERE id = 2;
+INSERT INTO uniq VALUES (2, 'a2');
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -144,20 +144,116 @@ impl PostgresSink {
         Ok(())
     }
 
-    async fn flush(&mut self, run: Option<Run>) -> anyhow::Result<()> {
-        let Some(run) = run else { return Ok(()) };
-        if run.rows == 0 {
-            return Ok(());
-        }
-        let statement = self.statement(&run.sql, run.params.len()).await?;
-        let params: Vec<&(dyn ToSql + Sync)> = run.params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        self.client.execute(&statement, &params).await.map_err(|e| {
-            anyhow::Error::new(e).context(format!(
-                "applying {} row(s) to {} on the target (statement: {})",
-                run.rows, run.table, run.sql
-            ))
+    async fn execute_arrays(&mut self, sql: &str, params: &[Vec<Option<String>>], table: &TableName) -> anyhow::Result<()> {
+        let statement = self.statement(sql, params.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let rows = params.first().map_or(0, Vec::len);
+        self.client.execute(&statement, &refs).await.map_err(|e| {
+            anyhow::Error::new(e).context(format!("applying {rows} row(s) to {table} on the target (statement: {sql})"))
         })?;
         Ok(())
+    }
+
+    async fn flush(&mut self, run: Option<Run>) -> anyhow::Result<()> {
+        let Some(run) = run else { return Ok(()) };
+        if run.deletes.first().is_some_and(|d| !d.is_empty()) {
+            self.execute_arrays(&run.delete_sql, &run.deletes, &run.table).await?;
+        }
+        if !run.live.iter().any(|&live| live) {
+            return Ok(());
+        }
+        let params: Vec<Vec<Option<String>>> = if run.live.iter().all(|&live| live) {
+            run.params
+        } else {
+            run.params
+                .into_iter()
+                .map(|column| column.into_iter().zip(&run.live).filter(|(_, &live)| live).map(|(v, _)| v).collect())
+                .collect()
+        };
+        self.execute_arrays(&run.sql, &params, &run.table).await
+    }
+
+    /// Applies changes in the given order; `compact` lets a table's upserts and
+    /// deletes merge into one run (see [`Run`]).
+    async fn apply_in_order(&mut self, changes: &[&Change], compact: bool) -> anyhow::Result<()> {
+        let mut run: Option<Run> = None;
+        for &change in changes {
+            let (kind, table, columns, key, values): (RunKind, &Arc<TableSchema>, Vec<usize>, Vec<Option<String>>, Vec<Option<String>>) = match change {
+                Change::Relation(table) => {
+                    self.flush(run.take()).await?;
+                    self.ensure_columns(table).await?;
+                    continue;
+                }
+                Change::Truncate { tables, cascade, restart_identity } => {
+                    self.flush(run.take()).await?;
+                    let names: Vec<String> = tables.iter().map(|t| quote_table(&t.name)).collect();
+                    let sql = format!(
+                        "TRUNCATE {}{}{}",
+                        names.join(", "),
+                        if *restart_identity { " RESTART IDENTITY" } else { "" },
+                        if *cascade { " CASCADE" } else { "" }
+                    );
+                    self.client.batch_execute(&sql).await.with_context(|| format!("applying {sql} on the target"))?;
+                    continue;
+                }
+                Change::Insert { table, row } => {
+                    let all: Vec<usize> = (0..row.len()).collect();
+                    let kind = if table.identity == Identity::Key { RunKind::Upsert } else { RunKind::Insert };
+                    let key = table.key_indexes().iter().map(|&i| text_of(&row[i])).collect();
+                    (kind, table, all, key, row.iter().map(text_of).collect())
+                }
+                Change::Update { table, old, new } => {
+                    if table.identity != Identity::Key {
+                        self.flush(run.take()).await?;
+                        let old = old.as_deref().with_context(|| {
+                            format!("an UPDATE of {} came without its old row; the table needs REPLICA IDENTITY FULL", table.name)
+                        })?;
+                        self.apply_by_full_row(table, old, Some(new)).await?;
+                        continue;
+                    }
+                    let key_indexes = table.key_indexes();
+                    let new_key: Vec<Option<String>> = key_indexes.iter().map(|&i| text_of(&new[i])).collect();
+                    let old_key: Vec<Option<String>> = match old {
+                        Some(old) => key_indexes.iter().map(|&i| text_of(&old[i])).collect(),
+                        None => new_key.clone(),
+                    };
+                    let partial = new.iter().any(|v| *v == Value::Unchanged);
+                    if !partial && old_key == new_key {
+                        (RunKind::Upsert, table, (0..new.len()).collect(), new_key, new.iter().map(text_of).collect())
+                    } else {
+                        let present: Vec<usize> = (0..new.len()).filter(|&i| new[i] != Value::Unchanged).collect();
+                        let mut values: Vec<Option<String>> = present.iter().map(|&i| text_of(&new[i])).collect();
+                        values.extend(old_key.iter().cloned());
+                        (RunKind::Update, table, present, old_key, values)
+                    }
+                }
+                Change::Delete { table, old } => {
+                    if table.identity != Identity::Key {
+                        self.flush(run.take()).await?;
+                        self.apply_by_full_row(table, old, None).await?;
+                        continue;
+                    }
+                    let key: Vec<Option<String>> = table.key_indexes().iter().map(|&i| text_of(&old[i])).collect();
+                    if compact {
+                        let all: Vec<usize> = (0..table.columns.len()).collect();
+                        if !run.as_ref().is_some_and(|r| r.fits(RunKind::Upsert, table, &all, &key)) {
+                            self.flush(run.take()).await?;
+                        }
+                        run.get_or_insert_with(|| Run::new(RunKind::Upsert, table, all, true)).delete(key);
+                        continue;
+                    }
+                    (RunKind::Delete, table, Vec::new(), key.clone(), key)
+                }
+            };
+            if !run.as_ref().is_some_and(|r| r.fits(kind, table, &columns, &key)) {
+                self.flush(run.take()).await?;
+                run = Some(Run::new(kind, table, columns, compact));
+            }
+            if let Some(run) = run.as_mut() {
+                run.push(values.into_iter(), key);
+            }
+        }
+        self.flush(run).await
     }
 
     /// Updates or deletes one row matched on all its old values (no key).
@@ -206,6 +302,14 @@ impl PostgresSink {
     }
 }
 
+/// Whether an apply error is PostgreSQL's unique_violation.
+fn is_unique_violation(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
+        .any(|e| e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
+}
+
 fn text_of(value: &Value) -> Option<String> {
     match value {
         Value::Text(text) => Some(text.clone()),
@@ -226,6 +330,11 @@ enum RunKind {
 }
 
 /// Consecutive changes of one shape, gathered into one statement's arrays.
+///
+/// Compacting (the default), an `Upsert` run of a table with a key also takes
+/// that table's deletes: a later whole-row image of a key replaces the earlier
+/// one, a delete drops the key's pending row, and at flush the deletes run
+/// before the upserts. Each key ends as its last change left it.
 struct Run {
     kind: RunKind,
     table: TableName,
@@ -235,11 +344,17 @@ struct Run {
     params: Vec<Vec<Option<String>>>,
     /// Row index of each key in the arrays.
     keys: HashMap<Vec<Option<String>>, usize>,
-    rows: usize,
+    /// Rows still to write (an `Upsert` row dropped by a later delete is not).
+    live: Vec<bool>,
+    /// Key columns of the rows an `Upsert` run deletes first, one array per key column.
+    deletes: Vec<Vec<Option<String>>>,
+    delete_sql: String,
+    /// Whether a repeated key collapses into one row (else it starts a new run).
+    compact: bool,
 }
 
 impl Run {
-    fn new(kind: RunKind, table: &TableSchema, columns: Vec<usize>) -> Run {
+    fn new(kind: RunKind, table: &TableSchema, columns: Vec<usize>, compact: bool) -> Run {
         let key = table.key_indexes();
         let sql = run_sql(kind, table, &columns, &key);
         let params = match kind {
@@ -254,7 +369,10 @@ impl Run {
             sql,
             params: vec![Vec::new(); params],
             keys: HashMap::new(),
-            rows: 0,
+            live: Vec::new(),
+            deletes: vec![Vec::new(); key.len()],
+            delete_sql: run_sql(RunKind::Delete, table, &[], &key),
+            compact,
         }
     }
 
@@ -262,9 +380,13 @@ impl Run {
         self.kind == kind
             && self.table == table.name
             && self.columns == columns
-            // UPDATE … FROM may touch a row once per statement; upserts of a key
-            // already in the run replace it, deletes may repeat.
-            && (kind != RunKind::Update || !self.keys.contains_key(key))
+            // UPDATE … FROM may touch a row once per statement, and so may INSERT … ON
+            // CONFLICT unless the run collapses repeated keys; deletes may repeat.
+            && match kind {
+                RunKind::Update => !self.keys.contains_key(key),
+                RunKind::Upsert => self.compact || !self.keys.contains_key(key),
+                RunKind::Insert | RunKind::Delete => true,
+            }
     }
 
     fn push(&mut self, values: impl Iterator<Item = Option<String>>, key: Vec<Option<String>>) {
@@ -281,9 +403,19 @@ impl Run {
             param.push(value);
         }
         if self.kind == RunKind::Upsert || self.kind == RunKind::Update {
-            self.keys.insert(key, self.rows);
+            self.keys.insert(key, self.live.len());
         }
-        self.rows += 1;
+        self.live.push(true);
+    }
+
+    /// A delete taken into a compacting `Upsert` run.
+    fn delete(&mut self, key: Vec<Option<String>>) {
+        if let Some(row) = self.keys.remove(&key) {
+            self.live[row] = false;
+        }
+        for (column, value) in self.deletes.iter_mut().zip(key) {
+            column.push(value);
+        }
     }
 }
 
@@ -438,76 +570,21 @@ impl Sink for PostgresSink {
     }
 
     async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
-        let mut run: Option<Run> = None;
-        for change in group_by_table(changes) {
-            let (kind, table, columns, key, values): (RunKind, &Arc<TableSchema>, Vec<usize>, Vec<Option<String>>, Vec<Option<String>>) = match change {
-                Change::Relation(table) => {
-                    self.flush(run.take()).await?;
-                    self.ensure_columns(table).await?;
-                    continue;
-                }
-                Change::Truncate { tables, cascade, restart_identity } => {
-                    self.flush(run.take()).await?;
-                    let names: Vec<String> = tables.iter().map(|t| quote_table(&t.name)).collect();
-                    let sql = format!(
-                        "TRUNCATE {}{}{}",
-                        names.join(", "),
-                        if *restart_identity { " RESTART IDENTITY" } else { "" },
-                        if *cascade { " CASCADE" } else { "" }
-                    );
-                    self.client.batch_execute(&sql).await.with_context(|| format!("applying {sql} on the target"))?;
-                    continue;
-                }
-                Change::Insert { table, row } => {
-                    let all: Vec<usize> = (0..row.len()).collect();
-                    let kind = if table.identity == Identity::Key { RunKind::Upsert } else { RunKind::Insert };
-                    let key = table.key_indexes().iter().map(|&i| text_of(&row[i])).collect();
-                    (kind, table, all, key, row.iter().map(text_of).collect())
-                }
-                Change::Update { table, old, new } => {
-                    if table.identity != Identity::Key {
-                        self.flush(run.take()).await?;
-                        let old = old.as_deref().with_context(|| {
-                            format!("an UPDATE of {} came without its old row; the table needs REPLICA IDENTITY FULL", table.name)
-                        })?;
-                        self.apply_by_full_row(table, old, Some(new)).await?;
-                        continue;
-                    }
-                    let key_indexes = table.key_indexes();
-                    let new_key: Vec<Option<String>> = key_indexes.iter().map(|&i| text_of(&new[i])).collect();
-                    let old_key: Vec<Option<String>> = match old {
-                        Some(old) => key_indexes.iter().map(|&i| text_of(&old[i])).collect(),
-                        None => new_key.clone(),
-                    };
-                    let partial = new.iter().any(|v| *v == Value::Unchanged);
-                    if !partial && old_key == new_key {
-                        (RunKind::Upsert, table, (0..new.len()).collect(), new_key, new.iter().map(text_of).collect())
-                    } else {
-                        let present: Vec<usize> = (0..new.len()).filter(|&i| new[i] != Value::Unchanged).collect();
-                        let mut values: Vec<Option<String>> = present.iter().map(|&i| text_of(&new[i])).collect();
-                        values.extend(old_key.iter().cloned());
-                        (RunKind::Update, table, present, old_key, values)
-                    }
-                }
-                Change::Delete { table, old } => {
-                    if table.identity != Identity::Key {
-                        self.flush(run.take()).await?;
-                        self.apply_by_full_row(table, old, None).await?;
-                        continue;
-                    }
-                    let key: Vec<Option<String>> = table.key_indexes().iter().map(|&i| text_of(&old[i])).collect();
-                    (RunKind::Delete, table, Vec::new(), key.clone(), key)
-                }
-            };
-            if !run.as_ref().is_some_and(|r| r.fits(kind, table, &columns, &key)) {
-                self.flush(run.take()).await?;
-                run = Some(Run::new(kind, table, columns));
+        // Grouped by table and compacted, a batch is a few statements. That reorders
+        // rows of a table, which a secondary unique constraint may object to in
+        // passing: then the batch runs again exactly in source order.
+        self.client.batch_execute("SAVEPOINT cutover_batch").await.context("opening a savepoint on the target")?;
+        match self.apply_in_order(&group_by_table(changes), true).await {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => {
+                tracing::debug!("a reordered batch hit a unique constraint; applying it in source order");
+                self.client.batch_execute("ROLLBACK TO SAVEPOINT cutover_batch").await.context("rolling back a batch")?;
+                let in_order: Vec<&Change> = changes.iter().collect();
+                self.apply_in_order(&in_order, false).await?;
             }
-            if let Some(run) = run.as_mut() {
-                run.push(values.into_iter(), key);
-            }
+            Err(e) => return Err(e),
         }
-        self.flush(run).await
+        self.client.batch_execute("RELEASE SAVEPOINT cutover_batch").await.context("releasing a savepoint on the target")
     }
 
     async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()> {

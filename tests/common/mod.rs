@@ -38,7 +38,7 @@ impl Pair {
         let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
         std::fs::create_dir_all(&dir).expect("test dir");
         let config_path = dir.join(format!("{name}.toml"));
-        cutover::demo::write_config(&config_path, &source.url("postgres"), &target.url("postgres"), &dir.join("state"), extra_config)
+        cutover::demo::write_config(&config_path, "postgres", &source.url("postgres"), &target.url("postgres"), &dir.join("state"), extra_config)
             .expect("config");
         Pair { source, target, dir, config_path, streaming_before: std::cell::Cell::new(0) }
     }
