@@ -22,6 +22,11 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Validate the config, check both servers' settings and privileges, print the plan; exit 1 on a problem.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Compare source and target: row counts and checksums per table; exit 1 on a difference.
     Verify {
         #[arg(long)]

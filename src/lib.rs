@@ -10,6 +10,7 @@ pub mod demo;
 pub mod pgconn;
 pub mod pipeline;
 pub mod position;
+pub mod preflight;
 pub mod sandbox;
 pub mod schema;
 pub mod sink;

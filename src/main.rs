@@ -37,6 +37,11 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
             cutover::pipeline::run(&config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            let ready = cutover::preflight::check(&config).await?;
+            Ok(if ready { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Verify { config } => {
             let config = Config::load(&config)?;
             let reports = cutover::verify::verify(&config).await?;

@@ -58,6 +58,10 @@ pub struct ColumnDefinition {
     pub not_null: bool,
     /// `a` (always) or `d` (by default) for identity columns.
     pub identity: Option<char>,
+    /// The type as the source declares it, when it differs from the target's (the plan shows both).
+    pub source_type: Option<String>,
+    /// What the type mapping can lose, for the plan.
+    pub loss: Option<&'static str>,
 }
 
 /// An enum type with its labels in order.

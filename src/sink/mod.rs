@@ -22,6 +22,9 @@ pub trait Sink: Send + Sync {
     /// The copy format this sink wants for a table coming from a `source` dialect.
     fn copy_format(&self, table: &TableDefinition, source: Dialect) -> CopyFormat;
 
+    /// What the target must allow for the pipeline: one finding per problem.
+    async fn preflight(&mut self) -> anyhow::Result<Vec<crate::preflight::Finding>>;
+
     /// The position of the last source transaction committed here, as recorded
     /// in the same target transactions as the rows.
     async fn applied_position(&mut self) -> anyhow::Result<Option<Position>>;

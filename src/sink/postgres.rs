@@ -25,6 +25,7 @@ use super::{Sink, TableWriter};
 use crate::change::{Change, Identity, TableName, TableSchema, Value};
 use crate::pgconn::ConnectParams;
 use crate::position::{Lsn, Position};
+use crate::preflight::Finding;
 use crate::schema::postgres::{self as ddl, PostDataObject};
 use crate::schema::{quote_ident, quote_literal, quote_table, SourceSchema, TableDefinition};
 use crate::source::{CopyFormat, CopyStream, Dialect};
@@ -38,6 +39,8 @@ pub struct PostgresSink {
     statements: HashMap<String, Statement>,
     /// Target columns per table, to notice columns added on the source.
     columns: HashMap<TableName, Vec<String>>,
+    /// The apply session is bound to the origin.
+    session_ready: bool,
 }
 
 impl PostgresSink {
@@ -52,16 +55,26 @@ impl PostgresSink {
             origin,
             statements: HashMap::new(),
             columns: HashMap::new(),
+            session_ready: false,
         };
-        sink.setup_origin().await?;
-        // As PostgreSQL's own subscriber: no triggers and no foreign-key checks while
-        // applying (the source checked them), which also lets a batch group its
-        // changes by table.
-        sink.client
+        Ok(sink)
+    }
+
+    /// Before the first apply: binds this session to the replication origin (created if
+    /// needed) and, as PostgreSQL's own subscriber does, turns off triggers and
+    /// foreign-key checks (the source checked them), which also lets a batch group its
+    /// changes by table.
+    async fn prepare_session(&mut self) -> anyhow::Result<()> {
+        if self.session_ready {
+            return Ok(());
+        }
+        self.setup_origin().await?;
+        self.client
             .batch_execute("SET session_replication_role = replica")
             .await
             .context("setting session_replication_role = replica on the target (needs superuser)")?;
-        Ok(sink)
+        self.session_ready = true;
+        Ok(())
     }
 
     /// Creates the replication origin if needed and binds this session to it.
@@ -490,7 +503,9 @@ impl Sink for PostgresSink {
         let row = self
             .client
             .query_one(
-                "SELECT pg_replication_origin_progress($1, true)::text, to_regclass('cutover.progress') IS NOT NULL",
+                "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1) \
+                        THEN pg_replication_origin_progress($1, true)::text END, \
+                        to_regclass('cutover.progress') IS NOT NULL",
                 &[&self.origin],
             )
             .await
@@ -510,6 +525,25 @@ impl Sink for PostgresSink {
         recorded
             .map(|r| r.get::<_, String>(0).parse().context("cutover.progress holds a position cutover cannot read"))
             .transpose()
+    }
+
+    async fn preflight(&mut self) -> anyhow::Result<Vec<Finding>> {
+        let row = self
+            .client
+            .query_one("SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+            .await
+            .context("reading the target role")?;
+        let (user, superuser): (String, bool) = (row.get(0), row.get(1));
+        let mut findings = Vec::new();
+        if !superuser {
+            findings.push(Finding::error(
+                "target",
+                format!("role {user} is not a superuser"),
+                "superuser (replication origins, session_replication_role)",
+                format!("ALTER ROLE {} SUPERUSER;", quote_ident(&user)),
+            ));
+        }
+        Ok(findings)
     }
 
     async fn create_tables(&mut self, schema: &SourceSchema, tables: &[&TableDefinition], fresh: bool) -> anyhow::Result<()> {
@@ -566,6 +600,7 @@ impl Sink for PostgresSink {
     }
 
     async fn begin(&mut self) -> anyhow::Result<()> {
+        self.prepare_session().await?;
         self.client.batch_execute("BEGIN").await.context("opening a target transaction")
     }
 

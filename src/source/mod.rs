@@ -70,6 +70,10 @@ pub trait Source: Send + Sync {
     /// The tables to replicate, with everything needed to recreate them.
     async fn schema(&mut self) -> anyhow::Result<SourceSchema>;
 
+    /// What the source must allow for the pipeline (settings, privileges, tables
+    /// without a key): one finding per problem.
+    async fn preflight(&mut self, schema: &SourceSchema) -> anyhow::Result<Vec<crate::preflight::Finding>>;
+
     /// Sets up the change stream for these tables the first time (PostgreSQL:
     /// publications and slot) and pins a snapshot where the stream begins.
     async fn create_stream(

@@ -150,7 +150,12 @@ let mut encodings_by_table = HashMap::new();
                 is_key: key_columns.contains(column),
                 default: literal_default(default.as_deref()),
             });
-            definitions.push(ColumnDefinition { not_null: nullable == "NO", identity: auto.then_some('d') });
+            definitions.push(ColumnDefinition {
+                not_null: nullable == "NO",
+                identity: auto.then_some('d'),
+                source_type: Some(column_type.clone()),
+                loss: mapping.loss,
+            });
             encodings.push(mapping.encoding);
         }
         let list = |columns: &[String]| columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");

@@ -26,10 +26,11 @@ mod binlog;
 mod catalog;
 
 use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint, Source, TableReader};
-use crate::change::{TableName, TableSchema};
+use crate::change::{Identity, TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::{Endpoint, TableFilter};
 use crate::position::Position;
+use crate::preflight::Finding;
 use crate::schema::mysql::{encode, push_copy_field, Encoding};
 use crate::schema::{SourceSchema, TableDefinition};
 
@@ -132,6 +133,55 @@ impl Source for MysqlSource {
             })
             .collect();
         Ok(schema)
+    }
+
+    async fn preflight(&mut self, schema: &SourceSchema) -> anyhow::Result<Vec<Finding>> {
+        let settings: Option<(Option<String>, Option<String>, Option<String>, Option<u64>)> = self
+            .conn
+            .query_first("SELECT CAST(@@log_bin AS CHAR), @@binlog_format, @@binlog_row_image, @@server_id")
+            .await
+            .context("reading the source's binlog settings")?;
+        let (log_bin, format, row_image, server_id) = settings.context("the source returned no settings")?;
+        let mut findings = Vec::new();
+        let mut check = |setting: &str, value: Option<String>, required: &str, fix: &str| {
+            let value = value.unwrap_or_default();
+            if !value.eq_ignore_ascii_case(required) {
+                findings.push(Finding::error("source", format!("{setting} = {value}"), required, fix.to_string()));
+            }
+        };
+        check("log_bin", log_bin.map(|v| if v == "1" { "ON".into() } else { v }), "ON", "add log-bin = mysql-bin under [mysqld] in my.cnf and restart the server");
+        check("binlog_format", format, "ROW", "SET GLOBAL binlog_format = 'ROW'; and binlog_format = ROW under [mysqld] in my.cnf");
+        check("binlog_row_image", row_image, "FULL", "SET GLOBAL binlog_row_image = 'FULL'; and binlog_row_image = FULL under [mysqld] in my.cnf");
+        if server_id.unwrap_or(0) == 0 {
+            findings.push(Finding::error("source", "server_id = 0".into(), "a non-zero server_id", "server_id = 1 under [mysqld] in my.cnf, then restart".into()));
+        }
+        let grants: Vec<String> = self.conn.query("SHOW GRANTS").await.context("SHOW GRANTS")?;
+        let grants = grants.join("\n").to_uppercase();
+        if !grants.contains("ALL PRIVILEGES ON *.*") {
+            let user: Option<String> = self.conn.query_first("SELECT CURRENT_USER()").await.context("reading the user")?;
+            let user = user.unwrap_or_default();
+            for (privilege, alternative) in
+                [("REPLICATION SLAVE", "REPLICATION SLAVE"), ("REPLICATION CLIENT", "BINLOG MONITOR"), ("RELOAD", "RELOAD")]
+            {
+                if !grants.contains(privilege) && !grants.contains(alternative) {
+                    findings.push(Finding::error(
+                        "source",
+                        format!("user {user} lacks {privilege}"),
+                        privilege,
+                        format!("GRANT {privilege} ON *.* TO {user};"),
+                    ));
+                }
+            }
+        }
+        for table in schema.tables.iter().filter(|t| t.schema.identity != Identity::Key) {
+            findings.push(Finding::warning(
+                "source",
+                format!("table {} has no primary key", table.schema.name),
+                "a primary key for fast, exact UPDATE and DELETE",
+                "works as is: updates and deletes match one row on all its old values; add a primary key to speed them up".into(),
+            ));
+        }
+        Ok(findings)
     }
 
     async fn create_stream(&mut self, _tables: &[TableDefinition]) -> anyhow::Result<(PipelineIdentity, SnapshotPoint)> {

@@ -93,6 +93,8 @@ async fn read_table(
         definitions.push(ColumnDefinition {
             not_null: row.get(3),
             identity: identity.chars().next(),
+            source_type: None,
+            loss: None,
         });
     }
     let identity = match (replident, has_primary_key) {

@@ -37,6 +37,7 @@ use crate::checkpoint::PipelineIdentity;
 use crate::config::TableFilter;
 use crate::pgconn::ConnectParams;
 use crate::position::{Lsn, Position};
+use crate::preflight::Finding;
 use crate::schema::{quote_ident, quote_literal, quote_table, SourceSchema, TableDefinition};
 
 /// Tables larger than this many 8 kB pages are copied in page ranges by several workers.
@@ -180,6 +181,64 @@ impl Source for PostgresSource {
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {
         let filter = self.filter.clone();
         catalog::read_schema(&self.client, |name| filter.includes(name)).await
+    }
+
+    async fn preflight(&mut self, schema: &SourceSchema) -> anyhow::Result<Vec<Finding>> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_setting('wal_level'), current_setting('max_replication_slots')::int4, \
+                        (SELECT count(*)::int4 FROM pg_replication_slots), current_setting('max_wal_senders')::int4, \
+                        current_user::text, (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+                &[],
+            )
+            .await
+            .context("reading the source's settings")?;
+        let (wal_level, slots, used, senders, user, replication): (String, i32, i32, i32, String, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
+        let mut findings = Vec::new();
+        if wal_level != "logical" {
+            findings.push(Finding::error(
+                "source",
+                format!("wal_level = {wal_level}"),
+                "logical",
+                "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".into(),
+            ));
+        }
+        let slot_exists = self.slot_exists().await?;
+        if used >= slots && !slot_exists {
+            findings.push(Finding::error(
+                "source",
+                format!("max_replication_slots = {slots}, all {used} in use"),
+                "one free slot (two while a table is re-copied)",
+                format!("ALTER SYSTEM SET max_replication_slots = {}; then restart PostgreSQL", used + 2),
+            ));
+        }
+        if senders < 2 {
+            findings.push(Finding::error(
+                "source",
+                format!("max_wal_senders = {senders}"),
+                "at least 2",
+                "ALTER SYSTEM SET max_wal_senders = 10; then restart PostgreSQL".into(),
+            ));
+        }
+        if !replication {
+            findings.push(Finding::error(
+                "source",
+                format!("role {user} has neither REPLICATION nor superuser"),
+                "REPLICATION",
+                format!("ALTER ROLE {} REPLICATION;", quote_ident(&user)),
+            ));
+        }
+        for table in schema.tables.iter().filter(|t| t.schema.identity == Identity::Nothing) {
+            findings.push(Finding::warning(
+                "source",
+                format!("table {} has no primary key and no replica identity", table.schema.name),
+                "REPLICA IDENTITY FULL to replicate its UPDATEs and DELETEs (until then an UPDATE or DELETE on it stops the pipeline)",
+                format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(&table.schema.name)),
+            ));
+        }
+        Ok(findings)
     }
 
     async fn create_stream(

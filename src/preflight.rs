@@ -1,0 +1,91 @@
+//! `cutover check`: what each server must allow before the pipeline runs, and
+//! the plan — every table, its key and, where types change, each column's mapping.
+
+use std::fmt::Write as _;
+
+use crate::change::Identity;
+use crate::schema::SourceSchema;
+
+/// How much a finding matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    /// The pipeline cannot run until this is fixed.
+    Error,
+    /// It runs, with a limitation the user should know.
+    Warning,
+}
+
+/// One thing a server check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Where: `source`, `target`, a table.
+    pub side: String,
+    /// The setting or object, with its value.
+    pub what: String,
+    /// What it must be.
+    pub required: String,
+    /// The statement or step that fixes it.
+    pub fix: String,
+}
+
+impl Finding {
+    pub fn error(side: &str, what: String, required: &str, fix: String) -> Finding {
+        Finding { severity: Severity::Error, side: side.into(), what, required: required.into(), fix }
+    }
+
+    pub fn warning(side: &str, what: String, required: &str, fix: String) -> Finding {
+        Finding { severity: Severity::Warning, side: side.into(), what, required: required.into(), fix }
+    }
+}
+
+/// The findings, worst first, for a terminal.
+pub fn render_findings(findings: &[Finding]) -> String {
+    let mut out = String::new();
+    for severity in [Severity::Error, Severity::Warning] {
+        for f in findings.iter().filter(|f| f.severity == severity) {
+            let label = if severity == Severity::Error { "ERROR" } else { "warning" };
+            let _ = writeln!(out, "{label} [{}] {}: needs {}\n    fix: {}", f.side, f.what, f.required, f.fix);
+        }
+    }
+    out
+}
+
+/// The plan: each table with its estimated rows and key, and each column whose type
+/// changes on the way with what the change can lose.
+pub fn render_plan(schema: &SourceSchema) -> String {
+    let mut out = String::new();
+    for table in &schema.tables {
+        let key: Vec<&str> = table.schema.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()).collect();
+        let key = match (table.schema.identity, key.is_empty()) {
+            (Identity::Key, false) => format!("key ({})", key.join(", ")),
+            (Identity::Full, _) => "no key: rows matched on all columns".to_string(),
+            _ => "no key and no replica identity: INSERT and TRUNCATE only".to_string(),
+        };
+        let _ = writeln!(out, "{}  ~{} rows  {key}", table.schema.name, table.estimated_rows);
+        for (column, definition) in table.schema.columns.iter().zip(&table.columns) {
+            if let Some(source_type) = &definition.source_type {
+                let loss = definition.loss.map(|l| format!("  (can lose: {l})")).unwrap_or_default();
+                let _ = writeln!(out, "    {:<24} {:<28} -> {}{loss}", column.name, source_type, column.type_name);
+            }
+        }
+    }
+    out
+}
+
+/// Runs `cutover check`: prints the plan and the findings; `Ok(false)` when any is an error.
+pub async fn check(config: &crate::config::Config) -> anyhow::Result<bool> {
+    let (mut source, mut sink) = crate::pipeline::connect(config).await?;
+    let schema = source.schema().await?;
+    let mut findings = source.preflight(&schema).await?;
+    findings.extend(sink.preflight().await?);
+    println!("plan for pipeline {}: {} table(s)\n", config.name, schema.tables.len());
+    print!("{}", render_plan(&schema));
+    println!();
+    if findings.is_empty() {
+        println!("preflight: source and target are ready");
+    } else {
+        print!("{}", render_findings(&findings));
+    }
+    Ok(!findings.iter().any(|f| f.severity == Severity::Error))
+}
