@@ -8,45 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE="${1:-30}"
 BACKLOG_SECONDS="${2:-30}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/cutover-target}"
-cargo build --release --quiet
-CUTOVER="$CARGO_TARGET_DIR/release/cutover"
-BIN="${CUTOVER_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}"
-WORK="$(mktemp -d /tmp/cutover-bench.XXXXXX)"
-chown postgres:postgres "$WORK" 2>/dev/null || true
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-start_server() { # name -> prints port
-  local dir="$WORK/$1" port; port=$(free_port)
-  as_pg mkdir -p "$dir"
-  as_pg "$BIN/initdb" -D "$dir/data" -U cutover --auth=trust -E UTF8 --no-locale --no-sync >/dev/null
-  cat <<CONF | as_pg tee -a "$dir/data/postgresql.auto.conf" >/dev/null
-port = $port
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$dir'
-wal_level = logical
-max_replication_slots = 20
-max_wal_senders = 20
-fsync = off
-full_page_writes = off
-shared_buffers = '256MB'
-max_wal_size = '4GB'
-maintenance_work_mem = '1GB'
-# Off so one tool's freshly loaded tables are not vacuumed during the next tool's run.
-autovacuum = off
-CONF
-  as_pg "$BIN/pg_ctl" -D "$dir/data" -l "$dir/log" -w start >/dev/null
-  echo "$port"
-}
-stop_all() { for d in "$WORK"/*/data; do as_pg "$BIN/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true; done; rm -rf "$WORK"; }
-trap stop_all EXIT
-now() { date +%s.%N; }
+source bench/lib.sh
 SRC=$(start_server source)
 "$BIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$SRC" -U cutover postgres >/dev/null 2>&1
 psql -q -h 127.0.0.1 -p "$SRC" -U cutover postgres -c "CHECKPOINT" >/dev/null
-url() { echo "postgresql://cutover@127.0.0.1:$1/${2:-postgres}"; }
 ROUNDS="${ROUNDS:-3}"
-median() { sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 T1=$(start_server dump); T2=$(start_server copydb); T3=$(start_server cutover)
 # A fresh database, and the previous run's dirty pages written out first, so no run
 # pays for another's disk writeback.
@@ -120,6 +86,7 @@ set_marker() { psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "UPDATE be
 "$BIN/pg_dump" -s -h 127.0.0.1 -p "$SRC2" -U cutover postgres | psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres >/dev/null
 psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "CREATE PUBLICATION bench_native FOR ALL TABLES" >/dev/null
 psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "CREATE SUBSCRIPTION bench_native CONNECTION '$(url "$SRC2")' PUBLICATION bench_native" >/dev/null
+wait_streaming "$WORK/catchup.log"
 set_marker synced; wait_marker "$CT" synced; wait_marker "$NT" synced
 kill -TERM $CPID; wait $CPID || true
 psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null

@@ -197,6 +197,44 @@ pub struct PipelineConfig {
     /// Longest a target transaction stays open while more source transactions arrive.
     #[serde(default = "default_max_batch_ms")]
     pub max_batch_ms: u64,
+    /// How long lost connections are retried before the daemon exits with the last
+    /// error: seconds, or a number with `s`, `m` or `h` (`"10m"`).
+    #[serde(default = "default_max_retry_time")]
+    pub max_retry_time: Duration,
+}
+
+impl PipelineConfig {
+    pub fn max_retry_time(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.max_retry_time.0)
+    }
+}
+
+/// A span of time in seconds, written as a number of seconds or `"90s"`, `"10m"`, `"1h"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Duration(pub u64);
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Seconds(s) => return Ok(Duration(s)),
+            Raw::Text(t) => t,
+        };
+        let (number, unit) = text.trim().split_at(text.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(text.trim().len()));
+        let number: u64 = number.parse().map_err(|_| serde::de::Error::custom(format!("`{text}` is not a duration like \"90s\", \"10m\" or \"1h\"")))?;
+        let factor = match unit.trim() {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return Err(serde::de::Error::custom(format!("`{text}`: the unit must be s, m or h"))),
+        };
+        Ok(Duration(number * factor))
+    }
 }
 
 impl Default for PipelineConfig {
@@ -204,6 +242,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             max_batch_changes: default_max_batch_changes(),
             max_batch_ms: default_max_batch_ms(),
+            max_retry_time: default_max_retry_time(),
         }
     }
 }
@@ -214,6 +253,10 @@ fn default_max_batch_changes() -> usize {
 
 fn default_max_batch_ms() -> u64 {
     200
+}
+
+fn default_max_retry_time() -> Duration {
+    Duration(600)
 }
 
 /// A configuration that could not be loaded; says which file and why.
@@ -332,6 +375,18 @@ mod tests {
         let text = MINIMAL.replacen("\"postgres\"", "\"oracle\"", 1);
         let err = Config::parse(&text, Path::new("p.toml")).expect_err("bad kind").to_string();
         assert!(err.contains("oracle") && err.contains("postgres"), "{err}");
+    }
+
+    #[test]
+    fn retry_time_takes_seconds_or_units() {
+        for (value, seconds) in [("90", 90), ("\"90s\"", 90), ("\"10m\"", 600), ("\"1h\"", 3600)] {
+            let text = format!("{MINIMAL}\n[pipeline]\nmax_retry_time = {value}\n");
+            let config = Config::parse(&text, Path::new("p.toml")).expect("valid");
+            assert_eq!(config.pipeline.max_retry_time().as_secs(), seconds);
+        }
+        let text = format!("{MINIMAL}\n[pipeline]\nmax_retry_time = \"10 parsecs\"\n");
+        let err = Config::parse(&text, Path::new("p.toml")).expect_err("bad unit").to_string();
+        assert!(err.contains("max_retry_time") || err.contains("unit"), "{err}");
     }
 
     #[test]

@@ -63,8 +63,8 @@ impl ConnectParams {
 
     /// Opens a SQL connection; its I/O runs on a spawned task.
     pub async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
-            anyhow::anyhow!("cannot connect to PostgreSQL at {} (database {}): {e}", self.endpoint(), self.database)
+        let (client, connection) = self.config.connect(NoTls).await.with_context(|| {
+            format!("cannot connect to PostgreSQL at {} (database {})", self.endpoint(), self.database)
         })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -62,9 +62,89 @@ pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dy
     Ok((source, sink))
 }
 
-/// Runs the pipeline until `shutdown` resolves (or, with `mode = "only"`, until the copy is done).
-pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+/// A connection that broke: the pipeline reconnects and resumes from its checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConnectionLost(pub String);
+
+/// Whether an error is a lost or refused connection (retry) rather than a definite
+/// failure (stop and tell the user).
+pub fn is_transient(error: &anyhow::Error) -> bool {
+    use crate::pgconn::PgError;
+    error.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
+            // Class 08: connection exceptions; 57P01-57P03: shutdown, crash, not yet accepting.
+            let code = e.code().map(|c| c.code());
+            return e.is_closed()
+                || code.is_some_and(|c| c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03"))
+                || (code.is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()));
+        }
+        if let Some(e) = cause.downcast_ref::<mysql_async::Error>() {
+            return match e {
+                mysql_async::Error::Io(_) => true,
+                mysql_async::Error::Driver(mysql_async::DriverError::ConnectionClosed) => true,
+                // Server shutdown in progress, connection killed, lost connection.
+                mysql_async::Error::Server(server) => matches!(server.code, 1053 | 1927 | 2006 | 2013),
+                _ => false,
+            };
+        }
+        matches!(cause.downcast_ref::<PgError>(), Some(PgError::Io(_)))
+            || cause.is::<ConnectionLost>()
+            || cause.is::<std::io::Error>()
+    })
+}
+
+/// Runs the pipeline until `shutdown` resolves (or, with `mode = "only"`, until the copy
+/// is done). A lost connection to either server is retried with exponential backoff
+/// (capped at 30 s) from the last checkpoint, for up to `[pipeline] max_retry_time`.
+pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let store = Arc::new(CheckpointStore::open(&config.state.dir)?);
+    let (stop_tx, mut stop) = watch::channel(false);
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut delay = Duration::from_secs(1);
+    let mut failing_since: Option<Instant> = None;
+    let result = loop {
+        let attempt = Instant::now();
+        let error = match run_once(config, &store, stop.clone()).await {
+            Ok(()) => break Ok(()),
+            Err(e) if is_transient(&e) => e,
+            Err(e) => break Err(e),
+        };
+        // An attempt that ran for a while was a recovery: the retry budget starts over.
+        if attempt.elapsed() > Duration::from_secs(60) {
+            failing_since = None;
+            delay = Duration::from_secs(1);
+        }
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= config.pipeline.max_retry_time() {
+            break Err(error.context(format!(
+                "gave up after retrying for {} s ([pipeline] max_retry_time)",
+                since.elapsed().as_secs()
+            )));
+        }
+        tracing::warn!(error = format!("{error:#}"), retry_in_seconds = delay.as_secs(), "connection lost; resuming from the last checkpoint");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopped(&mut stop) => break Ok(()),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    };
+    signal.abort();
+    result
+}
+
+/// Resolves once the pipeline is told to stop.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens once it has said stop.
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// One attempt: connect, copy what is missing, stream until stopped or broken.
+async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let store = store.clone();
     let (mut source, mut sink) = connect(config).await?;
     let schema = source.schema().await?;
     if schema.tables.is_empty() {
@@ -137,7 +217,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send) -> 
     }
     let (confirmed, confirmed_rx) = watch::channel(start.clone());
     let changes = source.start_stream(&start, confirmed_rx, &untracked).await?;
-    stream(changes, sink.as_mut(), &store, start, confirmed, copied_at, config, shutdown).await
+    stream(changes, sink.as_mut(), &store, start, confirmed, copied_at, config, stop).await
 }
 
 fn log_copy(summary: &CopySummary) {
@@ -385,7 +465,7 @@ async fn stream(
     confirmed: watch::Sender<Position>,
     copied_at: HashMap<String, Position>,
     config: &Config,
-    shutdown: impl Future<Output = ()> + Send,
+    mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     tracing::info!(from = %start, "streaming changes");
     let (tx, mut rx) = mpsc::channel::<Event>(8192);
@@ -416,7 +496,6 @@ async fn stream(
         last_report: Instant::now(),
         last_commit_time: None,
     };
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             event = rx.recv() => match event {
@@ -435,7 +514,7 @@ async fn stream(
                     };
                 }
             },
-            _ = &mut shutdown => {
+            _ = stopped(&mut stop) => {
                 reader.abort();
                 tracing::info!(applied = %applier.applied, "stopping: the target has everything up to the applied position");
                 return Ok(());

@@ -120,7 +120,19 @@ impl PostgresServer {
         format!("postgresql://cutover@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// Stops the server hard (a crash), keeping its data.
+    /// Restarts the server (`pg_ctl restart -m fast`): every client connection drops.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        let mut restart = server_command(&self.bin, "pg_ctl");
+        restart
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"]);
+        run(restart, "pg_ctl restart")
+    }
+
+    /// Stops the server (`mode`: smart, fast or immediate), keeping its data.
     pub fn stop(&self, mode: &str) -> anyhow::Result<()> {
         let mut stop = server_command(&self.bin, "pg_ctl");
         stop.arg("-D").arg(self.dir.join("data")).args(["-m", mode, "-w", "stop"]);
@@ -141,6 +153,8 @@ pub struct MariaDbServer {
     dir: PathBuf,
     port: u16,
     process: std::process::Child,
+    /// `mariadbd` and its arguments, to start it again.
+    command: Vec<std::ffi::OsString>,
 }
 
 impl MariaDbServer {
@@ -186,7 +200,17 @@ impl MariaDbServer {
             server.arg("--user=root");
         }
         let process = server.spawn().context("cannot start mariadbd (apt-get install -y mariadb-server)")?;
-        let server = MariaDbServer { dir, port, process };
+        let command = std::iter::once(server.get_program().to_os_string())
+            .chain(server.get_args().map(|a| a.to_os_string()))
+            .collect();
+        let server = MariaDbServer { dir, port, process, command };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// Waits until the server takes connections, then makes sure the user exists.
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let socket = self.dir.join("mariadb.sock");
         let started = std::time::Instant::now();
         loop {
             let mut client = Command::new("mariadb");
@@ -197,16 +221,31 @@ impl MariaDbServer {
                 "CREATE USER IF NOT EXISTS 'cutover'@'%'; GRANT ALL ON *.* TO 'cutover'@'%' WITH GRANT OPTION",
             ]);
             if run(client, "creating the sandbox user").is_ok() {
-                return Ok(server);
+                return Ok(());
             }
             if started.elapsed() > std::time::Duration::from_secs(60) {
                 anyhow::bail!(
                     "mariadbd did not accept connections within 60 s; see {}",
-                    server.dir.join("error.log").display()
+                    self.dir.join("error.log").display()
                 );
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+    }
+
+    /// Stops the server cleanly and starts it again on the same port and data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.process.id() as i32, libc::SIGTERM) };
+        self.process.wait()?;
+        let (program, args) = self.command.split_first().context("no mariadbd command")?;
+        self.process = Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start mariadbd again")?;
+        self.wait_ready()
     }
 
     pub fn port(&self) -> u16 {

@@ -147,49 +147,98 @@ async fn wait_for_marker(target: &tokio_postgres::Client, n: i32, child: &mut st
     }
 }
 
+/// A streaming pipeline from the MariaDB source's `shop` into the target's `postgres`
+/// database, logging to `cutover.log` in the test dir.
+struct Streaming {
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Streaming {
+    fn new(source: &MariaDbServer, target: &PostgresServer, dir: &std::path::Path) -> Streaming {
+        let config = dir.join("stream.toml");
+        write_config(&config, &source.url("shop"), &target.url("postgres"), &dir.join("state"), "initial");
+        Streaming { config, log: dir.join("cutover.log") }
+    }
+
+    fn spawn(&self) -> std::process::Child {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stderr(file)
+            .spawn()
+            .expect("cutover starts")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The streamed target against a fresh one-shot copy of the source as it is now,
+    /// made into database `fresh`: every table of `shop` the same.
+    async fn assert_matches_fresh_copy(&self, source: &MariaDbServer, target: &PostgresServer, dir: &std::path::Path) {
+        let streamed = pg(&target.url("postgres")).await;
+        streamed.batch_execute("CREATE DATABASE fresh").await.expect("fresh db");
+        let fresh_config = dir.join("fresh.toml");
+        write_config(&fresh_config, &source.url("shop"), &target.url("fresh"), &dir.join("fresh-state"), "only");
+        let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&fresh_config).output().expect("runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let fresh = pg(&target.url("fresh")).await;
+        let streamed_digests = cutover::verify::schema_digests(&streamed, "shop").await.expect("digests");
+        let fresh_digests = cutover::verify::schema_digests(&fresh, "shop").await.expect("digests");
+        assert_eq!(streamed_digests.len(), 4);
+        assert_eq!(streamed_digests, fresh_digests, "{}", self.log());
+    }
+}
+
+fn signal(child: &mut std::process::Child, signal: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let _ = child.wait();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binlog_stream_matches_a_fresh_copy_after_kill_rotation_and_ddl() {
     let (source, target, mut conn, dir) = start("binlog").await;
     conn.query_drop("CREATE TABLE shop.marker (id int PRIMARY KEY)").await.expect("marker");
-    let config = dir.join("stream.toml");
-    write_config(&config, &source.url("shop"), &target.url("postgres"), &dir.join("state"), "initial");
-    let log = dir.join("cutover.log");
-    let spawn = || {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
-        Command::new(env!("CARGO_BIN_EXE_cutover"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(file)
-            .spawn()
-            .expect("cutover starts")
-    };
+    let pipeline = Streaming::new(&source, &target, &dir);
     let streamed = pg(&target.url("postgres")).await;
 
-    let mut child = spawn();
+    let mut child = pipeline.spawn();
     conn.query_drop(STREAM_CHANGES).await.expect("changes");
-    wait_for_marker(&streamed, 1, &mut child, &log).await;
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    let _ = child.wait();
+    wait_for_marker(&streamed, 1, &mut child, &pipeline.log).await;
+    signal(&mut child, libc::SIGKILL);
     conn.query_drop(STREAM_CHANGES_AFTER_KILL).await.expect("changes after kill");
-    let mut child = spawn();
-    wait_for_marker(&streamed, 2, &mut child, &log).await;
-    // SAFETY: as above.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    let mut child = pipeline.spawn();
+    wait_for_marker(&streamed, 2, &mut child, &pipeline.log).await;
+    signal(&mut child, libc::SIGTERM);
 
-    // The stream's result against a fresh one-shot copy of the source as it is now.
-    streamed.batch_execute("CREATE DATABASE fresh").await.expect("fresh db");
-    let fresh_config = dir.join("fresh.toml");
-    write_config(&fresh_config, &source.url("shop"), &target.url("fresh"), &dir.join("fresh-state"), "only");
-    let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&fresh_config).output().expect("runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let fresh = pg(&target.url("fresh")).await;
-    let streamed_digests = cutover::verify::schema_digests(&streamed, "shop").await.expect("digests");
-    let fresh_digests = cutover::verify::schema_digests(&fresh, "shop").await.expect("digests");
-    assert_eq!(streamed_digests.len(), 4);
-    assert_eq!(streamed_digests, fresh_digests, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    pipeline.assert_matches_fresh_copy(&source, &target, &dir).await;
     let extra: i64 = streamed.query_one("SELECT count(*) FROM shop.big_one WHERE extra = 7", &[]).await.expect("extra").get(0);
     assert!(extra > 200_000, "ADD COLUMN … DEFAULT 7 reached the existing rows: {extra}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_restart_mid_stream_is_survived() {
+    let (mut source, target, mut conn, dir) = start("restart").await;
+    conn.query_drop("CREATE TABLE shop.marker (id int PRIMARY KEY)").await.expect("marker");
+    let pipeline = Streaming::new(&source, &target, &dir);
+    let streamed = pg(&target.url("postgres")).await;
+    let mut child = pipeline.spawn();
+    conn.query_drop(STREAM_CHANGES).await.expect("changes");
+    wait_for_marker(&streamed, 1, &mut child, &pipeline.log).await;
+    drop(conn);
+    source.restart().expect("mariadb restarts");
+    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("shop")).expect("url"))
+        .await
+        .expect("reconnects");
+    conn.query_drop(STREAM_CHANGES_AFTER_KILL).await.expect("changes after restart");
+    wait_for_marker(&streamed, 2, &mut child, &pipeline.log).await;
+    signal(&mut child, libc::SIGTERM);
+
+    pipeline.assert_matches_fresh_copy(&source, &target, &dir).await;
+    assert!(pipeline.log().contains("connection lost; resuming"), "{}", pipeline.log());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -223,3 +223,31 @@ async fn update_on_a_table_without_identity_stops_with_the_fix() {
         "{log}"
     );
 }
+
+/// The source and then the target server restart under a write load: cutover
+/// reconnects with backoff and resumes from its checkpoint; nothing lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restarts_are_survived() {
+    let pair = Pair::start("restarts", "[pipeline]\nmax_retry_time = \"2m\"\n");
+    {
+        let source = connect(&pair.source.url("postgres")).await;
+        source.batch_execute(BIG_TABLES).await.expect("tables");
+    }
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    let burst = |round: i32| {
+        let url = pair.source.url("postgres");
+        async move { write_burst(&connect(&url).await, round).await }
+    };
+    burst(1).await;
+    pair.source.restart().expect("source restarts");
+    burst(2).await;
+    pair.target.restart().expect("target restarts");
+    burst(3).await;
+    pair.wait_caught_up(&mut child).await;
+    pair.assert_identical().await;
+    let target = connect(&pair.target.url("postgres")).await;
+    assert_eq!(count(&target, "SELECT count(*) FROM events").await, 3 * 200);
+    assert!(pair.log().contains("connection lost; resuming"), "{}", pair.log());
+    stop(&mut child);
+}

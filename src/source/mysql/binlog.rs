@@ -199,7 +199,7 @@ impl ChangeStream for BinlogChangeStream {
                 .binlog
                 .next()
                 .await
-                .with_context(|| format!("the binlog stream ended after {}", self.file))?
+                .ok_or_else(|| crate::pipeline::ConnectionLost(format!("the MySQL server ended the binlog stream in {}", self.file)))?
                 .with_context(|| format!("reading the binlog in {}", self.file))?;
             let header = event.header();
             let end = self.position(header.log_pos());

@@ -64,7 +64,7 @@ impl MysqlParams {
     pub async fn connect(&self) -> anyhow::Result<mysql_async::Conn> {
         let mut conn = mysql_async::Conn::new(self.opts.clone())
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to MySQL at {} (database {}): {e}", self.endpoint, self.database))?;
+            .with_context(|| format!("cannot connect to MySQL at {} (database {})", self.endpoint, self.database))?;
         conn.query_drop("SET time_zone = '+00:00', NAMES utf8mb4")
             .await
             .context("setting up a MySQL session")?;

@@ -51,7 +51,7 @@ impl ReplicationConnection {
     pub async fn connect(params: &ConnectParams) -> Result<ReplicationConnection, PgError> {
         let endpoint = format!("{}:{}", params.host, params.port);
         let stream = TcpStream::connect((params.host.as_str(), params.port)).await.map_err(|e| {
-            PgError::Connect(format!("cannot reach PostgreSQL at {endpoint} for replication: {e}"))
+            PgError::Io(format!("cannot reach PostgreSQL at {endpoint} for replication: {e}"))
         })?;
         stream.set_nodelay(true).map_err(|e| PgError::Io(e.to_string()))?;
         let mut conn = ReplicationConnection {
