@@ -71,13 +71,17 @@ pub struct ConnectionLost(pub String);
 /// failure (stop and tell the user).
 pub fn is_transient(error: &anyhow::Error) -> bool {
     use crate::pgconn::PgError;
+    // Class 08: connection exceptions; 57P01-57P03: shutdown, crash, not yet accepting.
+    let transient_sqlstate = |code: &str| code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
     error.chain().any(|cause| {
         if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
-            // Class 08: connection exceptions; 57P01-57P03: shutdown, crash, not yet accepting.
             let code = e.code().map(|c| c.code());
             return e.is_closed()
-                || code.is_some_and(|c| c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03"))
+                || code.is_some_and(transient_sqlstate)
                 || (code.is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()));
+        }
+        if let Some(PgError::Server { code, .. }) = cause.downcast_ref::<PgError>() {
+            return transient_sqlstate(code);
         }
         if let Some(e) = cause.downcast_ref::<mysql_async::Error>() {
             return match e {

@@ -309,7 +309,13 @@ impl ReplicationConnection {
                 backend::Message::CopyDone => {
                     return Err(PgError::Io(format!("the server at {} ended the replication stream", self.endpoint)))
                 }
-                _ => return Err(protocol("unexpected message in the replication stream")),
+                // Anything else ends the stream (a shutting-down server may send CommandComplete).
+                _ => {
+                    return Err(PgError::Io(format!(
+                        "the server at {} left the replication stream",
+                        self.endpoint
+                    )))
+                }
             }
         }
     }
