@@ -474,7 +474,7 @@ async fn stream(
     tracing::info!(from = %start, "streaming changes");
     let (tx, mut rx) = mpsc::channel::<Event>(8192);
     // Decoding runs beside applying; the bounded channel is the backpressure.
-    let reader = tokio::spawn(async move {
+    let mut reader = tokio::spawn(async move {
         loop {
             let event = changes.next().await?;
             if tx.send(event).await.is_err() {
@@ -500,29 +500,49 @@ async fn stream(
         last_report: Instant::now(),
         last_commit_time: None,
     };
-    loop {
+    // Told to stop, the applier finishes the source transaction it is in (for up to
+    // DRAIN_TIMEOUT), commits, and returns; past the deadline the open target
+    // transaction is rolled back, which loses nothing: a restart resumes before it.
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let result = loop {
+        let deadline = drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             event = rx.recv() => match event {
                 Some(event) => {
                     let more_waiting = !rx.is_empty();
                     if let Err(e) = applier.handle(event, more_waiting).await {
-                        reader.abort();
-                        return Err(e);
+                        break Err(e);
+                    }
+                    if drain_deadline.is_some() && applier.current.is_none() {
+                        break applier.commit().await;
                     }
                 }
                 None => {
-                    return match reader.await {
+                    break match (&mut reader).await {
                         Ok(Err(e)) => Err(e.context(format!("the change stream stopped; the target has everything up to {}", applier.applied))),
                         Ok(Ok(())) => Ok(()),
                         Err(e) => Err(anyhow::anyhow!("the change stream task failed: {e}")),
                     };
                 }
             },
-            _ = stopped(&mut stop) => {
-                reader.abort();
-                tracing::info!(applied = %applier.applied, "stopping: the target has everything up to the applied position");
-                return Ok(());
+            _ = stopped(&mut stop), if drain_deadline.is_none() => {
+                if applier.current.is_none() {
+                    break applier.commit().await;
+                }
+                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+            }
+            _ = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => {
+                tracing::warn!("the source transaction in progress did not end in time; it is rolled back on the target and re-read at the next start");
+                break Ok(());
             }
         }
+    };
+    reader.abort();
+    if result.is_ok() {
+        tracing::info!(applied = %applier.applied, "stopped: the target has everything up to the applied position");
     }
+    result
 }
+
+/// How long a stop waits for the source transaction in progress to end.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);

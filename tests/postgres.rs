@@ -153,7 +153,9 @@ async fn kill_9_during_snapshot_and_streaming_loses_and_doubles_nothing() {
     pair.assert_identical().await;
     // The keyless table's rows are exactly those of the source: nothing doubled.
     assert_eq!(count(&target, "SELECT count(*) FROM events").await, 14 * 200);
-    stop(&mut child);
+    // SIGTERM while idle: a clean exit 0 well within 10 s.
+    let (status, took) = stop(&mut child);
+    assert!(status.success() && took < Duration::from_secs(10), "{status} after {took:?}:\n{}", pair.log());
 }
 
 /// `mode = "only"` into a newer major version: the one-shot upgrade path. Text COPY
@@ -249,5 +251,38 @@ async fn server_restarts_are_survived() {
     let target = connect(&pair.target.url("postgres")).await;
     assert_eq!(count(&target, "SELECT count(*) FROM events").await, 3 * 200);
     assert!(pair.log().contains("connection lost; resuming"), "{}", pair.log());
+    stop(&mut child);
+}
+
+/// SIGTERM in the middle of a stream of large transactions: cutover finishes or rolls
+/// back the one in progress, exits 0 within 10 s, and a restart continues exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_exits_cleanly_and_resumes_exactly() {
+    let pair = Pair::start("sigterm", "[pipeline]\nmax_batch_changes = 100\n");
+    let source = connect(&pair.source.url("postgres")).await;
+    source.batch_execute("CREATE TABLE lines (n int, note text)").await.expect("table");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    let writer = {
+        let url = pair.source.url("postgres");
+        tokio::spawn(async move {
+            let client = connect(&url).await;
+            for round in 0..20 {
+                client
+                    .batch_execute(&format!("INSERT INTO lines SELECT g, 'round {round}' FROM generate_series(1, 20000) g"))
+                    .await
+                    .expect("insert");
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (status, took) = stop(&mut child);
+    assert!(status.success() && took < Duration::from_secs(10), "{status} after {took:?}:\n{}", pair.log());
+    writer.await.expect("writer");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    pair.assert_identical().await;
+    let target = connect(&pair.target.url("postgres")).await;
+    assert_eq!(count(&target, "SELECT count(*) FROM lines").await, 20 * 20_000);
     stop(&mut child);
 }

@@ -136,9 +136,12 @@ pub fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
-pub fn stop(child: &mut Child) {
+/// SIGTERM, then waits: the exit status and how long the exit took.
+pub fn stop(child: &mut Child) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    let status = child.wait().expect("cutover exits");
+    (status, started.elapsed())
 }
 
