@@ -20,6 +20,8 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The pipeline's name: names the slot, publication and replication origin.
     /// Taken from the config file's name (`shop.toml` → `shop`).
     #[serde(skip)]
@@ -187,6 +189,36 @@ fn default_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
 
+/// `[metrics]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `/metrics` and `/healthz` listen; `"off"` for nowhere. The default port
+    /// clashes with neither postgres_exporter (9187) nor mysqld_exporter (9104).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: default_metrics_listen() }
+    }
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9465".into()
+}
+
+impl MetricsConfig {
+    /// The address to listen on, `None` when turned off.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        if self.listen == "off" {
+            return None;
+        }
+        self.listen.parse().ok()
+    }
+}
+
 /// `[pipeline]`: batching limits.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,6 +317,12 @@ impl Config {
             return Err(invalid(
                 "the file name must contain letters or digits: it names the pipeline".into(),
             ));
+        }
+        if config.metrics.listen != "off" && config.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(format!(
+                "[metrics] listen: `{}` is not an address like \"127.0.0.1:9465\" (or \"off\")",
+                config.metrics.listen
+            )));
         }
         if config.snapshot.workers == 0 {
             return Err(invalid("[snapshot] workers: must be at least 1".into()));

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod pgconn;
 pub mod pipeline;
 pub mod position;

@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use crate::change::{Change, Event, TableName};
 use crate::checkpoint::{CheckpointStore, TableProgress};
 use crate::config::{Config, SnapshotMode, SourceKind, TargetKind};
+use crate::metrics::METRICS;
 use crate::pgconn::ConnectParams;
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
@@ -103,6 +104,7 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
 /// (capped at 30 s) from the last checkpoint, for up to `[pipeline] max_retry_time`.
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let store = Arc::new(CheckpointStore::open(&config.state.dir)?);
+    let metrics_server = config.metrics.address().map(|listen| tokio::spawn(crate::metrics::serve(listen)));
     let (stop_tx, mut stop) = watch::channel(false);
     let signal = tokio::spawn(async move {
         shutdown.await;
@@ -115,8 +117,13 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
         let error = match run_once(config, &store, stop.clone()).await {
             Ok(()) => break Ok(()),
             Err(e) if is_transient(&e) => e,
-            Err(e) => break Err(e),
+            Err(e) => {
+                METRICS.errors.with_label_values(&["fatal"]).inc();
+                break Err(e);
+            }
         };
+        METRICS.errors.with_label_values(&["connection"]).inc();
+        METRICS.set_healthy(false);
         // An attempt that ran for a while was a recovery: the retry budget starts over.
         if attempt.elapsed() > Duration::from_secs(60) {
             failing_since = None;
@@ -135,8 +142,16 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
             _ = stopped(&mut stop) => break Ok(()),
         }
         delay = (delay * 2).min(Duration::from_secs(30));
+        // Which server went away, as far as the error says.
+        let side = if format!("{error:#}").contains("target") { "target" } else { "source" };
+        METRICS.reconnects.with_label_values(&[side]).inc();
     };
     signal.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
+    METRICS.set_phase("stopped");
+    METRICS.set_healthy(result.is_ok());
     result
 }
 
@@ -150,6 +165,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let store = store.clone();
     let (mut source, mut sink) = connect(config).await?;
+    METRICS.set_healthy(true);
     let schema = source.schema().await?;
     if schema.tables.is_empty() {
         anyhow::bail!("[source] tables / exclude select no table on the source: nothing to replicate");
@@ -274,6 +290,8 @@ pub async fn copy_tables(
             writer.truncate(&table.schema.name).await?;
         }
     }
+    METRICS.set_phase("snapshot");
+    METRICS.snapshot_tables.with_label_values(&["pending"]).add(sorted.len() as i64);
     let dialect = source.dialect();
     let mut queue = VecDeque::new();
     let mut remaining = HashMap::new();
@@ -302,6 +320,8 @@ pub async fn copy_tables(
                 untracked: untracked.get(&table.schema.name.to_string()).copied(),
             };
             index_store.save_table(&table.schema.name, &progress)?;
+            METRICS.snapshot_tables.with_label_values(&["pending"]).dec();
+            METRICS.snapshot_tables.with_label_values(&["done"]).inc();
             tracing::info!(table = %table.schema.name, rows, index_seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "table copied");
             total += rows;
         }
@@ -320,6 +340,7 @@ pub async fn copy_tables(
                 let Some((table, chunk, format)) = next else { return anyhow::Ok(()) };
                 let rows = reader.read(&table, chunk, format).await?;
                 let copied = writer.write(&table, rows).await?;
+                METRICS.snapshot_rows.with_label_values(&[&table.schema.name.to_string()]).inc_by(copied);
                 if chunk != Chunk::Whole {
                     tracing::debug!(table = %table.schema.name, ?chunk, rows = copied, "chunk copied");
                 }
@@ -372,6 +393,9 @@ struct Applier<'a> {
     transactions: u64,
     last_report: Instant,
     last_commit_time: Option<SystemTime>,
+    /// Source transactions and changes per (table, op) in the open target transaction.
+    grouped: u64,
+    grouped_changes: HashMap<(String, &'static str), u64>,
 }
 
 impl Applier<'_> {
@@ -395,6 +419,16 @@ impl Applier<'_> {
                     return Ok(());
                 }
                 if let Some(change) = self.filter(change) {
+                    let op = match &change {
+                        Change::Insert { .. } => Some("insert"),
+                        Change::Update { .. } => Some("update"),
+                        Change::Delete { .. } => Some("delete"),
+                        Change::Truncate { .. } => Some("truncate"),
+                        Change::Relation(_) => None,
+                    };
+                    if let (Some(op), Some(table)) = (op, change.table()) {
+                        *self.grouped_changes.entry((table.to_string(), op)).or_default() += 1;
+                    }
                     self.buffer.push(change);
                     if self.buffer.len() >= self.max_changes {
                         self.sink.apply(&self.buffer).await?;
@@ -409,6 +443,7 @@ impl Applier<'_> {
                 }
                 self.ended = Some((position, commit_time));
                 self.transactions += 1;
+                self.grouped += 1;
                 if !more_waiting || self.group_started.elapsed() >= self.max_group {
                     self.commit().await?;
                 }
@@ -442,6 +477,12 @@ impl Applier<'_> {
         }
         self.sink.commit(&position, commit_time).await?;
         self.open = false;
+        METRICS.apply_batch_seconds.observe(self.group_started.elapsed().as_secs_f64());
+        METRICS.transactions_applied.inc_by(std::mem::take(&mut self.grouped));
+        for ((table, op), n) in self.grouped_changes.drain() {
+            METRICS.changes_applied.with_label_values(&[&table, op]).inc_by(n);
+        }
+        METRICS.lag_seconds.set(commit_time.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0));
         self.store.save_position(&position)?;
         self.applied = position.clone();
         self.last_commit_time = Some(commit_time);
@@ -499,14 +540,25 @@ async fn stream(
         transactions: 0,
         last_report: Instant::now(),
         last_commit_time: None,
+        grouped: 0,
+        grouped_changes: HashMap::new(),
     };
+    METRICS.set_phase("catch-up");
     // Told to stop, the applier finishes the source transaction it is in (for up to
     // DRAIN_TIMEOUT), commits, and returns; past the deadline the open target
     // transaction is rolled back, which loses nothing: a restart resumes before it.
     let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut idle_check = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         let deadline = drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
+            _ = idle_check.tick() => {
+                // Nothing received and nothing open: caught up.
+                if rx.is_empty() && applier.current.is_none() && applier.ended.is_none() {
+                    METRICS.lag_seconds.set(0.0);
+                    METRICS.set_phase("streaming");
+                }
+            }
             event = rx.recv() => match event {
                 Some(event) => {
                     let more_waiting = !rx.is_empty();

@@ -286,3 +286,72 @@ async fn sigterm_mid_stream_exits_cleanly_and_resumes_exactly() {
     assert_eq!(count(&target, "SELECT count(*) FROM lines").await, 20 * 20_000);
     stop(&mut child);
 }
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
+
+/// `/metrics` and `/healthz` answer while the pipeline streams, and a password given
+/// in the URL or a password file appears nowhere cutover writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_and_passwords_never_printed() {
+    const PASSWORD: &str = "S3cret-Pw-4711";
+    let pair = Pair::start("metrics", "");
+    let port = cutover::sandbox::free_port().expect("port");
+    let password_file = pair.dir.join("target.pw");
+    std::fs::write(&password_file, PASSWORD).expect("password file");
+    // The sandboxes trust loopback, so the passwords are accepted and unused.
+    let source_url = pair.source.url("postgres").replace("cutover@", &format!("cutover:{PASSWORD}@"));
+    std::fs::write(
+        &pair.config_path,
+        format!(
+            "[source]\nkind = \"postgres\"\nurl = \"{source_url}\"\n[target]\nkind = \"postgres\"\nurl = \"{}\"\n\
+             password_file = \"{}\"\n[state]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            pair.target.url("postgres"),
+            password_file.display(),
+            pair.dir.join("state").display()
+        ),
+    )
+    .expect("config");
+    let source = connect(&pair.source.url("postgres")).await;
+    source.batch_execute("CREATE TABLE items (id int PRIMARY KEY, n int); INSERT INTO items SELECT g, g FROM generate_series(1, 500) g").await.expect("table");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    source.batch_execute("UPDATE items SET n = n + 1 WHERE id <= 100; DELETE FROM items WHERE id > 450").await.expect("changes");
+    pair.wait_caught_up(&mut child).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let metrics = http_get(port, "/metrics");
+    for expected in [
+        "cutover_snapshot_rows_total{table=\"public.items\"} 500",
+        "cutover_changes_applied_total{op=\"update\",table=\"public.items\"} 100",
+        "cutover_changes_applied_total{op=\"delete\",table=\"public.items\"} 50",
+        "cutover_snapshot_tables{state=\"done\"} 1",
+        "cutover_phase{phase=\"streaming\"} 1",
+        "cutover_lag_seconds 0",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing from:\n{metrics}");
+    }
+    assert!(metrics.contains("cutover_transactions_applied_total "), "{metrics}");
+    assert!(http_get(port, "/healthz").starts_with("HTTP/1.1 200"));
+
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["check", "--config"])
+        .arg(&pair.config_path)
+        .output()
+        .expect("check runs");
+    let (status, _) = stop(&mut child);
+    assert!(status.success());
+    let everything = format!(
+        "{}{}{}{metrics}",
+        pair.log(),
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(!everything.contains(PASSWORD), "the password leaked:\n{everything}");
+}

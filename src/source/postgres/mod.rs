@@ -611,6 +611,7 @@ impl ChangeStream for PostgresChangeStream {
                         // Idle and fully applied: the server's own position is safe to confirm.
                         let idle = !self.in_transaction && self.last_commit_end <= confirmed;
                         let flushed = if idle { confirmed.max(wal_end) } else { confirmed };
+                        crate::metrics::METRICS.lag_bytes.set(i64::try_from(wal_end.0.saturating_sub(flushed.0)).unwrap_or(i64::MAX));
                         if reply_requested || flushed != self.reported_flush || self.last_status.elapsed() >= STATUS_INTERVAL {
                             self.send_status(wal_end, flushed).await?;
                         }
