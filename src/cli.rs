@@ -27,6 +27,14 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Where the pipeline stands: phase, applied position, lag, snapshot progress, last error.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare source and target: row counts and checksums per table; exit 1 on a difference.
     Verify {
         #[arg(long)]

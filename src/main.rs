@@ -42,6 +42,16 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
             let ready = cutover::preflight::check(&config).await?;
             Ok(if ready { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Status { config, json } => {
+            let config = Config::load(&config)?;
+            let status = cutover::status::query(&config.state.dir).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", cutover::status::render(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify { config } => {
             let config = Config::load(&config)?;
             let reports = cutover::verify::verify(&config).await?;

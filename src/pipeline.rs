@@ -105,9 +105,11 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let store = Arc::new(CheckpointStore::open(&config.state.dir)?);
     let metrics_server = config.metrics.address().map(|listen| tokio::spawn(crate::metrics::serve(listen)));
+    let control = crate::status::serve(&config.state.dir, store.clone()).await?;
     let (stop_tx, mut stop) = watch::channel(false);
     let signal = tokio::spawn(async move {
         shutdown.await;
+        crate::notify::notify("STOPPING=1");
         let _ = stop_tx.send(true);
     });
     let mut delay = Duration::from_secs(1);
@@ -124,6 +126,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
         };
         METRICS.errors.with_label_values(&["connection"]).inc();
         METRICS.set_healthy(false);
+        crate::status::set_last_error(Some(format!("{error:#}")));
         // An attempt that ran for a while was a recovery: the retry budget starts over.
         if attempt.elapsed() > Duration::from_secs(60) {
             failing_since = None;
@@ -147,6 +150,8 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
         METRICS.reconnects.with_label_values(&[side]).inc();
     };
     signal.abort();
+    control.abort();
+    let _ = std::fs::remove_file(crate::status::socket_path(&config.state.dir));
     if let Some(server) = metrics_server {
         server.abort();
     }
@@ -166,6 +171,7 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
     let store = store.clone();
     let (mut source, mut sink) = connect(config).await?;
     METRICS.set_healthy(true);
+    crate::notify::notify("READY=1\nSTATUS=connected to source and target");
     let schema = source.schema().await?;
     if schema.tables.is_empty() {
         anyhow::bail!("[source] tables / exclude select no table on the source: nothing to replicate");
@@ -328,6 +334,7 @@ pub async fn copy_tables(
         anyhow::Ok(total)
     });
 
+    crate::notify::notify(&format!("STATUS=snapshot: copying {} table(s)", sorted.len()));
     let mut tasks = JoinSet::new();
     for mut reader in readers {
         let mut writer = sink.table_writer().await?;
@@ -359,7 +366,19 @@ pub async fn copy_tables(
         });
     }
     drop(done_tx);
-    while let Some(result) = tasks.join_next().await {
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        let result = tokio::select! {
+            result = tasks.join_next() => match result {
+                Some(result) => result,
+                None => break,
+            },
+            // The coordinator is alive while it waits on the workers.
+            _ = heartbeat.tick() => {
+                crate::notify::notify("WATCHDOG=1");
+                continue;
+            }
+        };
         if let Err(e) = result.context("a copy worker panicked").and_then(|r| r) {
             tasks.abort_all();
             indexer.abort();
@@ -554,10 +573,18 @@ async fn stream(
         tokio::select! {
             _ = idle_check.tick() => {
                 // Nothing received and nothing open: caught up.
-                if rx.is_empty() && applier.current.is_none() && applier.ended.is_none() {
+                let caught_up = rx.is_empty() && applier.current.is_none() && applier.ended.is_none();
+                if caught_up {
                     METRICS.lag_seconds.set(0.0);
                     METRICS.set_phase("streaming");
                 }
+                // Sent from the apply loop itself: if it wedges, systemd restarts the daemon.
+                crate::notify::notify(&format!(
+                    "WATCHDOG=1\nSTATUS={}, applied up to {}, lag {:.1} s",
+                    if caught_up { "streaming" } else { "catching up" },
+                    applier.applied,
+                    METRICS.lag_seconds.get()
+                ));
             }
             event = rx.recv() => match event {
                 Some(event) => {

@@ -355,3 +355,69 @@ async fn metrics_are_served_and_passwords_never_printed() {
     );
     assert!(!everything.contains(PASSWORD), "the password leaked:\n{everything}");
 }
+
+/// Under systemd (`Type=notify`): READY once connected, WATCHDOG and STATUS from the
+/// apply loop, STOPPING on SIGTERM, all sent to `$NOTIFY_SOCKET`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notifications_are_sent() {
+    let pair = Pair::start("notify", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.expect("table");
+    let socket_path = pair.dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let mut child = pair.spawn_with_env(&[("NOTIFY_SOCKET", &socket_path)]);
+    pair.wait_caught_up(&mut child).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, _) = stop(&mut child);
+    assert!(status.success());
+    let mut messages = String::new();
+    let mut buffer = [0u8; 4096];
+    while let Ok(n) = socket.recv(&mut buffer) {
+        messages.push_str(&String::from_utf8_lossy(&buffer[..n]));
+        messages.push('\n');
+    }
+    for expected in ["READY=1", "WATCHDOG=1", "STATUS=streaming, applied up to lsn:", "STOPPING=1"] {
+        assert!(messages.contains(expected), "{expected} missing from:\n{messages}");
+    }
+}
+
+fn status(pair: &Pair) -> serde_json::Value {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["status", "--json", "--config"])
+        .arg(&pair.config_path)
+        .output()
+        .expect("status runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("status is JSON")
+}
+
+/// `status` asks the running daemon over its control socket, and reads the
+/// checkpoint when none runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_live_and_stopped_pipelines() {
+    let pair = Pair::start("status", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 42)").await.expect("table");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    source.batch_execute("INSERT INTO t VALUES (100)").await.expect("insert");
+    pair.wait_caught_up(&mut child).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let live = status(&pair);
+    assert_eq!(live["running"], true, "{live}");
+    assert_eq!(live["phase"], "streaming", "{live}");
+    assert!(live["applied_position"].as_str().is_some_and(|p| p.starts_with("lsn:")), "{live}");
+    assert_eq!(live["tables_copied"][0], serde_json::json!(["public.t", 42]), "{live}");
+    assert!(live["transactions_applied"].as_u64().is_some_and(|n| n >= 1), "{live}");
+    let mode = std::fs::metadata(pair.dir.join("state").join("control.sock")).map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
+    assert_eq!(mode.ok(), Some(0o600));
+    stop(&mut child);
+    let stopped = status(&pair);
+    assert_eq!(stopped["running"], false, "{stopped}");
+    assert_eq!(stopped["phase"], "stopped", "{stopped}");
+    assert_eq!(stopped["applied_position"], live["applied_position"], "{stopped}");
+}

@@ -53,6 +53,11 @@ impl Pair {
 
     /// Starts `cutover run` as a child process, logging to a file in the test dir.
     pub fn spawn(&self) -> Child {
+        self.spawn_with_env(&[])
+    }
+
+    /// As [`Pair::spawn`], with extra environment variables.
+    pub fn spawn_with_env(&self, env: &[(&str, &std::path::Path)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -63,6 +68,7 @@ impl Pair {
             .args(["run", "--config"])
             .arg(&self.config_path)
             .env("CUTOVER_LOG", "info,cutover=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

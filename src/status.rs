@@ -1,0 +1,122 @@
+//! `cutover status`: where a pipeline stands. A running daemon answers on a
+//! control socket in its state dir (mode 0600); when none runs, the checkpoint
+//! store answers for it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::checkpoint::CheckpointStore;
+use crate::metrics::{METRICS, PHASES};
+
+/// A pipeline's state, as `status` prints it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub running: bool,
+    pub phase: String,
+    /// The end of the last source transaction committed on the target.
+    pub applied_position: Option<String>,
+    pub lag_seconds: f64,
+    /// PostgreSQL sources: WAL the source wrote past the applied position.
+    pub lag_bytes: i64,
+    pub transactions_applied: u64,
+    /// Tables whose snapshot copy finished, with the rows copied.
+    pub tables_copied: Vec<(String, u64)>,
+    pub last_error: Option<String>,
+}
+
+/// What the pipeline reports beyond its metrics.
+static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
+/// Records the error the pipeline is retrying or stopped with.
+pub fn set_last_error(error: Option<String>) {
+    if let Ok(mut last) = LAST_ERROR.lock() {
+        *last = error;
+    }
+}
+
+/// The control socket's path in a state dir.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+fn from_store(store: &CheckpointStore, running: bool) -> anyhow::Result<Status> {
+    Ok(Status {
+        running,
+        applied_position: store.position()?.map(|p| p.to_string()),
+        tables_copied: store.tables()?.into_iter().map(|(name, progress)| (name, progress.rows)).collect(),
+        ..Status::default()
+    })
+}
+
+/// The running pipeline's status.
+fn live(store: &CheckpointStore) -> anyhow::Result<Status> {
+    let mut status = from_store(store, true)?;
+    status.phase = PHASES
+        .iter()
+        .find(|p| METRICS.phase.with_label_values(&[p]).get() == 1)
+        .unwrap_or(&"starting")
+        .to_string();
+    status.lag_seconds = METRICS.lag_seconds.get();
+    status.lag_bytes = METRICS.lag_bytes.get();
+    status.transactions_applied = METRICS.transactions_applied.get();
+    status.last_error = LAST_ERROR.lock().ok().and_then(|e| e.clone());
+    Ok(status)
+}
+
+/// Answers status requests on the control socket until the task is aborted.
+pub async fn serve(state_dir: &Path, store: Arc<CheckpointStore>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let path = socket_path(state_dir);
+    // A socket left by a killed predecessor; the RocksDB lock proves it is gone.
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(|e| anyhow::anyhow!("cannot create the control socket {}: {e}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { continue };
+            let body = match live(&store).and_then(|s| Ok(serde_json::to_vec(&s)?)) {
+                Ok(body) => body,
+                Err(e) => format!("{{\"error\": {:?}}}", e.to_string()).into_bytes(),
+            };
+            let _ = socket.write_all(&body).await;
+        }
+    }))
+}
+
+/// Asks the running daemon, or reads the checkpoint store when none runs.
+pub async fn query(state_dir: &Path) -> anyhow::Result<Status> {
+    if let Ok(mut socket) = tokio::net::UnixStream::connect(socket_path(state_dir)).await {
+        let mut body = Vec::new();
+        socket.read_to_end(&mut body).await?;
+        return Ok(serde_json::from_slice(&body)?);
+    }
+    let store = CheckpointStore::open(state_dir)?;
+    let mut status = from_store(&store, false)?;
+    status.phase = "stopped".into();
+    Ok(status)
+}
+
+/// The status for a terminal.
+pub fn render(status: &Status) -> String {
+    let mut out = format!(
+        "phase:                {}{}\napplied position:     {}\nlag:                  {:.1} s, {} bytes\ntransactions applied: {}\n",
+        status.phase,
+        if status.running { "" } else { " (no daemon running)" },
+        status.applied_position.as_deref().unwrap_or("none yet"),
+        status.lag_seconds,
+        status.lag_bytes,
+        status.transactions_applied
+    );
+    out.push_str(&format!("tables copied:        {}\n", status.tables_copied.len()));
+    for (table, rows) in &status.tables_copied {
+        out.push_str(&format!("  {table:<40} {rows:>12} rows\n"));
+    }
+    if let Some(error) = &status.last_error {
+        out.push_str(&format!("last error:           {error}\n"));
+    }
+    out
+}
