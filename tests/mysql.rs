@@ -242,3 +242,23 @@ async fn a_mariadb_restart_mid_stream_is_survived() {
     assert!(pipeline.log().contains("connection lost; resuming"), "{}", pipeline.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A value its target column cannot take stops the copy with the table, the row's key,
+/// the column and the value — never a silently dropped row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_target_cannot_take_is_named() {
+    let (source, target, mut conn, dir) = start("badvalue").await;
+    conn.query_drop("CREATE TABLE shop.flags (id int PRIMARY KEY, active tinyint(1)); INSERT INTO shop.flags VALUES (1, 1), (2, 5)")
+        .await
+        .expect("table");
+    let config = dir.join("bad.toml");
+    write_config(&config, &source.url("shop"), &target.url("postgres"), &dir.join("state"), "only");
+    let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&config).output().expect("runs");
+    let text = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("shop.flags") && text.contains("id=2") && text.contains("column active") && text.contains("value 5"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

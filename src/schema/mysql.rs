@@ -47,6 +47,8 @@ pub struct ColumnMapping {
 pub enum Encoding {
     /// The text is the same in both.
     Same,
+    /// `tinyint(1)` → boolean: only 0 and 1 fit.
+    Boolean,
     /// Text stored as latin1: the text protocol converts it, the binlog carries the stored bytes.
     Latin1,
     /// An unsigned integer of this many bits: the binlog may carry it as signed.
@@ -136,7 +138,7 @@ pub fn map_column(column: &MysqlColumn) -> Result<ColumnMapping, UnsupportedType
     let fraction = column.datetime_precision.unwrap_or(0).min(6);
     Ok(match column.data_type.as_str() {
         "tinyint" if column.column_type.starts_with("tinyint(1)") => {
-            with("boolean".into(), Encoding::Same, Some("values other than 0 and 1 do not fit boolean"))
+            with("boolean".into(), Encoding::Boolean, Some("values other than 0 and 1 do not fit boolean"))
         }
         "tinyint" if unsigned => unsigned_as("smallint", 8),
         "tinyint" => same("smallint"),
@@ -189,18 +191,24 @@ pub fn map_column(column: &MysqlColumn) -> Result<ColumnMapping, UnsupportedType
     })
 }
 
+/// A source value that cannot become a value of its target column.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ValueError(String);
+
 fn is_zero_date(t: &str) -> bool {
     t.starts_with("0000-00-00") || t.get(5..10).is_some_and(|md| md.contains("-00") || md.starts_with("00"))
 }
 
 /// A value in MySQL's text form (text protocol) → PostgreSQL's text form; `None` is NULL.
-pub fn encode(encoding: &Encoding, value: &[u8]) -> Result<Option<String>, std::str::Utf8Error> {
-    let text = || std::str::from_utf8(value);
+pub fn encode(encoding: &Encoding, value: &[u8]) -> Result<Option<String>, ValueError> {
+    let text = || std::str::from_utf8(value).map_err(|_| ValueError("a text value is not valid UTF-8".into()));
     let zero_date = is_zero_date;
     Ok(match encoding {
         Encoding::Same | Encoding::Latin1 | Encoding::Unsigned { .. } | Encoding::Time | Encoding::Enum { .. } => {
             Some(text()?.to_string())
         }
+        Encoding::Boolean => Some(boolean(text()?)?),
         Encoding::Bytes => {
             let mut hex = String::with_capacity(2 + value.len() * 2);
             hex.push_str("\\x");
@@ -230,6 +238,17 @@ pub fn encode(encoding: &Encoding, value: &[u8]) -> Result<Option<String>, std::
     })
 }
 
+/// `tinyint(1)` as boolean: 0 and 1 only.
+fn boolean(text: &str) -> Result<String, ValueError> {
+    match text {
+        "0" | "1" => Ok(text.to_string()),
+        other => Err(ValueError(format!(
+            "value {other} of a tinyint(1) column does not fit boolean (only 0 and 1 do): fix the value on the source, \
+             or make the column tinyint(4) so that it maps to smallint"
+        ))),
+    }
+}
+
 /// `{"a","b"}`: a PostgreSQL text-array literal.
 fn array_literal(elements: &[&str]) -> String {
     let quoted: Vec<String> =
@@ -237,10 +256,6 @@ fn array_literal(elements: &[&str]) -> String {
     format!("{{{}}}", quoted.join(","))
 }
 
-/// A binlog value that cannot become a PostgreSQL value.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BinlogValueError(String);
 
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -256,21 +271,21 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// A value as the binlog carries it (decoded by `mysql_common`) → PostgreSQL's text form.
-pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Option<String>, BinlogValueError> {
+pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Option<String>, ValueError> {
     let value = match value {
         BinlogValue::Value(value) => value,
         BinlogValue::Jsonb(jsonb) => {
             let json = serde_json::Value::try_from(jsonb)
-                .map_err(|e| BinlogValueError(format!("a JSON value cannot be read: {e}")))?;
+                .map_err(|e| ValueError(format!("a JSON value cannot be read: {e}")))?;
             return Ok(Some(json.to_string()));
         }
         BinlogValue::JsonDiff(_) => {
-            return Err(BinlogValueError(
+            return Err(ValueError(
                 "a partial JSON update cannot be applied: set binlog_row_value_options = '' on the source".into(),
             ))
         }
     };
-    let utf8 = |bytes: &[u8]| encode(encoding, bytes).map_err(|_| BinlogValueError("a text value is not valid UTF-8".into()));
+    let utf8 = |bytes: &[u8]| encode(encoding, bytes);
     Ok(match (encoding, value) {
         (_, MysqlValue::NULL) => None,
         (Encoding::Unsigned { bits }, MysqlValue::Int(i)) => {
@@ -279,8 +294,9 @@ pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Opti
         }
         (Encoding::Enum { labels }, MysqlValue::Int(i)) => {
             let label = usize::try_from(i).ok().and_then(|i| i.checked_sub(1)).and_then(|i| labels.get(i));
-            Some(label.cloned().ok_or_else(|| BinlogValueError(format!("enum index {i} is not one of the column's labels")))?)
+            Some(label.cloned().ok_or_else(|| ValueError(format!("enum index {i} is not one of the column's labels")))?)
         }
+        (Encoding::Boolean, MysqlValue::Int(i)) => Some(boolean(&i.to_string())?),
         (_, MysqlValue::Int(i)) => Some(i.to_string()),
         (_, MysqlValue::UInt(u)) => Some(u.to_string()),
         (_, MysqlValue::Float(f)) => Some(f.to_string()),
@@ -297,9 +313,9 @@ pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Opti
         // ISO 8859-1: every byte is the code point of the same number.
         (Encoding::Latin1, MysqlValue::Bytes(bytes)) => Some(bytes.iter().map(|&b| char::from(b)).collect()),
         (Encoding::Timestamp, MysqlValue::Bytes(bytes)) => {
-            let text = std::str::from_utf8(&bytes).map_err(|_| BinlogValueError("bad TIMESTAMP".into()))?;
+            let text = std::str::from_utf8(&bytes).map_err(|_| ValueError("bad TIMESTAMP".into()))?;
             let (seconds, fraction) = text.split_once('.').unwrap_or((text, ""));
-            let seconds: i64 = seconds.parse().map_err(|_| BinlogValueError(format!("bad TIMESTAMP {text}")))?;
+            let seconds: i64 = seconds.parse().map_err(|_| ValueError(format!("bad TIMESTAMP {text}")))?;
             if seconds == 0 && fraction.trim_matches('0').is_empty() {
                 None
             } else {
@@ -386,6 +402,8 @@ mod tests {
     fn encodes_values() {
         let enc = |e: Encoding, v: &[u8]| encode(&e, v).ok().flatten();
         assert_eq!(enc(Encoding::Bytes, &[0, 255]), Some("\\x00ff".into()));
+        assert_eq!(enc(Encoding::Boolean, b"1"), Some("1".into()));
+        assert!(encode(&Encoding::Boolean, b"5").is_err());
         assert_eq!(enc(Encoding::Bits { width: 12 }, &[0x0a, 0xbc]), Some("101010111100".into()));
         assert_eq!(enc(Encoding::Date, b"0000-00-00"), None);
         assert_eq!(enc(Encoding::Date, b"2024-02-00"), None);

@@ -274,6 +274,8 @@ impl TableReader for MysqlTableReader {
         let encodings = self.encodings.get(&name).cloned().with_context(|| format!("no column mapping for {name}"))?;
         let columns: Vec<String> = table.schema.columns.iter().map(|c| format!("`{}`", c.name.replace('`', "``"))).collect();
         let sql = format!("SELECT {} FROM `{}`.`{}`", columns.join(", "), name.schema.replace('`', "``"), name.name.replace('`', "``"));
+        let columns: Vec<String> = table.schema.columns.iter().map(|c| c.name.clone()).collect();
+        let key = table.schema.key_indexes();
         let mut conn = self.conn.clone().lock_owned().await;
         let (tx, mut rx) = mpsc::channel::<anyhow::Result<Bytes>>(8);
         tokio::spawn(async move {
@@ -281,6 +283,7 @@ impl TableReader for MysqlTableReader {
                 let mut rows = conn.query_iter(sql).await.with_context(|| format!("reading {name} from the source"))?;
                 let mut buffer = BytesMut::with_capacity(COPY_CHUNK);
                 let mut line = Vec::new();
+                let mut zero_dates = 0u64;
                 while let Some(row) = rows.next().await.with_context(|| format!("reading {name} from the source"))? {
                     line.clear();
                     for (i, encoding) in encodings.iter().enumerate() {
@@ -289,9 +292,26 @@ impl TableReader for MysqlTableReader {
                         }
                         let value = match row.as_ref(i) {
                             None | Some(mysql_async::Value::NULL) => None,
-                            Some(mysql_async::Value::Bytes(bytes)) => encode(encoding, bytes).map_err(|_| {
-                                anyhow::anyhow!("table {name}, column {}: a value is not valid UTF-8", i + 1)
-                            })?,
+                            Some(mysql_async::Value::Bytes(bytes)) => {
+                                let value = encode(encoding, bytes).map_err(|e| {
+                                    let key: Vec<String> = key
+                                        .iter()
+                                        .map(|&k| match row.as_ref(k) {
+                                            Some(mysql_async::Value::Bytes(b)) => {
+                                                format!("{}={}", columns[k], String::from_utf8_lossy(b))
+                                            }
+                                            _ => format!("{}=NULL", columns[k]),
+                                        })
+                                        .collect();
+                                    anyhow::anyhow!(
+                                        "table {name}, row ({}), column {}: {e}; cutover stopped before loading the table",
+                                        if key.is_empty() { "no key".to_string() } else { key.join(", ") },
+                                        columns[i]
+                                    )
+                                })?;
+                                zero_dates += u64::from(value.is_none());
+                                value
+                            }
                             Some(other) => Some(other.as_sql(true).trim_matches('\'').to_string()),
                         };
                         push_copy_field(&mut line, value.as_deref());
@@ -304,6 +324,9 @@ impl TableReader for MysqlTableReader {
                 }
                 if !buffer.is_empty() {
                     let _ = tx.send(Ok(buffer.freeze())).await;
+                }
+                if zero_dates > 0 {
+                    tracing::warn!(table = %name, zero_dates, "zero dates (0000-00-00 and the like) became NULL on the target");
                 }
                 Ok(())
             }
