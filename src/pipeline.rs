@@ -335,18 +335,26 @@ pub async fn copy_tables(
     });
 
     crate::notify::notify(&format!("STATUS=snapshot: copying {} table(s)", sorted.len()));
+    let progress = Arc::new(CopyProgress::default());
+    let estimated_bytes: u64 = sorted.iter().map(|t| t.pages * 8192).sum();
     let mut tasks = JoinSet::new();
     for mut reader in readers {
         let mut writer = sink.table_writer().await?;
         let queue = queue.clone();
         let remaining = remaining.clone();
         let done_tx = done_tx.clone();
+        let progress = progress.clone();
         tasks.spawn(async move {
             loop {
                 let next = queue.lock().map_err(|_| anyhow::anyhow!("copy queue poisoned"))?.pop_front();
                 let Some((table, chunk, format)) = next else { return anyhow::Ok(()) };
-                let rows = reader.read(&table, chunk, format).await?;
+                let mut rows = reader.read(&table, chunk, format).await?;
+                let counter = progress.clone();
+                rows.data = Box::pin(futures_util::TryStreamExt::inspect_ok(rows.data, move |bytes| {
+                    counter.bytes.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }));
                 let copied = writer.write(&table, rows).await?;
+                progress.rows.fetch_add(copied, std::sync::atomic::Ordering::Relaxed);
                 METRICS.snapshot_rows.with_label_values(&[&table.schema.name.to_string()]).inc_by(copied);
                 if chunk != Chunk::Whole {
                     tracing::debug!(table = %table.schema.name, ?chunk, rows = copied, "chunk copied");
@@ -360,6 +368,7 @@ pub async fn copy_tables(
                 };
                 if let Some(rows) = finished {
                     // The indexer only stops when every sender is gone.
+                    progress.tables.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let _ = done_tx.send((table, rows));
                 }
             }
@@ -367,6 +376,7 @@ pub async fn copy_tables(
     }
     drop(done_tx);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+    let mut last_progress = Instant::now();
     loop {
         let result = tokio::select! {
             result = tasks.join_next() => match result {
@@ -376,6 +386,10 @@ pub async fn copy_tables(
             // The coordinator is alive while it waits on the workers.
             _ = heartbeat.tick() => {
                 crate::notify::notify("WATCHDOG=1");
+                if last_progress.elapsed() >= PROGRESS_INTERVAL {
+                    progress.report(sorted.len(), estimated_bytes, started.elapsed());
+                    last_progress = Instant::now();
+                }
                 continue;
             }
         };
@@ -387,6 +401,39 @@ pub async fn copy_tables(
     }
     let rows = indexer.await.context("the index builder panicked")??;
     Ok(CopySummary { tables: sorted.len(), rows, elapsed: started.elapsed() })
+}
+
+/// How often the snapshot logs its progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What the copy workers have moved so far.
+#[derive(Default)]
+struct CopyProgress {
+    /// Bytes streamed from source to target.
+    bytes: std::sync::atomic::AtomicU64,
+    /// Rows in finished chunks.
+    rows: std::sync::atomic::AtomicU64,
+    /// Tables whose every chunk is copied.
+    tables: std::sync::atomic::AtomicUsize,
+}
+
+impl CopyProgress {
+    /// One log line: tables, rows, bytes, rate and a rough ETA from the tables' on-disk size.
+    fn report(&self, tables: usize, estimated_bytes: u64, elapsed: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = self.bytes.load(Relaxed);
+        let rate = bytes as f64 / elapsed.as_secs_f64().max(0.001);
+        let remaining = estimated_bytes.saturating_sub(bytes) as f64;
+        let eta = if rate > 0.0 { format!("~{:.0} s", remaining / rate) } else { "unknown".into() };
+        tracing::info!(
+            tables_copied = format!("{}/{tables}", self.tables.load(Relaxed)),
+            rows = self.rows.load(Relaxed),
+            megabytes = bytes / 1_000_000,
+            megabytes_per_second = format!("{:.1}", rate / 1e6),
+            eta,
+            "snapshot in progress"
+        );
+    }
 }
 
 /// The apply side of streaming: groups source transactions into target transactions.
