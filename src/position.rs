@@ -38,8 +38,50 @@ impl FromStr for Lsn {
 pub enum Position {
     /// PostgreSQL: an LSN.
     Lsn(Lsn),
-    /// MySQL / MariaDB: a binlog file and the offset of the next event in it.
-    Binlog { file: String, pos: u64 },
+    /// MySQL / MariaDB: a binlog coordinate.
+    Binlog(BinlogPosition),
+}
+
+/// A binlog file and the offset of the next event in it, with the MariaDB GTID
+/// state (`domain-server-seq` per domain) that coordinate stands for, when known.
+/// The GTID state follows from the coordinate, so only the coordinate is compared.
+#[derive(Clone, Debug)]
+pub struct BinlogPosition {
+    pub file: String,
+    pub pos: u64,
+    pub gtid: Option<String>,
+}
+
+impl BinlogPosition {
+    pub fn new(file: impl Into<String>, pos: u64) -> BinlogPosition {
+        BinlogPosition { file: file.into(), pos, gtid: None }
+    }
+}
+
+impl PartialEq for BinlogPosition {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.file, self.pos) == (&other.file, other.pos)
+    }
+}
+
+impl Eq for BinlogPosition {}
+
+impl PartialOrd for BinlogPosition {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for BinlogPosition {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.file, self.pos).cmp(&(&other.file, other.pos))
+    }
+}
+
+impl std::hash::Hash for BinlogPosition {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.file, self.pos).hash(state);
+    }
 }
 
 impl Position {
@@ -56,7 +98,8 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Lsn(lsn) => write!(f, "lsn:{lsn}"),
-            Position::Binlog { file, pos } => write!(f, "{file}:{pos}"),
+            Position::Binlog(BinlogPosition { file, pos, gtid: None }) => write!(f, "{file}:{pos}"),
+            Position::Binlog(BinlogPosition { file, pos, gtid: Some(gtid) }) => write!(f, "{file}:{pos};gtid={gtid}"),
         }
     }
 }
@@ -67,15 +110,21 @@ impl FromStr for Position {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
             Some(("lsn", rest)) => Ok(Position::Lsn(rest.parse()?)),
-            _ => match s.rsplit_once(':') {
+            _ => {
+                let (coordinate, gtid) = match s.split_once(";gtid=") {
+                    Some((coordinate, gtid)) => (coordinate, Some(gtid.to_string())),
+                    None => (s, None),
+                };
+                match coordinate.rsplit_once(':') {
                 Some((file, pos)) if !file.is_empty() && pos.bytes().all(|b| b.is_ascii_digit()) && !pos.is_empty() => {
                     let pos = pos.parse().map_err(|_| PositionError(format!("`{s}`: binlog offset out of range")))?;
-                    Ok(Position::Binlog { file: file.to_string(), pos })
+                    Ok(Position::Binlog(BinlogPosition { file: file.to_string(), pos, gtid }))
                 }
                 _ => Err(PositionError(format!(
                     "`{s}` is not a position (expected lsn:0/16B3748 or a binlog file:offset such as binlog.000042:1234)"
                 ))),
-            },
+                }
+            }
         }
     }
 }
@@ -120,8 +169,12 @@ mod tests {
         assert!("lsn:zz".parse::<Position>().is_err());
         assert!("0/10".parse::<Position>().is_err());
         let binlog: Position = "binlog.000042:1234".parse().expect("valid");
-        assert_eq!(binlog, Position::Binlog { file: "binlog.000042".into(), pos: 1234 });
+        assert_eq!(binlog, Position::Binlog(BinlogPosition::new("binlog.000042", 1234)));
         assert_eq!(binlog.to_string(), "binlog.000042:1234");
         assert!(binlog < "binlog.000043:4".parse().expect("valid"));
+        let with_gtid: Position = "binlog.000042:1234;gtid=0-1-100,1-2-7".parse().expect("valid");
+        assert_eq!(with_gtid.to_string(), "binlog.000042:1234;gtid=0-1-100,1-2-7");
+        // The GTID state follows the coordinate: it does not change the order.
+        assert_eq!(with_gtid.cmp(&binlog), std::cmp::Ordering::Equal);
     }
 }

@@ -8,8 +8,14 @@
 //! DDL: `TRUNCATE` of a replicated table is applied; `ALTER TABLE … ADD` re-reads
 //! the table from `information_schema` and adds the columns; any other DDL on a
 //! replicated table stops the stream at its position.
+//!
+//! MariaDB GTIDs: the session asks for MariaDB's own GTID events
+//! (`@mariadb_slave_capability = 4`), which `mysql_common` does not decode, so
+//! they are decoded here. Each commit position carries the GTID state after it,
+//! and a position with a GTID state resumes by GTID (`@slave_connect_state`), which
+//! survives binlog files being renamed, purged into new ones or a failover.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +27,7 @@ use mysql_async::binlog::row::BinlogRow;
 
 use super::{catalog, MysqlParams, MysqlTable};
 use crate::change::{Change, Event, Row, TableName, TableSchema, Value};
-use crate::position::Position;
+use crate::position::{BinlogPosition, Position};
 use crate::schema::mysql::encode_binlog;
 use crate::source::ChangeStream;
 
@@ -35,40 +41,102 @@ pub struct BinlogChangeStream {
     pending: VecDeque<Event>,
     /// Tables as rows with fewer columns than `information_schema` shows see them.
     prefixes: HashMap<(TableName, usize), Arc<TableSchema>>,
+    /// MariaDB GTID state: per domain, the server and sequence number of its last commit.
+    gtid_state: BTreeMap<u32, (u32, u64)>,
+    /// The GTID of the transaction being read, until it commits.
+    current_gtid: Option<(u32, u32, u64)>,
+}
+
+/// MariaDB's GTID event (type 162).
+const MARIADB_GTID_EVENT: u8 = 162;
+/// Its flag for a statement outside any transaction (DDL): no BEGIN and no COMMIT follow.
+const GTID_STANDALONE: u8 = 1;
+
+/// `0-1-100,1-2-7` → domain → (server, sequence).
+pub fn parse_gtid_state(text: &str) -> anyhow::Result<BTreeMap<u32, (u32, u64)>> {
+    let mut state = BTreeMap::new();
+    for gtid in text.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+        let parts: Vec<&str> = gtid.split('-').collect();
+        let [domain, server, seq] = parts.as_slice() else {
+            anyhow::bail!("`{gtid}` is not a MariaDB GTID (domain-server-sequence, like 0-1-100)")
+        };
+        let bad = || anyhow::anyhow!("`{gtid}` is not a MariaDB GTID (domain-server-sequence, like 0-1-100)");
+        state.insert(domain.parse().map_err(|_| bad())?, (server.parse().map_err(|_| bad())?, seq.parse().map_err(|_| bad())?));
+    }
+    Ok(state)
+}
+
+fn format_gtid_state(state: &BTreeMap<u32, (u32, u64)>) -> String {
+    state.iter().map(|(domain, (server, seq))| format!("{domain}-{server}-{seq}")).collect::<Vec<_>>().join(",")
+}
+
+/// A MariaDB GTID event's body: (domain, sequence, flags).
+fn decode_gtid_event(body: &[u8]) -> Option<(u32, u64, u8)> {
+    let seq = u64::from_le_bytes(body.get(0..8)?.try_into().ok()?);
+    let domain = u32::from_le_bytes(body.get(8..12)?.try_into().ok()?);
+    Some((domain, seq, *body.get(12)?))
 }
 
 impl BinlogChangeStream {
-    /// Opens the binlog at `file:pos` as replica `server_id`.
+    /// Opens the binlog after `from` as replica `server_id`: by GTID when `from`
+    /// carries a GTID state (MariaDB), else at its file and offset.
     pub async fn start(
         params: &MysqlParams,
         tables: HashMap<TableName, MysqlTable>,
-        file: &str,
-        pos: u64,
+        from: &BinlogPosition,
         server_id: u32,
     ) -> anyhow::Result<BinlogChangeStream> {
         let mut conn = params.connect().await?;
         use mysql_async::prelude::Queryable;
-        // Heartbeats every second keep an idle stream's connection and lag alive.
-        conn.query_drop("SET @master_heartbeat_period = 1000000000").await.context("setting the heartbeat period")?;
-        let request = mysql_async::BinlogStreamRequest::new(server_id)
-            .with_filename(file.as_bytes())
-            .with_pos(pos);
+        // Heartbeats every second keep an idle stream's connection and lag alive; MariaDB
+        // sends its GTID events only to a replica that says it understands them.
+        conn.query_drop("SET @master_heartbeat_period = 1000000000, @mariadb_slave_capability = 4")
+            .await
+            .context("setting up the binlog session")?;
+        let gtid_state = match &from.gtid {
+            Some(gtid) => parse_gtid_state(gtid)?,
+            None => BTreeMap::new(),
+        };
+        let request = mysql_async::BinlogStreamRequest::new(server_id);
+        let request = if gtid_state.is_empty() {
+            request.with_filename(from.file.as_bytes()).with_pos(from.pos)
+        } else {
+            let connect_state = format_gtid_state(&gtid_state);
+            conn.query_drop(format!(
+                "SET @slave_connect_state = '{connect_state}', @slave_gtid_strict_mode = 0, @slave_gtid_ignore_duplicates = 0"
+            ))
+            .await
+            .context("setting the GTID to resume from")?;
+            request
+        };
         let binlog = conn.get_binlog_stream(request).await.with_context(|| {
-            format!("starting the binlog stream at {file}:{pos} (needs REPLICATION SLAVE; is the file still on the server?)")
+            format!("starting the binlog stream after {} (needs REPLICATION SLAVE; is that binlog still on the server?)", Position::Binlog(from.clone()))
         })?;
         Ok(BinlogChangeStream {
             binlog,
             catalog: params.connect().await?,
             database: params.database.clone(),
             tables,
-            file: file.to_string(),
+            file: from.file.clone(),
             pending: VecDeque::new(),
             prefixes: HashMap::new(),
+            gtid_state,
+            current_gtid: None,
         })
     }
 
     fn position(&self, pos: u32) -> Position {
-        Position::Binlog { file: self.file.clone(), pos: u64::from(pos) }
+        Position::Binlog(BinlogPosition::new(self.file.clone(), u64::from(pos)))
+    }
+
+    /// The position after a commit, with the GTID state it leaves; the committed
+    /// transaction's GTID joins that state.
+    fn commit_position(&mut self, pos: u32) -> Position {
+        if let Some((domain, server, seq)) = self.current_gtid.take() {
+            self.gtid_state.insert(domain, (server, seq));
+        }
+        let gtid = (!self.gtid_state.is_empty()).then(|| format_gtid_state(&self.gtid_state));
+        Position::Binlog(BinlogPosition { file: self.file.clone(), pos: u64::from(pos), gtid })
     }
 
     /// A statement that is a transaction of its own (DDL).
@@ -78,7 +146,9 @@ impl BinlogChangeStream {
         self.pending.push_back(Event::Commit { position: end, commit_time: time });
     }
 
-    async fn query(&mut self, query: &str, schema: &str, start: Position, end: Position, time: SystemTime) -> anyhow::Result<()> {
+    async fn query(&mut self, query: &str, schema: &str, start: Position, end_pos: u32, time: SystemTime) -> anyhow::Result<()> {
+        // Every statement but BEGIN ends a transaction (COMMIT) or is one (DDL).
+        let end = if query.trim().eq_ignore_ascii_case("BEGIN") { self.position(end_pos) } else { self.commit_position(end_pos) };
         let words: Vec<String> = query.split_whitespace().map(str::to_uppercase).collect();
         let word = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
         match word(0) {
@@ -202,7 +272,6 @@ impl ChangeStream for BinlogChangeStream {
                 .ok_or_else(|| crate::pipeline::ConnectionLost(format!("the MySQL server ended the binlog stream in {}", self.file)))?
                 .with_context(|| format!("reading the binlog in {}", self.file))?;
             let header = event.header();
-            let end = self.position(header.log_pos());
             let start = self.position(header.log_pos().saturating_sub(header.event_size()));
             let time = UNIX_EPOCH + Duration::from_secs(u64::from(header.timestamp()));
             let data = event.read_data().with_context(|| format!("decoding a binlog event at {start}"))?;
@@ -210,9 +279,21 @@ impl ChangeStream for BinlogChangeStream {
                 Some(EventData::RotateEvent(rotate)) => self.file = binlog_file_name(&rotate.name()),
                 Some(EventData::QueryEvent(query)) => {
                     let (text, schema) = (query.query().into_owned(), query.schema().into_owned());
-                    self.query(&text, &schema, start, end, time).await?;
+                    self.query(&text, &schema, start, header.log_pos(), time).await?;
                 }
-                Some(EventData::XidEvent(_)) => self.pending.push_back(Event::Commit { position: end, commit_time: time }),
+                Some(EventData::XidEvent(_)) => {
+                    let position = self.commit_position(header.log_pos());
+                    self.pending.push_back(Event::Commit { position, commit_time: time });
+                }
+                None if header.event_type_raw() == MARIADB_GTID_EVENT => {
+                    let (domain, seq, flags) = decode_gtid_event(event.data())
+                        .with_context(|| format!("a MariaDB GTID event at {start} is too short"))?;
+                    self.current_gtid = Some((domain, header.server_id(), seq));
+                    // A standalone statement (DDL) is handled with its query event.
+                    if flags & GTID_STANDALONE == 0 {
+                        self.pending.push_back(Event::Begin { position: start, commit_time: time });
+                    }
+                }
                 Some(EventData::RowsEvent(rows_event)) => {
                     let Some(tme) = self.binlog.get_tme(rows_event.table_id()) else {
                         anyhow::bail!("a rows event at {start} names a table the binlog never mapped")
@@ -251,6 +332,19 @@ impl ChangeStream for BinlogChangeStream {
 #[cfg(test)]
 mod tests {
     use super::binlog_file_name;
+
+    #[test]
+    fn gtid_states_and_events_decode() {
+        let state = super::parse_gtid_state("1-2-7, 0-1-100").expect("valid");
+        assert_eq!(super::format_gtid_state(&state), "0-1-100,1-2-7");
+        assert!(super::parse_gtid_state("0-1").is_err());
+        assert!(super::parse_gtid_state("0-1-x").is_err());
+        let mut body = 100u64.to_le_bytes().to_vec();
+        body.extend(3u32.to_le_bytes());
+        body.push(1);
+        assert_eq!(super::decode_gtid_event(&body), Some((3, 100, 1)));
+        assert_eq!(super::decode_gtid_event(&body[..12]), None);
+    }
 
     #[test]
     fn rotate_names_lose_a_trailing_checksum() {

@@ -217,8 +217,15 @@ impl Source for MysqlSource {
         let status = status.context("the source has no binary log: set log_bin = ON (log-bin in my.cnf) and restart it")?;
         let file: String = status.get(0).context("SHOW MASTER STATUS returned no file")?;
         let pos: u64 = status.get(1).context("SHOW MASTER STATUS returned no position")?;
+        // MariaDB's GTID state under the same lock; MySQL has no such variable.
+        let gtid: Option<String> = lock.query_first("SELECT @@gtid_binlog_pos").await.ok().flatten();
+        let gtid = gtid.filter(|g| !g.is_empty());
+        if let Some(gtid) = &gtid {
+            binlog::parse_gtid_state(gtid).with_context(|| format!("the source's gtid_binlog_pos {gtid}"))?;
+        }
         self.locked = Some(lock);
-        Ok(SnapshotPoint { position: Position::Binlog { file, pos }, id: String::new(), untracked: HashMap::new() })
+        let position = Position::Binlog(crate::position::BinlogPosition { file, pos, gtid });
+        Ok(SnapshotPoint { position, id: String::new(), untracked: HashMap::new() })
     }
 
     async fn snapshot_reader(&self, _snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>> {
@@ -249,10 +256,10 @@ impl Source for MysqlSource {
         _untracked_at_copy: &HashMap<String, i64>,
     ) -> anyhow::Result<Box<dyn ChangeStream>> {
         // The binlog keeps no per-reader state on the server: nothing to confirm.
-        let Position::Binlog { file, pos } = from else {
+        let Position::Binlog(from) = from else {
             anyhow::bail!("a MySQL binlog resumes from a file:offset position, not from {from}")
         };
-        let stream = binlog::BinlogChangeStream::start(&self.params, self.tables.clone(), file, *pos, self.server_id).await?;
+        let stream = binlog::BinlogChangeStream::start(&self.params, self.tables.clone(), from, self.server_id).await?;
         Ok(Box::new(stream))
     }
 }
