@@ -3,7 +3,9 @@
 # 1. snapshot of sysbench data (4 tables × 250 k rows): cutover against pgloader;
 # 2. a sysbench oltp_write_only backlog (4 threads) written while cutover is stopped,
 #    then applied: catch-up time against the time it took to write;
-# 3. peak RSS of cutover during both.
+# 3. live lag: cutover streaming while sysbench oltp_write_only (4 threads) writes,
+#    cutover_lag_seconds sampled every 100 ms: p99 and max;
+# 4. peak RSS of cutover throughout.
 # Usage: bash bench/mysql.sh [rows per table] [backlog seconds]   (issue targets: 250000, 30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ mariadb -h 127.0.0.1 -P "$SRC" -u cutover -e "CREATE DATABASE sbtest"
 "${SYSBENCH[@]}" oltp_read_write prepare >/dev/null
 mariadb -h 127.0.0.1 -P "$SRC" -u cutover -e "CREATE TABLE sbtest.bench_marker (id int PRIMARY KEY, note varchar(20)); INSERT INTO sbtest.bench_marker VALUES (1, 'start')"
 T1=$(start_server pgloader); T2=$(start_server cutover)
+MPORT=$(free_port)
 
 sync; sleep 1
 PGLOADER=""
@@ -41,6 +44,8 @@ url = "$(url "$T2")"
 dir = "$WORK/state"
 [snapshot]
 workers = 2
+[metrics]
+listen = "127.0.0.1:$MPORT"
 TOML
 wait_marker() { until [ "$(psql -tA -h 127.0.0.1 -p "$T2" -U cutover postgres -c "SELECT note FROM sbtest.bench_marker WHERE id = 1" 2>/dev/null)" = "$1" ]; do sleep 0.05; done; }
 set_marker() { mariadb -h 127.0.0.1 -P "$SRC" -u cutover -e "UPDATE sbtest.bench_marker SET note = '$1' WHERE id = 1"; }
@@ -59,6 +64,19 @@ TX=$(awk '/transactions:/ {print $2}' "$WORK/sysbench.out")
 t0=$(now); "$CUTOVER" run --config "$WORK/bench.toml" 2>>"$WORK/cutover.log" & CPID=$!
 wait_marker backlog; t1=$(now)
 CATCHUP=$(elapsed "$t0" "$t1")
+
+# Live: cutover keeps streaming while sysbench writes; sample the lag metric.
+: > "$WORK/lag"
+"${SYSBENCH[@]}" --threads=4 --time="$BACKLOG_SECONDS" oltp_write_only run > "$WORK/sysbench-live.out" & SPID=$!
+while kill -0 $SPID 2>/dev/null; do
+  curl -s "http://127.0.0.1:$MPORT/metrics" | awk '/^cutover_lag_seconds / {print $2}' >> "$WORK/lag"
+  sleep 0.1
+done
+LIVE_TX=$(awk '/transactions:/ {print $2}' "$WORK/sysbench-live.out")
+P99=$(sort -g "$WORK/lag" | awk '{v[NR]=$1} END {i=int(NR*0.99); if (i<1) i=1; print v[i]}')
+LAG_MAX=$(sort -g "$WORK/lag" | tail -1)
+SAMPLES=$(wc -l < "$WORK/lag")
+set_marker live; wait_marker live
 RSS_STREAM=$(( $(awk '/VmHWM/ {print $2}' /proc/$CPID/status) / 1024 ))
 kill -TERM $CPID; wait $CPID || true
 # The applied backlog, checked: per table, row count and sums of id and k on both sides.
@@ -80,4 +98,6 @@ fi
 echo "sysbench oltp_write_only backlog, 4 threads, $TX transactions:"
 printf "  written in         %6.1f s\n" "$WRITE"
 printf "  applied in         %6.1f s   ratio apply/write = %.2f   peak RSS %d MiB\n" "$CATCHUP" "$(echo "$CATCHUP / $WRITE" | bc -l)" "$RSS_STREAM"
-echo "  target after catch-up (count, sum(id), sum(k) per table): $CHECK"
+echo "  target after catch-up and live load (count, sum(id), sum(k) per table): $CHECK"
+echo "live: sysbench oltp_write_only, 4 threads, ${BACKLOG_SECONDS}s, $LIVE_TX transactions while cutover streams:"
+printf "  cutover_lag_seconds p99 %.2f s, max %.2f s (%d samples every 100 ms)\n" "$P99" "$LAG_MAX" "$SAMPLES"

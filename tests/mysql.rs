@@ -166,6 +166,7 @@ impl Streaming {
         Command::new(env!("CARGO_BIN_EXE_cutover"))
             .args(["run", "--config"])
             .arg(&self.config)
+            .env("CUTOVER_LOG", "info,cutover=debug")
             .stderr(file)
             .spawn()
             .expect("cutover starts")
@@ -219,6 +220,8 @@ async fn binlog_stream_matches_a_fresh_copy_after_kill_rotation_and_ddl() {
     let log = pipeline.log();
     let resumed = log.lines().filter(|l| l.contains("streaming changes")).nth(1).unwrap_or_default();
     assert!(resumed.contains(";gtid=0-1-"), "{log}");
+    // The 250 k-row table was copied by both workers in primary-key ranges.
+    assert!(log.contains("KeyRange"), "{log}");
     let extra: i64 = streamed.query_one("SELECT count(*) FROM shop.big_one WHERE extra = 7", &[]).await.expect("extra").get(0);
     assert!(extra > 200_000, "ADD COLUMN … DEFAULT 7 reached the existing rows: {extra}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -47,6 +47,8 @@ pub enum Chunk {
     Whole,
     /// PostgreSQL heap pages `[start, end)`, read by a TID range scan.
     Pages { start: u32, end: u32 },
+    /// Rows whose integer primary key is in `[start, end)`; `None` is unbounded.
+    KeyRange { start: Option<i64>, end: Option<i64> },
 }
 
 /// The byte format of a copy stream, understood by both ends.

@@ -190,6 +190,7 @@ impl BinlogChangeStream {
                     let table = MysqlTable {
                         schema: Arc::new(definition.schema),
                         encodings: encodings.get(&name).cloned().unwrap_or_default(),
+                        key_span: known.key_span,
                     };
                     self.tables.insert(name, table.clone());
                     self.standalone(start, end, time, Change::Relation(table.schema));

@@ -77,7 +77,13 @@ impl MysqlParams {
 pub struct MysqlTable {
     schema: Arc<TableSchema>,
     encodings: Arc<Vec<Encoding>>,
+    /// For a big table with a single integer primary key: its lowest and highest key,
+    /// so several workers can copy it in key ranges.
+    key_span: Option<(i64, i64)>,
 }
+
+/// Tables with more (estimated) rows than this are copied in key ranges.
+const SPLIT_ROWS: u64 = 200_000;
 
 /// A MySQL or MariaDB database as a source.
 pub struct MysqlSource {
@@ -121,17 +127,33 @@ impl Source for MysqlSource {
         let filter = self.filter.clone();
         let (schema, mut encodings) =
             catalog::read_tables(&mut self.conn, &self.params.database, |name| filter.includes(&name.to_string())).await?;
-        self.tables = schema
-            .tables
-            .iter()
-            .map(|t| {
-                let table = MysqlTable {
-                    schema: Arc::new(t.schema.clone()),
-                    encodings: encodings.remove(&t.schema.name).unwrap_or_default(),
-                };
-                (t.schema.name.clone(), table)
-            })
-            .collect();
+        self.tables.clear();
+        for t in &schema.tables {
+            let key = t.schema.key_indexes();
+            let integer_key = key.len() == 1
+                && matches!(t.schema.columns[key[0]].type_name.as_str(), "smallint" | "integer" | "bigint");
+            let key_span = if integer_key && t.estimated_rows > SPLIT_ROWS {
+                let column = t.schema.columns[key[0]].name.replace('`', "``");
+                let table = format!("`{}`.`{}`", t.schema.name.schema.replace('`', "``"), t.schema.name.name.replace('`', "``"));
+                let span: Option<(Option<i64>, Option<i64>)> = self
+                    .conn
+                    .query_first(format!("SELECT MIN(`{column}`), MAX(`{column}`) FROM {table}"))
+                    .await
+                    .with_context(|| format!("reading the key range of {}", t.schema.name))?;
+                match span {
+                    Some((Some(min), Some(max))) => Some((min, max)),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            let table = MysqlTable {
+                schema: Arc::new(t.schema.clone()),
+                encodings: encodings.remove(&t.schema.name).unwrap_or_default(),
+                key_span,
+            };
+            self.tables.insert(t.schema.name.clone(), table);
+        }
         Ok(schema)
     }
 
@@ -245,8 +267,20 @@ impl Source for MysqlSource {
         }
     }
 
-    fn chunks(&self, _table: &TableDefinition, _workers: usize) -> Vec<Chunk> {
-        vec![Chunk::Whole]
+    fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk> {
+        let span = self.tables.get(&table.schema.name).and_then(|t| t.key_span);
+        let Some((min, max)) = span.filter(|_| workers > 1) else { return vec![Chunk::Whole] };
+        // Twice as many ranges as workers, so a slow range does not hold up the rest;
+        // the outer ranges are open so rows outside the span read earlier are not missed.
+        let count = (workers * 2) as i128;
+        let width = ((i128::from(max) - i128::from(min)) / count + 1).max(1);
+        let bound = |i: i128| i64::try_from(i128::from(min) + width * i).ok();
+        (0..count)
+            .map(|i| Chunk::KeyRange {
+                start: if i == 0 { None } else { bound(i) },
+                end: if i == count - 1 { None } else { bound(i + 1) },
+            })
+            .collect()
     }
 
     async fn start_stream(
@@ -275,12 +309,26 @@ struct MysqlTableReader {
 
 #[async_trait]
 impl TableReader for MysqlTableReader {
-    async fn read(&mut self, table: &TableDefinition, _chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
+    async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
         anyhow::ensure!(format == CopyFormat::PostgresText, "a MySQL source copies into PostgreSQL's text format only");
         let name = table.schema.name.clone();
         let encodings = self.encodings.get(&name).cloned().with_context(|| format!("no column mapping for {name}"))?;
         let columns: Vec<String> = table.schema.columns.iter().map(|c| format!("`{}`", c.name.replace('`', "``"))).collect();
-        let sql = format!("SELECT {} FROM `{}`.`{}`", columns.join(", "), name.schema.replace('`', "``"), name.name.replace('`', "``"));
+        let mut sql = format!("SELECT {} FROM `{}`.`{}`", columns.join(", "), name.schema.replace('`', "``"), name.name.replace('`', "``"));
+        if let Chunk::KeyRange { start, end } = chunk {
+            let key = table.schema.key_indexes();
+            let column = key.first().map(|&k| table.schema.columns[k].name.replace('`', "``")).unwrap_or_default();
+            let mut bounds = Vec::new();
+            if let Some(start) = start {
+                bounds.push(format!("`{column}` >= {start}"));
+            }
+            if let Some(end) = end {
+                bounds.push(format!("`{column}` < {end}"));
+            }
+            if !bounds.is_empty() {
+                sql.push_str(&format!(" WHERE {}", bounds.join(" AND ")));
+            }
+        }
         let columns: Vec<String> = table.schema.columns.iter().map(|c| c.name.clone()).collect();
         let key = table.schema.key_indexes();
         let mut conn = self.conn.clone().lock_owned().await;

@@ -363,7 +363,7 @@ impl TableReader for PostgresTableReader {
         let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let qualified = quote_table(&table.schema.name);
         let source = match chunk {
-            Chunk::Whole => format!("{qualified} ({})", columns.join(", ")),
+            Chunk::Whole | Chunk::KeyRange { .. } => format!("{qualified} ({})", columns.join(", ")),
             Chunk::Pages { start, end } => {
                 let upper = if end == u32::MAX { String::new() } else { format!(" AND ctid < '({end},0)'::tid") };
                 format!("(SELECT {} FROM {qualified} WHERE ctid >= '({start},0)'::tid{upper})", columns.join(", "))
