@@ -65,7 +65,9 @@ t0=$(now); "$CUTOVER" run --config "$WORK/bench.toml" 2>>"$WORK/cutover.log" & C
 wait_marker backlog; t1=$(now)
 CATCHUP=$(elapsed "$t0" "$t1")
 
-# Live: cutover keeps streaming while sysbench writes; sample the lag metric.
+# Live: cutover keeps streaming while sysbench writes; sample the lag metric (after a
+# pause, so the catch-up's last lag has given way to the idle pipeline's 0).
+sleep 2
 : > "$WORK/lag"
 "${SYSBENCH[@]}" --threads=4 --time="$BACKLOG_SECONDS" oltp_write_only run > "$WORK/sysbench-live.out" & SPID=$!
 while kill -0 $SPID 2>/dev/null; do
