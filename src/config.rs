@@ -311,7 +311,7 @@ impl Config {
     /// Parses and validates config text; `path` names it in errors and gives the pipeline name.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid { path: path.to_path_buf(), message };
-        let mut config: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| invalid(with_suggestion(&e.to_string())))?;
         config.name = pipeline_name(path);
         if config.name.is_empty() {
             return Err(invalid(
@@ -371,6 +371,35 @@ impl TableFilter {
     }
 }
 
+/// Adds "did you mean" to serde's "unknown field `x`, expected one of `a`, `b`" message.
+fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.split("unknown field `").nth(1) else { return message.to_string() };
+    let Some((unknown, expected)) = rest.split_once('`') else { return message.to_string() };
+    let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let nearest = candidates.iter().min_by_key(|c| edit_distance(unknown, c));
+    match nearest {
+        Some(nearest) if edit_distance(unknown, nearest) <= 3 => {
+            format!("{}\ndid you mean `{nearest}`?", message.trim_end())
+        }
+        _ => message.to_string(),
+    }
+}
+
+/// Levenshtein distance, for suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
 /// `/etc/cutover/shop-eu.toml` → `shop_eu`: safe as a slot, publication and origin name.
 fn pipeline_name(path: &Path) -> String {
     let stem = path.file_stem().map(|s| s.to_string_lossy().to_lowercase()).unwrap_or_default();
@@ -410,6 +439,9 @@ mod tests {
         let text = MINIMAL.replace("[state]", "[state]\ndirr = 1");
         let err = Config::parse(&text, Path::new("p.toml")).expect_err("unknown key").to_string();
         assert!(err.contains("p.toml") && err.contains("dirr"), "{err}");
+        let text = MINIMAL.replace("[target]", "[target]\npasword_file = \"/x\"");
+        let err = Config::parse(&text, Path::new("p.toml")).expect_err("typo").to_string();
+        assert!(err.contains("line") && err.contains("did you mean `password_file`?"), "{err}");
         let text = MINIMAL.replacen("\"postgres\"", "\"oracle\"", 1);
         let err = Config::parse(&text, Path::new("p.toml")).expect_err("bad kind").to_string();
         assert!(err.contains("oracle") && err.contains("postgres"), "{err}");

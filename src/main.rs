@@ -69,10 +69,15 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    // The daemon reports through its log (which may be JSON); the other commands talk to a person.
+    let daemon = matches!(cli.command, Command::Run { .. });
     match main_command(cli).await {
         Ok(code) => code,
-        Err(e) => {
+        Err(e) if daemon => {
             tracing::error!("{e:#}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
