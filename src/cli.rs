@@ -35,6 +35,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drop what the pipeline created (slot, publications, origin, progress, state dir), after asking.
+    Cleanup {
+        #[arg(long)]
+        config: PathBuf,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Compare source and target: row counts and checksums per table; exit 1 on a difference.
     Verify {
         #[arg(long)]

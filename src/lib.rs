@@ -4,6 +4,7 @@
 
 pub mod change;
 pub mod checkpoint;
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod demo;

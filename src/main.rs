@@ -52,6 +52,11 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cleanup { config, yes } => {
+            let config = Config::load(&config)?;
+            let done = cutover::cleanup::cleanup(&config, yes).await?;
+            Ok(if done { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Verify { config } => {
             let config = Config::load(&config)?;
             let reports = cutover::verify::verify(&config).await?;

@@ -421,3 +421,38 @@ async fn status_reports_live_and_stopped_pipelines() {
     assert_eq!(stopped["phase"], "stopped", "{stopped}");
     assert_eq!(stopped["applied_position"], live["applied_position"], "{stopped}");
 }
+
+fn cleanup(pair: &Pair) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["cleanup", "--yes", "--config"])
+        .arg(&pair.config_path)
+        .output()
+        .expect("cleanup runs")
+}
+
+/// `cleanup` refuses while the pipeline runs; afterwards it drops the slot, the
+/// publications, the origin and the state dir, and leaves the replicated data alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_drops_what_cutover_created_and_nothing_else() {
+    let pair = Pair::start("cleanup", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)").await.expect("table");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    source.batch_execute("INSERT INTO t VALUES (11)").await.expect("insert");
+    pair.wait_caught_up(&mut child).await;
+    let refused = cleanup(&pair);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("stop it first"));
+    stop(&mut child);
+
+    let output = cleanup(&pair);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(text.contains("replication slot") && text.contains("replication origin"), "{text}");
+    assert_eq!(count(&source, "SELECT count(*) FROM pg_replication_slots").await, 0);
+    assert_eq!(count(&source, "SELECT count(*) FROM pg_publication").await, 0);
+    let target = connect(&pair.target.url("postgres")).await;
+    assert_eq!(count(&target, "SELECT count(*) FROM pg_replication_origin").await, 0);
+    assert_eq!(count(&target, "SELECT count(*) FROM t").await, 11);
+    assert!(!pair.dir.join("state").exists());
+}

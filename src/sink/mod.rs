@@ -44,6 +44,10 @@ pub trait Sink: Send + Sync {
     /// Foreign keys and sequence values, once every table holds its rows.
     async fn finish_snapshot(&mut self, schema: &SourceSchema) -> anyhow::Result<()>;
 
+    /// Drops what the pipeline created on the target besides the replicated tables
+    /// (its exactly-once markers); returns what it dropped.
+    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>>;
+
     /// Opens a target transaction.
     async fn begin(&mut self) -> anyhow::Result<()>;
 

@@ -599,6 +599,39 @@ impl Sink for PostgresSink {
         Ok(())
     }
 
+    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut dropped = Vec::new();
+        let exists = self
+            .client
+            .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&self.origin])
+            .await
+            .context("reading the target's replication origins")?
+            .is_some();
+        if exists {
+            self.client
+                .execute("SELECT pg_replication_origin_drop($1)", &[&self.origin])
+                .await
+                .with_context(|| format!("dropping replication origin {} (is `cutover run` still running?)", self.origin))?;
+            dropped.push(format!("target: replication origin {}", self.origin));
+        }
+        let progress = self
+            .client
+            .execute("DELETE FROM cutover.progress WHERE pipeline = $1", &[&self.origin])
+            .await;
+        if progress.is_ok_and(|rows| rows > 0) {
+            dropped.push(format!("target: row {} of cutover.progress", self.origin));
+            // The table and schema go with the last pipeline that used them.
+            self.client
+                .batch_execute(
+                    "DO $cutover$ BEGIN IF NOT EXISTS (SELECT 1 FROM cutover.progress) THEN \
+                     DROP TABLE cutover.progress; DROP SCHEMA IF EXISTS cutover; END IF; END $cutover$",
+                )
+                .await
+                .context("dropping cutover.progress")?;
+        }
+        Ok(dropped)
+    }
+
     async fn begin(&mut self) -> anyhow::Result<()> {
         self.prepare_session().await?;
         self.client.batch_execute("BEGIN").await.context("opening a target transaction")

@@ -101,6 +101,9 @@ pub trait Source: Send + Sync {
     /// Lets the pinned snapshot go, once every reader has opened.
     async fn release_snapshot(&mut self);
 
+    /// Drops what the pipeline created on the source (never user data); returns what it dropped.
+    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>>;
+
     /// How to split a table so several workers can copy it.
     fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk>;
 

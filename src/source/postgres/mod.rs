@@ -304,6 +304,46 @@ impl Source for PostgresSource {
         self.exporting = None;
     }
 
+    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut dropped = Vec::new();
+        let active: Option<bool> = self
+            .client
+            .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
+            .await
+            .context("reading the source's replication slots")?
+            .map(|r| r.get(0));
+        match active {
+            Some(true) => anyhow::bail!(
+                "replication slot {} is in use: stop `cutover run` for this pipeline first",
+                self.slot
+            ),
+            Some(false) => {
+                self.client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
+                    .await
+                    .with_context(|| format!("dropping replication slot {}", self.slot))?;
+                dropped.push(format!("source: replication slot {}", self.slot));
+            }
+            None => {}
+        }
+        for publication in self.publications() {
+            let exists = self
+                .client
+                .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+                .await
+                .context("reading the source's publications")?
+                .is_some();
+            if exists {
+                self.client
+                    .batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&publication)))
+                    .await
+                    .with_context(|| format!("dropping publication {publication}"))?;
+                dropped.push(format!("source: publication {publication}"));
+            }
+        }
+        Ok(dropped)
+    }
+
     fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk> {
         let per_chunk = (table.pages / (workers as u64 * 2).max(1)).max(CHUNK_MIN_PAGES);
         if workers < 2 || table.pages < 2 * CHUNK_MIN_PAGES {
