@@ -22,6 +22,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub stream: StreamConfig,
     /// The pipeline's name: names the slot, publication and replication origin.
     /// Taken from the config file's name (`shop.toml` → `shop`).
     #[serde(skip)]
@@ -189,6 +191,21 @@ fn default_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
 
+/// `[stream]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Stop after every transaction before this time or up to this position, then exit 0.
+    pub stop_at: Option<String>,
+}
+
+impl StreamConfig {
+    /// `stop_at`, parsed (validated when the config loads).
+    pub fn stop_at(&self) -> Option<crate::position::StopAt> {
+        self.stop_at.as_deref().and_then(|s| s.parse().ok())
+    }
+}
+
 /// `[metrics]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -323,6 +340,11 @@ impl Config {
                 "[metrics] listen: `{}` is not an address like \"127.0.0.1:9465\" (or \"off\")",
                 config.metrics.listen
             )));
+        }
+        if let Some(stop_at) = &config.stream.stop_at {
+            stop_at
+                .parse::<crate::position::StopAt>()
+                .map_err(|e| invalid(format!("[stream] stop_at: {e}")))?;
         }
         if config.snapshot.workers == 0 {
             return Err(invalid("[snapshot] workers: must be at least 1".into()));

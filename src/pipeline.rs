@@ -28,7 +28,7 @@ use crate::checkpoint::{CheckpointStore, TableProgress};
 use crate::config::{Config, SnapshotMode, SourceKind, TargetKind};
 use crate::metrics::METRICS;
 use crate::pgconn::ConnectParams;
-use crate::position::Position;
+use crate::position::{Position, StopAt};
 use crate::schema::{SourceSchema, TableDefinition};
 use crate::sink::{postgres::PostgresSink, Sink};
 use crate::source::mysql::{MysqlParams, MysqlSource};
@@ -459,6 +459,9 @@ struct Applier<'a> {
     transactions: u64,
     last_report: Instant,
     last_commit_time: Option<SystemTime>,
+    /// `[stream] stop_at`, and whether the stream has gone past it.
+    stop_at: Option<StopAt>,
+    reached_stop: bool,
     /// Source transactions and changes per (table, op) in the open target transaction.
     grouped: u64,
     grouped_changes: HashMap<(String, &'static str), u64>,
@@ -467,7 +470,12 @@ struct Applier<'a> {
 impl Applier<'_> {
     async fn handle(&mut self, event: Event, more_waiting: bool) -> anyhow::Result<()> {
         match event {
-            Event::Begin { position, .. } => {
+            Event::Begin { position, commit_time } => {
+                if self.stop_at.as_ref().is_some_and(|stop| stop.is_past(&position, commit_time)) {
+                    // Everything before the stop point is in; this transaction and all after stay out.
+                    self.reached_stop = true;
+                    return Ok(());
+                }
                 if self.ended.is_some() && (!more_waiting || self.group_started.elapsed() >= self.max_group) {
                     self.commit().await?;
                 }
@@ -533,6 +541,19 @@ impl Applier<'_> {
                 _ => Some(other),
             },
         }
+    }
+
+    /// Commits what is complete before the stop point and reports where the replay stopped.
+    async fn finish_at_stop(&mut self) -> anyhow::Result<()> {
+        self.commit().await?;
+        let time = self.last_commit_time.map(crate::position::format_rfc3339).unwrap_or_else(|| "none".into());
+        let message = format!(
+            "reached stop_at: the target has every transaction up to {} (last commit time: {time}); {} transaction(s) applied in this run",
+            self.applied, self.transactions
+        );
+        tracing::info!("{message}");
+        println!("{message}");
+        Ok(())
     }
 
     async fn commit(&mut self) -> anyhow::Result<()> {
@@ -606,6 +627,8 @@ async fn stream(
         transactions: 0,
         last_report: Instant::now(),
         last_commit_time: None,
+        stop_at: config.stream.stop_at(),
+        reached_stop: false,
         grouped: 0,
         grouped_changes: HashMap::new(),
     };
@@ -621,6 +644,10 @@ async fn stream(
             _ = idle_check.tick() => {
                 // Nothing received and nothing open: caught up.
                 let caught_up = rx.is_empty() && applier.current.is_none() && applier.ended.is_none();
+                // A quiet source past a stop time will send nothing more before it.
+                if caught_up && matches!(&applier.stop_at, Some(StopAt::Time(t)) if SystemTime::now() > *t + Duration::from_secs(2)) {
+                    break applier.finish_at_stop().await;
+                }
                 if caught_up {
                     METRICS.lag_seconds.set(0.0);
                     METRICS.set_phase("streaming");
@@ -638,6 +665,9 @@ async fn stream(
                     let more_waiting = !rx.is_empty();
                     if let Err(e) = applier.handle(event, more_waiting).await {
                         break Err(e);
+                    }
+                    if applier.reached_stop {
+                        break applier.finish_at_stop().await;
                     }
                     if drain_deadline.is_some() && applier.current.is_none() {
                         break applier.commit().await;

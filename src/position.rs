@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -143,6 +144,117 @@ impl<'de> Deserialize<'de> for Position {
     }
 }
 
+/// Where a replay stops (`[stream] stop_at`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopAt {
+    /// Apply every transaction that committed before this time.
+    Time(SystemTime),
+    /// Apply every transaction up to this position (an LSN: including a transaction
+    /// that commits there; a binlog offset: transactions starting before it).
+    Position(Position),
+}
+
+impl StopAt {
+    /// Whether a transaction ordered at `position` and committed at `commit_time`
+    /// lies beyond the stop point.
+    pub fn is_past(&self, position: &Position, commit_time: SystemTime) -> bool {
+        match (self, position) {
+            (StopAt::Time(time), _) => commit_time >= *time,
+            (StopAt::Position(stop @ Position::Lsn(_)), _) => position > stop,
+            (StopAt::Position(stop), _) => position >= stop,
+        }
+    }
+}
+
+impl FromStr for StopAt {
+    type Err = PositionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.as_bytes().get(4) == Some(&b'-') && s.contains('T') {
+            return parse_rfc3339(s).map(StopAt::Time);
+        }
+        s.parse().map(StopAt::Position).map_err(|_| {
+            PositionError(format!(
+                "`{s}` is neither an RFC 3339 time (2026-11-25T14:03:00Z) nor a position (lsn:0/1A2B3C8, binlog.000042:1234)"
+            ))
+        })
+    }
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// A point in time as RFC 3339 in UTC, with microseconds: `2026-11-25T14:03:00.000000Z`.
+pub fn format_rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seconds = i64::try_from(since.as_secs()).unwrap_or(i64::MAX);
+    let (y, m, d) = civil_from_days(seconds.div_euclid(86_400));
+    let of_day = seconds.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60,
+        since.subsec_micros()
+    )
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date.
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (i64::from(month) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `2026-11-25T14:03:00Z`, `2026-11-25T15:03:00.5+01:00` → a point in time.
+pub fn parse_rfc3339(s: &str) -> Result<SystemTime, PositionError> {
+    let bad = || PositionError(format!("`{s}` is not an RFC 3339 time such as 2026-11-25T14:03:00Z"));
+    let number = |range: std::ops::Range<usize>| -> Result<i64, PositionError> {
+        s.get(range).and_then(|t| t.parse().ok()).ok_or_else(bad)
+    };
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if ![4, 7, 13, 16].iter().all(|&i| matches!(s.as_bytes().get(i), Some(b'-' | b':'))) || !(1..=12).contains(&month) {
+        return Err(bad());
+    }
+    let mut rest = &s[19..];
+    let mut nanos = 0u32;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        let text = format!("{:0<9}", &fraction[..digits.min(9)]);
+        nanos = text.parse().map_err(|_| bad())?;
+        rest = &fraction[digits..];
+    }
+    let offset_seconds = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(rest.as_bytes()[0], b'+' | b'-') && rest.as_bytes()[3] == b':' => {
+            let hours: i64 = rest[1..3].parse().map_err(|_| bad())?;
+            let minutes: i64 = rest[4..6].parse().map_err(|_| bad())?;
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            sign * (hours * 3600 + minutes * 60)
+        }
+        _ => return Err(bad()),
+    };
+    let days = days_from_civil(year, u32::try_from(month).map_err(|_| bad())?, u32::try_from(day).map_err(|_| bad())?);
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
+    let seconds = u64::try_from(seconds).map_err(|_| bad())?;
+    Ok(UNIX_EPOCH + Duration::from_secs(seconds) + Duration::from_nanos(u64::from(nanos)))
+}
+
 /// A position that could not be parsed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -159,6 +271,22 @@ mod tests {
             assert_eq!(lsn.to_string().parse::<Lsn>().ok(), Some(lsn));
         }
         assert_eq!(Lsn(0x1_0000_00A0).to_string(), "1/A0");
+    }
+
+    #[test]
+    fn stop_points_parse_times_and_positions() {
+        let at = |s: &str| s.parse::<StopAt>();
+        let Ok(StopAt::Time(t)) = at("2026-11-25T14:03:00Z") else { panic!("time") };
+        assert_eq!(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).ok(), Some(1_795_615_380));
+        assert_eq!(format_rfc3339(t), "2026-11-25T14:03:00.000000Z");
+        let Ok(StopAt::Time(u)) = at("2026-11-25T15:03:00.5+01:00") else { panic!("offset") };
+        assert_eq!(u.duration_since(t).ok(), Some(Duration::from_millis(500)));
+        assert_eq!(at("lsn:0/10").ok(), Some(StopAt::Position(Position::Lsn(Lsn(16)))));
+        assert!(at("2026-13-01T00:00:00Z").is_err());
+        assert!(at("yesterday").is_err());
+        let stop = StopAt::Position(Position::Lsn(Lsn(100)));
+        assert!(!stop.is_past(&Position::Lsn(Lsn(100)), UNIX_EPOCH));
+        assert!(stop.is_past(&Position::Lsn(Lsn(101)), UNIX_EPOCH));
     }
 
     #[test]

@@ -456,3 +456,47 @@ async fn cleanup_drops_what_cutover_created_and_nothing_else() {
     assert_eq!(count(&target, "SELECT count(*) FROM t").await, 11);
     assert!(!pair.dir.join("state").exists());
 }
+
+/// `[stream] stop_at`: a replay stops after the last transaction before the point —
+/// an LSN or a time — checkpoints, says where, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_at_an_lsn_or_a_time_applies_exactly_what_came_before() {
+    let pair = Pair::start("stopat", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    let target = connect(&pair.target.url("postgres")).await;
+    source.batch_execute("CREATE TABLE steps (id int PRIMARY KEY, batch int)").await.expect("table");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    stop(&mut child);
+    let base = std::fs::read_to_string(&pair.config_path).expect("config");
+
+    let run_to = |stop_at: String| {
+        std::fs::write(&pair.config_path, format!("{base}[stream]\nstop_at = \"{stop_at}\"\n")).expect("config");
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["run", "--config"])
+            .arg(&pair.config_path)
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+
+    // By LSN: batch 1, the LSN, batch 2.
+    source.batch_execute("INSERT INTO steps SELECT g, 1 FROM generate_series(1, 100) g").await.expect("batch 1");
+    let lsn: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    source.batch_execute("INSERT INTO steps SELECT g, 2 FROM generate_series(101, 200) g").await.expect("batch 2");
+    let said = run_to(format!("lsn:{lsn}"));
+    assert!(said.contains("reached stop_at"), "{said}");
+    assert_eq!(count(&target, "SELECT count(*) FROM steps WHERE batch = 1").await, 100);
+    assert_eq!(count(&target, "SELECT count(*) FROM steps WHERE batch = 2").await, 0);
+
+    // By time: batch 2 is already before it, batch 3 after it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stop_time = cutover::position::format_rfc3339(std::time::SystemTime::now());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    source.batch_execute("INSERT INTO steps SELECT g, 3 FROM generate_series(201, 300) g").await.expect("batch 3");
+    let said = run_to(stop_time);
+    assert!(said.contains("reached stop_at"), "{said}");
+    assert_eq!(count(&target, "SELECT count(*) FROM steps WHERE batch = 2").await, 100);
+    assert_eq!(count(&target, "SELECT count(*) FROM steps WHERE batch = 3").await, 0);
+}

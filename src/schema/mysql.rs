@@ -257,19 +257,6 @@ fn array_literal(elements: &[&str]) -> String {
 }
 
 
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
-}
-
 /// A value as the binlog carries it (decoded by `mysql_common`) → PostgreSQL's text form.
 pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Option<String>, ValueError> {
     let value = match value {
@@ -319,7 +306,7 @@ pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Opti
             if seconds == 0 && fraction.trim_matches('0').is_empty() {
                 None
             } else {
-                let (y, m, d) = civil_from_days(seconds.div_euclid(86_400));
+                let (y, m, d) = crate::position::civil_from_days(seconds.div_euclid(86_400));
                 let second_of_day = seconds.rem_euclid(86_400);
                 let fraction = if fraction.is_empty() { String::new() } else { format!(".{fraction}") };
                 Some(format!(
