@@ -195,14 +195,31 @@ fn default_workers() -> usize {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
+    /// With `[snapshot] mode = "never"`: where streaming begins (a binlog file:offset is
+    /// the next event to read; a GTID or LSN is the last transaction the target has).
+    /// A checkpoint, once there, wins.
+    pub start: Option<String>,
     /// Stop after every transaction before this time or up to this position, then exit 0.
     pub stop_at: Option<String>,
+    /// Transactions to leave out: `gtid:0-1-1207`, or the position of their first event.
+    #[serde(default)]
+    pub skip: Vec<String>,
 }
 
 impl StreamConfig {
     /// `stop_at`, parsed (validated when the config loads).
     pub fn stop_at(&self) -> Option<crate::position::StopAt> {
         self.stop_at.as_deref().and_then(|s| s.parse().ok())
+    }
+
+    /// `start`, parsed (validated when the config loads).
+    pub fn start(&self) -> Option<crate::position::Position> {
+        self.start.as_deref().and_then(|s| s.parse().ok())
+    }
+
+    /// `skip`, parsed (validated when the config loads), with each entry's text.
+    pub fn skip(&self) -> Vec<(String, crate::position::Position)> {
+        self.skip.iter().filter_map(|s| Some((s.clone(), s.parse().ok()?))).collect()
     }
 }
 
@@ -340,6 +357,17 @@ impl Config {
                 "[metrics] listen: `{}` is not an address like \"127.0.0.1:9465\" (or \"off\")",
                 config.metrics.listen
             )));
+        }
+        if let Some(start) = &config.stream.start {
+            if config.snapshot.mode != SnapshotMode::Never {
+                return Err(invalid(
+                    "[stream] start: only with [snapshot] mode = \"never\" (the target already holds the data up to it)".into(),
+                ));
+            }
+            start.parse::<crate::position::Position>().map_err(|e| invalid(format!("[stream] start: {e}")))?;
+        }
+        for entry in &config.stream.skip {
+            entry.parse::<crate::position::Position>().map_err(|e| invalid(format!("[stream] skip: {e}")))?;
         }
         if let Some(stop_at) = &config.stream.stop_at {
             stop_at

@@ -231,7 +231,7 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
             target
         }
         (None, Some(checkpoint)) => checkpoint,
-        (None, None) => identity.consistent_point.clone(),
+        (None, None) => config.stream.start().unwrap_or_else(|| identity.consistent_point.clone()),
     };
     let mut copied_at = HashMap::new();
     let mut untracked = HashMap::new();
@@ -462,6 +462,10 @@ struct Applier<'a> {
     /// `[stream] stop_at`, and whether the stream has gone past it.
     stop_at: Option<StopAt>,
     reached_stop: bool,
+    /// `[stream] skip`: (entry as written, what it names, whether it was seen).
+    skip: Vec<(String, Position, bool)>,
+    /// The skip entry naming the current transaction, and its changes left out.
+    skipping_for: Option<(String, u64)>,
     /// Source transactions and changes per (table, op) in the open target transaction.
     grouped: u64,
     grouped_changes: HashMap<(String, &'static str), u64>,
@@ -481,6 +485,13 @@ impl Applier<'_> {
                 }
                 // Ordered before the end of the last applied one: the target has it.
                 self.skipping = position < self.applied;
+                if !self.skipping {
+                    if let Some(entry) = self.skip.iter_mut().find(|(_, named, _)| named.names(&position)) {
+                        entry.2 = true;
+                        self.skipping = true;
+                        self.skipping_for = Some((entry.0.clone(), 0));
+                    }
+                }
                 self.current = Some(position);
                 if !self.skipping && !self.open {
                     self.sink.begin().await?;
@@ -490,6 +501,9 @@ impl Applier<'_> {
             }
             Event::Change(change) => {
                 if self.skipping {
+                    if let Some((_, changes)) = self.skipping_for.as_mut() {
+                        *changes += 1;
+                    }
                     return Ok(());
                 }
                 if let Some(change) = self.filter(change) {
@@ -512,6 +526,9 @@ impl Applier<'_> {
             }
             Event::Commit { position, commit_time } => {
                 self.current = None;
+                if let Some((entry, changes)) = self.skipping_for.take() {
+                    tracing::warn!(skip = %entry, changes, ended_at = %position, "left out a transaction listed in [stream] skip");
+                }
                 if std::mem::take(&mut self.skipping) {
                     return Ok(());
                 }
@@ -543,9 +560,20 @@ impl Applier<'_> {
         }
     }
 
+    /// Skip entries that named no transaction this run: a typo, or not reached yet.
+    fn report_unseen_skips(&self) {
+        for (entry, _, seen) in &self.skip {
+            if !seen {
+                tracing::warn!(skip = %entry, "no transaction matched this [stream] skip entry in this run");
+                println!("skip entry {entry} matched no transaction");
+            }
+        }
+    }
+
     /// Commits what is complete before the stop point and reports where the replay stopped.
     async fn finish_at_stop(&mut self) -> anyhow::Result<()> {
         self.commit().await?;
+        self.report_unseen_skips();
         let time = self.last_commit_time.map(crate::position::format_rfc3339).unwrap_or_else(|| "none".into());
         let message = format!(
             "reached stop_at: the target has every transaction up to {} (last commit time: {time}); {} transaction(s) applied in this run",
@@ -629,6 +657,8 @@ async fn stream(
         last_commit_time: None,
         stop_at: config.stream.stop_at(),
         reached_stop: false,
+        skip: config.stream.skip().into_iter().map(|(text, position)| (text, position, false)).collect(),
+        skipping_for: None,
         grouped: 0,
         grouped_changes: HashMap::new(),
     };

@@ -86,6 +86,15 @@ impl std::hash::Hash for BinlogPosition {
 }
 
 impl Position {
+    /// Whether this position, as a `skip` entry, names the transaction that begins at
+    /// `begin`: a bare GTID matches the transaction's GTID, anything else its position.
+    pub fn names(&self, begin: &Position) -> bool {
+        match (self, begin) {
+            (Position::Binlog(entry), Position::Binlog(b)) if entry.file.is_empty() => entry.gtid.is_some() && entry.gtid == b.gtid,
+            _ => self == begin,
+        }
+    }
+
     /// The LSN, for a PostgreSQL position.
     pub fn lsn(&self) -> Option<Lsn> {
         match self {
@@ -99,6 +108,7 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Lsn(lsn) => write!(f, "lsn:{lsn}"),
+            Position::Binlog(BinlogPosition { file, gtid: Some(gtid), .. }) if file.is_empty() => write!(f, "gtid:{gtid}"),
             Position::Binlog(BinlogPosition { file, pos, gtid: None }) => write!(f, "{file}:{pos}"),
             Position::Binlog(BinlogPosition { file, pos, gtid: Some(gtid) }) => write!(f, "{file}:{pos};gtid={gtid}"),
         }
@@ -111,6 +121,10 @@ impl FromStr for Position {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
             Some(("lsn", rest)) => Ok(Position::Lsn(rest.parse()?)),
+            // A MariaDB GTID state alone: the binlog is found by it.
+            Some(("gtid", state)) if !state.is_empty() && state.bytes().all(|b| b.is_ascii_digit() || b == b'-' || b == b',') => {
+                Ok(Position::Binlog(BinlogPosition { file: String::new(), pos: 4, gtid: Some(state.to_string()) }))
+            }
             _ => {
                 let (coordinate, gtid) = match s.split_once(";gtid=") {
                     Some((coordinate, gtid)) => (coordinate, Some(gtid.to_string())),
@@ -302,6 +316,8 @@ mod tests {
         assert!(binlog < "binlog.000043:4".parse().expect("valid"));
         let with_gtid: Position = "binlog.000042:1234;gtid=0-1-100,1-2-7".parse().expect("valid");
         assert_eq!(with_gtid.to_string(), "binlog.000042:1234;gtid=0-1-100,1-2-7");
+        let gtid_only: Position = "gtid:0-1-1200".parse().expect("valid");
+        assert_eq!(gtid_only.to_string(), "gtid:0-1-1200");
         // The GTID state follows the coordinate: it does not change the order.
         assert_eq!(with_gtid.cmp(&binlog), std::cmp::Ordering::Equal);
     }

@@ -292,7 +292,10 @@ impl ChangeStream for BinlogChangeStream {
                     self.current_gtid = Some((domain, header.server_id(), seq));
                     // A standalone statement (DDL) is handled with its query event.
                     if flags & GTID_STANDALONE == 0 {
-                        self.pending.push_back(Event::Begin { position: start, commit_time: time });
+                        // The transaction's own GTID rides on its start position, for `skip`.
+                        let Position::Binlog(mut position) = start else { continue };
+                        position.gtid = Some(format!("{domain}-{}-{seq}", header.server_id()));
+                        self.pending.push_back(Event::Begin { position: Position::Binlog(position), commit_time: time });
                     }
                 }
                 Some(EventData::RowsEvent(rows_event)) => {
