@@ -88,14 +88,28 @@ pub type Row = Vec<Value>;
 /// One change inside a transaction.
 #[derive(Clone, Debug)]
 pub enum Change {
-    Insert { table: Arc<TableSchema>, row: Row },
+    Insert {
+        table: Arc<TableSchema>,
+        row: Row,
+    },
     /// `old` is the identity of the row before the update when the source sent one:
     /// key columns only (other columns `Null`) for [`Identity::Key`], the whole row for
     /// [`Identity::Full`]. `None` means the key did not change.
-    Update { table: Arc<TableSchema>, old: Option<Row>, new: Row },
+    Update {
+        table: Arc<TableSchema>,
+        old: Option<Row>,
+        new: Row,
+    },
     /// `old` holds the key columns ([`Identity::Key`]) or the whole row ([`Identity::Full`]).
-    Delete { table: Arc<TableSchema>, old: Row },
-    Truncate { tables: Vec<Arc<TableSchema>>, cascade: bool, restart_identity: bool },
+    Delete {
+        table: Arc<TableSchema>,
+        old: Row,
+    },
+    Truncate {
+        tables: Vec<Arc<TableSchema>>,
+        cascade: bool,
+        restart_identity: bool,
+    },
     /// The table's columns as of this point (a column was added, or first sight of it).
     Relation(Arc<TableSchema>),
 }
@@ -118,8 +132,14 @@ impl Change {
 pub enum Event {
     /// A transaction starts. `position` orders it against snapshot positions
     /// (PostgreSQL: its commit LSN).
-    Begin { position: Position, commit_time: SystemTime },
+    Begin {
+        position: Position,
+        commit_time: SystemTime,
+    },
     Change(Change),
     /// The transaction committed. `position` is where a restart resumes after it.
-    Commit { position: Position, commit_time: SystemTime },
+    Commit {
+        position: Position,
+        commit_time: SystemTime,
+    },
 }

@@ -51,8 +51,7 @@ pub struct CheckpointStore {
 impl CheckpointStore {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> anyhow::Result<CheckpointStore> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create state dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create state dir {}", dir.display()))?;
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
         let db = rocksdb::DB::open(&options, dir.join("checkpoint")).with_context(|| {
@@ -65,12 +64,10 @@ impl CheckpointStore {
     }
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> anyhow::Result<Option<T>> {
-        let Some(bytes) = self.db.get(key).with_context(|| format!("checkpoint store: reading {key}"))?
-        else {
+        let Some(bytes) = self.db.get(key).with_context(|| format!("checkpoint store: reading {key}"))? else {
             return Ok(None);
         };
-        let value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("checkpoint store: {key} is corrupt"))?;
+        let value = serde_json::from_slice(&bytes).with_context(|| format!("checkpoint store: {key} is corrupt"))?;
         Ok(Some(value))
     }
 
@@ -78,9 +75,7 @@ impl CheckpointStore {
         let bytes = serde_json::to_vec(value)?;
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
-        self.db
-            .put_opt(key, bytes, &options)
-            .with_context(|| format!("checkpoint store: writing {key}"))
+        self.db.put_opt(key, bytes, &options).with_context(|| format!("checkpoint store: writing {key}"))
     }
 
     pub fn identity(&self) -> anyhow::Result<Option<PipelineIdentity>> {
@@ -114,8 +109,7 @@ impl CheckpointStore {
         for item in self.db.prefix_iterator(TABLE_PREFIX) {
             let (key, value) = item.context("checkpoint store: listing tables")?;
             let Some(name) = key.strip_prefix(TABLE_PREFIX.as_bytes()) else { break };
-            let progress = serde_json::from_slice(&value)
-                .context("checkpoint store: a table's progress is corrupt")?;
+            let progress = serde_json::from_slice(&value).context("checkpoint store: a table's progress is corrupt")?;
             tables.push((String::from_utf8_lossy(name).into_owned(), progress));
         }
         Ok(tables)

@@ -72,13 +72,21 @@ pub struct TargetConfig {
 
 impl SourceConfig {
     pub fn endpoint(&self) -> Endpoint<'_> {
-        Endpoint { url: &self.url, password_file: self.password_file.as_deref(), password_env: self.password_env.as_deref() }
+        Endpoint {
+            url: &self.url,
+            password_file: self.password_file.as_deref(),
+            password_env: self.password_env.as_deref(),
+        }
     }
 }
 
 impl TargetConfig {
     pub fn endpoint(&self) -> Endpoint<'_> {
-        Endpoint { url: &self.url, password_file: self.password_file.as_deref(), password_env: self.password_env.as_deref() }
+        Endpoint {
+            url: &self.url,
+            password_file: self.password_file.as_deref(),
+            password_env: self.password_env.as_deref(),
+        }
     }
 }
 
@@ -122,15 +130,13 @@ impl Endpoint<'_> {
     /// The password from `password_file` or `password_env`, if either is set.
     pub fn external_password(&self) -> anyhow::Result<Option<String>> {
         if let Some(path) = self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!("cannot read password_file {}: {e}", path.display())
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read password_file {}: {e}", path.display()))?;
             return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
         }
         if let Some(var) = self.password_env {
-            let value = std::env::var(var).map_err(|_| {
-                anyhow::anyhow!("password_env names ${var}, which is not set in the environment")
-            })?;
+            let value = std::env::var(var)
+                .map_err(|_| anyhow::anyhow!("password_env names ${var}, which is not set in the environment"))?;
             return Ok(Some(value));
         }
         Ok(None)
@@ -291,8 +297,11 @@ impl<'de> Deserialize<'de> for Duration {
             Raw::Seconds(s) => return Ok(Duration(s)),
             Raw::Text(t) => t,
         };
-        let (number, unit) = text.trim().split_at(text.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(text.trim().len()));
-        let number: u64 = number.parse().map_err(|_| serde::de::Error::custom(format!("`{text}` is not a duration like \"90s\", \"10m\" or \"1h\"")))?;
+        let (number, unit) =
+            text.trim().split_at(text.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(text.trim().len()));
+        let number: u64 = number.parse().map_err(|_| {
+            serde::de::Error::custom(format!("`{text}` is not a duration like \"90s\", \"10m\" or \"1h\""))
+        })?;
         let factor = match unit.trim() {
             "" | "s" => 1,
             "m" => 60,
@@ -337,8 +346,8 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::parse(&text, path)
     }
 
@@ -348,9 +357,7 @@ impl Config {
         let mut config: Config = toml::from_str(text).map_err(|e| invalid(with_suggestion(&e.to_string())))?;
         config.name = pipeline_name(path);
         if config.name.is_empty() {
-            return Err(invalid(
-                "the file name must contain letters or digits: it names the pipeline".into(),
-            ));
+            return Err(invalid("the file name must contain letters or digits: it names the pipeline".into()));
         }
         if config.metrics.listen != "off" && config.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(format!(
@@ -370,9 +377,7 @@ impl Config {
             entry.parse::<crate::position::Position>().map_err(|e| invalid(format!("[stream] skip: {e}")))?;
         }
         if let Some(stop_at) = &config.stream.stop_at {
-            stop_at
-                .parse::<crate::position::StopAt>()
-                .map_err(|e| invalid(format!("[stream] stop_at: {e}")))?;
+            stop_at.parse::<crate::position::StopAt>().map_err(|e| invalid(format!("[stream] stop_at: {e}")))?;
         }
         if config.snapshot.workers == 0 {
             return Err(invalid("[snapshot] workers: must be at least 1".into()));
@@ -384,16 +389,13 @@ impl Config {
             [("[source] tables", &config.source.tables), ("[source] exclude", &config.source.exclude)]
         {
             for pattern in patterns {
-                glob::Pattern::new(pattern).map_err(|e| {
-                    invalid(format!("{key}: `{pattern}` is not a valid glob pattern: {e}"))
-                })?;
+                glob::Pattern::new(pattern)
+                    .map_err(|e| invalid(format!("{key}: `{pattern}` is not a valid glob pattern: {e}")))?;
             }
         }
         for (key, endpoint) in [("[source]", config.source.endpoint()), ("[target]", config.target.endpoint())] {
             if endpoint.password_file.is_some() && endpoint.password_env.is_some() {
-                return Err(invalid(format!(
-                    "{key}: set password_file or password_env, not both"
-                )));
+                return Err(invalid(format!("{key}: set password_file or password_env, not both")));
             }
         }
         Ok(config)

@@ -155,9 +155,13 @@ impl RunningPipeline {
 /// A connection to a sandbox PostgreSQL server with cutover's session settings.
 async fn postgres_client(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let url = crate::config::ConnUrl::new(url);
-    crate::pgconn::ConnectParams::from_endpoint(crate::config::Endpoint { url: &url, password_file: None, password_env: None })?
-        .connect()
-        .await
+    crate::pgconn::ConnectParams::from_endpoint(crate::config::Endpoint {
+        url: &url,
+        password_file: None,
+        password_env: None,
+    })?
+    .connect()
+    .await
 }
 
 /// Polls until `done` says so, the pipeline stops, or 5 minutes pass.
@@ -208,7 +212,19 @@ async fn run_postgres(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<(
     let pgbench = if bin.join("pgbench").exists() { bin.join("pgbench") } else { "pgbench".into() };
     println!("loading pgbench scale {scale} and the awkward-types table into the source");
     let status = std::process::Command::new(&pgbench)
-        .args(["-i", "-q", "-s", &scale.to_string(), "-h", "127.0.0.1", "-p", &source.port().to_string(), "-U", "cutover", "postgres"])
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            &scale.to_string(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &source.port().to_string(),
+            "-U",
+            "cutover",
+            "postgres",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -223,7 +239,22 @@ async fn run_postgres(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<(
 
     println!("starting a {seconds}s pgbench write load (4 clients) and the pipeline");
     let mut load = tokio::process::Command::new(&pgbench)
-        .args(["-n", "-c", "4", "-j", "2", "-T", &seconds.to_string(), "-h", "127.0.0.1", "-p", &source.port().to_string(), "-U", "cutover", "postgres"])
+        .args([
+            "-n",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &source.port().to_string(),
+            "-U",
+            "cutover",
+            "postgres",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -240,11 +271,8 @@ async fn run_postgres(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<(
             }
         }
     };
-    let tps = String::from_utf8_lossy(&load_output.stdout)
-        .lines()
-        .find(|l| l.starts_with("tps"))
-        .unwrap_or("")
-        .to_string();
+    let tps =
+        String::from_utf8_lossy(&load_output.stdout).lines().find(|l| l.starts_with("tps")).unwrap_or("").to_string();
     let end_lsn = query_lsn(&source_client, "SELECT pg_current_wal_lsn()::text").await?.unwrap_or_default();
     println!("load stopped at source LSN {end_lsn}; waiting for the target to catch up");
     let caught_up = wait_until(&pipeline, || async {
@@ -315,8 +343,7 @@ async fn run_mysql(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<()> 
     write_config(&config_path, "mysql", &source.url("shop"), &target.url("postgres"), &work.join("state"), "")?;
     println!("starting a {seconds}s write load (4 clients) and the pipeline");
     let started = Instant::now();
-    let load: Vec<_> =
-        (0..4).map(|client| tokio::spawn(mysql_load(source.url("shop"), client, seconds))).collect();
+    let load: Vec<_> = (0..4).map(|client| tokio::spawn(mysql_load(source.url("shop"), client, seconds))).collect();
     let pipeline = RunningPipeline::start(Config::load(&config_path)?);
     let streamed = postgres_client(&target.url("postgres")).await?;
     let mut transactions = 0;

@@ -58,7 +58,10 @@ impl Metrics {
             ),
             lag_bytes: register(
                 &registry,
-                IntGauge::new("cutover_lag_bytes", "WAL bytes the source has written past the applied position (PostgreSQL)")?,
+                IntGauge::new(
+                    "cutover_lag_bytes",
+                    "WAL bytes the source has written past the applied position (PostgreSQL)",
+                )?,
             ),
             snapshot_rows: register(
                 &registry,

@@ -42,10 +42,8 @@ impl ConnectParams {
             None => "localhost".to_string(),
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
-        let user = config
-            .get_user()
-            .map(str::to_string)
-            .with_context(|| format!("url {} names no user", endpoint.url))?;
+        let user =
+            config.get_user().map(str::to_string).with_context(|| format!("url {} names no user", endpoint.url))?;
         let password = config.get_password().map(|p| String::from_utf8_lossy(p).into_owned());
         let database = config.get_dbname().unwrap_or(&user).to_string();
         let options = match config.get_options() {

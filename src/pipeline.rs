@@ -139,7 +139,11 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
                 since.elapsed().as_secs()
             )));
         }
-        tracing::warn!(error = format!("{error:#}"), retry_in_seconds = delay.as_secs(), "connection lost; resuming from the last checkpoint");
+        tracing::warn!(
+            error = format!("{error:#}"),
+            retry_in_seconds = delay.as_secs(),
+            "connection lost; resuming from the last checkpoint"
+        );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stopped(&mut stop) => break Ok(()),
@@ -184,7 +188,8 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
             let fresh = store.tables()?.is_empty();
             sink.create_tables(&schema, &pending, fresh).await?;
             let snapshot = source.new_snapshot().await?;
-            let summary = copy_tables(source.as_mut(), sink.as_ref(), &store, &snapshot, &pending, workers, !fresh).await?;
+            let summary =
+                copy_tables(source.as_mut(), sink.as_ref(), &store, &snapshot, &pending, workers, !fresh).await?;
             sink.finish_snapshot(&schema).await?;
             log_copy(&summary);
         }

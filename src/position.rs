@@ -90,7 +90,9 @@ impl Position {
     /// `begin`: a bare GTID matches the transaction's GTID, anything else its position.
     pub fn names(&self, begin: &Position) -> bool {
         match (self, begin) {
-            (Position::Binlog(entry), Position::Binlog(b)) if entry.file.is_empty() => entry.gtid.is_some() && entry.gtid == b.gtid,
+            (Position::Binlog(entry), Position::Binlog(b)) if entry.file.is_empty() => {
+                entry.gtid.is_some() && entry.gtid == b.gtid
+            }
             _ => self == begin,
         }
     }
@@ -108,7 +110,9 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Lsn(lsn) => write!(f, "lsn:{lsn}"),
-            Position::Binlog(BinlogPosition { file, gtid: Some(gtid), .. }) if file.is_empty() => write!(f, "gtid:{gtid}"),
+            Position::Binlog(BinlogPosition { file, gtid: Some(gtid), .. }) if file.is_empty() => {
+                write!(f, "gtid:{gtid}")
+            }
             Position::Binlog(BinlogPosition { file, pos, gtid: None }) => write!(f, "{file}:{pos}"),
             Position::Binlog(BinlogPosition { file, pos, gtid: Some(gtid) }) => write!(f, "{file}:{pos};gtid={gtid}"),
         }
@@ -122,7 +126,9 @@ impl FromStr for Position {
         match s.split_once(':') {
             Some(("lsn", rest)) => Ok(Position::Lsn(rest.parse()?)),
             // A MariaDB GTID state alone: the binlog is found by it.
-            Some(("gtid", state)) if !state.is_empty() && state.bytes().all(|b| b.is_ascii_digit() || b == b'-' || b == b',') => {
+            Some(("gtid", state))
+                if !state.is_empty() && state.bytes().all(|b| b.is_ascii_digit() || b == b'-' || b == b',') =>
+            {
                 Ok(Position::Binlog(BinlogPosition { file: String::new(), pos: 4, gtid: Some(state.to_string()) }))
             }
             _ => {

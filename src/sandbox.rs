@@ -31,9 +31,10 @@ pub fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
     if let Some((_, bin)) = versions.pop() {
         return Ok(bin);
     }
-    let output = Command::new("pg_config").arg("--bindir").output().context(
-        "no PostgreSQL server found: install it (apt-get install -y postgresql) or set CUTOVER_PG_BIN",
-    )?;
+    let output = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .context("no PostgreSQL server found: install it (apt-get install -y postgresql) or set CUTOVER_PG_BIN")?;
     Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
 

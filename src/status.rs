@@ -54,11 +54,8 @@ fn from_store(store: &CheckpointStore, running: bool) -> anyhow::Result<Status> 
 /// The running pipeline's status.
 fn live(store: &CheckpointStore) -> anyhow::Result<Status> {
     let mut status = from_store(store, true)?;
-    status.phase = PHASES
-        .iter()
-        .find(|p| METRICS.phase.with_label_values(&[p]).get() == 1)
-        .unwrap_or(&"starting")
-        .to_string();
+    status.phase =
+        PHASES.iter().find(|p| METRICS.phase.with_label_values(&[p]).get() == 1).unwrap_or(&"starting").to_string();
     status.lag_seconds = METRICS.lag_seconds.get();
     status.lag_bytes = METRICS.lag_bytes.get();
     status.transactions_applied = METRICS.transactions_applied.get();

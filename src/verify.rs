@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use crate::config::{Config, SourceKind, TargetKind};
 use crate::pgconn::ConnectParams;
 use crate::schema::{quote_ident, quote_table, TableDefinition};
-use crate::source::Source;
 use crate::source::postgres::PostgresSource;
+use crate::source::Source;
 
 /// One table's counts and checksums on both sides.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,7 +40,10 @@ pub async fn table_checksum(client: &tokio_postgres::Client, table: &TableDefini
 
 /// Every table of `schema` in one PostgreSQL database: name, row count and an md5 of its
 /// rows' text in order. Two databases loaded by different paths compare by these.
-pub async fn schema_digests(client: &tokio_postgres::Client, schema: &str) -> anyhow::Result<Vec<(String, i64, String)>> {
+pub async fn schema_digests(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> anyhow::Result<Vec<(String, i64, String)>> {
     let tables = client
         .query("SELECT tablename::text FROM pg_tables WHERE schemaname = $1 ORDER BY 1", &[&schema])
         .await
@@ -79,7 +82,13 @@ pub async fn verify(config: &Config) -> anyhow::Result<Vec<TableReport>> {
     for table in &schema.tables {
         let (source_rows, source_checksum) = table_checksum(&source_client, table).await?;
         let (target_rows, target_checksum) = table_checksum(&target, table).await?;
-        reports.push(TableReport { table: table.schema.name.to_string(), source_rows, target_rows, source_checksum, target_checksum });
+        reports.push(TableReport {
+            table: table.schema.name.to_string(),
+            source_rows,
+            target_rows,
+            source_checksum,
+            target_checksum,
+        });
     }
     Ok(reports)
 }

@@ -34,7 +34,8 @@ async fn one_shot_copy_maps_every_type() {
     let (source, target, _conn, dir) = start("mysql").await;
     let config = dir.join("mysql-to-pg.toml");
     write_config(&config, &source.url("shop"), &target.url("postgres"), &dir.join("state"), "only");
-    let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&config).output().expect("runs");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&config).output().expect("runs");
     let log = String::from_utf8_lossy(&output.stderr).to_string();
     assert!(output.status.success(), "cutover failed:\n{log}");
 
@@ -124,7 +125,12 @@ INSERT INTO no_key VALUES (5, 'five');
 INSERT INTO marker VALUES (2);
 "#;
 
-async fn wait_for_marker(target: &tokio_postgres::Client, n: i32, child: &mut std::process::Child, log: &std::path::Path) {
+async fn wait_for_marker(
+    target: &tokio_postgres::Client,
+    n: i32,
+    child: &mut std::process::Child,
+    log: &std::path::Path,
+) {
     let started = std::time::Instant::now();
     loop {
         let found = target
@@ -183,7 +189,11 @@ impl Streaming {
         streamed.batch_execute("CREATE DATABASE fresh").await.expect("fresh db");
         let fresh_config = dir.join("fresh.toml");
         write_config(&fresh_config, &source.url("shop"), &target.url("fresh"), &dir.join("fresh-state"), "only");
-        let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&fresh_config).output().expect("runs");
+        let output = Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["run", "--config"])
+            .arg(&fresh_config)
+            .output()
+            .expect("runs");
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let fresh = pg(&target.url("fresh")).await;
         let streamed_digests = cutover::verify::schema_digests(&streamed, "shop").await.expect("digests");
@@ -222,7 +232,8 @@ async fn binlog_stream_matches_a_fresh_copy_after_kill_rotation_and_ddl() {
     assert!(resumed.contains(";gtid=0-1-"), "{log}");
     // The 250 k-row table was copied by both workers in primary-key ranges.
     assert!(log.contains("KeyRange"), "{log}");
-    let extra: i64 = streamed.query_one("SELECT count(*) FROM shop.big_one WHERE extra = 7", &[]).await.expect("extra").get(0);
+    let extra: i64 =
+        streamed.query_one("SELECT count(*) FROM shop.big_one WHERE extra = 7", &[]).await.expect("extra").get(0);
     assert!(extra > 200_000, "ADD COLUMN … DEFAULT 7 reached the existing rows: {extra}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -255,16 +266,22 @@ async fn a_mariadb_restart_mid_stream_is_survived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_the_target_cannot_take_is_named() {
     let (source, target, mut conn, dir) = start("badvalue").await;
-    conn.query_drop("CREATE TABLE shop.flags (id int PRIMARY KEY, active tinyint(1)); INSERT INTO shop.flags VALUES (1, 1), (2, 5)")
-        .await
-        .expect("table");
+    conn.query_drop(
+        "CREATE TABLE shop.flags (id int PRIMARY KEY, active tinyint(1)); INSERT INTO shop.flags VALUES (1, 1), (2, 5)",
+    )
+    .await
+    .expect("table");
     let config = dir.join("bad.toml");
     write_config(&config, &source.url("shop"), &target.url("postgres"), &dir.join("state"), "only");
-    let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&config).output().expect("runs");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&config).output().expect("runs");
     let text = String::from_utf8_lossy(&output.stderr).to_string();
     assert!(!output.status.success(), "{text}");
     assert!(
-        text.contains("shop.flags") && text.contains("id=2") && text.contains("column active") && text.contains("value 5"),
+        text.contains("shop.flags")
+            && text.contains("id=2")
+            && text.contains("column active")
+            && text.contains("value 5"),
         "{text}"
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -280,17 +297,21 @@ async fn one_value(conn: &mut mysql_async::Conn, sql: &str) -> String {
 async fn pitr_starts_at_a_gtid_skips_the_bad_transaction_and_stops_at_a_position() {
     let source = MariaDbServer::start(&[]).expect("mariadb");
     let target = PostgresServer::start(&[]).expect("postgres");
-    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url")).await.expect("mariadb");
-    conn.query_drop("CREATE DATABASE shop; CREATE TABLE shop.ledger (id int PRIMARY KEY, amount int); \
-                     INSERT INTO shop.ledger SELECT seq, seq * 10 FROM seq_1_to_10")
-        .await
-        .expect("ledger");
+    let mut conn =
+        mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url")).await.expect("mariadb");
+    conn.query_drop(
+        "CREATE DATABASE shop; CREATE TABLE shop.ledger (id int PRIMARY KEY, amount int); \
+                     INSERT INTO shop.ledger SELECT seq, seq * 10 FROM seq_1_to_10",
+    )
+    .await
+    .expect("ledger");
     let dir = std::env::temp_dir().join(format!("cutover-test-pitr-{}", source.port()));
     std::fs::create_dir_all(&dir).expect("dir");
     // The "restored backup": a one-shot copy, and the GTID it corresponds to.
     let copy = dir.join("copy.toml");
     write_config(&copy, &source.url("shop"), &target.url("postgres"), &dir.join("copy-state"), "only");
-    let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&copy).output().expect("runs");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&copy).output().expect("runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let backup_gtid = one_value(&mut conn, "SELECT @@gtid_binlog_pos").await;
 
@@ -315,10 +336,14 @@ async fn pitr_starts_at_a_gtid_skips_the_bad_transaction_and_stops_at_a_position
         ),
     )
     .expect("config");
-    let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&pitr).output().expect("runs");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&pitr).output().expect("runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("reached stop_at") && stdout.contains("skip entry gtid:0-1-999999 matched no transaction"), "{stdout}");
+    assert!(
+        stdout.contains("reached stop_at") && stdout.contains("skip entry gtid:0-1-999999 matched no transaction"),
+        "{stdout}"
+    );
     assert!(stderr.contains(&format!("gtid:{bad_gtid}")) && stderr.contains("changes=20"), "{stderr}");
     let streamed = pg(&target.url("postgres")).await;
     let ids: Vec<i32> = streamed

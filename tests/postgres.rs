@@ -221,7 +221,8 @@ async fn update_on_a_table_without_identity_stops_with_the_fix() {
     assert!(!status.success());
     let log = pair.log();
     assert!(
-        log.contains("public.audit_trail") && log.contains("ALTER TABLE \"public\".\"audit_trail\" REPLICA IDENTITY FULL"),
+        log.contains("public.audit_trail")
+            && log.contains("ALTER TABLE \"public\".\"audit_trail\" REPLICA IDENTITY FULL"),
         "{log}"
     );
 }
@@ -269,7 +270,9 @@ async fn sigterm_mid_stream_exits_cleanly_and_resumes_exactly() {
             let client = connect(&url).await;
             for round in 0..20 {
                 client
-                    .batch_execute(&format!("INSERT INTO lines SELECT g, 'round {round}' FROM generate_series(1, 20000) g"))
+                    .batch_execute(&format!(
+                        "INSERT INTO lines SELECT g, 'round {round}' FROM generate_series(1, 20000) g"
+                    ))
                     .await
                     .expect("insert");
             }
@@ -322,7 +325,10 @@ async fn metrics_are_served_and_passwords_never_printed() {
     source.batch_execute("CREATE TABLE items (id int PRIMARY KEY, n int); INSERT INTO items SELECT g, g FROM generate_series(1, 500) g").await.expect("table");
     let mut child = pair.spawn();
     pair.wait_caught_up(&mut child).await;
-    source.batch_execute("UPDATE items SET n = n + 1 WHERE id <= 100; DELETE FROM items WHERE id > 450").await.expect("changes");
+    source
+        .batch_execute("UPDATE items SET n = n + 1 WHERE id <= 100; DELETE FROM items WHERE id > 450")
+        .await
+        .expect("changes");
     pair.wait_caught_up(&mut child).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -398,7 +404,10 @@ fn status(pair: &Pair) -> serde_json::Value {
 async fn status_reports_live_and_stopped_pipelines() {
     let pair = Pair::start("status", "");
     let source = connect(&pair.source.url("postgres")).await;
-    source.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 42)").await.expect("table");
+    source
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 42)")
+        .await
+        .expect("table");
     let mut child = pair.spawn();
     pair.wait_caught_up(&mut child).await;
     source.batch_execute("INSERT INTO t VALUES (100)").await.expect("insert");
@@ -436,7 +445,10 @@ fn cleanup(pair: &Pair) -> std::process::Output {
 async fn cleanup_drops_what_cutover_created_and_nothing_else() {
     let pair = Pair::start("cleanup", "");
     let source = connect(&pair.source.url("postgres")).await;
-    source.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)").await.expect("table");
+    source
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .expect("table");
     let mut child = pair.spawn();
     pair.wait_caught_up(&mut child).await;
     source.batch_execute("INSERT INTO t VALUES (11)").await.expect("insert");

@@ -11,7 +11,8 @@ fn check(name: &str, source_kind: &str, source_url: &str, target_url: &str) -> O
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join(format!("{name}.toml"));
     cutover::demo::write_config(&config, source_kind, source_url, target_url, &dir.join("state"), "").expect("config");
-    let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["check", "--config"]).arg(&config).output().expect("runs");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["check", "--config"]).arg(&config).output().expect("runs");
     let _ = std::fs::remove_dir_all(&dir);
     output
 }
@@ -36,7 +37,8 @@ fn a_ready_postgres_pair_passes_and_prints_its_plan() {
     let target = PostgresServer::start(&[]).expect("target");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let (client, connection) = tokio_postgres::connect(&source.url("postgres"), tokio_postgres::NoTls).await.expect("pg");
+        let (client, connection) =
+            tokio_postgres::connect(&source.url("postgres"), tokio_postgres::NoTls).await.expect("pg");
         tokio::spawn(connection);
         client
             .batch_execute("CREATE TABLE orders (id int PRIMARY KEY, note text); CREATE TABLE log (line text);")
@@ -59,9 +61,11 @@ fn mariadb_with_statement_binlog_is_refused_and_the_plan_shows_the_mapping() {
         let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url"))
             .await
             .expect("mariadb");
-        conn.query_drop("CREATE DATABASE shop; CREATE TABLE shop.t (id bigint unsigned PRIMARY KEY, d datetime(3), tm time)")
-            .await
-            .expect("table");
+        conn.query_drop(
+            "CREATE DATABASE shop; CREATE TABLE shop.t (id bigint unsigned PRIMARY KEY, d datetime(3), tm time)",
+        )
+        .await
+        .expect("table");
     });
     let output = check("statement", "mysql", &source.url("shop"), &target.url("postgres"));
     let text = stdout(&output);
@@ -78,7 +82,8 @@ fn a_bad_config_names_the_file_and_key() {
     let config = dir.join("bad.toml");
     std::fs::write(&config, "[source]\nkind = \"oracle\"\nurl = \"x\"\n[target]\nkind = \"postgres\"\nurl = \"y\"\n[state]\ndir = \"/tmp/x\"\n")
         .expect("config");
-    let output = Command::new(env!("CARGO_BIN_EXE_cutover")).args(["check", "--config"]).arg(&config).output().expect("runs");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["check", "--config"]).arg(&config).output().expect("runs");
     let text = stdout(&output);
     assert!(!output.status.success());
     assert!(text.contains("bad.toml") && text.contains("oracle") && text.contains("postgres"), "{text}");

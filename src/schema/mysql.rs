@@ -81,10 +81,7 @@ pub struct UnsupportedType {
 
 fn labels(column_type: &str) -> Vec<String> {
     // `enum('a','it''s')`: quoted, comma-separated, quotes doubled.
-    let inner = column_type
-        .split_once('(')
-        .and_then(|(_, rest)| rest.strip_suffix(')'))
-        .unwrap_or_default();
+    let inner = column_type.split_once('(').and_then(|(_, rest)| rest.strip_suffix(')')).unwrap_or_default();
     let mut labels = Vec::new();
     let mut chars = inner.chars().peekable();
     while let Some(c) = chars.next() {
@@ -150,11 +147,9 @@ pub fn map_column(column: &MysqlColumn) -> Result<ColumnMapping, UnsupportedType
         "int" | "integer" => same("integer"),
         "bigint" if unsigned => unsigned_as("numeric(20,0)", 64),
         "bigint" => same("bigint"),
-        "decimal" | "numeric" => same(&format!(
-            "numeric({},{})",
-            column.numeric_precision.unwrap_or(10),
-            column.numeric_scale.unwrap_or(0)
-        )),
+        "decimal" | "numeric" => {
+            same(&format!("numeric({},{})", column.numeric_precision.unwrap_or(10), column.numeric_scale.unwrap_or(0)))
+        }
         "float" => same("real"),
         "double" | "real" => same("double precision"),
         "char" | "varchar" => with(format!("varchar({})", column.character_maximum_length.unwrap_or(1)), text(), None),
@@ -185,9 +180,7 @@ pub fn map_column(column: &MysqlColumn) -> Result<ColumnMapping, UnsupportedType
         }
         "geometry" | "point" | "linestring" | "polygon" | "multipoint" | "multilinestring" | "multipolygon"
         | "geometrycollection" => with("bytea".into(), Encoding::Bytes, Some("geometry is copied as SRID + WKB bytes")),
-        _ => {
-            return Err(UnsupportedType { column: column.name.clone(), column_type: column.column_type.clone() })
-        }
+        _ => return Err(UnsupportedType { column: column.name.clone(), column_type: column.column_type.clone() }),
     })
 }
 
@@ -256,7 +249,6 @@ fn array_literal(elements: &[&str]) -> String {
     format!("{{{}}}", quoted.join(","))
 }
 
-
 /// A value as the binlog carries it (decoded by `mysql_common`) → PostgreSQL's text form.
 pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Option<String>, ValueError> {
     let value = match value {
@@ -281,7 +273,11 @@ pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Opti
         }
         (Encoding::Enum { labels }, MysqlValue::Int(i)) => {
             let label = usize::try_from(i).ok().and_then(|i| i.checked_sub(1)).and_then(|i| labels.get(i));
-            Some(label.cloned().ok_or_else(|| ValueError(format!("enum index {i} is not one of the column's labels")))?)
+            Some(
+                label
+                    .cloned()
+                    .ok_or_else(|| ValueError(format!("enum index {i} is not one of the column's labels")))?,
+            )
         }
         (Encoding::Boolean, MysqlValue::Int(i)) => Some(boolean(&i.to_string())?),
         (_, MysqlValue::Int(i)) => Some(i.to_string()),
@@ -317,7 +313,9 @@ pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Opti
                 ))
             }
         }
-        (Encoding::Date, MysqlValue::Date(y, m, d, ..)) => (y != 0 && m != 0 && d != 0).then(|| format!("{y:04}-{m:02}-{d:02}")),
+        (Encoding::Date, MysqlValue::Date(y, m, d, ..)) => {
+            (y != 0 && m != 0 && d != 0).then(|| format!("{y:04}-{m:02}-{d:02}"))
+        }
         (_, MysqlValue::Date(y, m, d, h, mi, s, us)) => {
             (y != 0 && m != 0 && d != 0).then(|| format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02}.{us:06}"))
         }
@@ -411,7 +409,10 @@ mod tests {
         assert_eq!(bin(Encoding::Timestamp, MysqlValue::Bytes(b"0".to_vec())), None);
         assert_eq!(bin(Encoding::Time, MysqlValue::Time(true, 34, 22, 59, 59, 0)), Some("-838:59:59.000000".into()));
         assert_eq!(bin(Encoding::Date, MysqlValue::Date(0, 0, 0, 0, 0, 0, 0)), None);
-        assert_eq!(bin(Encoding::DateTime, MysqlValue::Date(1999, 12, 31, 23, 59, 59, 5)), Some("1999-12-31 23:59:59.000005".into()));
+        assert_eq!(
+            bin(Encoding::DateTime, MysqlValue::Date(1999, 12, 31, 23, 59, 59, 5)),
+            Some("1999-12-31 23:59:59.000005".into())
+        );
         let mut row = Vec::new();
         push_copy_field(&mut row, Some("a\tb\\c\n"));
         push_copy_field(&mut row, None);

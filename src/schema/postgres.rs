@@ -116,17 +116,13 @@ pub fn foreign_keys(table: &TableDefinition) -> Vec<PostDataObject> {
 pub fn sequence_values(schema: &SourceSchema) -> Vec<String> {
     let mut statements = Vec::new();
     for s in &schema.sequences {
-        let owner_included = s
-            .owned_by
-            .as_ref()
-            .filter(|(table, _)| schema.tables.iter().any(|t| &t.schema.name == table));
+        let owner_included =
+            s.owned_by.as_ref().filter(|(table, _)| schema.tables.iter().any(|t| &t.schema.name == table));
         let name = match (s.identity, owner_included) {
             // Identity sequences are created with their column; find them by it.
-            (true, Some((table, column))) => format!(
-                "pg_get_serial_sequence({}, {})",
-                quote_literal(&quote_table(table)),
-                quote_literal(column)
-            ),
+            (true, Some((table, column))) => {
+                format!("pg_get_serial_sequence({}, {})", quote_literal(&quote_table(table)), quote_literal(column))
+            }
             (true, None) => continue,
             (false, owner) => {
                 if let Some((table, column)) = owner {

@@ -113,11 +113,8 @@ impl PostgresSink {
             return Ok(statement.clone());
         }
         let types = vec![Type::TEXT_ARRAY; params];
-        let statement = self
-            .client
-            .prepare_typed(sql, &types)
-            .await
-            .with_context(|| format!("preparing on the target: {sql}"))?;
+        let statement =
+            self.client.prepare_typed(sql, &types).await.with_context(|| format!("preparing on the target: {sql}"))?;
         self.statements.insert(sql.to_string(), statement.clone());
         Ok(statement)
     }
@@ -157,7 +154,12 @@ impl PostgresSink {
         Ok(())
     }
 
-    async fn execute_arrays(&mut self, sql: &str, params: &[Vec<Option<String>>], table: &TableName) -> anyhow::Result<()> {
+    async fn execute_arrays(
+        &mut self,
+        sql: &str,
+        params: &[Vec<Option<String>>],
+        table: &TableName,
+    ) -> anyhow::Result<()> {
         let statement = self.statement(sql, params.len()).await?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let rows = params.first().map_or(0, Vec::len);
@@ -191,7 +193,13 @@ impl PostgresSink {
     async fn apply_in_order(&mut self, changes: &[&Change], compact: bool) -> anyhow::Result<()> {
         let mut run: Option<Run> = None;
         for &change in changes {
-            let (kind, table, columns, key, values): (RunKind, &Arc<TableSchema>, Vec<usize>, Vec<Option<String>>, Vec<Option<String>>) = match change {
+            let (kind, table, columns, key, values): (
+                RunKind,
+                &Arc<TableSchema>,
+                Vec<usize>,
+                Vec<Option<String>>,
+                Vec<Option<String>>,
+            ) = match change {
                 Change::Relation(table) => {
                     self.flush(run.take()).await?;
                     self.ensure_columns(table).await?;
@@ -219,7 +227,10 @@ impl PostgresSink {
                     if table.identity != Identity::Key {
                         self.flush(run.take()).await?;
                         let old = old.as_deref().with_context(|| {
-                            format!("an UPDATE of {} came without its old row; the table needs REPLICA IDENTITY FULL", table.name)
+                            format!(
+                                "an UPDATE of {} came without its old row; the table needs REPLICA IDENTITY FULL",
+                                table.name
+                            )
                         })?;
                         self.apply_by_full_row(table, old, Some(new)).await?;
                         continue;
@@ -270,7 +281,12 @@ impl PostgresSink {
     }
 
     /// Updates or deletes one row matched on all its old values (no key).
-    async fn apply_by_full_row(&mut self, table: &TableSchema, old: &[Value], new: Option<&[Value]>) -> anyhow::Result<()> {
+    async fn apply_by_full_row(
+        &mut self,
+        table: &TableSchema,
+        old: &[Value],
+        new: Option<&[Value]>,
+    ) -> anyhow::Result<()> {
         let mut params: Vec<Option<String>> = Vec::new();
         let mut predicates = Vec::new();
         for (column, value) in table.columns.iter().zip(old) {
@@ -469,7 +485,11 @@ fn run_sql(kind: RunKind, table: &TableSchema, columns: &[usize], key: &[usize])
                 if updates.is_empty() {
                     sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", key_names.join(", ")));
                 } else {
-                    sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", key_names.join(", "), updates.join(", ")));
+                    sql.push_str(&format!(
+                        " ON CONFLICT ({}) DO UPDATE SET {}",
+                        key_names.join(", "),
+                        updates.join(", ")
+                    ));
                 }
             }
             sql
@@ -546,12 +566,20 @@ impl Sink for PostgresSink {
         Ok(findings)
     }
 
-    async fn create_tables(&mut self, schema: &SourceSchema, tables: &[&TableDefinition], fresh: bool) -> anyhow::Result<()> {
+    async fn create_tables(
+        &mut self,
+        schema: &SourceSchema,
+        tables: &[&TableDefinition],
+        fresh: bool,
+    ) -> anyhow::Result<()> {
         let mut sql = ddl::prerequisites(schema);
         for table in tables {
             let exists = self
                 .client
-                .query_opt("SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2", &[&table.schema.name.schema, &table.schema.name.name])
+                .query_opt(
+                    "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
+                    &[&table.schema.name.schema, &table.schema.name.name],
+                )
                 .await
                 .context("looking for existing tables on the target")?
                 .is_some();
@@ -573,9 +601,10 @@ impl Sink for PostgresSink {
             sql.push(ddl::create_table(table));
         }
         let script = format!("BEGIN; {}; COMMIT", sql.join(";\n"));
-        self.client.batch_execute(&script).await.map_err(|e| {
-            anyhow::Error::new(e).context("creating the schema on the target")
-        })?;
+        self.client
+            .batch_execute(&script)
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("creating the schema on the target"))?;
         Ok(())
     }
 
@@ -608,16 +637,12 @@ impl Sink for PostgresSink {
             .context("reading the target's replication origins")?
             .is_some();
         if exists {
-            self.client
-                .execute("SELECT pg_replication_origin_drop($1)", &[&self.origin])
-                .await
-                .with_context(|| format!("dropping replication origin {} (is `cutover run` still running?)", self.origin))?;
+            self.client.execute("SELECT pg_replication_origin_drop($1)", &[&self.origin]).await.with_context(|| {
+                format!("dropping replication origin {} (is `cutover run` still running?)", self.origin)
+            })?;
             dropped.push(format!("target: replication origin {}", self.origin));
         }
-        let progress = self
-            .client
-            .execute("DELETE FROM cutover.progress WHERE pipeline = $1", &[&self.origin])
-            .await;
+        let progress = self.client.execute("DELETE FROM cutover.progress WHERE pipeline = $1", &[&self.origin]).await;
         if progress.is_ok_and(|rows| rows > 0) {
             dropped.push(format!("target: row {} of cutover.progress", self.origin));
             // The table and schema go with the last pipeline that used them.
@@ -646,13 +671,19 @@ impl Sink for PostgresSink {
             Ok(()) => {}
             Err(e) if is_unique_violation(&e) => {
                 tracing::debug!("a reordered batch hit a unique constraint; applying it in source order");
-                self.client.batch_execute("ROLLBACK TO SAVEPOINT cutover_batch").await.context("rolling back a batch")?;
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT cutover_batch")
+                    .await
+                    .context("rolling back a batch")?;
                 let in_order: Vec<&Change> = changes.iter().collect();
                 self.apply_in_order(&in_order, false).await?;
             }
             Err(e) => return Err(e),
         }
-        self.client.batch_execute("RELEASE SAVEPOINT cutover_batch").await.context("releasing a savepoint on the target")
+        self.client
+            .batch_execute("RELEASE SAVEPOINT cutover_batch")
+            .await
+            .context("releasing a savepoint on the target")
     }
 
     async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()> {
@@ -728,7 +759,11 @@ impl TableWriter for PostgresTableWriter {
         };
         let name = &table.schema.name;
         let sql = format!("COPY {} ({}) FROM STDIN (FORMAT {format})", quote_table(name), columns.join(", "));
-        let sink = self.client.copy_in::<_, bytes::Bytes>(&sql).await.with_context(|| format!("starting to copy {name} into the target"))?;
+        let sink = self
+            .client
+            .copy_in::<_, bytes::Bytes>(&sql)
+            .await
+            .with_context(|| format!("starting to copy {name} into the target"))?;
         futures_util::pin_mut!(sink);
         while let Some(chunk) = rows.data.next().await {
             sink.feed(chunk?).await.with_context(|| format!("copying {name} into the target"))?;

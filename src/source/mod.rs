@@ -24,7 +24,9 @@ use crate::schema::{SourceSchema, TableDefinition};
 /// Which database and version the data comes from; sinks pick copy formats by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
-    Postgres { major: u32 },
+    Postgres {
+        major: u32,
+    },
     /// MySQL or MariaDB: values in MySQL's text form, rewritten for the target.
     Mysql,
 }
@@ -46,9 +48,15 @@ pub struct SnapshotPoint {
 pub enum Chunk {
     Whole,
     /// PostgreSQL heap pages `[start, end)`, read by a TID range scan.
-    Pages { start: u32, end: u32 },
+    Pages {
+        start: u32,
+        end: u32,
+    },
     /// Rows whose integer primary key is in `[start, end)`; `None` is unbounded.
-    KeyRange { start: Option<i64>, end: Option<i64> },
+    KeyRange {
+        start: Option<i64>,
+        end: Option<i64>,
+    },
 }
 
 /// The byte format of a copy stream, understood by both ends.
@@ -78,18 +86,11 @@ pub trait Source: Send + Sync {
 
     /// Sets up the change stream for these tables the first time (PostgreSQL:
     /// publications and slot) and pins a snapshot where the stream begins.
-    async fn create_stream(
-        &mut self,
-        tables: &[TableDefinition],
-    ) -> anyhow::Result<(PipelineIdentity, SnapshotPoint)>;
+    async fn create_stream(&mut self, tables: &[TableDefinition]) -> anyhow::Result<(PipelineIdentity, SnapshotPoint)>;
 
     /// Checks that the stream set up earlier is still there and still this source's,
     /// and brings its table list up to date.
-    async fn resume_stream(
-        &mut self,
-        identity: &PipelineIdentity,
-        tables: &[TableDefinition],
-    ) -> anyhow::Result<()>;
+    async fn resume_stream(&mut self, identity: &PipelineIdentity, tables: &[TableDefinition]) -> anyhow::Result<()>;
 
     /// Pins a fresh snapshot for tables copied after the stream began; changes to
     /// them are applied from its position on.
@@ -122,12 +123,7 @@ pub trait Source: Send + Sync {
 /// Reads tables inside a pinned snapshot.
 #[async_trait]
 pub trait TableReader: Send {
-    async fn read(
-        &mut self,
-        table: &TableDefinition,
-        chunk: Chunk,
-        format: CopyFormat,
-    ) -> anyhow::Result<CopyStream>;
+    async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream>;
 }
 
 /// A source's committed transactions, in commit order.

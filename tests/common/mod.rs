@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cutover::config::{ConnUrl, Config, Endpoint};
+use cutover::config::{Config, ConnUrl, Endpoint};
 use cutover::pgconn::ConnectParams;
 use cutover::sandbox::PostgresServer;
 
@@ -38,8 +38,15 @@ impl Pair {
         let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
         std::fs::create_dir_all(&dir).expect("test dir");
         let config_path = dir.join(format!("{name}.toml"));
-        cutover::demo::write_config(&config_path, "postgres", &source.url("postgres"), &target.url("postgres"), &dir.join("state"), extra_config)
-            .expect("config");
+        cutover::demo::write_config(
+            &config_path,
+            "postgres",
+            &source.url("postgres"),
+            &target.url("postgres"),
+            &dir.join("state"),
+            extra_config,
+        )
+        .expect("config");
         Pair { source, target, dir, config_path, streaming_before: std::cell::Cell::new(0) }
     }
 
@@ -58,11 +65,8 @@ impl Pair {
 
     /// As [`Pair::spawn`], with extra environment variables.
     pub fn spawn_with_env(&self, env: &[(&str, &std::path::Path)]) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("cutover.log"))
-            .expect("log file");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("cutover.log")).expect("log file");
         self.streaming_before.set(self.log().matches("streaming changes").count());
         Command::new(env!("CARGO_BIN_EXE_cutover"))
             .args(["run", "--config"])
@@ -150,4 +154,3 @@ pub fn stop(child: &mut Child) -> (std::process::ExitStatus, Duration) {
     let status = child.wait().expect("cutover exits");
     (status, started.elapsed())
 }
-

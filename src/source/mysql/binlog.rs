@@ -61,7 +61,10 @@ pub fn parse_gtid_state(text: &str) -> anyhow::Result<BTreeMap<u32, (u32, u64)>>
             anyhow::bail!("`{gtid}` is not a MariaDB GTID (domain-server-sequence, like 0-1-100)")
         };
         let bad = || anyhow::anyhow!("`{gtid}` is not a MariaDB GTID (domain-server-sequence, like 0-1-100)");
-        state.insert(domain.parse().map_err(|_| bad())?, (server.parse().map_err(|_| bad())?, seq.parse().map_err(|_| bad())?));
+        state.insert(
+            domain.parse().map_err(|_| bad())?,
+            (server.parse().map_err(|_| bad())?, seq.parse().map_err(|_| bad())?),
+        );
     }
     Ok(state)
 }
@@ -110,7 +113,10 @@ impl BinlogChangeStream {
             request
         };
         let binlog = conn.get_binlog_stream(request).await.with_context(|| {
-            format!("starting the binlog stream after {} (needs REPLICATION SLAVE; is that binlog still on the server?)", Position::Binlog(from.clone()))
+            format!(
+                "starting the binlog stream after {} (needs REPLICATION SLAVE; is that binlog still on the server?)",
+                Position::Binlog(from.clone())
+            )
         })?;
         Ok(BinlogChangeStream {
             binlog,
@@ -146,9 +152,20 @@ impl BinlogChangeStream {
         self.pending.push_back(Event::Commit { position: end, commit_time: time });
     }
 
-    async fn query(&mut self, query: &str, schema: &str, start: Position, end_pos: u32, time: SystemTime) -> anyhow::Result<()> {
+    async fn query(
+        &mut self,
+        query: &str,
+        schema: &str,
+        start: Position,
+        end_pos: u32,
+        time: SystemTime,
+    ) -> anyhow::Result<()> {
         // Every statement but BEGIN ends a transaction (COMMIT) or is one (DDL).
-        let end = if query.trim().eq_ignore_ascii_case("BEGIN") { self.position(end_pos) } else { self.commit_position(end_pos) };
+        let end = if query.trim().eq_ignore_ascii_case("BEGIN") {
+            self.position(end_pos)
+        } else {
+            self.commit_position(end_pos)
+        };
         let words: Vec<String> = query.split_whitespace().map(str::to_uppercase).collect();
         let word = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
         match word(0) {
@@ -172,14 +189,22 @@ impl BinlogChangeStream {
                 let destructive = ["DROP", "MODIFY", "CHANGE", "RENAME", "ALTER COLUMN", "CONVERT"];
                 let upper = words.join(" ");
                 if word(0) == "TRUNCATE" {
-                    let change = Change::Truncate { tables: vec![known.schema], cascade: false, restart_identity: false };
+                    let change =
+                        Change::Truncate { tables: vec![known.schema], cascade: false, restart_identity: false };
                     self.standalone(start, end, time, change);
-                } else if word(0) == "ALTER" && upper.contains(" ADD ") && !destructive.iter().any(|d| upper.contains(d)) {
+                } else if word(0) == "ALTER"
+                    && upper.contains(" ADD ")
+                    && !destructive.iter().any(|d| upper.contains(d))
+                {
                     let (schema, encodings) =
                         catalog::read_tables(&mut self.catalog, &self.database, |t| t == &name).await?;
                     let definition = schema.tables.into_iter().next().with_context(|| format!("{name} is gone"))?;
                     let before = &known.schema.columns;
-                    if definition.schema.columns.get(..before.len()).map(|c| c.iter().map(|c| &c.name).collect::<Vec<_>>())
+                    if definition
+                        .schema
+                        .columns
+                        .get(..before.len())
+                        .map(|c| c.iter().map(|c| &c.name).collect::<Vec<_>>())
                         != Some(before.iter().map(|c| &c.name).collect())
                     {
                         anyhow::bail!(
@@ -270,7 +295,12 @@ impl ChangeStream for BinlogChangeStream {
                 .binlog
                 .next()
                 .await
-                .ok_or_else(|| crate::pipeline::ConnectionLost(format!("the MySQL server ended the binlog stream in {}", self.file)))?
+                .ok_or_else(|| {
+                    crate::pipeline::ConnectionLost(format!(
+                        "the MySQL server ended the binlog stream in {}",
+                        self.file
+                    ))
+                })?
                 .with_context(|| format!("reading the binlog in {}", self.file))?;
             let header = event.header();
             let start = self.position(header.log_pos().saturating_sub(header.event_size()));
@@ -295,7 +325,8 @@ impl ChangeStream for BinlogChangeStream {
                         // The transaction's own GTID rides on its start position, for `skip`.
                         let Position::Binlog(mut position) = start else { continue };
                         position.gtid = Some(format!("{domain}-{}-{seq}", header.server_id()));
-                        self.pending.push_back(Event::Begin { position: Position::Binlog(position), commit_time: time });
+                        self.pending
+                            .push_back(Event::Begin { position: Position::Binlog(position), commit_time: time });
                     }
                 }
                 Some(EventData::RowsEvent(rows_event)) => {

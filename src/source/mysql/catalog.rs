@@ -39,12 +39,12 @@ fn literal_default(default: Option<&str>) -> Option<String> {
 
 /// The selected tables of database `db` with the value encoding of each column.
 pub async fn read_tables(
-conn: &mut mysql_async::Conn,
-db: &str,
-include: impl Fn(&TableName) -> bool,
+    conn: &mut mysql_async::Conn,
+    db: &str,
+    include: impl Fn(&TableName) -> bool,
 ) -> anyhow::Result<(SourceSchema, HashMap<TableName, Arc<Vec<Encoding>>>)> {
-let db = db.to_string();
-let mut encodings_by_table = HashMap::new();
+    let db = db.to_string();
+    let mut encodings_by_table = HashMap::new();
     let tables: Vec<(String, Option<u64>, Option<u64>, Option<u64>)> = conn
         .exec(
             "SELECT TABLE_NAME, TABLE_ROWS, DATA_LENGTH, AUTO_INCREMENT FROM information_schema.TABLES \
@@ -100,12 +100,24 @@ let mut encodings_by_table = HashMap::new();
         let mut table_columns = Vec::new();
         let mut definitions = Vec::new();
         let mut encodings = Vec::new();
-        for (_, column, data_type, column_type, precision, scale, datetime_precision, length, nullable, extra, charset, default) in
-            columns.iter().filter(|c| c.0 == table)
+        for (
+            _,
+            column,
+            data_type,
+            column_type,
+            precision,
+            scale,
+            datetime_precision,
+            length,
+            nullable,
+            extra,
+            charset,
+            default,
+        ) in columns.iter().filter(|c| c.0 == table)
         {
-            let is_json = checks.iter().any(|(t, clause)| {
-                t == &table && clause.replace('`', "").trim() == format!("json_valid({column})")
-            });
+            let is_json = checks
+                .iter()
+                .any(|(t, clause)| t == &table && clause.replace('`', "").trim() == format!("json_valid({column})"));
             let mysql = MysqlColumn {
                 name: column.clone(),
                 data_type: data_type.to_lowercase(),
@@ -176,7 +188,8 @@ let mut encodings_by_table = HashMap::new();
         schema.tables.push(TableDefinition {
             schema: TableSchema { name: name.clone(), columns: table_columns, identity },
             columns: definitions,
-            primary_key: (!key_columns.is_empty()).then(|| (format!("{table}_pkey"), format!("PRIMARY KEY ({})", list(&key_columns)))),
+            primary_key: (!key_columns.is_empty())
+                .then(|| (format!("{table}_pkey"), format!("PRIMARY KEY ({})", list(&key_columns)))),
             constraints,
             foreign_keys: Vec::new(),
             indexes: index_sql,
@@ -187,7 +200,6 @@ let mut encodings_by_table = HashMap::new();
     }
     Ok((schema, encodings_by_table))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -47,10 +47,9 @@ impl MysqlParams {
     pub fn from_endpoint(endpoint: Endpoint<'_>) -> anyhow::Result<MysqlParams> {
         let opts = mysql_async::Opts::from_url(endpoint.url.expose())
             .map_err(|e| anyhow::anyhow!("url {} is not a MySQL URL: {e}", endpoint.url))?;
-        let database = opts
-            .db_name()
-            .map(str::to_string)
-            .with_context(|| format!("url {} names no database: add it as the path (mysql://user@host/shop)", endpoint.url))?;
+        let database = opts.db_name().map(str::to_string).with_context(|| {
+            format!("url {} names no database: add it as the path (mysql://user@host/shop)", endpoint.url)
+        })?;
         let mut builder = mysql_async::OptsBuilder::from_opts(opts);
         if let Some(password) = endpoint.external_password()? {
             builder = builder.pass(Some(password));
@@ -65,9 +64,7 @@ impl MysqlParams {
         let mut conn = mysql_async::Conn::new(self.opts.clone())
             .await
             .with_context(|| format!("cannot connect to MySQL at {} (database {})", self.endpoint, self.database))?;
-        conn.query_drop("SET time_zone = '+00:00', NAMES utf8mb4")
-            .await
-            .context("setting up a MySQL session")?;
+        conn.query_drop("SET time_zone = '+00:00', NAMES utf8mb4").await.context("setting up a MySQL session")?;
         Ok(conn)
     }
 }
@@ -107,11 +104,8 @@ impl MysqlSource {
     }
 
     async fn server_identity(&mut self) -> anyhow::Result<String> {
-        let row: Option<(String, u64)> = self
-            .conn
-            .query_first("SELECT @@version, @@server_id")
-            .await
-            .context("reading the source's server id")?;
+        let row: Option<(String, u64)> =
+            self.conn.query_first("SELECT @@version, @@server_id").await.context("reading the source's server id")?;
         let (version, server_id) = row.context("the source returned no server id")?;
         Ok(format!("mysql server_id {server_id} ({version}) database {}", self.params.database))
     }
@@ -126,7 +120,8 @@ impl Source for MysqlSource {
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {
         let filter = self.filter.clone();
         let (schema, mut encodings) =
-            catalog::read_tables(&mut self.conn, &self.params.database, |name| filter.includes(&name.to_string())).await?;
+            catalog::read_tables(&mut self.conn, &self.params.database, |name| filter.includes(&name.to_string()))
+                .await?;
         self.tables.clear();
         for t in &schema.tables {
             let key = t.schema.key_indexes();
@@ -134,7 +129,11 @@ impl Source for MysqlSource {
                 && matches!(t.schema.columns[key[0]].type_name.as_str(), "smallint" | "integer" | "bigint");
             let key_span = if integer_key && t.estimated_rows > SPLIT_ROWS {
                 let column = t.schema.columns[key[0]].name.replace('`', "``");
-                let table = format!("`{}`.`{}`", t.schema.name.schema.replace('`', "``"), t.schema.name.name.replace('`', "``"));
+                let table = format!(
+                    "`{}`.`{}`",
+                    t.schema.name.schema.replace('`', "``"),
+                    t.schema.name.name.replace('`', "``")
+                );
                 let span: Option<(Option<i64>, Option<i64>)> = self
                     .conn
                     .query_first(format!("SELECT MIN(`{column}`), MAX(`{column}`) FROM {table}"))
@@ -171,20 +170,43 @@ impl Source for MysqlSource {
                 findings.push(Finding::error("source", format!("{setting} = {value}"), required, fix.to_string()));
             }
         };
-        check("log_bin", log_bin.map(|v| if v == "1" { "ON".into() } else { v }), "ON", "add log-bin = mysql-bin under [mysqld] in my.cnf and restart the server");
-        check("binlog_format", format, "ROW", "SET GLOBAL binlog_format = 'ROW'; and binlog_format = ROW under [mysqld] in my.cnf");
-        check("binlog_row_image", row_image, "FULL", "SET GLOBAL binlog_row_image = 'FULL'; and binlog_row_image = FULL under [mysqld] in my.cnf");
+        check(
+            "log_bin",
+            log_bin.map(|v| if v == "1" { "ON".into() } else { v }),
+            "ON",
+            "add log-bin = mysql-bin under [mysqld] in my.cnf and restart the server",
+        );
+        check(
+            "binlog_format",
+            format,
+            "ROW",
+            "SET GLOBAL binlog_format = 'ROW'; and binlog_format = ROW under [mysqld] in my.cnf",
+        );
+        check(
+            "binlog_row_image",
+            row_image,
+            "FULL",
+            "SET GLOBAL binlog_row_image = 'FULL'; and binlog_row_image = FULL under [mysqld] in my.cnf",
+        );
         if server_id.unwrap_or(0) == 0 {
-            findings.push(Finding::error("source", "server_id = 0".into(), "a non-zero server_id", "server_id = 1 under [mysqld] in my.cnf, then restart".into()));
+            findings.push(Finding::error(
+                "source",
+                "server_id = 0".into(),
+                "a non-zero server_id",
+                "server_id = 1 under [mysqld] in my.cnf, then restart".into(),
+            ));
         }
         let grants: Vec<String> = self.conn.query("SHOW GRANTS").await.context("SHOW GRANTS")?;
         let grants = grants.join("\n").to_uppercase();
         if !grants.contains("ALL PRIVILEGES ON *.*") {
-            let user: Option<String> = self.conn.query_first("SELECT CURRENT_USER()").await.context("reading the user")?;
+            let user: Option<String> =
+                self.conn.query_first("SELECT CURRENT_USER()").await.context("reading the user")?;
             let user = user.unwrap_or_default();
-            for (privilege, alternative) in
-                [("REPLICATION SLAVE", "REPLICATION SLAVE"), ("REPLICATION CLIENT", "BINLOG MONITOR"), ("RELOAD", "RELOAD")]
-            {
+            for (privilege, alternative) in [
+                ("REPLICATION SLAVE", "REPLICATION SLAVE"),
+                ("REPLICATION CLIENT", "BINLOG MONITOR"),
+                ("RELOAD", "RELOAD"),
+            ] {
                 if !grants.contains(privilege) && !grants.contains(alternative) {
                     findings.push(Finding::error(
                         "source",
@@ -206,7 +228,10 @@ impl Source for MysqlSource {
         Ok(findings)
     }
 
-    async fn create_stream(&mut self, _tables: &[TableDefinition]) -> anyhow::Result<(PipelineIdentity, SnapshotPoint)> {
+    async fn create_stream(
+        &mut self,
+        _tables: &[TableDefinition],
+    ) -> anyhow::Result<(PipelineIdentity, SnapshotPoint)> {
         let snapshot = self.new_snapshot().await?;
         let identity = PipelineIdentity {
             source: self.server_identity().await?,
@@ -236,7 +261,8 @@ impl Source for MysqlSource {
             .query_first("SHOW MASTER STATUS")
             .await
             .context("SHOW MASTER STATUS (needs REPLICATION CLIENT / BINLOG MONITOR)")?;
-        let status = status.context("the source has no binary log: set log_bin = ON (log-bin in my.cnf) and restart it")?;
+        let status =
+            status.context("the source has no binary log: set log_bin = ON (log-bin in my.cnf) and restart it")?;
         let file: String = status.get(0).context("SHOW MASTER STATUS returned no file")?;
         let pos: u64 = status.get(1).context("SHOW MASTER STATUS returned no position")?;
         // MariaDB's GTID state under the same lock; MySQL has no such variable.
@@ -318,8 +344,14 @@ impl TableReader for MysqlTableReader {
         anyhow::ensure!(format == CopyFormat::PostgresText, "a MySQL source copies into PostgreSQL's text format only");
         let name = table.schema.name.clone();
         let encodings = self.encodings.get(&name).cloned().with_context(|| format!("no column mapping for {name}"))?;
-        let columns: Vec<String> = table.schema.columns.iter().map(|c| format!("`{}`", c.name.replace('`', "``"))).collect();
-        let mut sql = format!("SELECT {} FROM `{}`.`{}`", columns.join(", "), name.schema.replace('`', "``"), name.name.replace('`', "``"));
+        let columns: Vec<String> =
+            table.schema.columns.iter().map(|c| format!("`{}`", c.name.replace('`', "``"))).collect();
+        let mut sql = format!(
+            "SELECT {} FROM `{}`.`{}`",
+            columns.join(", "),
+            name.schema.replace('`', "``"),
+            name.name.replace('`', "``")
+        );
         if let Chunk::KeyRange { start, end } = chunk {
             let key = table.schema.key_indexes();
             let column = key.first().map(|&k| table.schema.columns[k].name.replace('`', "``")).unwrap_or_default();

@@ -14,10 +14,7 @@ const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schem
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
 
 /// Reads every selected table (`include` decides on `schema.table`).
-pub async fn read_schema(
-    client: &impl GenericClient,
-    include: impl Fn(&str) -> bool,
-) -> anyhow::Result<SourceSchema> {
+pub async fn read_schema(client: &impl GenericClient, include: impl Fn(&str) -> bool) -> anyhow::Result<SourceSchema> {
     let mut schema = SourceSchema::default();
     let rows = client
         .query(
@@ -40,8 +37,7 @@ pub async fn read_schema(
         }
         let oid: u32 = row.get(0);
         let replident: String = row.get(3);
-        let table = read_table(client, oid, name, &replident, row.get::<_, i64>(4), row.get::<_, i64>(5))
-            .await?;
+        let table = read_table(client, oid, name, &replident, row.get::<_, i64>(4), row.get::<_, i64>(5)).await?;
         schema.tables.push(table);
     }
     schema.enums = read_enums(client).await?;
@@ -180,10 +176,7 @@ async fn read_enums(client: &impl GenericClient) -> anyhow::Result<Vec<EnumType>
 }
 
 /// Sequences in the schemas of the selected tables, with their current values.
-async fn read_sequences(
-    client: &impl GenericClient,
-    tables: &[TableDefinition],
-) -> anyhow::Result<Vec<Sequence>> {
+async fn read_sequences(client: &impl GenericClient, tables: &[TableDefinition]) -> anyhow::Result<Vec<Sequence>> {
     let mut schemas: Vec<String> = tables.iter().map(|t| t.schema.name.schema.clone()).collect();
     schemas.dedup();
     let rows = client

@@ -61,10 +61,7 @@ impl PostgresSource {
         let client = params.connect().await?;
         let major = crate::pgconn::server_major(&client, "source").await?;
         if major < 14 {
-            anyhow::bail!(
-                "the source at {} runs PostgreSQL {major}; cutover needs 14 or newer",
-                params.endpoint()
-            );
+            anyhow::bail!("the source at {} runs PostgreSQL {major}; cutover needs 14 or newer", params.endpoint());
         }
         Ok(PostgresSource {
             params,
@@ -127,13 +124,20 @@ impl PostgresSource {
                 (true, true) => {
                     let current = self
                         .client
-                        .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&name])
+                        .query(
+                            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                            &[&name],
+                        )
                         .await
                         .context("reading the source's publications")?;
                     for row in current {
                         let table = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
                         self.client
-                            .batch_execute(&format!("ALTER PUBLICATION {} DROP TABLE {}", quote_ident(&name), quote_table(&table)))
+                            .batch_execute(&format!(
+                                "ALTER PUBLICATION {} DROP TABLE {}",
+                                quote_ident(&name),
+                                quote_table(&table)
+                            ))
                             .await
                             .with_context(|| format!("removing {table} from publication {name}"))?;
                     }
@@ -241,10 +245,7 @@ impl Source for PostgresSource {
         Ok(findings)
     }
 
-    async fn create_stream(
-        &mut self,
-        tables: &[TableDefinition],
-    ) -> anyhow::Result<(PipelineIdentity, SnapshotPoint)> {
+    async fn create_stream(&mut self, tables: &[TableDefinition]) -> anyhow::Result<(PipelineIdentity, SnapshotPoint)> {
         if self.slot_exists().await? {
             anyhow::bail!(
                 "replication slot {} already exists on the source, but this state dir is new: use the state dir that \
@@ -261,11 +262,7 @@ impl Source for PostgresSource {
         Ok((identity, snapshot))
     }
 
-    async fn resume_stream(
-        &mut self,
-        identity: &PipelineIdentity,
-        tables: &[TableDefinition],
-    ) -> anyhow::Result<()> {
+    async fn resume_stream(&mut self, identity: &PipelineIdentity, tables: &[TableDefinition]) -> anyhow::Result<()> {
         let source = self.system_identity().await?;
         if source != identity.source {
             anyhow::bail!(
@@ -313,10 +310,9 @@ impl Source for PostgresSource {
             .context("reading the source's replication slots")?
             .map(|r| r.get(0));
         match active {
-            Some(true) => anyhow::bail!(
-                "replication slot {} is in use: stop `cutover run` for this pipeline first",
-                self.slot
-            ),
+            Some(true) => {
+                anyhow::bail!("replication slot {} is in use: stop `cutover run` for this pipeline first", self.slot)
+            }
             Some(false) => {
                 self.client
                     .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
@@ -368,7 +364,9 @@ impl Source for PostgresSource {
         untracked_at_copy: &HashMap<String, i64>,
     ) -> anyhow::Result<Box<dyn ChangeStream>> {
         let Some(from) = from.lsn() else {
-            anyhow::bail!("a PostgreSQL slot resumes from an LSN, not from {from}: this state dir belongs to another source")
+            anyhow::bail!(
+                "a PostgreSQL slot resumes from an LSN, not from {from}: this state dir belongs to another source"
+            )
         };
         let mut conn = ReplicationConnection::connect(&self.params).await?;
         conn.start_replication(&self.slot, from, &self.publications())
@@ -426,7 +424,10 @@ impl TableReader for PostgresTableReader {
 
 /// UPDATEs + DELETEs so far on each table, per the statistics collector, keyed
 /// by the table's display name.
-async fn untracked_changes(client: &tokio_postgres::Client, tables: &[TableName]) -> anyhow::Result<HashMap<String, i64>> {
+async fn untracked_changes(
+    client: &tokio_postgres::Client,
+    tables: &[TableName],
+) -> anyhow::Result<HashMap<String, i64>> {
     if tables.is_empty() {
         return Ok(HashMap::new());
     }
@@ -584,7 +585,11 @@ impl PostgresChangeStream {
                 for column in &mut columns {
                     column.is_key = catalog.get(&column.name).is_some_and(|(_, in_key)| *in_key);
                 }
-                if columns.iter().any(|c| c.is_key) { Identity::Key } else { Identity::Full }
+                if columns.iter().any(|c| c.is_key) {
+                    Identity::Key
+                } else {
+                    Identity::Full
+                }
             }
             _ if columns.iter().any(|c| c.is_key) => Identity::Key,
             _ => Identity::Nothing,

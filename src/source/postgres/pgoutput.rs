@@ -91,10 +91,7 @@ impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.offset.checked_add(n).filter(|&end| end <= self.bytes.len());
         let Some(end) = end else {
-            return Err(self.error(format!(
-                "needs {n} more bytes, only {} left",
-                self.bytes.len() - self.offset
-            )));
+            return Err(self.error(format!("needs {n} more bytes, only {} left", self.bytes.len() - self.offset)));
         };
         let slice = &self.bytes[self.offset..end];
         self.offset = end;
@@ -136,9 +133,7 @@ impl<'a> Reader<'a> {
         let Some(nul) = rest.iter().position(|&b| b == 0) else {
             return Err(self.error("string is not NUL-terminated"));
         };
-        let text = std::str::from_utf8(&rest[..nul])
-            .map_err(|_| self.error("string is not valid UTF-8"))?
-            .to_string();
+        let text = std::str::from_utf8(&rest[..nul]).map_err(|_| self.error("string is not valid UTF-8"))?.to_string();
         self.offset += nul + 1;
         Ok(text)
     }
@@ -157,11 +152,9 @@ impl<'a> Reader<'a> {
                 b'u' => Value::Unchanged,
                 b't' => {
                     let len = self.i32()?;
-                    let len = usize::try_from(len)
-                        .map_err(|_| self.error(format!("negative value length {len}")))?;
+                    let len = usize::try_from(len).map_err(|_| self.error(format!("negative value length {len}")))?;
                     let bytes = self.take(len)?;
-                    let text = std::str::from_utf8(bytes)
-                        .map_err(|_| self.error("text value is not valid UTF-8"))?;
+                    let text = std::str::from_utf8(bytes).map_err(|_| self.error("text value is not valid UTF-8"))?;
                     Value::Text(text.to_string())
                 }
                 other => {
@@ -203,12 +196,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     let tag = r.u8()?;
     let message = match tag {
         b'B' => Message::Begin { final_lsn: r.u64()?, commit_time: r.i64()?, xid: r.u32()? },
-        b'C' => Message::Commit {
-            flags: r.u8()?,
-            commit_lsn: r.u64()?,
-            end_lsn: r.u64()?,
-            commit_time: r.i64()?,
-        },
+        b'C' => Message::Commit { flags: r.u8()?, commit_lsn: r.u64()?, end_lsn: r.u64()?, commit_time: r.i64()? },
         b'O' => Message::Origin { lsn: r.u64()?, name: r.cstring()? },
         b'R' => {
             let relid = r.u32()?;

@@ -19,7 +19,6 @@ use super::pgoutput::PG_EPOCH_OFFSET_MICROS;
 use crate::pgconn::{ConnectParams, PgError};
 use crate::position::Lsn;
 
-
 /// A message from the server while streaming.
 #[derive(Debug)]
 pub enum ReplicationMessage {
@@ -50,9 +49,9 @@ impl ReplicationConnection {
     /// Connects and authenticates (trust, password, md5, SCRAM-SHA-256).
     pub async fn connect(params: &ConnectParams) -> Result<ReplicationConnection, PgError> {
         let endpoint = format!("{}:{}", params.host, params.port);
-        let stream = TcpStream::connect((params.host.as_str(), params.port)).await.map_err(|e| {
-            PgError::Io(format!("cannot reach PostgreSQL at {endpoint} for replication: {e}"))
-        })?;
+        let stream = TcpStream::connect((params.host.as_str(), params.port))
+            .await
+            .map_err(|e| PgError::Io(format!("cannot reach PostgreSQL at {endpoint} for replication: {e}")))?;
         stream.set_nodelay(true).map_err(|e| PgError::Io(e.to_string()))?;
         let mut conn = ReplicationConnection {
             stream,
@@ -73,8 +72,7 @@ impl ReplicationConnection {
             ("extra_float_digits", "3"),
             ("bytea_output", "hex"),
         ];
-        frontend::startup_message(startup.iter().copied(), &mut conn.write)
-            .map_err(|e| PgError::Io(e.to_string()))?;
+        frontend::startup_message(startup.iter().copied(), &mut conn.write).map_err(|e| PgError::Io(e.to_string()))?;
         conn.flush().await?;
         conn.authenticate(params).await?;
         loop {
@@ -178,10 +176,7 @@ impl ReplicationConnection {
             }
             let n = self.stream.read_buf(&mut self.read).await.map_err(|e| self.lost(e))?;
             if n == 0 {
-                return Err(PgError::Io(format!(
-                    "replication connection to {} closed by the server",
-                    self.endpoint
-                )));
+                return Err(PgError::Io(format!("replication connection to {} closed by the server", self.endpoint)));
             }
         }
     }
@@ -232,21 +227,14 @@ impl ReplicationConnection {
             ))
             .await?;
         let row = rows.first().ok_or_else(|| protocol("CREATE_REPLICATION_SLOT returned no row"))?;
-        let field = |i: usize| {
-            row.get(i).cloned().flatten().ok_or_else(|| protocol("CREATE_REPLICATION_SLOT row is short"))
-        };
-        let consistent_point =
-            field(1)?.parse().map_err(|_| protocol("CREATE_REPLICATION_SLOT returned a bad LSN"))?;
+        let field =
+            |i: usize| row.get(i).cloned().flatten().ok_or_else(|| protocol("CREATE_REPLICATION_SLOT row is short"));
+        let consistent_point = field(1)?.parse().map_err(|_| protocol("CREATE_REPLICATION_SLOT returned a bad LSN"))?;
         Ok(CreatedSlot { consistent_point, snapshot_name: field(2)? })
     }
 
     /// Starts streaming the slot from `from` with the given publications.
-    pub async fn start_replication(
-        &mut self,
-        slot: &str,
-        from: Lsn,
-        publications: &[String],
-    ) -> Result<(), PgError> {
+    pub async fn start_replication(&mut self, slot: &str, from: Lsn, publications: &[String]) -> Result<(), PgError> {
         let names: Vec<String> = publications.iter().map(|p| crate::schema::quote_ident(p)).collect();
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {})",
@@ -310,12 +298,7 @@ impl ReplicationConnection {
                     return Err(PgError::Io(format!("the server at {} ended the replication stream", self.endpoint)))
                 }
                 // Anything else ends the stream (a shutting-down server may send CommandComplete).
-                _ => {
-                    return Err(PgError::Io(format!(
-                        "the server at {} left the replication stream",
-                        self.endpoint
-                    )))
-                }
+                _ => return Err(PgError::Io(format!("the server at {} left the replication stream", self.endpoint))),
             }
         }
     }
@@ -329,9 +312,7 @@ impl ReplicationConnection {
         body.extend_from_slice(&flushed.0.to_be_bytes());
         body.extend_from_slice(&pg_now().to_be_bytes());
         body.extend_from_slice(&[0]);
-        frontend::CopyData::new(body.freeze())
-            .map_err(|e| PgError::Io(e.to_string()))?
-            .write(&mut self.write);
+        frontend::CopyData::new(body.freeze()).map_err(|e| PgError::Io(e.to_string()))?.write(&mut self.write);
         self.flush().await
     }
 }
