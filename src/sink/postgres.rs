@@ -193,13 +193,7 @@ impl PostgresSink {
     async fn apply_in_order(&mut self, changes: &[&Change], compact: bool) -> anyhow::Result<()> {
         let mut run: Option<Run> = None;
         for &change in changes {
-            let (kind, table, columns, key, values): (
-                RunKind,
-                &Arc<TableSchema>,
-                Vec<usize>,
-                Vec<Option<String>>,
-                Vec<Option<String>>,
-            ) = match change {
+            let (kind, table, columns, key, values): Planned<'_> = match change {
                 Change::Relation(table) => {
                     self.flush(run.take()).await?;
                     self.ensure_columns(table).await?;
@@ -241,7 +235,7 @@ impl PostgresSink {
                         Some(old) => key_indexes.iter().map(|&i| text_of(&old[i])).collect(),
                         None => new_key.clone(),
                     };
-                    let partial = new.iter().any(|v| *v == Value::Unchanged);
+                    let partial = new.contains(&Value::Unchanged);
                     if !partial && old_key == new_key {
                         (RunKind::Upsert, table, (0..new.len()).collect(), new_key, new.iter().map(text_of).collect())
                     } else {
@@ -330,6 +324,9 @@ impl PostgresSink {
         Ok(())
     }
 }
+
+/// One change as a run sees it: kind, table, columns written, key, parameter values.
+type Planned<'a> = (RunKind, &'a Arc<TableSchema>, Vec<usize>, Vec<Option<String>>, Vec<Option<String>>);
 
 /// Whether an apply error is PostgreSQL's unique_violation.
 fn is_unique_violation(error: &anyhow::Error) -> bool {

@@ -37,6 +37,9 @@ fn literal_default(default: Option<&str>) -> Option<String> {
     (is_number || is_string).then(|| default.to_string())
 }
 
+/// `information_schema.TABLES`: name, estimated rows, data length, next AUTO_INCREMENT value.
+type TableRow = (String, Option<u64>, Option<u64>, Option<u64>);
+
 /// The selected tables of database `db` with the value encoding of each column.
 pub async fn read_tables(
     conn: &mut mysql_async::Conn,
@@ -45,7 +48,7 @@ pub async fn read_tables(
 ) -> anyhow::Result<(SourceSchema, HashMap<TableName, Arc<Vec<Encoding>>>)> {
     let db = db.to_string();
     let mut encodings_by_table = HashMap::new();
-    let tables: Vec<(String, Option<u64>, Option<u64>, Option<u64>)> = conn
+    let tables: Vec<TableRow> = conn
         .exec(
             "SELECT TABLE_NAME, TABLE_ROWS, DATA_LENGTH, AUTO_INCREMENT FROM information_schema.TABLES \
              WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",

@@ -431,7 +431,7 @@ async fn untracked_changes(
     if tables.is_empty() {
         return Ok(HashMap::new());
     }
-    let names: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
+    let names: Vec<String> = tables.iter().map(quote_table).collect();
     let rows = client
         .query(
             "SELECT n.ord::int4, coalesce(s.n_tup_upd + s.n_tup_del, 0)::int8 \

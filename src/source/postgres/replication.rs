@@ -271,35 +271,33 @@ impl ReplicationConnection {
 
     /// The next replication message. Cancel-safe.
     pub async fn recv(&mut self) -> Result<ReplicationMessage, PgError> {
-        loop {
-            match self.next_message().await? {
-                backend::Message::CopyData(body) => {
-                    let mut data = body.into_bytes();
-                    if data.is_empty() {
-                        return Err(protocol("empty CopyData in the replication stream"));
-                    }
-                    let kind = data.get_u8();
-                    match kind {
-                        b'w' if data.len() >= 24 => {
-                            let wal_start = Lsn(data.get_u64());
-                            data.advance(16); // wal end, send time
-                            return Ok(ReplicationMessage::XLogData { wal_start, data });
-                        }
-                        b'k' if data.len() >= 17 => {
-                            let wal_end = Lsn(data.get_u64());
-                            data.advance(8);
-                            return Ok(ReplicationMessage::Keepalive { wal_end, reply_requested: data.get_u8() == 1 });
-                        }
-                        _ => return Err(protocol(&format!("bad replication message kind 0x{kind:02x} or length"))),
-                    }
+        match self.next_message().await? {
+            backend::Message::CopyData(body) => {
+                let mut data = body.into_bytes();
+                if data.is_empty() {
+                    return Err(protocol("empty CopyData in the replication stream"));
                 }
-                backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
-                backend::Message::CopyDone => {
-                    return Err(PgError::Io(format!("the server at {} ended the replication stream", self.endpoint)))
+                let kind = data.get_u8();
+                match kind {
+                    b'w' if data.len() >= 24 => {
+                        let wal_start = Lsn(data.get_u64());
+                        data.advance(16); // wal end, send time
+                        Ok(ReplicationMessage::XLogData { wal_start, data })
+                    }
+                    b'k' if data.len() >= 17 => {
+                        let wal_end = Lsn(data.get_u64());
+                        data.advance(8);
+                        Ok(ReplicationMessage::Keepalive { wal_end, reply_requested: data.get_u8() == 1 })
+                    }
+                    _ => Err(protocol(&format!("bad replication message kind 0x{kind:02x} or length"))),
                 }
-                // Anything else ends the stream (a shutting-down server may send CommandComplete).
-                _ => return Err(PgError::Io(format!("the server at {} left the replication stream", self.endpoint))),
             }
+            backend::Message::ErrorResponse(body) => Err(server_error(&body)),
+            backend::Message::CopyDone => {
+                Err(PgError::Io(format!("the server at {} ended the replication stream", self.endpoint)))
+            }
+            // Anything else ends the stream (a shutting-down server may send CommandComplete).
+            _ => Err(PgError::Io(format!("the server at {} left the replication stream", self.endpoint))),
         }
     }
 
