@@ -180,10 +180,34 @@ where
     Ok(started.elapsed())
 }
 
-fn finish(reports: &[crate::verify::TableReport], summary: &str) -> anyhow::Result<()> {
+/// The pipeline's own figures, taken when it stops (before any verification copy).
+fn figures(ran: Duration) -> String {
+    let mut out = String::new();
+    let copy = crate::pipeline::LAST_COPY.lock().ok().and_then(|c| c.clone());
+    if let Some(copy) = copy {
+        let seconds = copy.elapsed.as_secs_f64().max(0.001);
+        out.push_str(&format!(
+            "snapshot: {} rows in {} tables in {seconds:.1} s ({:.0} rows/s, indexes included)\n",
+            copy.rows,
+            copy.tables,
+            copy.rows as f64 / seconds
+        ));
+    }
+    let applied = crate::metrics::METRICS.transactions_applied.get();
+    out.push_str(&format!(
+        "streaming: {applied} transactions applied ({:.0}/s over the {:.0} s the pipeline ran); lag at the end {:.1} s\n",
+        applied as f64 / ran.as_secs_f64().max(0.001),
+        ran.as_secs_f64(),
+        crate::metrics::METRICS.lag_seconds.get()
+    ));
+    out
+}
+
+fn finish(reports: &[crate::verify::TableReport], summary: &str, figures: &str) -> anyhow::Result<()> {
     print!("{}", crate::verify::render(reports));
     let rows: i64 = reports.iter().map(|r| r.target_rows).sum();
     println!("\n{rows} rows on the target; {summary}");
+    print!("{figures}");
     if reports.iter().all(|r| r.matches()) {
         println!("verification: every table matches");
         Ok(())
@@ -286,8 +310,9 @@ async fn run_postgres(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<(
     })
     .await?;
     pipeline.stop().await?;
+    let figures = figures(started.elapsed());
     println!("caught up {:.1}s after the load stopped\n", caught_up.as_secs_f64());
-    finish(&crate::verify::verify(&config).await?, &format!("pgbench load: {tps}"))
+    finish(&crate::verify::verify(&config).await?, &format!("pgbench load: {tps}"), &figures)
 }
 
 /// The MariaDB demo's own tables beside the awkward types: orders under load and a marker.
@@ -358,6 +383,7 @@ async fn run_mysql(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<()> 
     })
     .await?;
     pipeline.stop().await?;
+    let figures = figures(started.elapsed());
     println!("caught up {:.1}s after the load stopped", caught_up.as_secs_f64());
 
     // Verification across dialects: the streamed target against a fresh consistent
@@ -383,5 +409,5 @@ async fn run_mysql(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<()> 
         });
     }
     let rate = transactions as f64 / load_seconds;
-    finish(&reports, &format!("write load: {transactions} transactions, {rate:.0}/s"))
+    finish(&reports, &format!("write load: {transactions} transactions, {rate:.0}/s"), &figures)
 }

@@ -251,7 +251,13 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
     stream(changes, sink.as_mut(), &store, start, confirmed, copied_at, config, stop).await
 }
 
+/// The last snapshot this process copied (for the demo's figures).
+pub static LAST_COPY: std::sync::Mutex<Option<CopySummary>> = std::sync::Mutex::new(None);
+
 fn log_copy(summary: &CopySummary) {
+    if let Ok(mut last) = LAST_COPY.lock() {
+        *last = Some(summary.clone());
+    }
     let secs = summary.elapsed.as_secs_f64().max(0.001);
     tracing::info!(
         tables = summary.tables,
