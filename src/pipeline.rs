@@ -103,7 +103,18 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
 /// is done). A lost connection to either server is retried with exponential backoff
 /// (capped at 30 s) from the last checkpoint, for up to `[pipeline] max_retry_time`.
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let store = Arc::new(CheckpointStore::open(&config.state.dir)?);
+    // `cutover status` on a stopped pipeline holds the store for a moment: wait it out.
+    let mut attempts = 0;
+    let store = loop {
+        match CheckpointStore::open(&config.state.dir) {
+            Ok(store) => break Arc::new(store),
+            Err(_) if attempts < 20 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let metrics_server = config.metrics.address().map(|listen| tokio::spawn(crate::metrics::serve(listen)));
     let control = crate::status::serve(&config.state.dir, store.clone()).await?;
     let (stop_tx, mut stop) = watch::channel(false);
@@ -346,8 +357,17 @@ pub async fn copy_tables(
     });
 
     crate::notify::notify(&format!("STATUS=snapshot: copying {} table(s)", sorted.len()));
-    let progress = Arc::new(CopyProgress::default());
-    let estimated_bytes: u64 = sorted.iter().map(|t| t.pages * 8192).sum();
+    let progress = Arc::new(CopyProgress {
+        started: Instant::now(),
+        tables: sorted.iter().map(|t| (t.schema.name.to_string(), t.estimated_rows)).collect(),
+        estimated_bytes: sorted.iter().map(|t| t.pages * 8192).sum(),
+        bytes: Default::default(),
+        rows: Default::default(),
+        done: Default::default(),
+    });
+    if let Ok(mut current) = SNAPSHOT_PROGRESS.lock() {
+        *current = Some(progress.clone());
+    }
     let mut tasks = JoinSet::new();
     for mut reader in readers {
         let mut writer = sink.table_writer().await?;
@@ -379,7 +399,7 @@ pub async fn copy_tables(
                 };
                 if let Some(rows) = finished {
                     // The indexer only stops when every sender is gone.
-                    progress.tables.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    progress.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let _ = done_tx.send((table, rows));
                 }
             }
@@ -398,7 +418,7 @@ pub async fn copy_tables(
             _ = heartbeat.tick() => {
                 crate::notify::notify("WATCHDOG=1");
                 if last_progress.elapsed() >= PROGRESS_INTERVAL {
-                    progress.report(sorted.len(), estimated_bytes, started.elapsed());
+                    progress.report();
                     last_progress = Instant::now();
                 }
                 continue;
@@ -411,6 +431,9 @@ pub async fn copy_tables(
         }
     }
     let rows = indexer.await.context("the index builder panicked")??;
+    if let Ok(mut current) = SNAPSHOT_PROGRESS.lock() {
+        *current = None;
+    }
     Ok(CopySummary { tables: sorted.len(), rows, elapsed: started.elapsed() })
 }
 
@@ -418,30 +441,56 @@ pub async fn copy_tables(
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the copy workers have moved so far.
-#[derive(Default)]
-struct CopyProgress {
+pub struct CopyProgress {
+    started: Instant,
+    /// `(table, estimated rows)` for every table being copied.
+    tables: Vec<(String, u64)>,
+    /// The tables' size on disk: the yardstick for the ETA.
+    estimated_bytes: u64,
     /// Bytes streamed from source to target.
     bytes: std::sync::atomic::AtomicU64,
     /// Rows in finished chunks.
     rows: std::sync::atomic::AtomicU64,
     /// Tables whose every chunk is copied.
-    tables: std::sync::atomic::AtomicUsize,
+    done: std::sync::atomic::AtomicUsize,
 }
 
+/// The snapshot in progress, for `status`; `None` when no copy runs.
+pub static SNAPSHOT_PROGRESS: std::sync::Mutex<Option<Arc<CopyProgress>>> = std::sync::Mutex::new(None);
+
 impl CopyProgress {
-    /// One log line: tables, rows, bytes, rate and a rough ETA from the tables' on-disk size.
-    fn report(&self, tables: usize, estimated_bytes: u64, elapsed: Duration) {
+    /// Where the copy stands.
+    pub fn status(&self) -> crate::status::SnapshotStatus {
         use std::sync::atomic::Ordering::Relaxed;
         let bytes = self.bytes.load(Relaxed);
-        let rate = bytes as f64 / elapsed.as_secs_f64().max(0.001);
-        let remaining = estimated_bytes.saturating_sub(bytes) as f64;
-        let eta = if rate > 0.0 { format!("~{:.0} s", remaining / rate) } else { "unknown".into() };
+        let rate = bytes as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let remaining = self.estimated_bytes.saturating_sub(bytes) as f64;
+        crate::status::SnapshotStatus {
+            tables_done: self.done.load(Relaxed),
+            tables_total: self.tables.len(),
+            rows: self.rows.load(Relaxed),
+            megabytes: bytes / 1_000_000,
+            megabytes_per_second: rate / 1e6,
+            eta_seconds: (rate > 0.0).then(|| (remaining / rate).round() as u64),
+            tables: self
+                .tables
+                .iter()
+                .map(|(name, estimated)| {
+                    (name.clone(), METRICS.snapshot_rows.with_label_values(&[name]).get(), *estimated)
+                })
+                .collect(),
+        }
+    }
+
+    /// One log line: tables, rows, bytes, rate and a rough ETA from the tables' on-disk size.
+    fn report(&self) {
+        let status = self.status();
         tracing::info!(
-            tables_copied = format!("{}/{tables}", self.tables.load(Relaxed)),
-            rows = self.rows.load(Relaxed),
-            megabytes = bytes / 1_000_000,
-            megabytes_per_second = format!("{:.1}", rate / 1e6),
-            eta,
+            tables_copied = format!("{}/{}", status.tables_done, status.tables_total),
+            rows = status.rows,
+            megabytes = status.megabytes,
+            megabytes_per_second = format!("{:.1}", status.megabytes_per_second),
+            eta_seconds = status.eta_seconds.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into()),
             "snapshot in progress"
         );
     }

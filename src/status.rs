@@ -24,7 +24,23 @@ pub struct Status {
     pub transactions_applied: u64,
     /// Tables whose snapshot copy finished, with the rows copied.
     pub tables_copied: Vec<(String, u64)>,
+    /// The snapshot copy in progress, if one runs.
+    pub snapshot: Option<SnapshotStatus>,
     pub last_error: Option<String>,
+}
+
+/// A snapshot copy in progress.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotStatus {
+    pub tables_done: usize,
+    pub tables_total: usize,
+    pub rows: u64,
+    pub megabytes: u64,
+    pub megabytes_per_second: f64,
+    /// Rough: from the tables' size on disk and the rate so far.
+    pub eta_seconds: Option<u64>,
+    /// `(table, rows copied, estimated rows)`.
+    pub tables: Vec<(String, u64, u64)>,
 }
 
 /// What the pipeline reports beyond its metrics.
@@ -60,6 +76,7 @@ fn live(store: &CheckpointStore) -> anyhow::Result<Status> {
     status.lag_bytes = METRICS.lag_bytes.get();
     status.transactions_applied = METRICS.transactions_applied.get();
     status.last_error = LAST_ERROR.lock().ok().and_then(|e| e.clone());
+    status.snapshot = crate::pipeline::SNAPSHOT_PROGRESS.lock().ok().and_then(|p| p.as_ref().map(|p| p.status()));
     Ok(status)
 }
 
@@ -86,15 +103,25 @@ pub async fn serve(state_dir: &Path, store: Arc<CheckpointStore>) -> anyhow::Res
 
 /// Asks the running daemon, or reads the checkpoint store when none runs.
 pub async fn query(state_dir: &Path) -> anyhow::Result<Status> {
-    if let Ok(mut socket) = tokio::net::UnixStream::connect(socket_path(state_dir)).await {
-        let mut body = Vec::new();
-        socket.read_to_end(&mut body).await?;
-        return Ok(serde_json::from_slice(&body)?);
+    // A daemon that is starting holds the store before its socket listens: ask again.
+    for _ in 0..50 {
+        if let Ok(mut socket) = tokio::net::UnixStream::connect(socket_path(state_dir)).await {
+            let mut body = Vec::new();
+            socket.read_to_end(&mut body).await?;
+            return Ok(serde_json::from_slice(&body)?);
+        }
+        if let Ok(store) = CheckpointStore::open(state_dir) {
+            let mut status = from_store(&store, false)?;
+            status.phase = "stopped".into();
+            return Ok(status);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let store = CheckpointStore::open(state_dir)?;
-    let mut status = from_store(&store, false)?;
-    status.phase = "stopped".into();
-    Ok(status)
+    anyhow::bail!(
+        "no answer on {} and the checkpoint store in {} is locked: is a cutover process stuck?",
+        socket_path(state_dir).display(),
+        state_dir.display()
+    )
 }
 
 /// The status for a terminal.
@@ -111,6 +138,20 @@ pub fn render(status: &Status) -> String {
     out.push_str(&format!("tables copied:        {}\n", status.tables_copied.len()));
     for (table, rows) in &status.tables_copied {
         out.push_str(&format!("  {table:<40} {rows:>12} rows\n"));
+    }
+    if let Some(snapshot) = &status.snapshot {
+        out.push_str(&format!(
+            "snapshot:             {}/{} tables, {} rows, {} MB at {:.1} MB/s, ETA {}\n",
+            snapshot.tables_done,
+            snapshot.tables_total,
+            snapshot.rows,
+            snapshot.megabytes,
+            snapshot.megabytes_per_second,
+            snapshot.eta_seconds.map(|s| format!("~{s} s")).unwrap_or_else(|| "unknown".into())
+        ));
+        for (table, rows, estimated) in &snapshot.tables {
+            out.push_str(&format!("  {table:<40} {rows:>12} of ~{estimated} rows\n"));
+        }
     }
     if let Some(error) = &status.last_error {
         out.push_str(&format!("last error:           {error}\n"));

@@ -512,3 +512,33 @@ async fn stop_at_an_lsn_or_a_time_applies_exactly_what_came_before() {
     assert_eq!(count(&target, "SELECT count(*) FROM steps WHERE batch = 2").await, 100);
     assert_eq!(count(&target, "SELECT count(*) FROM steps WHERE batch = 3").await, 0);
 }
+
+/// While the snapshot runs, `status` shows its progress per table with an ETA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_snapshot_progress() {
+    let pair = Pair::start("progress", "[snapshot]\nworkers = 1\n");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE wide (id bigint PRIMARY KEY, pad text); \
+             INSERT INTO wide SELECT g, repeat('x', 200) FROM generate_series(1, 1500000) g; ANALYZE wide;",
+        )
+        .await
+        .expect("table");
+    let mut child = pair.spawn();
+    let started = std::time::Instant::now();
+    let snapshot = loop {
+        let now = status(&pair);
+        if !now["snapshot"].is_null() {
+            break now["snapshot"].clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no snapshot progress seen:\n{}", pair.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(snapshot["tables_total"], 1, "{snapshot}");
+    assert_eq!(snapshot["tables"][0][0], "public.wide", "{snapshot}");
+    assert!(snapshot["tables"][0][2].as_u64().is_some_and(|estimated| estimated > 1_000_000), "{snapshot}");
+    pair.wait_caught_up(&mut child).await;
+    assert!(status(&pair)["snapshot"].is_null());
+    stop(&mut child);
+}
