@@ -319,8 +319,7 @@ async fn pitr_starts_at_a_gtid_skips_the_bad_transaction_and_stops_at_a_position
     conn.query_drop("DELETE FROM shop.ledger").await.expect("the accident");
     let bad_gtid = one_value(&mut conn, "SELECT @@gtid_binlog_pos").await;
     conn.query_drop("INSERT INTO shop.ledger SELECT seq, seq * 10 FROM seq_21_to_30").await.expect("batch B");
-    let status: mysql_async::Row = conn.query_first("SHOW MASTER STATUS").await.expect("status").expect("a row");
-    let (file, pos): (String, u64) = (status.get(0).expect("file"), status.get(1).expect("pos"));
+    let stop_position = master_status(&mut conn).await;
     conn.query_drop("INSERT INTO shop.ledger SELECT seq, seq * 10 FROM seq_31_to_40").await.expect("batch C");
 
     let pitr = dir.join("pitr.toml");
@@ -328,7 +327,7 @@ async fn pitr_starts_at_a_gtid_skips_the_bad_transaction_and_stops_at_a_position
         &pitr,
         format!(
             "[source]\nkind = \"mysql\"\nurl = \"{}\"\n[target]\nkind = \"postgres\"\nurl = \"{}\"\n[state]\ndir = \"{}\"\n\
-             [snapshot]\nmode = \"never\"\n[stream]\nstart = \"gtid:{backup_gtid}\"\nstop_at = \"{file}:{pos}\"\n\
+             [snapshot]\nmode = \"never\"\n[stream]\nstart = \"gtid:{backup_gtid}\"\nstop_at = \"{stop_position}\"\n\
              skip = [\"gtid:{bad_gtid}\", \"gtid:0-1-999999\"]\n",
             source.url("shop"),
             target.url("postgres"),
@@ -354,5 +353,63 @@ async fn pitr_starts_at_a_gtid_skips_the_bad_transaction_and_stops_at_a_position
         .map(|r| r.get(0))
         .collect();
     assert_eq!(ids, (1..=30).collect::<Vec<_>>(), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The binlog's current `file:offset`.
+async fn master_status(conn: &mut mysql_async::Conn) -> String {
+    let row: mysql_async::Row = conn.query_first("SHOW MASTER STATUS").await.expect("status").expect("row");
+    format!("{}:{}", row.get::<String, _>(0).expect("file"), row.get::<u64, _>(1).expect("pos"))
+}
+
+/// `start` at a binlog file:offset (the way MySQL, without GTIDs, resumes): the replay
+/// reads from that event on and stops at a later position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_a_binlog_file_offset() {
+    let source = MariaDbServer::start(&[]).expect("mariadb");
+    let target = PostgresServer::start(&[]).expect("postgres");
+    let mut conn =
+        mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url")).await.expect("mariadb");
+    conn.query_drop("CREATE DATABASE shop; CREATE TABLE shop.events (id int PRIMARY KEY, what varchar(20))")
+        .await
+        .expect("table");
+    let dir = std::env::temp_dir().join(format!("cutover-test-fileoffset-{}", source.port()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let copy = dir.join("copy.toml");
+    write_config(&copy, &source.url("shop"), &target.url("postgres"), &dir.join("copy-state"), "only");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&copy).output().expect("runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let start = master_status(&mut conn).await;
+    conn.query_drop("INSERT INTO shop.events SELECT seq, 'before' FROM seq_1_to_50").await.expect("before");
+    conn.query_drop("FLUSH BINARY LOGS").await.expect("rotate");
+    conn.query_drop("UPDATE shop.events SET what = 'updated' WHERE id <= 10").await.expect("update");
+    let stop = master_status(&mut conn).await;
+    conn.query_drop("INSERT INTO shop.events SELECT seq, 'after' FROM seq_51_to_60").await.expect("after");
+
+    let replay = dir.join("replay.toml");
+    let extra = format!("[snapshot]\nmode = \"never\"\n[stream]\nstart = \"{start}\"\nstop_at = \"{stop}\"\n");
+    cutover::demo::write_config(
+        &replay,
+        "mysql",
+        &source.url("shop"),
+        &target.url("postgres"),
+        &dir.join("replay-state"),
+        &extra,
+    )
+    .expect("config");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&replay).output().expect("runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let streamed = pg(&target.url("postgres")).await;
+    let summary: String = streamed
+        .query_one(
+            "SELECT count(*) || ' rows, ' || count(*) FILTER (WHERE what = 'updated') || ' updated' FROM shop.events",
+            &[],
+        )
+        .await
+        .expect("summary")
+        .get(0);
+    assert_eq!(summary, "50 rows, 10 updated", "{}", String::from_utf8_lossy(&output.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
