@@ -287,6 +287,27 @@ async fn a_value_the_target_cannot_take_is_named() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A MariaDB source set up by `setup`, and a PostgreSQL target holding a one-shot copy of
+/// it: a "restored backup" to replay onto.
+async fn restored_copy(
+    name: &str,
+    setup: &str,
+) -> (MariaDbServer, PostgresServer, mysql_async::Conn, std::path::PathBuf) {
+    let source = MariaDbServer::start(&[]).expect("mariadb");
+    let target = PostgresServer::start(&[]).expect("postgres");
+    let mut conn =
+        mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url")).await.expect("mariadb");
+    conn.query_drop(setup).await.expect("setup");
+    let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let copy = dir.join("copy.toml");
+    write_config(&copy, &source.url("shop"), &target.url("postgres"), &dir.join("copy-state"), "only");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&copy).output().expect("runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    (source, target, conn, dir)
+}
+
 async fn one_value(conn: &mut mysql_async::Conn, sql: &str) -> String {
     conn.query_first::<String, _>(sql).await.expect(sql).expect("a value")
 }
@@ -295,24 +316,13 @@ async fn one_value(conn: &mut mysql_async::Conn, sql: &str) -> String {
 /// accidental DELETE, stop at a binlog position — and say which skip entry never came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pitr_starts_at_a_gtid_skips_the_bad_transaction_and_stops_at_a_position() {
-    let source = MariaDbServer::start(&[]).expect("mariadb");
-    let target = PostgresServer::start(&[]).expect("postgres");
-    let mut conn =
-        mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url")).await.expect("mariadb");
-    conn.query_drop(
-        "CREATE DATABASE shop; CREATE TABLE shop.ledger (id int PRIMARY KEY, amount int); \
-                     INSERT INTO shop.ledger SELECT seq, seq * 10 FROM seq_1_to_10",
-    )
-    .await
-    .expect("ledger");
-    let dir = std::env::temp_dir().join(format!("cutover-test-pitr-{}", source.port()));
-    std::fs::create_dir_all(&dir).expect("dir");
     // The "restored backup": a one-shot copy, and the GTID it corresponds to.
-    let copy = dir.join("copy.toml");
-    write_config(&copy, &source.url("shop"), &target.url("postgres"), &dir.join("copy-state"), "only");
-    let output =
-        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&copy).output().expect("runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (source, target, mut conn, dir) = restored_copy(
+        "pitr",
+        "CREATE DATABASE shop; CREATE TABLE shop.ledger (id int PRIMARY KEY, amount int); \
+         INSERT INTO shop.ledger SELECT seq, seq * 10 FROM seq_1_to_10",
+    )
+    .await;
     let backup_gtid = one_value(&mut conn, "SELECT @@gtid_binlog_pos").await;
 
     conn.query_drop("INSERT INTO shop.ledger SELECT seq, seq * 10 FROM seq_11_to_20").await.expect("batch A");
@@ -366,20 +376,11 @@ async fn master_status(conn: &mut mysql_async::Conn) -> String {
 /// reads from that event on and stops at a later position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_a_binlog_file_offset() {
-    let source = MariaDbServer::start(&[]).expect("mariadb");
-    let target = PostgresServer::start(&[]).expect("postgres");
-    let mut conn =
-        mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url")).await.expect("mariadb");
-    conn.query_drop("CREATE DATABASE shop; CREATE TABLE shop.events (id int PRIMARY KEY, what varchar(20))")
-        .await
-        .expect("table");
-    let dir = std::env::temp_dir().join(format!("cutover-test-fileoffset-{}", source.port()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let copy = dir.join("copy.toml");
-    write_config(&copy, &source.url("shop"), &target.url("postgres"), &dir.join("copy-state"), "only");
-    let output =
-        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["run", "--config"]).arg(&copy).output().expect("runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (source, target, mut conn, dir) = restored_copy(
+        "fileoffset",
+        "CREATE DATABASE shop; CREATE TABLE shop.events (id int PRIMARY KEY, what varchar(20))",
+    )
+    .await;
     let start = master_status(&mut conn).await;
     conn.query_drop("INSERT INTO shop.events SELECT seq, 'before' FROM seq_1_to_50").await.expect("before");
     conn.query_drop("FLUSH BINARY LOGS").await.expect("rotate");
