@@ -48,6 +48,8 @@ pub async fn read_tables(
 ) -> anyhow::Result<(SourceSchema, HashMap<TableName, Arc<Vec<Encoding>>>)> {
     let db = db.to_string();
     let mut encodings_by_table = HashMap::new();
+    // Every column cutover cannot map, reported together.
+    let mut unsupported = Vec::new();
     let tables: Vec<TableRow> = conn
         .exec(
             "SELECT TABLE_NAME, TABLE_ROWS, DATA_LENGTH, AUTO_INCREMENT FROM information_schema.TABLES \
@@ -132,7 +134,13 @@ pub async fn read_tables(
                 is_json,
                 charset: charset.clone(),
             };
-            let mapping = map_column(&mysql).with_context(|| format!("table {name}"))?;
+            let mapping = match map_column(&mysql) {
+                Ok(mapping) => mapping,
+                Err(e) => {
+                    unsupported.push(format!("table {name}: {e}"));
+                    continue;
+                }
+            };
             let type_name = match mapping.enum_labels {
                 Some(labels) => {
                     let enum_name = TableName::new(db.clone(), format!("{table}_{column}"));
@@ -200,6 +208,12 @@ pub async fn read_tables(
             pages: bytes.unwrap_or(0) / 8192,
             has_user_types: false,
         });
+    }
+    if !unsupported.is_empty() {
+        anyhow::bail!(
+            "{}\nleave such tables out with [source] exclude, or change the columns to a type cutover maps",
+            unsupported.join("\n")
+        );
     }
     Ok((schema, encodings_by_table))
 }
