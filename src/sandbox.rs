@@ -56,6 +56,22 @@ fn server_command(bin: &Path, program: &str) -> Command {
     }
 }
 
+/// Starts a sandbox server, up to three times: the free port it picked can be taken
+/// by someone else before the server binds it.
+fn retry_start<T>(mut start: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Ok(server) => return Ok(server),
+            Err(e) if attempt < 3 => {
+                tracing::warn!("a sandbox server did not start ({e:#}); trying again");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn run(mut command: Command, what: &str) -> anyhow::Result<()> {
     let output = command.output().with_context(|| format!("cannot run {what}"))?;
     if !output.status.success() {
@@ -76,6 +92,10 @@ impl PostgresServer {
 
     /// Starts a server from the binaries in `bin`.
     pub fn start_with(bin: &Path, settings: &[(&str, &str)]) -> anyhow::Result<PostgresServer> {
+        retry_start(|| Self::start_once(bin, settings))
+    }
+
+    fn start_once(bin: &Path, settings: &[(&str, &str)]) -> anyhow::Result<PostgresServer> {
         let dir = std::env::temp_dir().join(format!("cutover-pg-{}-{}", std::process::id(), free_port()?));
         std::fs::create_dir_all(&dir)?;
         // SAFETY: geteuid has no preconditions.
@@ -161,6 +181,10 @@ pub struct MariaDbServer {
 impl MariaDbServer {
     /// Starts a server with the extra `mariadbd` options in `options` (`--key=value`).
     pub fn start(options: &[&str]) -> anyhow::Result<MariaDbServer> {
+        retry_start(|| Self::start_once(options))
+    }
+
+    fn start_once(options: &[&str]) -> anyhow::Result<MariaDbServer> {
         let dir = std::env::temp_dir().join(format!("cutover-mariadb-{}-{}", std::process::id(), free_port()?));
         let data = dir.join("data");
         std::fs::create_dir_all(&dir)?;
@@ -204,16 +228,24 @@ impl MariaDbServer {
         let command = std::iter::once(server.get_program().to_os_string())
             .chain(server.get_args().map(|a| a.to_os_string()))
             .collect();
-        let server = MariaDbServer { dir, port, process, command };
+        let mut server = MariaDbServer { dir, port, process, command };
         server.wait_ready()?;
         Ok(server)
     }
 
     /// Waits until the server takes connections, then makes sure the user exists.
-    fn wait_ready(&self) -> anyhow::Result<()> {
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
         let socket = self.dir.join("mariadb.sock");
         let started = std::time::Instant::now();
         loop {
+            if let Some(status) = self.process.try_wait()? {
+                let log = std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                anyhow::bail!(
+                    "mariadbd exited with {status}: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                );
+            }
             let mut client = Command::new("mariadb");
             client.arg(format!("--socket={}", socket.display())).args([
                 "-u",
