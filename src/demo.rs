@@ -101,8 +101,8 @@ INSERT INTO every_type VALUES
   '0000-00-00 00:00:00', NULL, '838:59:59.999', 1901, 'sad', '', '[]', b'0', NULL, ''),
  (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
   NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
-CREATE TABLE no_key (a int, b varchar(10));
-INSERT INTO no_key VALUES (1, 'one'), (1, 'one'), (2, NULL);
+CREATE TABLE no_key (a int, b varchar(10), at datetime);
+INSERT INTO no_key VALUES (1, 'one', '2024-01-01 00:00:00'), (1, 'one', '2024-01-01 00:00:00'), (2, NULL, NULL);
 "#;
 
 /// Which source the demo replicates from.

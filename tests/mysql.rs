@@ -121,7 +121,7 @@ INSERT INTO big_one VALUES (5000001, 'after rotation');
 ALTER TABLE big_one ADD COLUMN extra int DEFAULT 7;
 INSERT INTO big_one VALUES (5000002, 'with extra', 42);
 TRUNCATE no_key;
-INSERT INTO no_key VALUES (5, 'five');
+INSERT INTO no_key (a, b) VALUES (5, 'five');
 INSERT INTO marker VALUES (2);
 "#;
 

@@ -284,13 +284,19 @@ impl PostgresSink {
         let mut params: Vec<Option<String>> = Vec::new();
         let mut predicates = Vec::new();
         for (column, value) in table.columns.iter().zip(old) {
-            let expr = format!("{}::text", quote_ident(&column.name));
+            let name = quote_ident(&column.name);
             match value {
                 Value::Unchanged => continue,
-                Value::Null => predicates.push(format!("{expr} IS NULL")),
+                Value::Null => predicates.push(format!("{name} IS NULL")),
                 Value::Text(text) => {
                     params.push(Some(text.clone()));
-                    predicates.push(format!("{expr} = ${}", params.len()));
+                    // Compared as values of the column's type (so `…00:00.000000` finds
+                    // `…00:00`); types without equality are compared as text.
+                    predicates.push(if has_no_equality(&column.type_name) {
+                        format!("{name}::text = ${}", params.len())
+                    } else {
+                        format!("{name} = ${}::{}", params.len(), column.type_name)
+                    });
                 }
             }
         }
@@ -319,10 +325,24 @@ impl PostgresSink {
             .await
             .with_context(|| format!("applying a change to {} on the target", table.name))?;
         if touched == 0 {
-            tracing::warn!(table = %table.name, "a row to update or delete by its old values was not on the target");
+            // Replays cannot cause this (the target records what it applied), so the
+            // target has drifted from the source: stop rather than drift further.
+            anyhow::bail!(
+                "a row of {} to {} by its old values is not on the target, so the target differs from the source; \
+                 cutover stopped at its last checkpoint. Compare the table (cutover verify) and copy it again",
+                table.name,
+                if new.is_some() { "update" } else { "delete" }
+            );
         }
         Ok(())
     }
+}
+
+/// Types PostgreSQL has no `=` for.
+fn has_no_equality(type_name: &str) -> bool {
+    let base = type_name.split('(').next().unwrap_or(type_name).trim_end_matches("[]");
+    matches!(base, "json" | "xml" | "point" | "line" | "lseg" | "box" | "path" | "polygon" | "circle")
+        || type_name.ends_with("json[]")
 }
 
 /// One change as a run sees it: kind, table, columns written, key, parameter values.
