@@ -207,7 +207,8 @@ pub struct StreamConfig {
     pub start: Option<String>,
     /// Stop after every transaction before this time or up to this position, then exit 0.
     pub stop_at: Option<String>,
-    /// Transactions to leave out: `gtid:0-1-1207`, or the position of their first event.
+    /// Transactions to leave out: `gtid:0-1-1207` (MariaDB), `gtid:<uuid>:77` (MySQL), or the
+    /// position of their first event.
     #[serde(default)]
     pub skip: Vec<String>,
 }

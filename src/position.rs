@@ -12,6 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+mod gtid;
+pub use gtid::{Gtid, GtidSet};
+
 /// A PostgreSQL write-ahead-log location.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lsn(pub u64);
@@ -43,14 +46,16 @@ pub enum Position {
     Binlog(BinlogPosition),
 }
 
-/// A binlog file and the offset of the next event in it, with the MariaDB GTID
-/// state (`domain-server-seq` per domain) that coordinate stands for, when known.
-/// The GTID state follows from the coordinate, so only the coordinate is compared.
+/// A binlog file and the offset of the next event in it, with the GTID state
+/// that coordinate stands for, when the server has GTIDs. The GTID state follows
+/// from the coordinate, so only the coordinate is compared. A position with no
+/// file is a GTID state alone (`start = "gtid:…"`): the server finds the binlog.
+/// A transaction's begin position carries the transaction's own GTID instead.
 #[derive(Clone, Debug)]
 pub struct BinlogPosition {
     pub file: String,
     pub pos: u64,
-    pub gtid: Option<String>,
+    pub gtid: Option<GtidSet>,
 }
 
 impl BinlogPosition {
@@ -126,14 +131,12 @@ impl FromStr for Position {
         match s.split_once(':') {
             Some(("lsn", rest)) => Ok(Position::Lsn(rest.parse()?)),
             // A MariaDB GTID state alone: the binlog is found by it.
-            Some(("gtid", state))
-                if !state.is_empty() && state.bytes().all(|b| b.is_ascii_digit() || b == b'-' || b == b',') =>
-            {
-                Ok(Position::Binlog(BinlogPosition { file: String::new(), pos: 4, gtid: Some(state.to_string()) }))
+            Some(("gtid", state)) => {
+                Ok(Position::Binlog(BinlogPosition { file: String::new(), pos: 4, gtid: Some(GtidSet::parse(state)?) }))
             }
             _ => {
                 let (coordinate, gtid) = match s.split_once(";gtid=") {
-                    Some((coordinate, gtid)) => (coordinate, Some(gtid.to_string())),
+                    Some((coordinate, gtid)) => (coordinate, Some(GtidSet::parse(gtid)?)),
                     None => (s, None),
                 };
                 match coordinate.rsplit_once(':') {
@@ -170,7 +173,8 @@ pub enum StopAt {
     /// Apply every transaction that committed before this time.
     Time(SystemTime),
     /// Apply every transaction up to this position (an LSN: including a transaction
-    /// that commits there; a binlog offset: transactions starting before it).
+    /// that commits there; a binlog offset: transactions starting before it; a GTID
+    /// set: the transactions in it).
     Position(Position),
 }
 
@@ -181,6 +185,16 @@ impl StopAt {
         match (self, position) {
             (StopAt::Time(time), _) => commit_time >= *time,
             (StopAt::Position(stop @ Position::Lsn(_)), _) => position > stop,
+            (StopAt::Position(Position::Binlog(BinlogPosition { file, gtid: Some(stop), .. })), _)
+                if file.is_empty() =>
+            {
+                // A transaction's begin position carries its own GTID; without one
+                // (a server without GTIDs) nothing can be past a GTID.
+                match position {
+                    Position::Binlog(BinlogPosition { gtid: Some(own), .. }) => !own.within(stop),
+                    _ => false,
+                }
+            }
             (StopAt::Position(stop), _) => position >= stop,
         }
     }
