@@ -7,9 +7,13 @@ use cutover::config::Config;
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for a person at a terminal, never into files or the journal.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    // Colours and progress bars only for a person at a terminal, never into files or the journal.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if terminal && format != "json" {
+        cutover::progress::enable_bars();
+    }
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(cutover::progress::LogWriter).with_ansi(terminal);
     if format == "json" {
         builder.json().init();
     } else {

@@ -4,9 +4,9 @@
 
 use anyhow::Context as _;
 use tokio_postgres::config::Host;
-use tokio_postgres::NoTls;
 
 use crate::config::Endpoint;
+use crate::tls::{Dialect, PostgresTls, TlsSettings};
 
 /// Session settings every cutover connection uses, so that values print and
 /// parse the same way on both sides.
@@ -21,6 +21,8 @@ pub struct ConnectParams {
     pub user: String,
     pub password: Option<String>,
     pub database: String,
+    /// `sslmode` / `sslrootcert` from the URL.
+    pub tls: PostgresTls,
     config: tokio_postgres::Config,
 }
 
@@ -28,11 +30,12 @@ impl ConnectParams {
     /// Reads a `postgresql://` URL, with the password from the endpoint's file or
     /// environment variable when one is set.
     pub fn from_endpoint(endpoint: Endpoint<'_>) -> anyhow::Result<ConnectParams> {
-        let mut config: tokio_postgres::Config = endpoint
-            .url
-            .expose()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("url {} is not a PostgreSQL URL: {e}", endpoint.url))?;
+        let (url, tls) = TlsSettings::from_url(endpoint.url.expose(), Dialect::Postgres)
+            .with_context(|| format!("url {}", endpoint.url))?;
+        let tls = PostgresTls::new(&tls).with_context(|| format!("url {}", endpoint.url))?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| anyhow::anyhow!("url {} is not a PostgreSQL URL: {e}", endpoint.url))?;
+        config.ssl_mode(tls.driver_mode());
         if let Some(password) = endpoint.external_password()? {
             config.password(password);
         }
@@ -51,7 +54,7 @@ impl ConnectParams {
             None => SESSION_OPTIONS.to_string(),
         };
         config.options(&options).application_name("cutover");
-        Ok(ConnectParams { host, port, user, password, database, config })
+        Ok(ConnectParams { host, port, user, password, database, tls, config })
     }
 
     /// `host:port`, for messages.
@@ -61,7 +64,7 @@ impl ConnectParams {
 
     /// Opens a SQL connection; its I/O runs on a spawned task.
     pub async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
-        let (client, connection) = self.config.connect(NoTls).await.with_context(|| {
+        let (client, connection) = self.config.connect(self.tls.clone()).await.with_context(|| {
             format!("cannot connect to PostgreSQL at {} (database {})", self.endpoint(), self.database)
         })?;
         tokio::spawn(async move {

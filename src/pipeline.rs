@@ -29,6 +29,7 @@ use crate::config::{Config, SnapshotMode, SourceKind, TargetKind};
 use crate::metrics::METRICS;
 use crate::pgconn::ConnectParams;
 use crate::position::{Position, StopAt};
+use crate::progress::{Reporter, TableCopy};
 use crate::schema::{SourceSchema, TableDefinition};
 use crate::sink::{postgres::PostgresSink, Sink};
 use crate::source::mysql::{MysqlParams, MysqlSource};
@@ -359,12 +360,17 @@ pub async fn copy_tables(
     crate::notify::notify(&format!("STATUS=snapshot: copying {} table(s)", sorted.len()));
     let progress = Arc::new(CopyProgress {
         started: Instant::now(),
-        tables: sorted.iter().map(|t| (t.schema.name.to_string(), t.estimated_rows)).collect(),
-        estimated_bytes: sorted.iter().map(|t| t.pages * 8192).sum(),
+        tables: sorted
+            .iter()
+            .map(|t| TableCopy::new(t.schema.name.to_string(), t.estimated_rows, t.pages.saturating_mul(8192)))
+            .collect(),
+        estimated_bytes: sorted.iter().map(|t| t.pages.saturating_mul(8192)).sum(),
         bytes: Default::default(),
         rows: Default::default(),
         done: Default::default(),
     });
+    let table_index: Arc<HashMap<TableName, usize>> =
+        Arc::new(sorted.iter().enumerate().map(|(i, t)| (t.schema.name.clone(), i)).collect());
     if let Ok(mut current) = SNAPSHOT_PROGRESS.lock() {
         *current = Some(progress.clone());
     }
@@ -375,17 +381,26 @@ pub async fn copy_tables(
         let remaining = remaining.clone();
         let done_tx = done_tx.clone();
         let progress = progress.clone();
+        let table_index = table_index.clone();
         tasks.spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
             loop {
                 let next = queue.lock().map_err(|_| anyhow::anyhow!("copy queue poisoned"))?.pop_front();
                 let Some((table, chunk, format)) = next else { return anyhow::Ok(()) };
+                let index = table_index.get(&table.schema.name).copied().unwrap_or_default();
                 let mut rows = reader.read(&table, chunk, format).await?;
                 let counter = progress.clone();
                 rows.data = Box::pin(futures_util::TryStreamExt::inspect_ok(rows.data, move |bytes| {
-                    counter.bytes.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    counter.bytes.fetch_add(bytes.len() as u64, Relaxed);
+                    if let Some(table) = counter.tables.get(index) {
+                        table.bytes.fetch_add(bytes.len() as u64, Relaxed);
+                    }
                 }));
                 let copied = writer.write(&table, rows).await?;
-                progress.rows.fetch_add(copied, std::sync::atomic::Ordering::Relaxed);
+                progress.rows.fetch_add(copied, Relaxed);
+                if let Some(table) = progress.tables.get(index) {
+                    table.rows.fetch_add(copied, Relaxed);
+                }
                 METRICS.snapshot_rows.with_label_values(&[&table.schema.name.to_string()]).inc_by(copied);
                 if chunk != Chunk::Whole {
                     tracing::debug!(table = %table.schema.name, ?chunk, rows = copied, "chunk copied");
@@ -399,7 +414,10 @@ pub async fn copy_tables(
                 };
                 if let Some(rows) = finished {
                     // The indexer only stops when every sender is gone.
-                    progress.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    progress.done.fetch_add(1, Relaxed);
+                    if let Some(table) = progress.tables.get(index) {
+                        table.finished.store(rows, Relaxed);
+                    }
                     let _ = done_tx.send((table, rows));
                 }
             }
@@ -407,7 +425,8 @@ pub async fn copy_tables(
     }
     drop(done_tx);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
-    let mut last_progress = Instant::now();
+    let mut display = tokio::time::interval(Duration::from_millis(250));
+    let mut reporter = Reporter::new(progress.estimated_bytes);
     loop {
         let result = tokio::select! {
             result = tasks.join_next() => match result {
@@ -417,19 +436,22 @@ pub async fn copy_tables(
             // The coordinator is alive while it waits on the workers.
             _ = heartbeat.tick() => {
                 crate::notify::notify("WATCHDOG=1");
-                if last_progress.elapsed() >= PROGRESS_INTERVAL {
-                    progress.report();
-                    last_progress = Instant::now();
-                }
+                continue;
+            }
+            _ = display.tick() => {
+                reporter.tick(&progress);
                 continue;
             }
         };
         if let Err(e) = result.context("a copy worker panicked").and_then(|r| r) {
+            reporter.finish();
             tasks.abort_all();
             indexer.abort();
             return Err(e);
         }
     }
+    reporter.tick(&progress);
+    reporter.finish();
     let rows = indexer.await.context("the index builder panicked")??;
     if let Ok(mut current) = SNAPSHOT_PROGRESS.lock() {
         *current = None;
@@ -437,14 +459,11 @@ pub async fn copy_tables(
     Ok(CopySummary { tables: sorted.len(), rows, elapsed: started.elapsed() })
 }
 
-/// How often the snapshot logs its progress.
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
-
 /// What the copy workers have moved so far.
 pub struct CopyProgress {
     started: Instant,
-    /// `(table, estimated rows)` for every table being copied.
-    tables: Vec<(String, u64)>,
+    /// Every table being copied.
+    tables: Vec<TableCopy>,
     /// The tables' size on disk: the yardstick for the ETA.
     estimated_bytes: u64,
     /// Bytes streamed from source to target.
@@ -472,18 +491,22 @@ impl CopyProgress {
             megabytes: bytes / 1_000_000,
             megabytes_per_second: rate / 1e6,
             eta_seconds: (rate > 0.0).then(|| (remaining / rate).round() as u64),
-            tables: self
-                .tables
-                .iter()
-                .map(|(name, estimated)| {
-                    (name.clone(), METRICS.snapshot_rows.with_label_values(&[name]).get(), *estimated)
-                })
-                .collect(),
+            tables: self.tables.iter().map(|t| (t.name.clone(), t.rows.load(Relaxed), t.estimated_rows)).collect(),
         }
     }
 
+    /// Bytes streamed from source to target so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The tables being copied, with their live counters.
+    pub fn tables(&self) -> &[TableCopy] {
+        &self.tables
+    }
+
     /// One log line: tables, rows, bytes, rate and a rough ETA from the tables' on-disk size.
-    fn report(&self) {
+    pub fn report(&self) {
         let status = self.status();
         tracing::info!(
             tables_copied = format!("{}/{}", status.tables_done, status.tables_total),

@@ -39,6 +39,22 @@ impl Finding {
     }
 }
 
+/// Bytes as a person reads them: `512 MiB`, `3.2 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} B"),
+        _ if value < 10.0 => format!("{value:.1} {}", UNITS[unit]),
+        _ => format!("{value:.0} {}", UNITS[unit]),
+    }
+}
+
 /// The findings, worst first, for a terminal.
 pub fn render_findings(findings: &[Finding]) -> String {
     let mut out = String::new();
@@ -78,7 +94,11 @@ pub async fn check(config: &crate::config::Config) -> anyhow::Result<bool> {
     let (mut source, mut sink) = crate::pipeline::connect(config).await?;
     let schema = source.schema().await?;
     let mut findings = source.preflight(&schema).await?;
-    findings.extend(sink.preflight().await?);
+    let copy_bytes = match config.snapshot.mode {
+        crate::config::SnapshotMode::Never => 0,
+        _ => schema.tables.iter().map(|t| t.pages.saturating_mul(8192)).sum(),
+    };
+    findings.extend(sink.preflight(copy_bytes).await?);
     println!("plan for pipeline {}: {} table(s)\n", config.name, schema.tables.len());
     print!("{}", render_plan(&schema));
     println!();
@@ -88,4 +108,16 @@ pub async fn check(config: &crate::config::Config) -> anyhow::Result<bool> {
         print!("{}", render_findings(&findings));
     }
     Ok(!findings.iter().any(|f| f.severity == Severity::Error))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bytes_read_like_df_h() {
+        use super::human_bytes;
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(300 * 1024 * 1024), "300 MiB");
+        assert_eq!(human_bytes(u64::MAX), "16777216 TiB");
+    }
 }

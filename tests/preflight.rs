@@ -41,7 +41,10 @@ fn a_ready_postgres_pair_passes_and_prints_its_plan() {
             tokio_postgres::connect(&source.url("postgres"), tokio_postgres::NoTls).await.expect("pg");
         tokio::spawn(connection);
         client
-            .batch_execute("CREATE TABLE orders (id int PRIMARY KEY, note text); CREATE TABLE log (line text);")
+            .batch_execute(
+                "CREATE TABLE orders (id int PRIMARY KEY, note text); CREATE TABLE log (line text); \
+                 INSERT INTO orders SELECT g, 'order ' || g FROM generate_series(1, 5000) g;",
+            )
             .await
             .expect("tables");
     });
@@ -50,6 +53,8 @@ fn a_ready_postgres_pair_passes_and_prints_its_plan() {
     assert_eq!(output.status.code(), Some(0), "{text}");
     assert!(text.contains("public.orders") && text.contains("key (id)"), "{text}");
     assert!(text.contains("ALTER TABLE \"public\".\"log\" REPLICA IDENTITY FULL"), "{text}");
+    // The target's free space was read (df on the server) and is plenty for 5000 rows.
+    assert!(!text.contains("free disk space unknown") && !text.contains("free on the volume"), "{text}");
 }
 
 #[test]

@@ -23,7 +23,8 @@ pub trait Sink: Send + Sync {
     fn copy_format(&self, table: &TableDefinition, source: Dialect) -> CopyFormat;
 
     /// What the target must allow for the pipeline: one finding per problem.
-    async fn preflight(&mut self) -> anyhow::Result<Vec<crate::preflight::Finding>>;
+    /// `copy_bytes` is the size of the source tables the snapshot will copy.
+    async fn preflight(&mut self, copy_bytes: u64) -> anyhow::Result<Vec<crate::preflight::Finding>>;
 
     /// The position of the last source transaction committed here, as recorded
     /// in the same target transactions as the rows.

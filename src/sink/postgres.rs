@@ -44,6 +44,65 @@ pub struct PostgresSink {
 }
 
 impl PostgresSink {
+    /// Free space on the volume of the target's data directory against what the
+    /// snapshot will write: the tables' size, and about as much again for indexes and WAL.
+    async fn free_space_finding(&mut self, copy_bytes: u64) -> Option<Finding> {
+        use crate::preflight::human_bytes;
+        let need = human_bytes(copy_bytes);
+        match self.free_bytes().await {
+            Ok(free) if free < copy_bytes => Some(Finding::error(
+                "target",
+                format!("{} free on the volume of the target's data directory", human_bytes(free)),
+                &format!("at least {need} for the source tables, about twice that with indexes and WAL"),
+                "free or grow that volume, or copy fewer tables ([source] tables / exclude)".into(),
+            )),
+            Ok(free) if free < copy_bytes.saturating_mul(2) => Some(Finding::warning(
+                "target",
+                format!("{} free on the volume of the target's data directory", human_bytes(free)),
+                &format!(
+                    "about {} (the source tables take {need}; indexes and WAL need room too)",
+                    human_bytes(copy_bytes.saturating_mul(2))
+                ),
+                "watch the target's disk during the snapshot, or grow the volume first".into(),
+            )),
+            Ok(_) => None,
+            Err(e) => Some(Finding::warning(
+                "target",
+                format!("free disk space unknown ({e:#})"),
+                &format!("about {} free for the snapshot", human_bytes(copy_bytes.saturating_mul(2))),
+                "check the free space on the target's data directory volume by hand".into(),
+            )),
+        }
+    }
+
+    /// Bytes free on the data directory's volume, read with `df` through
+    /// `COPY FROM PROGRAM` (superuser; a managed service may not allow it).
+    async fn free_bytes(&mut self) -> anyhow::Result<u64> {
+        let dir: String = self
+            .client
+            .query_one("SELECT current_setting('data_directory')", &[])
+            .await
+            .context("reading data_directory")?
+            .get(0);
+        let program = format!("df -Pk -- '{}'", dir.replace('\'', "'\\''"));
+        let transaction = self.client.transaction().await.context("opening a transaction")?;
+        transaction
+            .batch_execute(&format!(
+                "CREATE TEMP TABLE cutover_df (line text) ON COMMIT DROP; COPY cutover_df FROM PROGRAM {}",
+                quote_literal(&program)
+            ))
+            .await
+            .context("running df on the target server")?;
+        let lines = transaction.query("SELECT line FROM cutover_df", &[]).await.context("reading df's output")?;
+        let available = lines
+            .get(1)
+            .and_then(|row| row.get::<_, Option<String>>(0))
+            .and_then(|line| line.split_whitespace().nth(3).and_then(|kb| kb.parse::<u64>().ok()))
+            .context("df printed no free space")?;
+        transaction.rollback().await.context("closing the transaction")?;
+        Ok(available.saturating_mul(1024))
+    }
+
     pub async fn connect(params: ConnectParams, pipeline: &str) -> anyhow::Result<PostgresSink> {
         let client = params.connect().await?;
         let major = crate::pgconn::server_major(&client, "target").await?;
@@ -564,7 +623,7 @@ impl Sink for PostgresSink {
             .transpose()
     }
 
-    async fn preflight(&mut self) -> anyhow::Result<Vec<Finding>> {
+    async fn preflight(&mut self, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
         let row = self
             .client
             .query_one("SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
@@ -579,6 +638,9 @@ impl Sink for PostgresSink {
                 "superuser (replication origins, session_replication_role)",
                 format!("ALTER ROLE {} SUPERUSER;", quote_ident(&user)),
             ));
+        }
+        if copy_bytes > 0 {
+            findings.extend(self.free_space_finding(copy_bytes).await);
         }
         Ok(findings)
     }

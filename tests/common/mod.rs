@@ -16,6 +16,8 @@ pub struct Pair {
     pub target: PostgresServer,
     pub dir: PathBuf,
     pub config_path: PathBuf,
+    /// The URL cutover reads the source with (TLS settings included).
+    pub source_url: String,
     /// How many "streaming changes" lines the log held when `cutover run` last started:
     /// the latest run logs one more once its snapshot work is done.
     streaming_before: std::cell::Cell<usize>,
@@ -35,19 +37,38 @@ impl Pair {
 
     fn with_target(name: &str, target: PostgresServer, extra_config: &str) -> Pair {
         let source = PostgresServer::start(&[]).expect("source server");
+        let source_url = source.url("postgres");
+        Pair::from_servers(name, source, target, &source_url, extra_config)
+    }
+
+    /// A pair of running servers; cutover reads the source at `source_url`.
+    pub fn from_servers(
+        name: &str,
+        source: PostgresServer,
+        target: PostgresServer,
+        source_url: &str,
+        extra_config: &str,
+    ) -> Pair {
         let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
         std::fs::create_dir_all(&dir).expect("test dir");
         let config_path = dir.join(format!("{name}.toml"));
         cutover::demo::write_config(
             &config_path,
             "postgres",
-            &source.url("postgres"),
+            source_url,
             &target.url("postgres"),
             &dir.join("state"),
             extra_config,
         )
         .expect("config");
-        Pair { source, target, dir, config_path, streaming_before: std::cell::Cell::new(0) }
+        Pair {
+            source,
+            target,
+            dir,
+            config_path,
+            source_url: source_url.to_string(),
+            streaming_before: std::cell::Cell::new(0),
+        }
     }
 
     pub fn config(&self) -> Config {
@@ -86,7 +107,7 @@ impl Pair {
     /// Waits until the latest `cutover run` is streaming and the slot confirms
     /// everything the source has written so far.
     pub async fn wait_caught_up(&self, child: &mut Child) {
-        let source = connect(&self.source.url("postgres")).await;
+        let source = connect(&self.source_url).await;
         let end: String = source.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
         let started = Instant::now();
         loop {
@@ -153,4 +174,82 @@ pub fn stop(child: &mut Child) -> (std::process::ExitStatus, Duration) {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().expect("cutover exits");
     (status, started.elapsed())
+}
+
+/// A self-signed CA and a server certificate it signed for 127.0.0.1 and localhost,
+/// written into `dir` (readable by the `postgres` user when the tests run as root).
+pub struct TestCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Another CA, which signed nothing the server shows.
+    pub other_ca: PathBuf,
+}
+
+pub fn make_certs(dir: &std::path::Path) -> TestCerts {
+    std::fs::create_dir_all(dir).expect("cert dir");
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
+        assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    for ca in ["ca", "other-ca"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=cutover test {ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.pem"),
+        ]);
+    }
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName = DNS:localhost, IP:127.0.0.1\n").expect("san");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let status = Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir).status().expect("chown");
+        assert!(status.success());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600)).expect("key mode");
+    TestCerts {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+        other_ca: dir.join("other-ca.pem"),
+    }
 }

@@ -590,7 +590,13 @@ mod tests {
     }
 
     fn params() -> MysqlParams {
-        MysqlParams { opts: mysql_async::Opts::default(), database: "shop".into(), endpoint: "fixture".into() }
+        MysqlParams {
+            opts: mysql_async::Opts::default(),
+            database: "shop".into(),
+            endpoint: "fixture".into(),
+            tls_optional: true,
+            tls_refused: Default::default(),
+        }
     }
 
     fn tables() -> HashMap<TableName, MysqlTable> {

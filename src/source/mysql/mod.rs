@@ -41,29 +41,56 @@ pub struct MysqlParams {
     /// The replicated database: the URL's path.
     pub database: String,
     endpoint: String,
+    /// `ssl-mode = PREFERRED` (the default) against a server without TLS: connect
+    /// in the clear, and stop asking once the server has said no.
+    tls_optional: bool,
+    tls_refused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MysqlParams {
     pub fn from_endpoint(endpoint: Endpoint<'_>) -> anyhow::Result<MysqlParams> {
-        let opts = mysql_async::Opts::from_url(endpoint.url.expose())
+        let (url, tls) = crate::tls::TlsSettings::from_url(endpoint.url.expose(), crate::tls::Dialect::Mysql)
+            .with_context(|| format!("url {}", endpoint.url))?;
+        let opts = mysql_async::Opts::from_url(&url)
             .map_err(|e| anyhow::anyhow!("url {} is not a MySQL URL: {e}", endpoint.url))?;
         let database = opts.db_name().map(str::to_string).with_context(|| {
             format!("url {} names no database: add it as the path (mysql://user@host/shop)", endpoint.url)
         })?;
-        let mut builder = mysql_async::OptsBuilder::from_opts(opts);
+        let mut builder = mysql_async::OptsBuilder::from_opts(opts).ssl_opts(crate::tls::mysql_ssl_opts(&tls));
         if let Some(password) = endpoint.external_password()? {
             builder = builder.pass(Some(password));
         }
         let opts = mysql_async::Opts::from(builder);
         let endpoint = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
-        Ok(MysqlParams { opts, database, endpoint })
+        Ok(MysqlParams {
+            opts,
+            database,
+            endpoint,
+            tls_optional: tls.mode == crate::tls::TlsMode::Prefer,
+            tls_refused: Default::default(),
+        })
     }
 
     /// A connection in UTC with utf8mb4, as every cutover session uses.
     pub async fn connect(&self) -> anyhow::Result<mysql_async::Conn> {
-        let mut conn = mysql_async::Conn::new(self.opts.clone())
-            .await
-            .with_context(|| format!("cannot connect to MySQL at {} (database {})", self.endpoint, self.database))?;
+        use std::sync::atomic::Ordering;
+        let context = || format!("cannot connect to MySQL at {} (database {})", self.endpoint, self.database);
+        let plain = || mysql_async::Opts::from(mysql_async::OptsBuilder::from_opts(self.opts.clone()).ssl_opts(None));
+        let opts = if self.tls_refused.load(Ordering::Relaxed) { plain() } else { self.opts.clone() };
+        let mut conn = match mysql_async::Conn::new(opts).await {
+            Err(mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer))
+                if self.tls_optional =>
+            {
+                self.tls_refused.store(true, Ordering::Relaxed);
+                mysql_async::Conn::new(plain()).await.with_context(context)?
+            }
+            Err(mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)) => anyhow::bail!(
+                "{}: the server does not offer TLS, but ssl-mode asks for it (configure ssl_cert/ssl_key on \
+                 the server, or lower ssl-mode)",
+                context()
+            ),
+            other => other.with_context(context)?,
+        };
         conn.query_drop("SET time_zone = '+00:00', NAMES utf8mb4").await.context("setting up a MySQL session")?;
         Ok(conn)
     }

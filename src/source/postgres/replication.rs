@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use super::pgoutput::PG_EPOCH_OFFSET_MICROS;
 use crate::pgconn::{ConnectParams, PgError};
 use crate::position::Lsn;
+use crate::tls::MaybeTls;
 
 /// A message from the server while streaming.
 #[derive(Debug)]
@@ -37,7 +38,7 @@ pub struct CreatedSlot {
 
 /// One walsender connection.
 pub struct ReplicationConnection {
-    stream: TcpStream,
+    stream: MaybeTls,
     read: BytesMut,
     write: BytesMut,
     endpoint: String,
@@ -53,6 +54,10 @@ impl ReplicationConnection {
             .await
             .map_err(|e| PgError::Io(format!("cannot reach PostgreSQL at {endpoint} for replication: {e}")))?;
         stream.set_nodelay(true).map_err(|e| PgError::Io(e.to_string()))?;
+        let stream =
+            params.tls.negotiate(stream, &params.host).await.map_err(|e| {
+                PgError::Connect(format!("TLS with PostgreSQL at {endpoint} for replication failed: {e}"))
+            })?;
         let mut conn = ReplicationConnection {
             stream,
             read: BytesMut::with_capacity(64 * 1024),
