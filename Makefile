@@ -34,6 +34,7 @@ test: deps
 bench: deps
 	bash bench/run.sh
 	bash bench/mysql.sh
+	bash bench/sqlite.sh
 
 lint:
 	cargo fmt --check

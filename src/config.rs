@@ -36,6 +36,19 @@ pub struct Config {
 pub enum SourceKind {
     Postgres,
     Mysql,
+    Sqlite,
+}
+
+/// `[source] on_type_mismatch` (SQLite): what a stored value that does not fit its
+/// column's declared type does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTypeMismatch {
+    /// Stop the copy, naming the table, rowid, column and value.
+    #[default]
+    Error,
+    /// Copy every such column as text (the plan says which).
+    Text,
 }
 
 /// Which kind of database the target is.
@@ -58,6 +71,8 @@ pub struct SourceConfig {
     pub tables: Vec<String>,
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// SQLite only.
+    pub on_type_mismatch: Option<OnTypeMismatch>,
 }
 
 /// `[target]`
@@ -379,6 +394,23 @@ impl Config {
         }
         if let Some(stop_at) = &config.stream.stop_at {
             stop_at.parse::<crate::position::StopAt>().map_err(|e| invalid(format!("[stream] stop_at: {e}")))?;
+        }
+        if config.source.on_type_mismatch.is_some() && config.source.kind != SourceKind::Sqlite {
+            return Err(invalid("[source] on_type_mismatch: only for kind = \"sqlite\"".into()));
+        }
+        if config.source.kind == SourceKind::Sqlite {
+            // A file has no change log: it is copied once.
+            match config.snapshot.mode {
+                SnapshotMode::Never => {
+                    return Err(invalid(
+                        "[snapshot] mode = \"never\": a SQLite source is only ever copied (snapshot only)".into(),
+                    ))
+                }
+                _ => config.snapshot.mode = SnapshotMode::Only,
+            }
+            if config.stream.start.is_some() || config.stream.stop_at.is_some() || !config.stream.skip.is_empty() {
+                return Err(invalid("[stream]: a SQLite source has no change log to stream".into()));
+            }
         }
         if config.snapshot.workers == 0 {
             return Err(invalid("[snapshot] workers: must be at least 1".into()));

@@ -110,6 +110,7 @@ INSERT INTO no_key VALUES (1, 'one', '2024-01-01 00:00:00'), (1, 'one', '2024-01
 pub enum DemoSource {
     Postgres,
     Mysql,
+    Sqlite,
 }
 
 /// Writes a pipeline config between two sandbox servers (demo, tests, benchmarks).
@@ -223,6 +224,7 @@ pub async fn run(source: DemoSource, scale: u32, seconds: u32) -> anyhow::Result
     let result = match source {
         DemoSource::Postgres => run_postgres(&work, scale, seconds).await,
         DemoSource::Mysql => run_mysql(&work, scale, seconds).await,
+        DemoSource::Sqlite => run_sqlite(&work, scale).await,
     };
     let _ = std::fs::remove_dir_all(&work);
     result
@@ -410,4 +412,160 @@ async fn run_mysql(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<()> 
     }
     let rate = transactions as f64 / load_seconds;
     finish(&reports, &format!("write load: {transactions} transactions, {rate:.0}/s"), &figures)
+}
+
+/// The SQLite demo's file: orders with every declared type the mapping knows, a
+/// child table with a foreign key, and values SQLite stored in their text and
+/// unix-time forms.
+fn sqlite_demo_sql(rows: u64) -> String {
+    format!(
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, name VARCHAR(60) NOT NULL UNIQUE, vip BOOLEAN, since DATE);
+         CREATE TABLE orders (id INTEGER PRIMARY KEY, customer INTEGER NOT NULL REFERENCES customers (id),
+             amount DECIMAL(12,2), weight REAL, note TEXT, created DATETIME, receipt BLOB, extra JSON);
+         CREATE INDEX orders_by_customer ON orders (customer);
+         WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 1000)
+         INSERT INTO customers SELECT n, 'customer ' || n || ' ☃', n % 7 = 0, date('2020-01-01', '+' || n || ' days') FROM g;
+         WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < {rows})
+         INSERT INTO orders SELECT n, 1 + n % 1000, printf('%.2f', n * 1.25), n / 7.0, 'order ' || n || char(9) || 'tab',
+             CASE n % 2 WHEN 0 THEN datetime(1700000000 + n, 'unixepoch') ELSE 1700000000 + n END,
+             randomblob(8), json_object('n', n, 'even', json(CASE n % 2 WHEN 0 THEN 'true' ELSE 'false' END)) FROM g;"
+    )
+}
+
+async fn run_sqlite(work: &Path, scale: u32) -> anyhow::Result<()> {
+    println!("starting a throwaway PostgreSQL target");
+    let target = PostgresServer::start(&[])?;
+    let rows = u64::from(scale) * 100_000;
+    let file = work.join("app.db");
+    println!("writing {rows} orders and 1000 customers into the SQLite file {}", file.display());
+    let db = rusqlite::Connection::open(&file).context("creating the demo's SQLite file")?;
+    db.execute_batch(&sqlite_demo_sql(rows)).context("filling the demo's SQLite file")?;
+
+    let config_path = work.join("demo.toml");
+    let url = format!("sqlite://{}", file.display());
+    write_config(&config_path, "sqlite", &url, &target.url("postgres"), &work.join("state"), "")?;
+    println!("copying it (a SQLite source is copied once, in one read transaction)");
+    let started = Instant::now();
+    crate::pipeline::run(&Config::load(&config_path)?, std::future::pending()).await?;
+    let figures = figures(started.elapsed());
+
+    // Verification across dialects: every row of every table read back from both
+    // sides, the SQLite values put in PostgreSQL's text form by the copy's own rule.
+    let pg = postgres_client(&target.url("postgres")).await?;
+    let mut reports = Vec::new();
+    for table in ["customers", "orders"] {
+        let (source_rows, source_checksum) = sqlite_digest(&db, table)?;
+        let (target_rows, target_checksum) = postgres_digest(&pg, &db, table).await?;
+        reports.push(crate::verify::TableReport {
+            table: format!("public.{table}"),
+            source_rows,
+            target_rows,
+            source_checksum,
+            target_checksum,
+        });
+    }
+    println!();
+    finish(&reports, "one-shot copy", &format!("{}\n", figures.lines().next().unwrap_or_default()))
+}
+
+/// The declared types of a SQLite table's columns, mapped as the copy maps them.
+fn sqlite_types(db: &rusqlite::Connection, table: &str) -> anyhow::Result<Vec<crate::schema::sqlite::SqliteType>> {
+    let declared: Vec<String> = db
+        .prepare("SELECT type FROM pragma_table_info(?1) ORDER BY cid")?
+        .query_map([table], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(declared.iter().map(|d| crate::schema::sqlite::map_declared(d)).collect())
+}
+
+/// One value as both sides print it, so equal values compare equal: `t`/`true`,
+/// `7`/`7.00`, float and JSON spellings.
+fn canonical(kind: crate::schema::sqlite::SqliteType, value: Option<String>) -> Option<String> {
+    use crate::schema::sqlite::SqliteType;
+    let value = value?;
+    Some(match kind {
+        SqliteType::Boolean => (value == "t" || value == "true").to_string(),
+        SqliteType::Double => value.parse::<f64>().map(|f| format!("{f:?}")).unwrap_or(value),
+        SqliteType::Jsonb => serde_json::from_str::<serde_json::Value>(&value).map(|v| v.to_string()).unwrap_or(value),
+        SqliteType::Numeric(_) if value.contains('.') => value.trim_end_matches('0').trim_end_matches('.').to_string(),
+        _ => value,
+    })
+}
+
+/// Row count and an order-independent digest (the sum of the rows' hashes).
+#[derive(Default)]
+struct RowDigest {
+    rows: i64,
+    sum: u64,
+}
+
+impl RowDigest {
+    fn add(&mut self, row: &[Option<String>]) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        row.hash(&mut hasher);
+        self.rows += 1;
+        self.sum = self.sum.wrapping_add(hasher.finish());
+    }
+
+    fn finish(self) -> (i64, String) {
+        (self.rows, format!("{:016x}", self.sum))
+    }
+}
+
+/// A SQLite table's rows, each value put in PostgreSQL's text form by the copy's own rule.
+fn sqlite_digest(db: &rusqlite::Connection, table: &str) -> anyhow::Result<(i64, String)> {
+    use crate::schema::sqlite::{encode, Stored};
+    let types = sqlite_types(db, table)?;
+    let mut statement = db.prepare(&format!("SELECT * FROM {}", crate::schema::quote_ident(table)))?;
+    let mut rows = statement.query([])?;
+    let mut digest = RowDigest::default();
+    while let Some(row) = rows.next()? {
+        let mut values = Vec::with_capacity(types.len());
+        for (i, kind) in types.iter().enumerate() {
+            let stored = match row.get_ref(i)? {
+                rusqlite::types::ValueRef::Null => Stored::Null,
+                rusqlite::types::ValueRef::Integer(v) => Stored::Integer(v),
+                rusqlite::types::ValueRef::Real(v) => Stored::Real(v),
+                rusqlite::types::ValueRef::Text(v) => Stored::Text(v),
+                rusqlite::types::ValueRef::Blob(v) => Stored::Blob(v),
+            };
+            values.push(canonical(*kind, encode(*kind, stored)?));
+        }
+        digest.add(&values);
+    }
+    Ok(digest.finish())
+}
+
+/// The same digest over the target's table, read back as PostgreSQL prints it.
+async fn postgres_digest(
+    pg: &tokio_postgres::Client,
+    db: &rusqlite::Connection,
+    table: &str,
+) -> anyhow::Result<(i64, String)> {
+    use crate::schema::sqlite::SqliteType;
+    let types = sqlite_types(db, table)?;
+    let names: Vec<String> = db
+        .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?
+        .query_map([table], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let select: Vec<String> = names
+        .iter()
+        .zip(&types)
+        .map(|(name, kind)| {
+            let column = crate::schema::quote_ident(name);
+            match kind {
+                SqliteType::Bytea => format!("'\\x' || encode({column}, 'hex')"),
+                SqliteType::Timestamp => format!("to_char({column}, 'YYYY-MM-DD HH24:MI:SS.US')"),
+                _ => format!("{column}::text"),
+            }
+        })
+        .collect();
+    let sql = format!("SELECT {} FROM public.{}", select.join(", "), crate::schema::quote_ident(table));
+    let mut digest = RowDigest::default();
+    for row in pg.query(&sql, &[]).await? {
+        let values: Vec<Option<String>> =
+            types.iter().enumerate().map(|(i, kind)| canonical(*kind, row.get(i))).collect();
+        digest.add(&values);
+    }
+    Ok(digest.finish())
 }

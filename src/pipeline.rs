@@ -54,6 +54,11 @@ pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dy
             let params = MysqlParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
             Box::new(MysqlSource::connect(params, config.table_filter(), &config.name).await?)
         }
+        SourceKind::Sqlite => {
+            let path = crate::source::sqlite::path_from_url(config.source.url.expose()).context("[source] url")?;
+            let on_mismatch = config.source.on_type_mismatch.unwrap_or_default();
+            Box::new(crate::source::sqlite::SqliteSource::open(path, config.table_filter(), on_mismatch)?)
+        }
     };
     let sink: Box<dyn Sink> = match config.target.kind {
         TargetKind::Postgres => {

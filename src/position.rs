@@ -44,6 +44,8 @@ pub enum Position {
     Lsn(Lsn),
     /// MySQL / MariaDB: a binlog coordinate.
     Binlog(BinlogPosition),
+    /// A one-shot copy of a source without a change log (SQLite): nothing to stream from.
+    Snapshot,
 }
 
 /// A binlog file and the offset of the next event in it, with the GTID state
@@ -106,7 +108,7 @@ impl Position {
     pub fn lsn(&self) -> Option<Lsn> {
         match self {
             Position::Lsn(lsn) => Some(*lsn),
-            Position::Binlog { .. } => None,
+            Position::Binlog { .. } | Position::Snapshot => None,
         }
     }
 }
@@ -115,6 +117,7 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Lsn(lsn) => write!(f, "lsn:{lsn}"),
+            Position::Snapshot => f.write_str("snapshot"),
             Position::Binlog(BinlogPosition { file, gtid: Some(gtid), .. }) if file.is_empty() => {
                 write!(f, "gtid:{gtid}")
             }
@@ -129,6 +132,7 @@ impl FromStr for Position {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once(':') {
+            None if s == "snapshot" => Ok(Position::Snapshot),
             Some(("lsn", rest)) => Ok(Position::Lsn(rest.parse()?)),
             // A MariaDB GTID state alone: the binlog is found by it.
             Some(("gtid", state)) => {
@@ -243,8 +247,8 @@ pub fn format_rfc3339(time: SystemTime) -> String {
     )
 }
 
-/// Days from 1970-01-01 to a proleptic Gregorian date.
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+/// (year, month, day) → days since 1970-01-01, proleptic Gregorian.
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);

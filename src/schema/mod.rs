@@ -5,7 +5,9 @@
 //! catalog prints them); the PostgreSQL sink turns them into DDL.
 
 pub mod mysql;
+pub mod mysql_target;
 pub mod postgres;
+pub mod sqlite;
 
 use crate::change::{TableName, TableSchema};
 
@@ -22,6 +24,23 @@ pub fn quote_literal(text: &str) -> String {
 /// `"schema"."name"`.
 pub fn quote_table(name: &TableName) -> String {
     format!("{}.{}", quote_ident(&name.schema), quote_ident(&name.name))
+}
+
+/// Appends one value to a PostgreSQL text-`COPY` row (escaped; NULL as `\N`).
+pub fn push_copy_field(row: &mut Vec<u8>, value: Option<&str>) {
+    let Some(value) = value else {
+        row.extend_from_slice(b"\\N");
+        return;
+    };
+    for &byte in value.as_bytes() {
+        match byte {
+            b'\\' => row.extend_from_slice(b"\\\\"),
+            b'\t' => row.extend_from_slice(b"\\t"),
+            b'\n' => row.extend_from_slice(b"\\n"),
+            b'\r' => row.extend_from_slice(b"\\r"),
+            other => row.push(other),
+        }
+    }
 }
 
 /// Everything the source knows about the objects it replicates.
@@ -87,4 +106,15 @@ pub struct Sequence {
     /// The column that owns it (`serial`); `identity` when it belongs to an identity column.
     pub owned_by: Option<(TableName, String)>,
     pub identity: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn copy_fields_escape_and_mark_null() {
+        let mut row = Vec::new();
+        super::push_copy_field(&mut row, Some("a\tb\\c\n"));
+        super::push_copy_field(&mut row, None);
+        assert_eq!(row, b"a\\tb\\\\c\\n\\N");
+    }
 }

@@ -327,23 +327,6 @@ pub fn encode_binlog(encoding: &Encoding, value: BinlogValue<'_>) -> Result<Opti
     })
 }
 
-/// Appends one value to a PostgreSQL text-`COPY` row (escaped; NULL as `\N`).
-pub fn push_copy_field(row: &mut Vec<u8>, value: Option<&str>) {
-    let Some(value) = value else {
-        row.extend_from_slice(b"\\N");
-        return;
-    };
-    for &byte in value.as_bytes() {
-        match byte {
-            b'\\' => row.extend_from_slice(b"\\\\"),
-            b'\t' => row.extend_from_slice(b"\\t"),
-            b'\n' => row.extend_from_slice(b"\\n"),
-            b'\r' => row.extend_from_slice(b"\\r"),
-            other => row.push(other),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,9 +396,5 @@ mod tests {
             bin(Encoding::DateTime, MysqlValue::Date(1999, 12, 31, 23, 59, 59, 5)),
             Some("1999-12-31 23:59:59.000005".into())
         );
-        let mut row = Vec::new();
-        push_copy_field(&mut row, Some("a\tb\\c\n"));
-        push_copy_field(&mut row, None);
-        assert_eq!(row, b"a\\tb\\\\c\\n\\N");
     }
 }

@@ -591,7 +591,7 @@ impl Sink for PostgresSink {
         // databases) and is documented as less portable across major versions.
         match source {
             Dialect::Postgres { major } if major == self.major && !table.has_user_types => CopyFormat::PostgresBinary,
-            Dialect::Postgres { .. } | Dialect::Mysql => CopyFormat::PostgresText,
+            Dialect::Postgres { .. } | Dialect::Mysql | Dialect::Sqlite => CopyFormat::PostgresText,
         }
     }
 

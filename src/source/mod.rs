@@ -7,6 +7,7 @@
 
 pub mod mysql;
 pub mod postgres;
+pub mod sqlite;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -29,6 +30,8 @@ pub enum Dialect {
     },
     /// MySQL or MariaDB: values in MySQL's text form, rewritten for the target.
     Mysql,
+    /// SQLite: values checked against their declared types on the way.
+    Sqlite,
 }
 
 /// A pinned snapshot: its rows are the source exactly as of `position`.

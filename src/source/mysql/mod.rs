@@ -31,8 +31,8 @@ use crate::checkpoint::PipelineIdentity;
 use crate::config::{Endpoint, TableFilter};
 use crate::position::{GtidSet, Position};
 use crate::preflight::Finding;
-use crate::schema::mysql::{encode, push_copy_field, Encoding};
-use crate::schema::{SourceSchema, TableDefinition};
+use crate::schema::mysql::{encode, Encoding};
+use crate::schema::{push_copy_field, SourceSchema, TableDefinition};
 
 /// How to reach the server, from a `mysql://` URL.
 #[derive(Clone)]
