@@ -48,6 +48,17 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run each `;`-separated query on source and target: median times and whether the results agree.
+    CompareQueries {
+        #[arg(long)]
+        config: PathBuf,
+        /// A file of SQL queries separated by `;`.
+        #[arg(long)]
+        queries: PathBuf,
+        /// How many times each query runs on each side.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Throwaway source and target, a live write load, snapshot then streaming, then verification.
     Demo {
         /// Where the demo's data comes from.

@@ -56,6 +56,7 @@ pub enum OnTypeMismatch {
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
     Postgres,
+    Mysql,
 }
 
 /// `[source]`

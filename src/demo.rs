@@ -485,7 +485,7 @@ fn canonical(kind: crate::schema::sqlite::SqliteType, value: Option<String>) -> 
     Some(match kind {
         SqliteType::Boolean => (value == "t" || value == "true").to_string(),
         SqliteType::Double => value.parse::<f64>().map(|f| format!("{f:?}")).unwrap_or(value),
-        SqliteType::Jsonb => serde_json::from_str::<serde_json::Value>(&value).map(|v| v.to_string()).unwrap_or(value),
+        SqliteType::Jsonb => crate::compare::canonical(&value),
         SqliteType::Numeric(_) if value.contains('.') => value.trim_end_matches('0').trim_end_matches('.').to_string(),
         _ => value,
     })

@@ -6,6 +6,7 @@ pub mod change;
 pub mod checkpoint;
 pub mod cleanup;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod demo;
 pub mod metrics;

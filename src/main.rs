@@ -69,6 +69,17 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cutover::verify::render(&reports));
             Ok(if reports.iter().all(|r| r.matches()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::CompareQueries { config, queries, runs } => {
+            let config = Config::load(&config)?;
+            let text = std::fs::read_to_string(&queries)
+                .map_err(|e| anyhow::anyhow!("cannot read the queries file {}: {e}", queries.display()))?;
+            let path = queries;
+            let queries = cutover::compare::split_queries(&text);
+            anyhow::ensure!(!queries.is_empty(), "{} holds no query", path.display());
+            let reports = cutover::compare::compare(&config, &queries, runs).await?;
+            print!("{}", cutover::compare::render(&reports));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { source, scale, seconds } => {
             cutover::demo::run(source, scale, seconds).await?;
             Ok(ExitCode::SUCCESS)

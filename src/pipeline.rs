@@ -65,6 +65,15 @@ pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dy
             let params = ConnectParams::from_endpoint(config.target.endpoint()).context("[target] url")?;
             Box::new(PostgresSink::connect(params, &config.name).await?)
         }
+        TargetKind::Mysql => {
+            let params = MysqlParams::from_endpoint(config.target.endpoint()).context("[target] url")?;
+            // A MySQL source's database lands in the target URL's database, as PostgreSQL's `public` does.
+            let home = match config.source.kind {
+                SourceKind::Mysql => MysqlParams::from_endpoint(config.source.endpoint())?.database,
+                _ => "public".to_string(),
+            };
+            Box::new(crate::sink::mysql::MysqlSink::connect(params, &config.name, &home).await?)
+        }
     };
     Ok((source, sink))
 }

@@ -69,10 +69,9 @@ pub async fn schema_digests(
 
 /// Compares every selected table.
 pub async fn verify(config: &Config) -> anyhow::Result<Vec<TableReport>> {
-    if config.source.kind != SourceKind::Postgres {
-        anyhow::bail!("verify compares PostgreSQL sources only so far; across dialects it is not built yet");
+    if config.source.kind != SourceKind::Postgres || config.target.kind != TargetKind::Postgres {
+        anyhow::bail!("verify compares PostgreSQL with PostgreSQL only so far; across dialects it is not built yet");
     }
-    let TargetKind::Postgres = config.target.kind;
     let source_params = ConnectParams::from_endpoint(config.source.endpoint())?;
     let target = ConnectParams::from_endpoint(config.target.endpoint())?.connect().await?;
     let source_client = source_params.connect().await?;

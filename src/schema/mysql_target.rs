@@ -134,9 +134,10 @@ impl Conversion {
     pub fn apply(self, text: &str) -> Result<Vec<u8>, String> {
         match self {
             Conversion::Same => Ok(text.as_bytes().to_vec()),
-            Conversion::Boolean => match text {
-                "t" | "true" => Ok(b"1".to_vec()),
-                "f" | "false" => Ok(b"0".to_vec()),
+            // Every spelling PostgreSQL's boolean input takes (a MySQL source sends 1 and 0).
+            Conversion::Boolean => match text.trim().to_ascii_lowercase().as_str() {
+                "t" | "true" | "1" | "y" | "yes" | "on" => Ok(b"1".to_vec()),
+                "f" | "false" | "0" | "n" | "no" | "off" => Ok(b"0".to_vec()),
                 other => Err(format!("`{other}` is not a boolean")),
             },
             Conversion::Bytes => {

@@ -5,6 +5,7 @@
 //! transactions that end only on source transaction boundaries, each carrying
 //! the source position it reaches (the exactly-once marker).
 
+pub mod mysql;
 pub mod postgres;
 
 use std::time::SystemTime;

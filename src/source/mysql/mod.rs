@@ -71,6 +71,12 @@ impl MysqlParams {
         })
     }
 
+    /// The same server, with no database selected (a target's database may not exist yet).
+    pub fn server_only(&self) -> MysqlParams {
+        let opts = mysql_async::OptsBuilder::from_opts(self.opts.clone()).db_name(None::<String>);
+        MysqlParams { opts: opts.into(), ..self.clone() }
+    }
+
     /// A connection in UTC with utf8mb4, as every cutover session uses.
     pub async fn connect(&self) -> anyhow::Result<mysql_async::Conn> {
         use std::sync::atomic::Ordering;

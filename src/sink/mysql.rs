@@ -1,0 +1,824 @@
+//! MySQL / MariaDB as a target.
+//!
+//! Tables are created from the (PostgreSQL-dialect) definitions with
+//! [`crate::schema::mysql_target`]'s mapping; a PostgreSQL schema `public` (and a
+//! MySQL source's own database) lands in the target URL's database, any other
+//! schema in a database of its name. Copies arrive as PostgreSQL text `COPY` and
+//! are rewritten on the fly into `LOAD DATA LOCAL INFILE` rows; streamed changes
+//! are applied with `INSERT … ON DUPLICATE KEY UPDATE` and deletes by key, in
+//! transactions that record the source position in `cutover.progress` before
+//! they commit: exactly once, as on PostgreSQL.
+//!
+//! `LOAD DATA LOCAL` turns data errors into warnings (the server cannot stop the
+//! client mid-file), so every load checks its warnings and fails on any: a value
+//! is never silently changed. DDL commits implicitly in MySQL, so an `ADD COLUMN`
+//! from the stream is applied between target transactions, idempotently.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use mysql_async::prelude::Queryable;
+
+use super::{Sink, TableWriter};
+use crate::change::{Change, Identity, TableName, TableSchema, Value};
+use crate::position::Position;
+use crate::preflight::Finding;
+use crate::schema::mysql_target::{map_type, quote_ident, shorten, Conversion, CopyToLoadData};
+use crate::schema::{SourceSchema, TableDefinition};
+use crate::source::mysql::MysqlParams;
+use crate::source::{CopyFormat, CopyStream, Dialect};
+
+/// Session settings for every target connection: UTC, strict (a value that does
+/// not fit is an error), explicit zeros kept in auto-increment columns.
+const SESSION: &str = "SET time_zone = '+00:00', NAMES utf8mb4, \
+     sql_mode = 'STRICT_ALL_TABLES,NO_AUTO_VALUE_ON_ZERO,NO_ENGINE_SUBSTITUTION'";
+
+/// Where each pipeline's applied position is recorded, in the same transactions as its rows.
+const PROGRESS: &str = "`cutover`.`progress`";
+
+/// Rows per multi-row `INSERT` while streaming.
+const INSERT_BATCH: usize = 500;
+
+/// A MySQL or MariaDB database as the target.
+pub struct MysqlSink {
+    params: MysqlParams,
+    conn: mysql_async::Conn,
+    pipeline: String,
+    /// The source schema that lands in the URL's database besides `public`.
+    home_schema: String,
+    /// Target columns of the tables changes were applied to, by source table.
+    tables: HashMap<TableName, Arc<TargetTable>>,
+    open: bool,
+}
+
+/// Where a source table lives on the target and how its values convert.
+struct TargetTable {
+    /// `` `db`.`table` ``.
+    qualified: String,
+    /// The source's column count this was built for (a Relation may add columns).
+    columns: usize,
+    conversions: Vec<Conversion>,
+}
+
+impl MysqlSink {
+    /// Connects to the target; `home_schema` is the source schema that maps to the
+    /// URL's database (PostgreSQL `public` always does).
+    pub async fn connect(params: MysqlParams, pipeline: &str, home_schema: &str) -> anyhow::Result<MysqlSink> {
+        // Every statement names its database: connect to the server, and create the
+        // URL's database when it is missing.
+        let params = params.server_only();
+        let mut conn = params.connect().await.context("[target]")?;
+        conn.query_drop(SESSION).await.context("setting up the target session")?;
+        conn.query_drop(format!(
+            "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4",
+            quote_ident(&params.database)
+        ))
+        .await
+        .with_context(|| format!("creating database {} on the target", params.database))?;
+        // Created here, outside any transaction: MySQL DDL would commit an open one.
+        for sql in [
+            "CREATE DATABASE IF NOT EXISTS `cutover` CHARACTER SET utf8mb4".to_string(),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {PROGRESS} (pipeline varchar(200) PRIMARY KEY, position text NOT NULL, \
+                 commit_time datetime(6))"
+            ),
+        ] {
+            conn.query_drop(sql).await.context("creating cutover.progress on the target")?;
+        }
+        Ok(MysqlSink {
+            params,
+            conn,
+            pipeline: format!("cutover_{pipeline}"),
+            home_schema: home_schema.to_string(),
+            tables: HashMap::new(),
+            open: false,
+        })
+    }
+
+    fn database(&self, schema: &str) -> String {
+        database_for(&self.params.database, &self.home_schema, schema)
+    }
+
+    fn qualified(&self, table: &TableName) -> String {
+        format!("{}.{}", quote_ident(&self.database(&table.schema)), quote_ident(&table.name))
+    }
+
+    /// The target table for a source table's schema, reading its column types once.
+    async fn target(&mut self, table: &TableSchema) -> anyhow::Result<Arc<TargetTable>> {
+        if let Some(known) = self.tables.get(&table.name).filter(|t| t.columns == table.columns.len()) {
+            return Ok(known.clone());
+        }
+        let database = self.database(&table.name.schema);
+        let types = column_types(&mut self.conn, &database, &table.name.name).await?;
+        let conversions = table
+            .columns
+            .iter()
+            .map(|c| {
+                let target = types.get(&c.name).map(String::as_str).unwrap_or("longtext");
+                Conversion::between(&c.type_name, target)
+            })
+            .collect();
+        let target =
+            Arc::new(TargetTable { qualified: self.qualified(&table.name), columns: table.columns.len(), conversions });
+        self.tables.insert(table.name.clone(), target.clone());
+        Ok(target)
+    }
+
+    /// Adds the columns a `Relation` shows that the target table lacks. DDL commits
+    /// in MySQL: the open transaction is committed first (it holds whole source
+    /// transactions only up to here; a replay re-applies them idempotently).
+    async fn add_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
+        let database = self.database(&table.name.schema);
+        let existing = column_types(&mut self.conn, &database, &table.name.name).await?;
+        let missing: Vec<String> = table
+            .columns
+            .iter()
+            .filter(|c| !existing.contains_key(&c.name))
+            .map(|c| format!("ADD COLUMN {} {}", quote_ident(&c.name), map_type(&c.type_name, None).0))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let sql = format!("ALTER TABLE {} {}", self.qualified(&table.name), missing.join(", "));
+        self.conn.query_drop(&sql).await.with_context(|| format!("applying `{sql}` on the target"))?;
+        if self.open {
+            self.conn.query_drop("START TRANSACTION").await.context("reopening the target transaction")?;
+        }
+        self.tables.remove(&table.name);
+        Ok(())
+    }
+
+    async fn apply_one(&mut self, change: &Change) -> anyhow::Result<()> {
+        match change {
+            Change::Relation(table) => self.add_columns(table).await,
+            Change::Truncate { tables, .. } => {
+                // DELETE, not TRUNCATE: TRUNCATE would commit the open transaction.
+                for table in tables {
+                    let sql = format!("DELETE FROM {}", self.qualified(&table.name));
+                    self.conn.query_drop(&sql).await.with_context(|| format!("applying {sql} on the target"))?;
+                }
+                Ok(())
+            }
+            Change::Insert { table, row } => self.upsert(table, &[row.as_slice()]).await,
+            Change::Update { table, old, new } => {
+                let key = table.key_indexes();
+                if table.identity != Identity::Key {
+                    let old = old.as_deref().with_context(|| {
+                        format!("an update of {} without its old row (a table without a key)", table.name)
+                    })?;
+                    return self.by_full_row(table, old, Some(new)).await;
+                }
+                if let Some(old) = old {
+                    if key.iter().any(|&k| old.get(k) != new.get(k)) {
+                        self.delete_by_key(table, old).await?;
+                    }
+                }
+                if new.contains(&Value::Unchanged) {
+                    self.update_known(table, new).await
+                } else {
+                    self.upsert(table, &[new.as_slice()]).await
+                }
+            }
+            Change::Delete { table, old } => match table.identity {
+                Identity::Key => self.delete_by_key(table, old).await,
+                _ => self.by_full_row(table, old, None).await,
+            },
+        }
+    }
+
+    /// `INSERT … ON DUPLICATE KEY UPDATE` (plain `INSERT` for a table without a key).
+    async fn upsert(&mut self, table: &TableSchema, rows: &[&[Value]]) -> anyhow::Result<()> {
+        let target = self.target(table).await?;
+        let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let one = format!("({})", vec!["?"; columns.len()].join(", "));
+        let mut sql = format!(
+            "INSERT INTO {} ({}) VALUES {}",
+            target.qualified,
+            columns.join(", "),
+            vec![one; rows.len()].join(", ")
+        );
+        if table.identity == Identity::Key {
+            let updates: Vec<String> = columns.iter().map(|c| format!("{c} = VALUES({c})")).collect();
+            sql.push_str(&format!(" ON DUPLICATE KEY UPDATE {}", updates.join(", ")));
+        }
+        let mut params = Vec::with_capacity(rows.len() * columns.len());
+        for row in rows {
+            for (i, value) in row.iter().enumerate() {
+                params.push(param(table, &target, i, value)?);
+            }
+        }
+        self.conn
+            .exec_drop(&sql, params)
+            .await
+            .with_context(|| format!("applying an insert into {} on the target", table.name))
+    }
+
+    /// An update that leaves some columns as the target has them.
+    async fn update_known(&mut self, table: &TableSchema, new: &[Value]) -> anyhow::Result<()> {
+        let target = self.target(table).await?;
+        let (mut sets, mut params) = (Vec::new(), Vec::new());
+        for (i, (column, value)) in table.columns.iter().zip(new).enumerate() {
+            if value != &Value::Unchanged && !column.is_key {
+                sets.push(format!("{} = ?", quote_ident(&column.name)));
+                params.push(param(table, &target, i, value)?);
+            }
+        }
+        let (predicate, key_params) = key_predicate(table, &target, new)?;
+        params.extend(key_params);
+        let sql = format!("UPDATE {} SET {} WHERE {predicate}", target.qualified, sets.join(", "));
+        self.conn
+            .exec_drop(&sql, params)
+            .await
+            .with_context(|| format!("applying an update of {} on the target", table.name))
+    }
+
+    async fn delete_by_key(&mut self, table: &TableSchema, old: &[Value]) -> anyhow::Result<()> {
+        let target = self.target(table).await?;
+        let (predicate, params) = key_predicate(table, &target, old)?;
+        let sql = format!("DELETE FROM {} WHERE {predicate}", target.qualified);
+        self.conn
+            .exec_drop(&sql, params)
+            .await
+            .with_context(|| format!("applying a delete from {} on the target", table.name))
+    }
+
+    /// An update or delete of a table without a key: one row matching every old value.
+    async fn by_full_row(&mut self, table: &TableSchema, old: &[Value], new: Option<&[Value]>) -> anyhow::Result<()> {
+        let target = self.target(table).await?;
+        let mut params = Vec::new();
+        let mut sets = Vec::new();
+        if let Some(new) = new {
+            for (i, (column, value)) in table.columns.iter().zip(new).enumerate() {
+                if value != &Value::Unchanged {
+                    sets.push(format!("{} = ?", quote_ident(&column.name)));
+                    params.push(param(table, &target, i, value)?);
+                }
+            }
+        }
+        let mut predicates = Vec::new();
+        for (i, (column, value)) in table.columns.iter().zip(old).enumerate() {
+            if value != &Value::Unchanged {
+                predicates.push(format!("{} <=> ?", quote_ident(&column.name)));
+                params.push(param(table, &target, i, value)?);
+            }
+        }
+        let sql = match new {
+            Some(_) => format!(
+                "UPDATE {} SET {} WHERE {} LIMIT 1",
+                target.qualified,
+                sets.join(", "),
+                predicates.join(" AND ")
+            ),
+            None => format!("DELETE FROM {} WHERE {} LIMIT 1", target.qualified, predicates.join(" AND ")),
+        };
+        self.conn
+            .exec_drop(&sql, params)
+            .await
+            .with_context(|| format!("applying a change to {} on the target", table.name))?;
+        if self.conn.affected_rows() == 0 {
+            anyhow::bail!(
+                "{} on the target has no row equal to the source's old row: the target has drifted from the source; \
+                 cutover stopped at its last checkpoint. Compare the table (cutover verify) and copy it again",
+                table.name
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Source schema → target database.
+fn database_for(url_database: &str, home_schema: &str, schema: &str) -> String {
+    match schema == "public" || schema == home_schema {
+        true => url_database.to_string(),
+        false => schema.to_string(),
+    }
+}
+
+/// A change's value as a statement parameter, converted for the target column.
+fn param(table: &TableSchema, target: &TargetTable, i: usize, value: &Value) -> anyhow::Result<mysql_async::Value> {
+    match value {
+        Value::Null | Value::Unchanged => Ok(mysql_async::Value::NULL),
+        Value::Text(text) => {
+            let conversion = target.conversions.get(i).copied().unwrap_or(Conversion::Same);
+            conversion.apply(text).map(mysql_async::Value::Bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}, column {}: {e} (value `{}`); cutover stopped at its last checkpoint",
+                    table.name,
+                    table.columns.get(i).map(|c| c.name.as_str()).unwrap_or("?"),
+                    shorten(text)
+                )
+            })
+        }
+    }
+}
+
+/// `` `k1` = ? AND `k2` = ? `` and its parameters, from a row's key columns.
+fn key_predicate(
+    table: &TableSchema,
+    target: &TargetTable,
+    row: &[Value],
+) -> anyhow::Result<(String, Vec<mysql_async::Value>)> {
+    let key = table.key_indexes();
+    let mut predicates = Vec::with_capacity(key.len());
+    let mut params = Vec::with_capacity(key.len());
+    for k in key {
+        predicates.push(format!("{} = ?", quote_ident(&table.columns[k].name)));
+        params.push(param(table, target, k, row.get(k).unwrap_or(&Value::Null))?);
+    }
+    Ok((predicates.join(" AND "), params))
+}
+
+/// `COLUMN_NAME` → `DATA_TYPE` of a target table.
+async fn column_types(
+    conn: &mut mysql_async::Conn,
+    database: &str,
+    table: &str,
+) -> anyhow::Result<HashMap<String, String>> {
+    let rows: Vec<(String, String)> = conn
+        .exec(
+            "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+            (database, table),
+        )
+        .await
+        .with_context(|| format!("reading the columns of {database}.{table} on the target"))?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The names inside the first parentheses of a definition (`UNIQUE ("a", b)`),
+/// unquoted; `None` when one is an expression.
+fn column_list(definition: &str) -> Option<Vec<String>> {
+    let open = definition.find('(')?;
+    let inner = &definition[open + 1..];
+    let close = inner.find(')')?;
+    // A nested parenthesis is a function call: an expression, not a column list.
+    if inner[..close].contains('(') {
+        return None;
+    }
+    let mut columns = Vec::new();
+    for part in inner[..close].split(',') {
+        let part = part.trim();
+        let name = match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None if !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+                part.to_string()
+            }
+            None => return None,
+        };
+        columns.push(name);
+    }
+    Some(columns)
+}
+
+/// Secondary indexes and unique constraints of a table as MySQL `ADD …` clauses;
+/// what cannot be expressed (expressions, CHECK, EXCLUDE) is logged and left out.
+fn index_clauses(table: &TableDefinition) -> Vec<String> {
+    let list = |cols: &[String]| cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    let mut clauses = Vec::new();
+    for (name, definition) in &table.constraints {
+        match (definition.trim_start().starts_with("UNIQUE"), column_list(definition)) {
+            (true, Some(cols)) => clauses.push(format!("ADD UNIQUE KEY {} ({})", quote_ident(name), list(&cols))),
+            _ => {
+                tracing::warn!(table = %table.schema.name, constraint = name, definition, "constraint not recreated on MySQL")
+            }
+        }
+    }
+    for statement in &table.indexes {
+        let upper = statement.to_ascii_uppercase();
+        let name = statement
+            .split_whitespace()
+            .skip_while(|w| !w.eq_ignore_ascii_case("INDEX"))
+            .nth(1)
+            .map(|n| n.trim_matches('"').replace("\"\"", "\""));
+        let simple = !upper.contains(" WHERE ") && !upper.contains("USING GIN") && !upper.contains("USING GIST");
+        // The column list follows the table name: look after ` ON `.
+        let columns = upper.find(" ON ").and_then(|on| column_list(&statement[on..]));
+        match (name, columns.filter(|_| simple)) {
+            (Some(name), Some(cols)) => clauses.push(format!(
+                "ADD {}INDEX {} ({})",
+                if upper.starts_with("CREATE UNIQUE") { "UNIQUE " } else { "" },
+                quote_ident(&name),
+                list(&cols)
+            )),
+            _ => tracing::warn!(table = %table.schema.name, statement, "index not recreated on MySQL"),
+        }
+    }
+    clauses
+}
+
+/// `FOREIGN KEY (a) REFERENCES s.t(b) ON DELETE CASCADE` → the MySQL clause.
+fn foreign_key_clause(name: &str, definition: &str, database: impl Fn(&str) -> String) -> Option<String> {
+    let upper = definition.to_ascii_uppercase();
+    let references = upper.find("REFERENCES")?;
+    let from = column_list(&definition[..references])?;
+    let rest = definition[references + "REFERENCES".len()..].trim_start();
+    let open = rest.find('(')?;
+    let target = rest[..open].trim();
+    let (schema, table) = match target.rsplit_once('.') {
+        Some((schema, table)) => (schema.trim_matches('"').to_string(), table.trim_matches('"').to_string()),
+        None => ("public".to_string(), target.trim_matches('"').to_string()),
+    };
+    let close = open + rest[open..].find(')')?;
+    let to = column_list(&rest[..=close])?;
+    let actions: String = ["ON DELETE", "ON UPDATE"]
+        .iter()
+        .filter_map(|event| {
+            let at = upper[references..].find(event)? + references + event.len();
+            let action = ["CASCADE", "SET NULL", "RESTRICT", "NO ACTION"]
+                .into_iter()
+                .find(|a| upper[at..].trim_start().starts_with(a))?;
+            Some(format!(" {event} {action}"))
+        })
+        .collect();
+    let list = |cols: &[String]| cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+    Some(format!(
+        "ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {}.{} ({}){actions}",
+        quote_ident(name),
+        list(&from),
+        quote_ident(&database(&schema)),
+        quote_ident(&table),
+        list(&to)
+    ))
+}
+
+/// The enum labels a column's type names, if it is one of the schema's enum types.
+fn enum_labels<'a>(schema: &'a SourceSchema, type_name: &str) -> Option<&'a [String]> {
+    let bare = |s: &str| s.replace('"', "");
+    schema
+        .enums
+        .iter()
+        .find(|e| {
+            let t = bare(type_name);
+            t == format!("{}.{}", e.name.schema, e.name.name) || t == e.name.name
+        })
+        .map(|e| e.labels.as_slice())
+}
+
+/// `CREATE TABLE` for MySQL: mapped types, NOT NULL, the primary key. Columns in
+/// a key or index get a type an index can hold (`varchar(255)` for text).
+fn create_table(schema: &SourceSchema, table: &TableDefinition, qualified: &str) -> String {
+    let mut indexed: Vec<String> = table.schema.columns.iter().filter(|c| c.is_key).map(|c| c.name.clone()).collect();
+    for definition in table.constraints.iter().map(|(_, d)| d).chain(&table.indexes) {
+        indexed.extend(column_list(definition).unwrap_or_default());
+    }
+    let key: Vec<String> = table.schema.columns.iter().filter(|c| c.is_key).map(|c| quote_ident(&c.name)).collect();
+    let mut lines: Vec<String> = table
+        .schema
+        .columns
+        .iter()
+        .zip(&table.columns)
+        .map(|(column, definition)| {
+            let (mut mapped, _) = map_type(&column.type_name, enum_labels(schema, &column.type_name));
+            if indexed.contains(&column.name) {
+                mapped = match mapped.as_str() {
+                    "longtext" => "varchar(255)".into(),
+                    "longblob" => "varbinary(255)".into(),
+                    _ => mapped,
+                };
+            }
+            let auto = definition.identity.is_some() && key.len() == 1 && column.is_key;
+            format!(
+                "{} {mapped}{}{}",
+                quote_ident(&column.name),
+                if definition.not_null || column.is_key { " NOT NULL" } else { "" },
+                if auto { " AUTO_INCREMENT" } else { "" }
+            )
+        })
+        .collect();
+    if !key.is_empty() {
+        lines.push(format!("PRIMARY KEY ({})", key.join(", ")));
+    }
+    format!("CREATE TABLE IF NOT EXISTS {qualified} (\n  {}\n) DEFAULT CHARSET = utf8mb4", lines.join(",\n  "))
+}
+
+#[async_trait]
+impl Sink for MysqlSink {
+    fn copy_format(&self, _table: &TableDefinition, _source: Dialect) -> CopyFormat {
+        CopyFormat::PostgresText
+    }
+
+    async fn preflight(&mut self, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
+        let mut findings = Vec::new();
+        let local_infile: Option<String> =
+            self.conn.query_first("SELECT CAST(@@local_infile AS CHAR)").await.context("reading local_infile")?;
+        if !matches!(local_infile.as_deref(), Some("1" | "ON")) {
+            findings.push(Finding::error(
+                "target",
+                format!("local_infile = {}", local_infile.unwrap_or_default()),
+                "ON (cutover bulk-loads with LOAD DATA LOCAL INFILE)",
+                "SET GLOBAL local_infile = ON; and local_infile = ON under [mysqld] in my.cnf".into(),
+            ));
+        }
+        let grants: Vec<String> = self.conn.query("SHOW GRANTS").await.context("SHOW GRANTS on the target")?;
+        let grants = grants.join("\n").to_uppercase();
+        if !grants.contains("ALL PRIVILEGES") {
+            for privilege in ["CREATE", "INSERT", "UPDATE", "DELETE", "ALTER", "INDEX", "REFERENCES"] {
+                if !grants.contains(privilege) {
+                    let user: Option<String> = self.conn.query_first("SELECT CURRENT_USER()").await?;
+                    findings.push(Finding::error(
+                        "target",
+                        format!("user {} lacks {privilege}", user.unwrap_or_default()),
+                        privilege,
+                        format!("GRANT {privilege} ON *.* TO the target user;"),
+                    ));
+                }
+            }
+        }
+        if copy_bytes > 0 {
+            findings.push(Finding::warning(
+                "target",
+                "free disk space cannot be read through MySQL".into(),
+                &format!(
+                    "about {} free for the snapshot (tables, indexes, redo and binlog)",
+                    crate::preflight::human_bytes(copy_bytes.saturating_mul(2))
+                ),
+                "check the free space on the target's datadir volume by hand".into(),
+            ));
+        }
+        Ok(findings)
+    }
+
+    async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {
+        let sql = format!("SELECT position FROM {PROGRESS} WHERE pipeline = ?");
+        match self.conn.exec_first::<String, _, _>(&sql, (&self.pipeline,)).await {
+            Ok(position) => position
+                .map(|p| p.parse().context("cutover.progress on the target holds a position cutover cannot read"))
+                .transpose(),
+            // 1146: no such table — nothing was applied yet.
+            Err(mysql_async::Error::Server(e)) if e.code == 1146 => Ok(None),
+            Err(e) => Err(e).context("reading cutover.progress on the target"),
+        }
+    }
+
+    async fn create_tables(
+        &mut self,
+        schema: &SourceSchema,
+        tables: &[&TableDefinition],
+        fresh: bool,
+    ) -> anyhow::Result<()> {
+        for table in tables {
+            let database = self.database(&table.schema.name.schema);
+            self.conn
+                .query_drop(format!("CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4", quote_ident(&database)))
+                .await
+                .with_context(|| format!("creating database {database} on the target"))?;
+            let qualified = self.qualified(&table.schema.name);
+            if fresh {
+                let has_rows: Option<u8> =
+                    match self.conn.query_first(format!("SELECT 1 FROM {qualified} LIMIT 1")).await {
+                        Ok(row) => row,
+                        Err(mysql_async::Error::Server(e)) if e.code == 1146 => None,
+                        Err(e) => return Err(e).with_context(|| format!("looking into {qualified} on the target")),
+                    };
+                if has_rows.is_some() {
+                    anyhow::bail!(
+                        "table {qualified} already holds rows on the target, and cutover never overwrites data it did not \
+                         write: empty or drop it, or set [snapshot] mode = \"never\" if the target already has the data"
+                    );
+                }
+            }
+            let sql = create_table(schema, table, &qualified);
+            self.conn.query_drop(&sql).await.with_context(|| format!("creating {qualified} on the target: {sql}"))?;
+        }
+        Ok(())
+    }
+
+    async fn table_writer(&self) -> anyhow::Result<Box<dyn TableWriter>> {
+        let mut conn = self.params.connect().await.context("[target]")?;
+        // Checks the load would repeat row by row; the keys are built after the data.
+        conn.query_drop(format!("{SESSION}, foreign_key_checks = 0, unique_checks = 0"))
+            .await
+            .context("setting up a target copy session")?;
+        Ok(Box::new(MysqlTableWriter {
+            conn,
+            url_database: self.params.database.clone(),
+            home_schema: self.home_schema.clone(),
+        }))
+    }
+
+    async fn finish_snapshot(&mut self, schema: &SourceSchema) -> anyhow::Result<()> {
+        for table in &schema.tables {
+            let qualified = self.qualified(&table.schema.name);
+            let (url, home) = (self.params.database.clone(), self.home_schema.clone());
+            for (name, definition) in &table.foreign_keys {
+                let Some(clause) = foreign_key_clause(name, definition, |s| database_for(&url, &home, s)) else {
+                    tracing::warn!(table = %table.schema.name, definition, "foreign key not recreated on MySQL");
+                    continue;
+                };
+                let exists: Option<u8> = self
+                    .conn
+                    .exec_first(
+                        "SELECT 1 FROM information_schema.TABLE_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ? \
+                         AND CONSTRAINT_NAME = ?",
+                        (self.database(&table.schema.name.schema), &table.schema.name.name, name),
+                    )
+                    .await
+                    .context("reading foreign keys on the target")?;
+                if exists.is_none() {
+                    let sql = format!("ALTER TABLE {qualified} {clause}");
+                    self.conn
+                        .query_drop(&sql)
+                        .await
+                        .with_context(|| format!("adding a foreign key on the target: {sql}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+        let sql = format!("DELETE FROM {PROGRESS} WHERE pipeline = ?");
+        match self.conn.exec_drop(&sql, (&self.pipeline,)).await {
+            Ok(()) => Ok(vec![format!("target: cutover.progress row {}", self.pipeline)]),
+            Err(mysql_async::Error::Server(e)) if e.code == 1146 => Ok(Vec::new()),
+            Err(e) => Err(e).context("cleaning cutover.progress on the target"),
+        }
+    }
+
+    async fn begin(&mut self) -> anyhow::Result<()> {
+        self.conn.query_drop("START TRANSACTION").await.context("opening a target transaction")?;
+        self.open = true;
+        Ok(())
+    }
+
+    async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+        let mut i = 0;
+        while i < changes.len() {
+            // Runs of inserts into one table go as multi-row statements.
+            if let Change::Insert { table, .. } = &changes[i] {
+                let run: Vec<&[Value]> = changes[i..]
+                    .iter()
+                    .take(INSERT_BATCH)
+                    .map_while(|c| match c {
+                        Change::Insert { table: t, row } if Arc::ptr_eq(t, table) || **t == **table => {
+                            Some(row.as_slice())
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let table = table.clone();
+                self.upsert(&table, &run).await?;
+                i += run.len();
+                continue;
+            }
+            self.apply_one(&changes[i]).await?;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()> {
+        let seconds = commit_time.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        self.conn
+            .exec_drop(
+                format!(
+                    "INSERT INTO {PROGRESS} (pipeline, position, commit_time) \
+                     VALUES (?, ?, FROM_UNIXTIME(?)) ON DUPLICATE KEY UPDATE position = VALUES(position), \
+                     commit_time = VALUES(commit_time)"
+                ),
+                (&self.pipeline, position.to_string(), seconds),
+            )
+            .await
+            .context("recording the applied position on the target")?;
+        self.conn.query_drop("COMMIT").await.context("committing on the target")?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+/// A copy connection.
+struct MysqlTableWriter {
+    conn: mysql_async::Conn,
+    url_database: String,
+    home_schema: String,
+}
+
+#[async_trait]
+impl TableWriter for MysqlTableWriter {
+    async fn truncate(&mut self, table: &TableName) -> anyhow::Result<()> {
+        let database = database_for(&self.url_database, &self.home_schema, &table.schema);
+        let sql = format!("TRUNCATE TABLE {}.{}", quote_ident(&database), quote_ident(&table.name));
+        self.conn.query_drop(&sql).await.with_context(|| format!("emptying {table} on the target"))
+    }
+
+    async fn write(&mut self, table: &TableDefinition, mut rows: CopyStream) -> anyhow::Result<u64> {
+        let name = &table.schema.name;
+        let database = database_for(&self.url_database, &self.home_schema, &name.schema);
+        let types = column_types(&mut self.conn, &database, &name.name).await?;
+        let mut targets = Vec::new();
+        let mut sets = Vec::new();
+        let mut conversions = Vec::new();
+        for (i, column) in table.schema.columns.iter().enumerate() {
+            let data_type = types.get(&column.name).map(String::as_str).unwrap_or("longtext");
+            conversions.push(Conversion::between(&column.type_name, data_type));
+            // LOAD DATA reads a BIT column's field as raw bytes: go through a variable.
+            if data_type == "bit" {
+                targets.push(format!("@v{i}"));
+                sets.push(format!("{} = CAST(@v{i} AS UNSIGNED)", quote_ident(&column.name)));
+            } else {
+                targets.push(quote_ident(&column.name));
+            }
+        }
+        let mut converter = CopyToLoadData::new(conversions);
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+        let feeder_name = name.clone();
+        let feeder = async move {
+            while let Some(chunk) = rows.data.next().await {
+                let converted = chunk
+                    .map_err(|e| std::io::Error::other(format!("{e:#}")))
+                    .and_then(|c| converter.push(&c).map_err(|e| std::io::Error::other(format!("{feeder_name}: {e}"))));
+                let failed = converted.is_err();
+                if tx.send(converted.map(bytes::Bytes::from)).await.is_err() || failed {
+                    return;
+                }
+            }
+            if let Err(e) = converter.finish() {
+                let _ = tx.send(Err(std::io::Error::other(format!("{feeder_name}: {e}")))).await;
+            }
+        };
+        let data: mysql_async::InfileData =
+            Box::pin(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }));
+        let data = std::sync::Mutex::new(Some(data));
+        self.conn.set_infile_handler(async move {
+            data.lock()
+                .ok()
+                .and_then(|mut d| d.take())
+                .ok_or_else(|| mysql_async::Error::Other("the copy stream was already taken".into()))
+        });
+        let sql = format!(
+            "LOAD DATA LOCAL INFILE 'cutover' INTO TABLE {}.{} CHARACTER SET utf8mb4 FIELDS TERMINATED BY '\\t' \
+             ESCAPED BY '\\\\' LINES TERMINATED BY '\\n' ({}){}",
+            quote_ident(&database),
+            quote_ident(&name.name),
+            targets.join(", "),
+            if sets.is_empty() { String::new() } else { format!(" SET {}", sets.join(", ")) }
+        );
+        let load = self.conn.query_drop(&sql);
+        let (loaded, ()) = tokio::join!(load, feeder);
+        loaded.with_context(|| format!("loading {name} into the target"))?;
+        let rows = self.conn.affected_rows();
+        let warnings = self.conn.get_warnings();
+        if warnings > 0 {
+            let shown: Vec<(String, u32, String)> =
+                self.conn.query("SHOW WARNINGS LIMIT 3").await.context("reading the load's warnings")?;
+            let shown: Vec<String> = shown.into_iter().map(|(_, code, message)| format!("{code}: {message}")).collect();
+            anyhow::bail!(
+                "loading {name} into the target raised {warnings} warning(s) — MySQL would have changed or dropped \
+                 values: {}; cutover stopped before the table counted as copied",
+                shown.join("; ")
+            );
+        }
+        Ok(rows)
+    }
+
+    async fn build_indexes(&mut self, table: &TableDefinition) -> anyhow::Result<()> {
+        let database = database_for(&self.url_database, &self.home_schema, &table.schema.name.schema);
+        let existing: Vec<String> = self
+            .conn
+            .exec(
+                "SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+                (&database, &table.schema.name.name),
+            )
+            .await
+            .context("reading indexes on the target")?;
+        let clauses: Vec<String> = index_clauses(table)
+            .into_iter()
+            .filter(|clause| !existing.iter().any(|name| clause.contains(&quote_ident(name))))
+            .collect();
+        if clauses.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "ALTER TABLE {}.{} {}",
+            quote_ident(&database),
+            quote_ident(&table.schema.name.name),
+            clauses.join(", ")
+        );
+        self.conn.query_drop(&sql).await.with_context(|| format!("building indexes on the target: {sql}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_become_mysql_clauses() {
+        assert_eq!(column_list("UNIQUE (\"e\"\"mail\", name)"), Some(vec!["e\"mail".to_string(), "name".to_string()]));
+        assert_eq!(column_list("CREATE INDEX i ON t USING btree (lower(name))"), None);
+        let clause = foreign_key_clause(
+            "child_fk",
+            "FOREIGN KEY (parent_id) REFERENCES public.parent(id) ON DELETE CASCADE",
+            |s| database_for("shop", "public", s),
+        );
+        assert_eq!(
+            clause.as_deref(),
+            Some("ADD CONSTRAINT `child_fk` FOREIGN KEY (`parent_id`) REFERENCES `shop`.`parent` (`id`) ON DELETE CASCADE")
+        );
+        assert_eq!(database_for("app", "public", "sales"), "sales");
+        assert_eq!(database_for("app", "shop", "shop"), "app");
+    }
+}
