@@ -29,6 +29,20 @@ pub struct PipelineIdentity {
     pub consistent_point: Position,
 }
 
+impl PipelineIdentity {
+    /// Fails unless `source` (the identity the source reports now) is the one this
+    /// state dir was made for.
+    pub fn check_source(&self, source: &str) -> anyhow::Result<()> {
+        if source != self.source {
+            anyhow::bail!(
+                "this state dir belongs to {}, but the source is {source}: point [state] dir at this pipeline's own directory",
+                self.source
+            );
+        }
+        Ok(())
+    }
+}
+
 /// How far one table's snapshot copy got.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableProgress {

@@ -188,6 +188,7 @@ pub async fn compare(config: &Config, queries: &[String], runs: usize) -> anyhow
         SourceKind::Postgres => Kind::Postgres,
         SourceKind::Mysql => Kind::Mysql,
         SourceKind::Sqlite => Kind::Sqlite,
+        SourceKind::Mongodb => anyhow::bail!("compare-queries runs SQL queries; a MongoDB source has none"),
     };
     let target_kind = match config.target.kind {
         TargetKind::Postgres => Kind::Postgres,

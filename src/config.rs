@@ -37,6 +37,18 @@ pub enum SourceKind {
     Postgres,
     Mysql,
     Sqlite,
+    Mongodb,
+}
+
+/// `[source] mapping` (MongoDB): how documents become rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MongoMapping {
+    /// Nested fields become columns joined by `_`; arrays stay jsonb.
+    #[default]
+    Flatten,
+    /// `_id` text primary key and the whole document in a `doc jsonb` column.
+    Jsonb,
 }
 
 /// `[source] on_type_mismatch` (SQLite): what a stored value that does not fit its
@@ -74,6 +86,8 @@ pub struct SourceConfig {
     pub exclude: Vec<String>,
     /// SQLite only.
     pub on_type_mismatch: Option<OnTypeMismatch>,
+    /// MongoDB only.
+    pub mapping: Option<MongoMapping>,
 }
 
 /// `[target]`
@@ -398,6 +412,9 @@ impl Config {
         }
         if config.source.on_type_mismatch.is_some() && config.source.kind != SourceKind::Sqlite {
             return Err(invalid("[source] on_type_mismatch: only for kind = \"sqlite\"".into()));
+        }
+        if config.source.mapping.is_some() && config.source.kind != SourceKind::Mongodb {
+            return Err(invalid("[source] mapping: only for kind = \"mongodb\"".into()));
         }
         if config.source.kind == SourceKind::Sqlite {
             // A file has no change log: it is copied once.

@@ -59,6 +59,12 @@ pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dy
             let on_mismatch = config.source.on_type_mismatch.unwrap_or_default();
             Box::new(crate::source::sqlite::SqliteSource::open(path, config.table_filter(), on_mismatch)?)
         }
+        SourceKind::Mongodb => {
+            let mapping = config.source.mapping.unwrap_or_default();
+            let source =
+                crate::source::mongodb::MongoSource::connect(config.source.endpoint(), config.table_filter(), mapping);
+            Box::new(source.await.context("[source] url")?)
+        }
     };
     let sink: Box<dyn Sink> = match config.target.kind {
         TargetKind::Postgres => {

@@ -46,6 +46,9 @@ pub enum Position {
     Binlog(BinlogPosition),
     /// A one-shot copy of a source without a change log (SQLite): nothing to stream from.
     Snapshot,
+    /// MongoDB: a change stream's resume token, its `_data` hex string. The hex strings
+    /// compare in stream order (the token is an order-preserving key encoding).
+    Mongo(String),
 }
 
 /// A binlog file and the offset of the next event in it, with the GTID state
@@ -108,7 +111,7 @@ impl Position {
     pub fn lsn(&self) -> Option<Lsn> {
         match self {
             Position::Lsn(lsn) => Some(*lsn),
-            Position::Binlog { .. } | Position::Snapshot => None,
+            Position::Binlog { .. } | Position::Snapshot | Position::Mongo(_) => None,
         }
     }
 }
@@ -118,6 +121,7 @@ impl fmt::Display for Position {
         match self {
             Position::Lsn(lsn) => write!(f, "lsn:{lsn}"),
             Position::Snapshot => f.write_str("snapshot"),
+            Position::Mongo(token) => write!(f, "mongo:{token}"),
             Position::Binlog(BinlogPosition { file, gtid: Some(gtid), .. }) if file.is_empty() => {
                 write!(f, "gtid:{gtid}")
             }
@@ -134,6 +138,12 @@ impl FromStr for Position {
         match s.split_once(':') {
             None if s == "snapshot" => Ok(Position::Snapshot),
             Some(("lsn", rest)) => Ok(Position::Lsn(rest.parse()?)),
+            Some(("mongo", token)) if !token.is_empty() && token.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Ok(Position::Mongo(token.to_string()))
+            }
+            Some(("mongo", _)) => {
+                Err(PositionError(format!("`{s}` is not a MongoDB resume token (expected mongo:<_data hex>)")))
+            }
             // A MariaDB GTID state alone: the binlog is found by it.
             Some(("gtid", state)) => {
                 Ok(Position::Binlog(BinlogPosition { file: String::new(), pos: 4, gtid: Some(GtidSet::parse(state)?) }))
@@ -344,5 +354,13 @@ mod tests {
         assert_eq!(gtid_only.to_string(), "gtid:0-1-1200");
         // The GTID state follows the coordinate: it does not change the order.
         assert_eq!(with_gtid.cmp(&binlog), std::cmp::Ordering::Equal);
+        let token: Position = "mongo:8200000000000000050".parse().expect("valid");
+        assert_eq!(token, Position::Mongo("8200000000000000050".into()));
+        assert_eq!(token.to_string(), "mongo:8200000000000000050");
+        assert!(token < "mongo:8200000000000000060".parse().expect("valid"));
+        assert!("mongo:".parse::<Position>().is_err() && "mongo:zz".parse::<Position>().is_err());
+        let stop = StopAt::Position(token.clone());
+        assert!(stop.is_past(&token, UNIX_EPOCH));
+        assert!(!stop.is_past(&"mongo:8200000000000000040".parse().expect("valid"), UNIX_EPOCH));
     }
 }

@@ -38,7 +38,8 @@ pub struct PostgresSink {
     major: u32,
     statements: HashMap<String, Statement>,
     /// Target columns per table, to notice columns added on the source.
-    columns: HashMap<TableName, Vec<String>>,
+    /// Each table's columns on the target: (name, type as `format_type` prints it).
+    columns: HashMap<TableName, Vec<(String, String)>>,
     /// The apply session is bound to the origin.
     session_ready: bool,
 }
@@ -180,22 +181,40 @@ impl PostgresSink {
 
     async fn ensure_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
         if !self.columns.contains_key(&table.name) {
-            let existing: Vec<String> = self
+            let existing: Vec<(String, String)> = self
                 .client
                 .query(
-                    "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass \
-                     AND attnum > 0 AND NOT attisdropped",
+                    "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+                     WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
                     &[&quote_table(&table.name)],
                 )
                 .await
                 .with_context(|| format!("reading the columns of {} on the target", table.name))?
                 .iter()
-                .map(|r| r.get(0))
+                .map(|r| (r.get(0), r.get(1)))
                 .collect();
             self.columns.insert(table.name.clone(), existing);
         }
         let known = self.columns.get(&table.name).cloned().unwrap_or_default();
-        for column in table.columns.iter().filter(|c| !known.contains(&c.name)) {
+        // A source without a fixed schema (MongoDB) widens a column whose values disagree in type to jsonb.
+        for (name, _) in known.iter().filter(|(name, known_type)| {
+            known_type != "jsonb" && table.columns.iter().any(|c| &c.name == name && c.type_name == "jsonb")
+        }) {
+            let sql = format!(
+                "ALTER TABLE {} ALTER COLUMN {column} TYPE jsonb USING to_jsonb({column})",
+                quote_table(&table.name),
+                column = quote_ident(name)
+            );
+            self.client
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("changing column {name} of {} to jsonb on the target", table.name))?;
+            tracing::info!(table = %table.name, column = %name, "changed a column to jsonb: the source's values differ in type");
+            if let Some(entry) = self.columns.get_mut(&table.name).and_then(|c| c.iter_mut().find(|(n, _)| n == name)) {
+                entry.1 = "jsonb".into();
+            }
+        }
+        for column in table.columns.iter().filter(|c| !known.iter().any(|(name, _)| name == &c.name)) {
             let default = column.default.as_ref().map(|d| format!(" DEFAULT {d}")).unwrap_or_default();
             let sql = format!(
                 "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}{default}",
@@ -208,7 +227,7 @@ impl PostgresSink {
                 .await
                 .with_context(|| format!("adding column {} to {} on the target", column.name, table.name))?;
             tracing::info!(table = %table.name, column = %column.name, "added a column the source added");
-            self.columns.entry(table.name.clone()).or_default().push(column.name.clone());
+            self.columns.entry(table.name.clone()).or_default().push((column.name.clone(), column.type_name.clone()));
         }
         Ok(())
     }
@@ -591,7 +610,7 @@ impl Sink for PostgresSink {
         // databases) and is documented as less portable across major versions.
         match source {
             Dialect::Postgres { major } if major == self.major && !table.has_user_types => CopyFormat::PostgresBinary,
-            Dialect::Postgres { .. } | Dialect::Mysql | Dialect::Sqlite => CopyFormat::PostgresText,
+            Dialect::Postgres { .. } | Dialect::Mysql | Dialect::Sqlite | Dialect::Mongodb => CopyFormat::PostgresText,
         }
     }
 

@@ -5,6 +5,7 @@
 //! committed transaction from a position on. The pipeline drives these traits
 //! and knows no database by name.
 
+pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
@@ -32,6 +33,8 @@ pub enum Dialect {
     Mysql,
     /// SQLite: values checked against their declared types on the way.
     Sqlite,
+    /// MongoDB: documents mapped to rows in PostgreSQL's text form.
+    Mongodb,
 }
 
 /// A pinned snapshot: its rows are the source exactly as of `position`.

@@ -275,14 +275,7 @@ impl Source for MysqlSource {
     }
 
     async fn resume_stream(&mut self, identity: &PipelineIdentity, _tables: &[TableDefinition]) -> anyhow::Result<()> {
-        let source = self.server_identity().await?;
-        if source != identity.source {
-            anyhow::bail!(
-                "this state dir belongs to {}, but the source is {source}: point [state] dir at this pipeline's own directory",
-                identity.source
-            );
-        }
-        Ok(())
+        identity.check_source(&self.server_identity().await?)
     }
 
     async fn new_snapshot(&mut self) -> anyhow::Result<SnapshotPoint> {

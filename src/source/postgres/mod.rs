@@ -263,13 +263,7 @@ impl Source for PostgresSource {
     }
 
     async fn resume_stream(&mut self, identity: &PipelineIdentity, tables: &[TableDefinition]) -> anyhow::Result<()> {
-        let source = self.system_identity().await?;
-        if source != identity.source {
-            anyhow::bail!(
-                "this state dir belongs to {}, but the source is {source}: point [state] dir at this pipeline's own directory",
-                identity.source
-            );
-        }
+        identity.check_source(&self.system_identity().await?)?;
         if !self.slot_exists().await? {
             anyhow::bail!(
                 "replication slot {} is gone from the source, so the changes since the last checkpoint cannot be read: \
