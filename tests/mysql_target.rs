@@ -33,6 +33,8 @@ CREATE INDEX orders_customer ON orders (customer);
 CREATE TABLE lines (order_id bigint REFERENCES orders (id) ON DELETE CASCADE, n int, qty int, PRIMARY KEY (order_id, n));
 CREATE TABLE events (at timestamp, what text);
 ALTER TABLE events REPLICA IDENTITY FULL;
+CREATE TABLE measures (id int PRIMARY KEY, v numeric);
+INSERT INTO measures VALUES (1, 1.5), (2, -123456789.000001);
 INSERT INTO orders (customer, amount, paid, note, code, raw, at, day, doc, tags, feeling, uid)
 SELECT g % 50, g * 1.25, g % 2 = 0, 'note ' || g || E'\ttab\nline \\ ☃', 'code-' || g, decode(md5(g::text), 'hex') || '\x00'::bytea,
        '2024-02-29 23:59:59.123456+00'::timestamptz + g * interval '1 minute', '2000-01-01'::date + g,
@@ -193,6 +195,12 @@ async fn postgres_to_mariadb_snapshot_stream_and_restart() {
     let config = write_config(&dir, "pg_to_mysql", "postgres", &source.url("postgres"), &target.url("app"), "");
     let log = dir.join("cutover.log");
 
+    // The plan warns about what MySQL's types cannot hold.
+    let check =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["check", "--config"]).arg(&config).output().expect("check");
+    let plan = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success() && plan.contains("public.measures.v numeric → MySQL decimal(65,30)"), "{plan}");
+
     let mut child = spawn(&config, &log);
     pg.batch_execute(PG_CHANGES).await.expect("changes");
     pg.batch_execute("INSERT INTO events VALUES (NULL, 'marker 1')").await.expect("marker");
@@ -232,10 +240,16 @@ async fn postgres_to_mariadb_snapshot_stream_and_restart() {
         vec![
             "lines.lines_order_id_fkey",
             "lines.PRIMARY",
+            "measures.PRIMARY",
             "orders.orders_code_key",
             "orders.orders_customer",
             "orders.PRIMARY"
         ]
+    );
+    let measures = "SELECT id::text, v::text FROM measures ORDER BY measures.id";
+    assert_same(
+        my_rows(&mut my, "SELECT CAST(id AS CHAR), TRIM(TRAILING '.' FROM TRIM(TRAILING '0' FROM CAST(v AS CHAR))) FROM measures ORDER BY id").await,
+        pg_rows(&pg, measures).await,
     );
     let feeling: String = my
         .query_first(

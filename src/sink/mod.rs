@@ -24,8 +24,13 @@ pub trait Sink: Send + Sync {
     fn copy_format(&self, table: &TableDefinition, source: Dialect) -> CopyFormat;
 
     /// What the target must allow for the pipeline: one finding per problem.
-    /// `copy_bytes` is the size of the source tables the snapshot will copy.
-    async fn preflight(&mut self, copy_bytes: u64) -> anyhow::Result<Vec<crate::preflight::Finding>>;
+    /// `schema` is what will be replicated; `copy_bytes` the size of the source tables
+    /// the snapshot will copy.
+    async fn preflight(
+        &mut self,
+        schema: &SourceSchema,
+        copy_bytes: u64,
+    ) -> anyhow::Result<Vec<crate::preflight::Finding>>;
 
     /// The position of the last source transaction committed here, as recorded
     /// in the same target transactions as the rows.

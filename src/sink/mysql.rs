@@ -500,8 +500,22 @@ impl Sink for MysqlSink {
         CopyFormat::PostgresText
     }
 
-    async fn preflight(&mut self, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
+    async fn preflight(&mut self, schema: &SourceSchema, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
         let mut findings = Vec::new();
+        // What MySQL's types cannot hold, column by column (the plan shows PostgreSQL's types).
+        for table in &schema.tables {
+            for column in &table.schema.columns {
+                let (mapped, loss) = map_type(&column.type_name, enum_labels(schema, &column.type_name));
+                if let Some(loss) = loss {
+                    findings.push(Finding::warning(
+                        "target",
+                        format!("{}.{} {} → MySQL {mapped}", table.schema.name, column.name, column.type_name),
+                        "a MySQL type that holds every value",
+                        format!("{loss}; check the values, or change the column's type on the source"),
+                    ));
+                }
+            }
+        }
         let local_infile: Option<String> =
             self.conn.query_first("SELECT CAST(@@local_infile AS CHAR)").await.context("reading local_infile")?;
         if !matches!(local_infile.as_deref(), Some("1" | "ON")) {

@@ -642,7 +642,7 @@ impl Sink for PostgresSink {
             .transpose()
     }
 
-    async fn preflight(&mut self, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
+    async fn preflight(&mut self, _schema: &SourceSchema, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
         let row = self
             .client
             .query_one("SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
