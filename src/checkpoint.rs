@@ -16,6 +16,15 @@ use crate::position::Position;
 
 const POSITION: &str = "position";
 const IDENTITY: &str = "identity";
+const SWITCHOVER: &str = "switchover";
+
+/// How a pipeline ended at a switchover: its last position and whether its
+/// fallback stream (new primary → old source) takes over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverRecord {
+    pub final_position: String,
+    pub fallback: bool,
+}
 const TABLE_PREFIX: &str = "table/";
 
 /// What a state directory belongs to; a mismatch means the wrong state dir.
@@ -107,6 +116,15 @@ impl CheckpointStore {
 
     pub fn save_position(&self, position: &Position) -> anyhow::Result<()> {
         self.put(POSITION, position)
+    }
+
+    /// The switchover this pipeline ended with, if it did.
+    pub fn switchover(&self) -> anyhow::Result<Option<SwitchoverRecord>> {
+        self.get(SWITCHOVER)
+    }
+
+    pub fn save_switchover(&self, record: &SwitchoverRecord) -> anyhow::Result<()> {
+        self.put(SWITCHOVER, record)
     }
 
     pub fn table(&self, table: &TableName) -> anyhow::Result<Option<TableProgress>> {

@@ -43,6 +43,12 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// End the migration: fence the source, wait until the target has everything, sync sequences,
+    /// and (with `[switchover] fallback = true`) stream the new primary's writes back. Needs `cutover run`.
+    Switchover {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Compare source and target: row counts and checksums per table; exit 1 on a difference.
     Verify {
         #[arg(long)]

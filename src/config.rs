@@ -24,6 +24,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub stream: StreamConfig,
+    #[serde(default)]
+    pub switchover: SwitchoverConfig,
     /// The pipeline's name: names the slot, publication and replication origin.
     /// Taken from the config file's name (`shop.toml` → `shop`).
     #[serde(skip)]
@@ -183,6 +185,16 @@ pub fn redact_url(url: &str) -> String {
         Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &rest[..colon], &rest[at..]),
         None => url.to_string(),
     }
+}
+
+/// `[switchover]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverConfig {
+    /// After a switchover, stream the new primary's writes back to the old source,
+    /// so a rollback loses nothing.
+    #[serde(default)]
+    pub fallback: bool,
 }
 
 /// `[state]`

@@ -21,5 +21,6 @@ pub mod schema;
 pub mod sink;
 pub mod source;
 pub mod status;
+pub mod switchover;
 pub mod tls;
 pub mod verify;

@@ -41,6 +41,17 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let config = Config::load(&config)?;
             cutover::pipeline::run(&config, shutdown_signal()).await?;
+            // A switchover with fallback ends the forward pipeline; the same process streams back.
+            if let Some(fallback) = cutover::switchover::fallback_after_switchover(&config).await? {
+                tracing::info!("switched over: streaming the new primary's writes back to the old source");
+                cutover::pipeline::run(&fallback, shutdown_signal()).await?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Switchover { config } => {
+            let config = Config::load(&config)?;
+            let summary = cutover::switchover::switchover(&config).await?;
+            print!("{}", cutover::switchover::render(&summary));
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {

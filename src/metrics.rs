@@ -14,7 +14,7 @@ use prometheus::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The pipeline phases `cutover_phase{phase}` can show.
-pub const PHASES: [&str; 4] = ["snapshot", "catch-up", "streaming", "stopped"];
+pub const PHASES: [&str; 6] = ["snapshot", "catch-up", "streaming", "stopped", "switched-over", "fallback"];
 
 /// Every metric cutover exports.
 pub struct Metrics {

@@ -137,8 +137,9 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
         }
     };
     let metrics_server = config.metrics.address().map(|listen| tokio::spawn(crate::metrics::serve(listen)));
-    let control = crate::status::serve(&config.state.dir, store.clone()).await?;
     let (stop_tx, mut stop) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let control = crate::status::serve(&config.state.dir, store.clone(), stop_tx.clone()).await?;
     let signal = tokio::spawn(async move {
         shutdown.await;
         crate::notify::notify("STOPPING=1");
@@ -191,7 +192,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
     if let Some(server) = metrics_server {
         server.abort();
     }
-    METRICS.set_phase("stopped");
+    METRICS.set_phase(if store.switchover()?.is_some() { "switched-over" } else { "stopped" });
     METRICS.set_healthy(result.is_ok());
     result
 }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::checkpoint::CheckpointStore;
+use anyhow::Context as _;
+
+use crate::checkpoint::{CheckpointStore, SwitchoverRecord};
 use crate::metrics::{METRICS, PHASES};
 
 /// A pipeline's state, as `status` prints it.
@@ -80,8 +82,23 @@ fn live(store: &CheckpointStore) -> anyhow::Result<Status> {
     Ok(status)
 }
 
-/// Answers status requests on the control socket until the task is aborted.
-pub async fn serve(state_dir: &Path, store: Arc<CheckpointStore>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// What a client asks the daemon on the control socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    /// The switchover is done: record how it ended and stop (the fallback stream,
+    /// when there is one, takes over in the same process).
+    SwitchedOver(SwitchoverRecord),
+}
+
+/// Answers requests on the control socket until the task is aborted; `stop` ends
+/// the pipeline after a switchover.
+pub async fn serve(
+    state_dir: &Path,
+    store: Arc<CheckpointStore>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let path = socket_path(state_dir);
     // A socket left by a killed predecessor; the RocksDB lock proves it is gone.
     let _ = std::fs::remove_file(&path);
@@ -92,6 +109,17 @@ pub async fn serve(state_dir: &Path, store: Arc<CheckpointStore>) -> anyhow::Res
     Ok(tokio::spawn(async move {
         loop {
             let Ok((mut socket, _)) = listener.accept().await else { continue };
+            let mut request = Vec::new();
+            let read = tokio::time::timeout(std::time::Duration::from_secs(1), socket.read_to_end(&mut request)).await;
+            if let (Ok(Ok(_)), Ok(Request::SwitchedOver(record))) = (read, serde_json::from_slice::<Request>(&request))
+            {
+                if let Err(e) = store.save_switchover(&record) {
+                    tracing::error!("recording the switchover: {e:#}");
+                }
+                METRICS.set_phase("switched-over");
+                tracing::info!(final_position = record.final_position, fallback = record.fallback, "switched over");
+                let _ = stop.send(true);
+            }
             let body = match live(&store).and_then(|s| Ok(serde_json::to_vec(&s)?)) {
                 Ok(body) => body,
                 Err(e) => format!("{{\"error\": {:?}}}", e.to_string()).into_bytes(),
@@ -101,18 +129,35 @@ pub async fn serve(state_dir: &Path, store: Arc<CheckpointStore>) -> anyhow::Res
     }))
 }
 
+/// Sends `request` to the running daemon and returns its status; `None` when no daemon listens.
+pub async fn ask(state_dir: &Path, request: &Request) -> anyhow::Result<Option<Status>> {
+    let Ok(mut socket) = tokio::net::UnixStream::connect(socket_path(state_dir)).await else { return Ok(None) };
+    socket.write_all(&serde_json::to_vec(request)?).await?;
+    socket.shutdown().await?;
+    let mut body = Vec::new();
+    socket.read_to_end(&mut body).await?;
+    Ok(Some(serde_json::from_slice(&body).context("the daemon's answer on the control socket")?))
+}
+
 /// Asks the running daemon, or reads the checkpoint store when none runs.
 pub async fn query(state_dir: &Path) -> anyhow::Result<Status> {
     // A daemon that is starting holds the store before its socket listens: ask again.
     for _ in 0..50 {
-        if let Ok(mut socket) = tokio::net::UnixStream::connect(socket_path(state_dir)).await {
-            let mut body = Vec::new();
-            socket.read_to_end(&mut body).await?;
-            return Ok(serde_json::from_slice(&body)?);
+        if let Some(status) = ask(state_dir, &Request::Status).await? {
+            return Ok(status);
+        }
+        // After a switchover with fallback, the same daemon streams back from its own state dir.
+        if let Some(mut status) = ask(&state_dir.join("fallback"), &Request::Status).await? {
+            status.phase = "fallback".into();
+            return Ok(status);
         }
         if let Ok(store) = CheckpointStore::open(state_dir) {
             let mut status = from_store(&store, false)?;
-            status.phase = "stopped".into();
+            status.phase = match store.switchover()? {
+                Some(record) if record.fallback => "fallback".into(),
+                Some(_) => "switched-over".into(),
+                None => "stopped".into(),
+            };
             return Ok(status);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -2,6 +2,7 @@
 //! mapping, with extreme values, lands as the documented PostgreSQL value.
 
 use std::process::Command;
+use std::time::Duration;
 
 use cutover::sandbox::{MariaDbServer, PostgresServer};
 use mysql_async::prelude::Queryable;
@@ -412,5 +413,120 @@ async fn replay_from_a_binlog_file_offset() {
         .expect("summary")
         .get(0);
     assert_eq!(summary, "50 rows, 10 updated", "{}", String::from_utf8_lossy(&output.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// MariaDB → PostgreSQL switchover under a write load, with fallback: the source turns
+/// read-only, the target has every committed row and its identity continues past the
+/// source's AUTO_INCREMENT, and the new primary's writes flow back into MariaDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_switchover_fences_the_source_and_falls_back() {
+    let source = MariaDbServer::start(&[]).expect("mariadb");
+    let target = PostgresServer::start(&[]).expect("postgres");
+    let mut conn =
+        mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url")).await.expect("mariadb");
+    conn.query_drop(
+        "CREATE DATABASE shop; CREATE TABLE shop.orders (id int AUTO_INCREMENT PRIMARY KEY, note varchar(40)); \
+         INSERT INTO shop.orders (note) SELECT 'before' FROM seq_1_to_100",
+    )
+    .await
+    .expect("source data");
+    let dir = std::env::temp_dir().join(format!("cutover-test-mysql-switchover-{}", source.port()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("shop_switch.toml");
+    let extra = "[snapshot]\nworkers = 2\n[switchover]\nfallback = true\n[metrics]\nlisten = \"off\"\n";
+    cutover::demo::write_config(
+        &config,
+        "mysql",
+        &source.url("shop"),
+        &target.url("postgres"),
+        &dir.join("state"),
+        extra,
+    )
+    .expect("config");
+    let log = dir.join("cutover.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("cutover starts");
+    let pg_client = pg(&target.url("postgres")).await;
+    let started = std::time::Instant::now();
+    while pg_client.query_opt("SELECT 1 FROM shop.orders LIMIT 1", &[]).await.map(|r| r.is_none()).unwrap_or(true) {
+        assert!(started.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let url = source.url("shop");
+    let writer = tokio::spawn(async move {
+        let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&url).expect("url")).await.expect("writer");
+        let mut committed = 0u64;
+        while conn.query_drop("INSERT INTO orders (note) VALUES ('load')").await.is_ok() {
+            committed += 1;
+        }
+        committed
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let switch = config.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cutover")).args(["switchover", "--config"]).arg(&switch).output()
+    })
+    .await
+    .expect("join")
+    .expect("switchover runs");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{report}{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let committed = writer.await.expect("writer");
+    assert!(committed > 0 && report.contains("write-blocked window"), "{report}");
+
+    // Read-only for applications (a user without SUPER / READ_ONLY ADMIN), everything on the target.
+    // The fence ended every client session, this test's own included: connect again.
+    let mut conn =
+        mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url")).await.expect("mariadb");
+    conn.query_drop("CREATE USER app@'%'; GRANT INSERT, SELECT ON shop.* TO app@'%'").await.expect("app user");
+    let app_url = format!("mysql://app@127.0.0.1:{}/shop", source.port());
+    let mut app = mysql_async::Conn::new(mysql_async::Opts::from_url(&app_url).expect("url")).await.expect("app");
+    assert!(
+        app.query_drop("INSERT INTO orders (note) VALUES ('too late')").await.is_err(),
+        "the source still takes writes"
+    );
+    let loaded: i64 =
+        conn.query_first("SELECT COUNT(*) FROM shop.orders WHERE note = 'load'").await.expect("count").expect("row");
+    let on_target: i64 =
+        pg_client.query_one("SELECT count(*) FROM shop.orders WHERE note = 'load'", &[]).await.expect("count").get(0);
+    assert_eq!(loaded, on_target);
+    // The insert the fence's KILL interrupted may have committed without its answer reaching the client.
+    assert!(
+        (committed as i64..=committed as i64 + 1).contains(&loaded),
+        "{loaded} rows for {committed} answered inserts"
+    );
+
+    // The identity continues past the source's keys; the write comes back to MariaDB.
+    let id: i32 = pg_client
+        .query_one("INSERT INTO shop.orders (note) VALUES ('on the new primary') RETURNING id", &[])
+        .await
+        .expect("the new primary takes writes")
+        .get(0);
+    let max: i64 = conn.query_first("SELECT MAX(id) FROM shop.orders").await.expect("max").expect("row");
+    assert!(i64::from(id) > max - 1, "identity not synced: {id} vs {max}");
+    let started = std::time::Instant::now();
+    loop {
+        let back: Option<String> =
+            conn.query_first(format!("SELECT note FROM shop.orders WHERE id = {id}")).await.expect("read back");
+        if back.as_deref() == Some("on the new primary") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(&mut child, libc::SIGTERM);
+    assert!(child.wait().expect("exit").success());
+    conn.query_drop("SET GLOBAL read_only = OFF").await.expect("undo");
     let _ = std::fs::remove_dir_all(&dir);
 }

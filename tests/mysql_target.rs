@@ -202,6 +202,12 @@ async fn postgres_to_mariadb_snapshot_stream_and_restart() {
     assert!(check.status.success() && plan.contains("public.measures.v numeric → MySQL decimal(65,30)"), "{plan}");
 
     let mut child = spawn(&config, &log);
+    // The changes go through the stream: wait until the snapshot is in.
+    let streaming = || {
+        let log = log.clone();
+        async move { std::fs::read_to_string(&log).unwrap_or_default().contains("streaming changes") }
+    };
+    wait_for(&mut child, &log, streaming).await;
     pg.batch_execute(PG_CHANGES).await.expect("changes");
     pg.batch_execute("INSERT INTO events VALUES (NULL, 'marker 1')").await.expect("marker");
     let marker = |n: u32| format!("SELECT 1 FROM app.events WHERE what = 'marker {n}'");

@@ -542,3 +542,98 @@ async fn status_shows_snapshot_progress() {
     assert!(status(&pair)["snapshot"].is_null());
     stop(&mut child);
 }
+
+/// Switchover under a write load: the source refuses writes from then on, the target
+/// has every committed row, its sequences are past the source's, and with fallback the
+/// new primary's writes flow back to the old source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_fences_the_source_syncs_sequences_and_falls_back() {
+    let pair = Pair::start("switchover", "[switchover]\nfallback = true\n");
+    let source = connect(&pair.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE orders (id serial PRIMARY KEY, note text); CREATE TABLE audit (line text); \
+             ALTER TABLE audit REPLICA IDENTITY FULL; INSERT INTO orders (note) SELECT 'before' FROM generate_series(1, 100);",
+        )
+        .await
+        .expect("source tables");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+
+    // A writer that keeps inserting until the source stops taking writes.
+    // An application's connection (not cutover's own, which the fence leaves alone).
+    let (client, connection) =
+        tokio_postgres::connect(&pair.source_url, tokio_postgres::NoTls).await.expect("application connection");
+    tokio::spawn(connection);
+    let writer = tokio::spawn(async move {
+        let mut committed = 0u64;
+        loop {
+            let insert = "INSERT INTO orders (note) VALUES ('load'); INSERT INTO audit VALUES ('load')";
+            match client.batch_execute(&format!("BEGIN; {insert}; COMMIT")).await {
+                Ok(()) => committed += 1,
+                Err(_) => return committed,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let config = pair.config_path.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["switchover", "--config"])
+            .arg(&config)
+            .output()
+            .expect("switchover runs")
+    })
+    .await
+    .expect("switchover");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{report}{}\n{}", String::from_utf8_lossy(&output.stderr), pair.log());
+    assert!(
+        report.contains("write-blocked window") && report.contains("streaming the new primary's writes back"),
+        "{report}"
+    );
+    let committed = writer.await.expect("writer");
+    println!("{report}");
+    assert!(committed > 0, "the load wrote nothing before the switchover");
+
+    // The old source refuses writes; the target has every row it committed.
+    let fresh = connect(&pair.source_url).await;
+    let refused = fresh.batch_execute("INSERT INTO orders (note) VALUES ('too late')").await;
+    assert!(refused.is_err_and(|e| format!("{e:?}").contains("read-only")), "the source still takes writes");
+    let target = connect(&pair.target.url("postgres")).await;
+    let load_rows = "SELECT count(*) FROM orders WHERE note = 'load'";
+    assert_eq!(count(&target, load_rows).await, count(&fresh, load_rows).await);
+    // A commit the fence interrupted may have landed without its answer reaching the client.
+    let loaded = count(&fresh, load_rows).await;
+    assert!(
+        (committed as i64..=committed as i64 + 1).contains(&loaded),
+        "{loaded} rows for {committed} answered commits"
+    );
+    pair.assert_identical().await;
+
+    // The target's sequence continues past the source's, and its writes flow back.
+    let id: i32 = target
+        .query_one("INSERT INTO orders (note) VALUES ('on the new primary') RETURNING id", &[])
+        .await
+        .expect("the new primary takes writes")
+        .get(0);
+    assert!(i64::from(id) > count(&fresh, "SELECT max(id)::int8 FROM orders").await, "sequence not synced");
+    target.batch_execute("UPDATE orders SET note = 'changed back' WHERE id = 1; DELETE FROM audit WHERE ctid = (SELECT min(ctid) FROM audit)").await.expect("more writes");
+    let started = std::time::Instant::now();
+    while count(&fresh, "SELECT count(*) FROM orders WHERE note IN ('on the new primary', 'changed back')").await < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the fallback stream brought nothing back:\n{}",
+            pair.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let audit = "SELECT count(*) FROM audit";
+    while count(&fresh, audit).await != count(&target, audit).await {
+        assert!(started.elapsed() < Duration::from_secs(60), "the keyless table's delete did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status(&pair)["phase"], "fallback");
+    let (exit, _) = stop(&mut child);
+    assert!(exit.success(), "{}", pair.log());
+}

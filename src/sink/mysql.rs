@@ -770,8 +770,11 @@ impl TableWriter for MysqlTableWriter {
             targets.join(", "),
             if sets.is_empty() { String::new() } else { format!(" SET {}", sets.join(", ")) }
         );
-        let load = self.conn.query_drop(&sql);
-        let (loaded, ()) = tokio::join!(load, feeder);
+        // The feeder runs on its own: if the server never asks for the data (the statement
+        // failed first), nothing reads the channel and the feeder must not hold the load up.
+        let feeder = tokio::spawn(feeder);
+        let loaded = self.conn.query_drop(&sql).await;
+        feeder.abort();
         loaded.with_context(|| format!("loading {name} into the target"))?;
         let rows = self.conn.affected_rows();
         let warnings = self.conn.get_warnings();

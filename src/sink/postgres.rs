@@ -106,6 +106,12 @@ impl PostgresSink {
 
     pub async fn connect(params: ConnectParams, pipeline: &str) -> anyhow::Result<PostgresSink> {
         let client = params.connect().await?;
+        // After a switchover the old source is read-only by default for every session;
+        // the fallback stream applying into it lifts that for itself only.
+        client
+            .batch_execute("SET default_transaction_read_only = off")
+            .await
+            .context("setting up the target session")?;
         let major = crate::pgconn::server_major(&client, "target").await?;
         let origin = format!("cutover_{pipeline}");
         let sink = PostgresSink {

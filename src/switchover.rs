@@ -1,0 +1,355 @@
+//! `cutover switchover`: end a migration with the target as the new primary.
+//!
+//! Runs beside `cutover run` (same config) and talks to it over its control socket:
+//! 1. waits until the daemon streams with less than a second of lag;
+//! 2. fences the source — PostgreSQL: `default_transaction_read_only` on the
+//!    database and every other client session of it ended; MySQL: `read_only`
+//!    (and `super_read_only` where it exists) and the client sessions killed —
+//!    so from here on no write can land on the source;
+//! 3. reads the source's final position and waits until the target has it
+//!    (PostgreSQL: the slot's confirmed position; MySQL: the applied binlog position);
+//! 4. sets the target's sequences to the source's values;
+//! 5. with `[switchover] fallback = true`, creates the fallback stream on the target
+//!    (publication and slot, `REPLICA IDENTITY FULL` for tables without a key)
+//!    before anything can write to it;
+//! 6. tells the daemon it is over: it stops, and with fallback streams target →
+//!    old source in the same process.
+//!
+//! The write-blocked window (step 2 to 6) is what the application sees as downtime.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use mysql_async::prelude::Queryable;
+
+use crate::checkpoint::{CheckpointStore, SwitchoverRecord};
+use crate::config::{Config, SourceKind, TargetKind};
+use crate::pgconn::ConnectParams;
+use crate::position::Position;
+use crate::source::mysql::MysqlParams;
+use crate::status::{ask, Request, Status};
+
+/// What a switchover did.
+#[derive(Debug)]
+pub struct Summary {
+    pub final_position: String,
+    /// From fencing the source to the end: the application's downtime.
+    pub write_blocked: Duration,
+    pub transactions_applied: u64,
+    pub sessions_ended: u64,
+    pub sequences_synced: usize,
+    pub fallback: bool,
+}
+
+/// How long each wait may take before the switchover gives up (the source stays fenced).
+const WAIT: Duration = Duration::from_secs(120);
+
+async fn daemon_status(config: &Config) -> anyhow::Result<Status> {
+    ask(&config.state.dir, &Request::Status).await?.with_context(|| {
+        format!(
+            "no cutover daemon answers on {}: start `cutover run --config …` for this pipeline first",
+            crate::status::socket_path(&config.state.dir).display()
+        )
+    })
+}
+
+/// Runs the switchover.
+pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
+    if !matches!(config.source.kind, SourceKind::Postgres | SourceKind::Mysql) {
+        anyhow::bail!(
+            "switchover fences a PostgreSQL or MySQL source; a {:?} source has no writers to fence",
+            config.source.kind
+        );
+    }
+    // 1. Caught up.
+    let started = Instant::now();
+    loop {
+        let status = daemon_status(config).await?;
+        if status.phase == "streaming" && status.lag_seconds < 1.0 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < WAIT,
+            "the pipeline is not streaming with less than 1 s of lag after {} s (phase {}, lag {:.1} s); nothing was fenced",
+            WAIT.as_secs(),
+            status.phase,
+            status.lag_seconds
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // 2. Fence the source; 3. its final position, and the target has it.
+    let fenced = Instant::now();
+    let (final_position, sessions_ended) = match config.source.kind {
+        SourceKind::Postgres => {
+            let params = ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
+            let (lsn, ended) = fence_postgres(&params).await?;
+            wait_for_slot(&params, &format!("cutover_{}", config.name), &lsn).await?;
+            (format!("lsn:{lsn}"), ended)
+        }
+        _ => {
+            let params = MysqlParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
+            let (position, ended) = fence_mysql(&params).await?;
+            wait_for_applied(config, &position).await?;
+            (position.to_string(), ended)
+        }
+    };
+
+    // 4. Sequences (and anything else the end of a snapshot sets) to the source's values.
+    let (mut source, mut sink) = crate::pipeline::connect(config).await?;
+    let schema = source.schema().await?;
+    sink.finish_snapshot(&schema).await.context("syncing sequences on the target")?;
+    let sequences_synced = schema.sequences.len();
+
+    // 5. The fallback stream, created before anything writes to the new primary.
+    if config.switchover.fallback {
+        create_fallback(config, &schema).await?;
+    }
+
+    // 6. Over: the daemon records it and stops (or turns into the fallback stream).
+    let record = SwitchoverRecord { final_position: final_position.clone(), fallback: config.switchover.fallback };
+    let status = ask(&config.state.dir, &Request::SwitchedOver(record))
+        .await?
+        .context("the daemon went away before it was told the switchover is done; the source stays fenced")?;
+    Ok(Summary {
+        final_position,
+        write_blocked: fenced.elapsed(),
+        transactions_applied: status.transactions_applied,
+        sessions_ended,
+        sequences_synced,
+        fallback: config.switchover.fallback,
+    })
+}
+
+/// Makes the source database refuse writes and ends the sessions that could still
+/// write; returns the WAL position after that and how many sessions were ended.
+async fn fence_postgres(params: &ConnectParams) -> anyhow::Result<(String, u64)> {
+    let client = params.connect().await?;
+    let database = crate::schema::quote_ident(&params.database);
+    client
+        .batch_execute(&format!("ALTER DATABASE {database} SET default_transaction_read_only = on"))
+        .await
+        .with_context(|| format!("making database {} read-only on the source", params.database))?;
+    // Every client session of the database but cutover's own (its walsender is not a client backend).
+    let ended: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND application_name <> 'cutover'",
+            &[],
+        )
+        .await
+        .context("ending the source's client sessions")?
+        .get(0);
+    let lsn: String =
+        client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.context("reading the final LSN")?.get(0);
+    Ok((lsn, u64::try_from(ended).unwrap_or(0)))
+}
+
+/// Waits until the slot confirms `lsn`: the target holds everything before it.
+async fn wait_for_slot(params: &ConnectParams, slot: &str, lsn: &str) -> anyhow::Result<()> {
+    let client = params.connect().await?;
+    let started = Instant::now();
+    loop {
+        let done = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
+                &[&slot, &lsn],
+            )
+            .await
+            .context("reading the slot's confirmed position")?
+            .is_some();
+        if done {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < WAIT,
+            "the target did not reach the source's final LSN {lsn} within {} s; the source stays read-only — \
+             see `cutover status`, then run switchover again (or ALTER DATABASE … RESET default_transaction_read_only to undo)",
+            WAIT.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `read_only` on (and `super_read_only` on MySQL), client sessions killed; returns the
+/// binlog position after that and how many sessions were killed.
+async fn fence_mysql(params: &MysqlParams) -> anyhow::Result<(Position, u64)> {
+    let mut conn = params.connect().await?;
+    conn.query_drop("SET GLOBAL read_only = ON").await.context("SET GLOBAL read_only = ON on the source")?;
+    // MySQL only; MariaDB has no super_read_only.
+    let _ = conn.query_drop("SET GLOBAL super_read_only = ON").await;
+    let sessions: Vec<u64> = conn
+        .query(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() \
+             AND COMMAND NOT IN ('Binlog Dump', 'Binlog Dump GTID', 'Daemon') AND USER NOT IN ('system user', 'event_scheduler')",
+        )
+        .await
+        .context("listing the source's sessions")?;
+    let mut ended = 0;
+    for id in sessions {
+        // A session that ended meanwhile is fine.
+        ended += u64::from(conn.query_drop(format!("KILL CONNECTION {id}")).await.is_ok());
+    }
+    let status: Option<mysql_async::Row> = match conn.query_first("SHOW MASTER STATUS").await {
+        Ok(status) => status,
+        Err(_) => conn.query_first("SHOW BINARY LOG STATUS").await.context("reading the final binlog position")?,
+    };
+    let status = status.context("the source has no binary log")?;
+    let file: String = status.get_opt(0).and_then(Result::ok).context("no binlog file in SHOW MASTER STATUS")?;
+    let pos: u64 = status.get_opt(1).and_then(Result::ok).context("no binlog position in SHOW MASTER STATUS")?;
+    Ok((Position::Binlog(crate::position::BinlogPosition::new(file, pos)), ended))
+}
+
+/// Waits until the daemon's applied position reaches `position`.
+async fn wait_for_applied(config: &Config, position: &Position) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let status = daemon_status(config).await?;
+        let applied = status.applied_position.as_deref().and_then(|p| p.parse::<Position>().ok());
+        if applied.as_ref().is_some_and(|applied| applied >= position) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < WAIT,
+            "the target did not reach the source's final position {position} within {} s (applied: {}); the source \
+             stays read-only — see `cutover status`, then run switchover again (or SET GLOBAL read_only = OFF to undo)",
+            WAIT.as_secs(),
+            status.applied_position.unwrap_or_else(|| "none".into())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The fallback pipeline's config text: the same pipeline reversed (the new primary
+/// as source, the old source as target), streaming only (`mode = "never"`), the
+/// replicated tables named one by one, its state in `<state dir>/fallback`.
+fn fallback_config(config: &Config, tables: &[String]) -> anyhow::Result<String> {
+    let source_kind = match config.target.kind {
+        TargetKind::Postgres => "postgres",
+        TargetKind::Mysql => "mysql",
+    };
+    let target_kind = match config.source.kind {
+        SourceKind::Postgres => "postgres",
+        SourceKind::Mysql => "mysql",
+        other => anyhow::bail!("a fallback stream writes into the old source; a {other:?} source cannot take writes"),
+    };
+    let mut source = toml::map::Map::new();
+    source.insert("kind".into(), source_kind.into());
+    source.insert("url".into(), config.target.url.expose().into());
+    source.insert(
+        "tables".into(),
+        tables.iter().map(|t| toml::Value::from(glob::Pattern::escape(t))).collect::<Vec<_>>().into(),
+    );
+    let mut target = toml::map::Map::new();
+    target.insert("kind".into(), target_kind.into());
+    target.insert("url".into(), config.source.url.expose().into());
+    for (section, endpoint) in [(&mut source, config.target.endpoint()), (&mut target, config.source.endpoint())] {
+        if let Some(file) = endpoint.password_file {
+            section.insert("password_file".into(), file.display().to_string().into());
+        }
+        if let Some(variable) = endpoint.password_env {
+            section.insert("password_env".into(), variable.into());
+        }
+    }
+    let mut document = toml::map::Map::new();
+    document.insert("source".into(), source.into());
+    document.insert("target".into(), target.into());
+    document.insert(
+        "state".into(),
+        toml::Value::from(toml::map::Map::from_iter([(
+            "dir".to_string(),
+            toml::Value::from(config.state.dir.join("fallback").display().to_string()),
+        )])),
+    );
+    document.insert(
+        "snapshot".into(),
+        toml::Value::from(toml::map::Map::from_iter([("mode".to_string(), toml::Value::from("never"))])),
+    );
+    document.insert(
+        "metrics".into(),
+        toml::Value::from(toml::map::Map::from_iter([(
+            "listen".to_string(),
+            toml::Value::from(config.metrics.listen.clone()),
+        )])),
+    );
+    toml::to_string(&toml::Value::from(document)).context("writing the fallback config")
+}
+
+/// Where a switchover writes the fallback pipeline's config (readable, and usable
+/// with `status` and `cleanup`).
+fn fallback_path(config: &Config) -> std::path::PathBuf {
+    config.state.dir.join(format!("{}_fallback.toml", config.name))
+}
+
+/// The fallback pipeline to run once `run` returns, if the pipeline ended in a
+/// switchover with fallback (`switchover` created its stream and wrote its config).
+pub async fn fallback_after_switchover(config: &Config) -> anyhow::Result<Option<Config>> {
+    // The pipeline's own tasks let go of the store as they wind down: wait them out.
+    let mut attempts = 0;
+    let store = loop {
+        match CheckpointStore::open(&config.state.dir) {
+            Ok(store) => break store,
+            Err(_) if attempts < 50 => attempts += 1,
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if !store.switchover()?.is_some_and(|r| r.fallback) {
+        return Ok(None);
+    }
+    Ok(Some(Config::load(&fallback_path(config))?))
+}
+
+/// Sets up the fallback stream on the new primary: tables without a key get
+/// `REPLICA IDENTITY FULL` (PostgreSQL; cutover created them), then the stream's
+/// publication and slot (or binlog position) are created and recorded.
+async fn create_fallback(config: &Config, schema: &crate::schema::SourceSchema) -> anyhow::Result<()> {
+    let tables: Vec<String> = schema.tables.iter().map(|t| t.schema.name.to_string()).collect();
+    let path = fallback_path(config);
+    std::fs::write(&path, fallback_config(config, &tables)?)
+        .with_context(|| format!("writing the fallback config {}", path.display()))?;
+    let fallback = Config::load(&path)?;
+    std::fs::create_dir_all(&fallback.state.dir)
+        .with_context(|| format!("creating the fallback state dir {}", fallback.state.dir.display()))?;
+    let store = CheckpointStore::open(&fallback.state.dir)?;
+    if store.identity()?.is_some() {
+        return Ok(());
+    }
+    if config.target.kind == TargetKind::Postgres {
+        let client = ConnectParams::from_endpoint(config.target.endpoint())?.connect().await?;
+        for table in schema.tables.iter().filter(|t| t.schema.key_indexes().is_empty()) {
+            let sql = format!("ALTER TABLE {} REPLICA IDENTITY FULL", crate::schema::quote_table(&table.schema.name));
+            client.batch_execute(&sql).await.with_context(|| format!("on the target: {sql}"))?;
+        }
+    }
+    let (mut source, _sink) = crate::pipeline::connect(&fallback).await.context("connecting the fallback stream")?;
+    let fallback_schema = source.schema().await?;
+    let (identity, _snapshot) = source.create_stream(&fallback_schema.tables).await?;
+    source.release_snapshot().await;
+    store.save_identity(&identity)?;
+    tracing::info!(from = %identity.consistent_point, "fallback stream created on the new primary");
+    Ok(())
+}
+
+/// The summary for a terminal.
+pub fn render(summary: &Summary) -> String {
+    format!(
+        "switchover done: the target is the new primary\n\
+         final source position:   {}\n\
+         write-blocked window:    {} ms\n\
+         transactions applied:    {}\n\
+         client sessions ended:   {}\n\
+         sequences synced:        {}\n\
+         fallback:                {}\n",
+        summary.final_position,
+        summary.write_blocked.as_millis(),
+        summary.transactions_applied,
+        summary.sessions_ended,
+        summary.sequences_synced,
+        if summary.fallback {
+            "streaming the new primary's writes back to the old source (cutover status shows phase fallback)"
+        } else {
+            "off ([switchover] fallback = true to keep the old source in step)"
+        }
+    )
+}
