@@ -144,6 +144,12 @@ pub fn canonical(value: &str) -> String {
         }
     }
     let v = v.strip_suffix("+00").unwrap_or(v);
+    // Floats in exponent form: `1e+300` and `1e300`.
+    if v.contains(['e', 'E']) && !v.starts_with(['e', 'E']) {
+        if let Ok(float) = v.parse::<f64>() {
+            return format!("{float:?}");
+        }
+    }
     // Decimals: trailing zeros after the point say nothing about the value.
     let numeric = v.strip_prefix('-').unwrap_or(v);
     if numeric.contains('.') && numeric.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
@@ -267,6 +273,7 @@ mod tests {
             ("2.00", "2"),
             ("2024-01-01 10:00:00+00", "2024-01-01 10:00:00"),
             ("10:00:00.000000", "10:00:00"),
+            ("1e+300", "1e300"),
             (r#"{"b": 1, "a": [1, 2]}"#, r#"{"a":[1,2],"b":1}"#),
         ] {
             assert_eq!(canonical(a), canonical(b), "{a} vs {b}");

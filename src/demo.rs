@@ -477,20 +477,6 @@ fn sqlite_types(db: &rusqlite::Connection, table: &str) -> anyhow::Result<Vec<cr
     Ok(declared.iter().map(|d| crate::schema::sqlite::map_declared(d)).collect())
 }
 
-/// One value as both sides print it, so equal values compare equal: `t`/`true`,
-/// `7`/`7.00`, float and JSON spellings.
-fn canonical(kind: crate::schema::sqlite::SqliteType, value: Option<String>) -> Option<String> {
-    use crate::schema::sqlite::SqliteType;
-    let value = value?;
-    Some(match kind {
-        SqliteType::Boolean => (value == "t" || value == "true").to_string(),
-        SqliteType::Double => value.parse::<f64>().map(|f| format!("{f:?}")).unwrap_or(value),
-        SqliteType::Jsonb => crate::compare::canonical(&value),
-        SqliteType::Numeric(_) if value.contains('.') => value.trim_end_matches('0').trim_end_matches('.').to_string(),
-        _ => value,
-    })
-}
-
 /// Row count and an order-independent digest (the sum of the rows' hashes).
 #[derive(Default)]
 struct RowDigest {
@@ -522,14 +508,8 @@ fn sqlite_digest(db: &rusqlite::Connection, table: &str) -> anyhow::Result<(i64,
     while let Some(row) = rows.next()? {
         let mut values = Vec::with_capacity(types.len());
         for (i, kind) in types.iter().enumerate() {
-            let stored = match row.get_ref(i)? {
-                rusqlite::types::ValueRef::Null => Stored::Null,
-                rusqlite::types::ValueRef::Integer(v) => Stored::Integer(v),
-                rusqlite::types::ValueRef::Real(v) => Stored::Real(v),
-                rusqlite::types::ValueRef::Text(v) => Stored::Text(v),
-                rusqlite::types::ValueRef::Blob(v) => Stored::Blob(v),
-            };
-            values.push(canonical(*kind, encode(*kind, stored)?));
+            let stored = Stored::from(row.get_ref(i)?);
+            values.push(encode(*kind, stored)?.as_deref().map(crate::compare::canonical));
         }
         digest.add(&values);
     }
@@ -563,8 +543,9 @@ async fn postgres_digest(
     let sql = format!("SELECT {} FROM public.{}", select.join(", "), crate::schema::quote_ident(table));
     let mut digest = RowDigest::default();
     for row in pg.query(&sql, &[]).await? {
-        let values: Vec<Option<String>> =
-            types.iter().enumerate().map(|(i, kind)| canonical(*kind, row.get(i))).collect();
+        let values: Vec<Option<String>> = (0..types.len())
+            .map(|i| row.get::<_, Option<String>>(i).as_deref().map(crate::compare::canonical))
+            .collect();
         digest.add(&values);
     }
     Ok(digest.finish())

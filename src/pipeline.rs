@@ -45,7 +45,12 @@ pub struct CopySummary {
 
 /// Opens the configured source and sink.
 pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dyn Sink>)> {
-    let source: Box<dyn Source> = match config.source.kind {
+    Ok((connect_source(config).await?, connect_sink(config).await?))
+}
+
+/// Opens the configured source.
+pub async fn connect_source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
+    Ok(match config.source.kind {
         SourceKind::Postgres => {
             let params = ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
             Box::new(PostgresSource::connect(params, config.table_filter(), &config.name).await?)
@@ -65,8 +70,12 @@ pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dy
                 crate::source::mongodb::MongoSource::connect(config.source.endpoint(), config.table_filter(), mapping);
             Box::new(source.await.context("[source] url")?)
         }
-    };
-    let sink: Box<dyn Sink> = match config.target.kind {
+    })
+}
+
+/// Opens the configured sink.
+pub async fn connect_sink(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
+    Ok(match config.target.kind {
         TargetKind::Postgres => {
             let params = ConnectParams::from_endpoint(config.target.endpoint()).context("[target] url")?;
             Box::new(PostgresSink::connect(params, &config.name).await?)
@@ -80,8 +89,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<(Box<dyn Source>, Box<dy
             };
             Box::new(crate::sink::mysql::MysqlSink::connect(params, &config.name, &home).await?)
         }
-    };
-    Ok((source, sink))
+    })
 }
 
 /// A connection that broke: the pipeline reconnects and resumes from its checkpoint.

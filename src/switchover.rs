@@ -322,7 +322,8 @@ async fn create_fallback(config: &Config, schema: &crate::schema::SourceSchema) 
             client.batch_execute(&sql).await.with_context(|| format!("on the target: {sql}"))?;
         }
     }
-    let (mut source, _sink) = crate::pipeline::connect(&fallback).await.context("connecting the fallback stream")?;
+    // Only the new primary's side: the old source is written to once the daemon runs the stream.
+    let mut source = crate::pipeline::connect_source(&fallback).await.context("connecting the fallback stream")?;
     let fallback_schema = source.schema().await?;
     let (identity, _snapshot) = source.create_stream(&fallback_schema.tables).await?;
     source.release_snapshot().await;

@@ -6,7 +6,7 @@ mod common;
 mod mongo_server;
 
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, DateTime, Decimal128, Document};
@@ -93,14 +93,7 @@ impl Pipeline {
     }
 
     fn spawn(&self) -> Child {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        Command::new(env!("CARGO_BIN_EXE_cutover"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("CUTOVER_LOG", "info,cutover=debug")
-            .stderr(file)
-            .spawn()
-            .expect("cutover starts")
+        common::spawn_run(&self.config, &self.log, &[])
     }
 
     fn log(&self) -> String {

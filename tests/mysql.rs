@@ -1,6 +1,10 @@
 //! MariaDB → PostgreSQL against real sandbox servers: every row of the type
 //! mapping, with extreme values, lands as the documented PostgreSQL value.
 
+mod common;
+
+use common::master_status;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -169,14 +173,7 @@ impl Streaming {
     }
 
     fn spawn(&self) -> std::process::Child {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        Command::new(env!("CARGO_BIN_EXE_cutover"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("CUTOVER_LOG", "info,cutover=debug")
-            .stderr(file)
-            .spawn()
-            .expect("cutover starts")
+        common::spawn_run(&self.config, &self.log, &[])
     }
 
     fn log(&self) -> String {
@@ -365,12 +362,6 @@ async fn pitr_starts_at_a_gtid_skips_the_bad_transaction_and_stops_at_a_position
         .collect();
     assert_eq!(ids, (1..=30).collect::<Vec<_>>(), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The binlog's current `file:offset`.
-async fn master_status(conn: &mut mysql_async::Conn) -> String {
-    let row: mysql_async::Row = conn.query_first("SHOW MASTER STATUS").await.expect("status").expect("row");
-    format!("{}:{}", row.get::<String, _>(0).expect("file"), row.get::<u64, _>(1).expect("pos"))
 }
 
 /// `start` at a binlog file:offset (the way MySQL, without GTIDs, resumes): the replay

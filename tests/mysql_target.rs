@@ -5,10 +5,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::connect;
+use common::{connect, kill9, master_status};
 use cutover::sandbox::{free_port, MariaDbServer, PostgresServer};
 use mysql_async::prelude::Queryable;
 
@@ -148,17 +148,6 @@ fn write_config(dir: &Path, name: &str, source_kind: &str, source_url: &str, tar
     path
 }
 
-fn spawn(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
-    Command::new(env!("CARGO_BIN_EXE_cutover"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("cutover starts")
-}
-
 /// Waits until `done` holds, failing with the log when cutover exits or 120 s pass.
 async fn wait_for<F, Fut>(child: &mut Child, log: &Path, mut done: F)
 where
@@ -179,12 +168,6 @@ where
     }
 }
 
-fn kill9(child: &mut Child) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    let _ = child.wait();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_to_mariadb_snapshot_stream_and_restart() {
     let dir = test_dir("pg-to-mysql");
@@ -201,7 +184,7 @@ async fn postgres_to_mariadb_snapshot_stream_and_restart() {
     let plan = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success() && plan.contains("public.measures.v numeric → MySQL decimal(65,30)"), "{plan}");
 
-    let mut child = spawn(&config, &log);
+    let mut child = common::spawn_run(&config, &log, &[]);
     // The changes go through the stream: wait until the snapshot is in.
     let streaming = || {
         let log = log.clone();
@@ -219,7 +202,7 @@ async fn postgres_to_mariadb_snapshot_stream_and_restart() {
     )
     .await
     .expect("more changes");
-    let mut child = spawn(&config, &log);
+    let mut child = common::spawn_run(&config, &log, &[]);
     wait_for(&mut child, &log, || has_row(target.url("app"), marker(2))).await;
     kill9(&mut child);
 
@@ -309,7 +292,7 @@ async fn mariadb_to_mariadb_keeps_rows_and_streams() {
     .expect("source data");
     let config = write_config(&dir, "shop_copy", "mysql", &source.url("shop"), &target.url("shop_copy"), "");
     let log = dir.join("cutover.log");
-    let mut child = spawn(&config, &log);
+    let mut child = common::spawn_run(&config, &log, &[]);
     src.query_drop(
         "UPDATE shop.items SET price = price * 2 WHERE id % 3 = 0; DELETE FROM shop.items WHERE id % 7 = 0; \
          INSERT INTO shop.items VALUES (4294967295, 'max', -1.5, NULL, NULL, 0x00FF); \
@@ -380,12 +363,6 @@ async fn sqlite_to_mariadb_copies_once() {
     let count: Option<u64> = my.query_first("SELECT COUNT(*) FROM notes").await.expect("count");
     assert_eq!(count, Some(1000));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The binlog's current `file:offset`.
-async fn master_status(conn: &mut mysql_async::Conn) -> String {
-    let row: mysql_async::Row = conn.query_first("SHOW MASTER STATUS").await.expect("status").expect("row");
-    format!("{}:{}", row.get::<String, _>(0).expect("file"), row.get::<u64, _>(1).expect("pos"))
 }
 
 /// A `mariadb-dump --master-data=2 --gtid` backup of `shop`, restored into `target`;

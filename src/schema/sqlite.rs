@@ -85,6 +85,19 @@ pub enum Stored<'a> {
     Blob(&'a [u8]),
 }
 
+impl<'a> From<rusqlite::types::ValueRef<'a>> for Stored<'a> {
+    fn from(value: rusqlite::types::ValueRef<'a>) -> Stored<'a> {
+        use rusqlite::types::ValueRef;
+        match value {
+            ValueRef::Null => Stored::Null,
+            ValueRef::Integer(i) => Stored::Integer(i),
+            ValueRef::Real(r) => Stored::Real(r),
+            ValueRef::Text(t) => Stored::Text(t),
+            ValueRef::Blob(b) => Stored::Blob(b),
+        }
+    }
+}
+
 /// A stored value its column's type cannot hold.
 #[derive(Debug, thiserror::Error)]
 #[error("{value} does not fit {target}: {why}")]

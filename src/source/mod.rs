@@ -105,14 +105,21 @@ pub trait Source: Send + Sync {
     /// Opens a reader inside the pinned snapshot: one per copy worker.
     async fn snapshot_reader(&self, snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>>;
 
-    /// Lets the pinned snapshot go, once every reader has opened.
-    async fn release_snapshot(&mut self);
+    /// Lets the pinned snapshot go, once every reader has opened. Nothing to do for a
+    /// source whose readers hold their snapshot themselves.
+    async fn release_snapshot(&mut self) {}
 
-    /// Drops what the pipeline created on the source (never user data); returns what it dropped.
-    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>>;
+    /// Drops what the pipeline created on the source (never user data); returns what it
+    /// dropped. A source read without creating anything (a binlog, a change stream, a
+    /// file) has nothing to drop.
+    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 
-    /// How to split a table so several workers can copy it.
-    fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk>;
+    /// How to split a table so several workers can copy it; whole by default.
+    fn chunks(&self, _table: &TableDefinition, _workers: usize) -> Vec<Chunk> {
+        vec![Chunk::Whole]
+    }
 
     /// Streams every transaction that commits after `from`. `confirmed` carries
     /// the position up to which the target has durably applied, so the source

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use rusqlite::types::ValueRef;
 use tokio::sync::{mpsc, watch};
 
 use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint, Source, TableReader};
@@ -155,33 +154,24 @@ impl SqliteSource {
                     )),
                 }
             }
-            let mut types: Vec<SqliteType> = columns.iter().map(|c| map_declared(&c.1)).collect();
+            let mut table = SqliteTable {
+                name: name.clone(),
+                columns: columns.iter().map(|c| c.0.clone()).collect(),
+                types: columns.iter().map(|c| map_declared(&c.1)).collect(),
+                has_rowid: !sql.to_ascii_uppercase().contains("WITHOUT ROWID"),
+                key: key.clone(),
+            };
             let mut widened = vec![false; columns.len()];
             if self.on_mismatch == OnTypeMismatch::Text {
-                let table = SqliteTable {
-                    name: name.clone(),
-                    columns: columns.iter().map(|c| c.0.clone()).collect(),
-                    types: types.clone(),
-                    has_rowid: true,
-                    key: key.clone(),
-                };
                 for column in
                     misfit_columns(&conn, &table).with_context(|| context(&format!("the values of {name}")))?
                 {
-                    types[column] = SqliteType::Text;
+                    table.types[column] = SqliteType::Text;
                     widened[column] = true;
                 }
             }
-            tables.insert(
-                target.clone(),
-                SqliteTable {
-                    name: name.clone(),
-                    columns: columns.iter().map(|c| c.0.clone()).collect(),
-                    types: types.clone(),
-                    has_rowid: !sql.to_ascii_uppercase().contains("WITHOUT ROWID"),
-                    key: key.clone(),
-                },
-            );
+            let types = table.types.clone();
+            tables.insert(target.clone(), table);
             schema.tables.push(TableDefinition {
                 schema: TableSchema {
                     name: target.clone(),
@@ -305,22 +295,12 @@ fn misfit_columns(conn: &rusqlite::Connection, table: &SqliteTable) -> rusqlite:
     let mut misfits = vec![false; checked.len()];
     while let Some(row) = rows.next()? {
         for (slot, &column) in checked.iter().enumerate() {
-            if !misfits[slot] && encode(table.types[column], stored(row.get_ref(slot)?)).is_err() {
+            if !misfits[slot] && encode(table.types[column], Stored::from(row.get_ref(slot)?)).is_err() {
                 misfits[slot] = true;
             }
         }
     }
     Ok(checked.iter().zip(misfits).filter(|(_, misfit)| *misfit).map(|(&c, _)| c).collect())
-}
-
-fn stored(value: ValueRef<'_>) -> Stored<'_> {
-    match value {
-        ValueRef::Null => Stored::Null,
-        ValueRef::Integer(i) => Stored::Integer(i),
-        ValueRef::Real(r) => Stored::Real(r),
-        ValueRef::Text(t) => Stored::Text(t),
-        ValueRef::Blob(b) => Stored::Blob(b),
-    }
 }
 
 const SNAPSHOT_ONLY: &str = "a SQLite source is copied once (snapshot only): it has no change log to stream";
@@ -379,17 +359,6 @@ impl Source for SqliteSource {
 
     async fn snapshot_reader(&self, _snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>> {
         Ok(Box::new(SqliteReader { conn: self.conn.clone(), tables: self.tables.clone() }))
-    }
-
-    async fn release_snapshot(&mut self) {}
-
-    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
-        // Opened read-only: nothing was created in the file.
-        Ok(Vec::new())
-    }
-
-    fn chunks(&self, _table: &TableDefinition, _workers: usize) -> Vec<Chunk> {
-        vec![Chunk::Whole]
     }
 
     async fn start_stream(
@@ -457,14 +426,14 @@ fn read_table(
                 line.push(b'\t');
             }
             let value = row.get_ref(i + offset).with_context(|| format!("reading {name}"))?;
-            let text = encode(*target, stored(value)).map_err(|e| {
+            let text = encode(*target, Stored::from(value)).map_err(|e| {
                 let which = match table.has_rowid {
                     true => format!("rowid {}", row.get::<_, i64>(0).unwrap_or_default()),
                     false => {
                         let key: Vec<String> = table
                             .key
                             .iter()
-                            .map(|&k| format!("{}={:?}", table.columns[k], row.get_ref(k).ok().map(stored)))
+                            .map(|&k| format!("{}={:?}", table.columns[k], row.get_ref(k).ok().map(Stored::from)))
                             .collect();
                         format!("key ({})", key.join(", "))
                     }

@@ -86,18 +86,8 @@ impl Pair {
 
     /// As [`Pair::spawn`], with extra environment variables.
     pub fn spawn_with_env(&self, env: &[(&str, &std::path::Path)]) -> Child {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("cutover.log")).expect("log file");
         self.streaming_before.set(self.log().matches("streaming changes").count());
-        Command::new(env!("CARGO_BIN_EXE_cutover"))
-            .args(["run", "--config"])
-            .arg(&self.config_path)
-            .env("CUTOVER_LOG", "info,cutover=debug")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("cutover starts")
+        spawn_run(&self.config_path, &self.dir.join("cutover.log"), env)
     }
 
     pub fn log(&self) -> String {
@@ -149,6 +139,20 @@ impl Drop for Pair {
     }
 }
 
+/// Starts `cutover run --config config` as a child process, its log appended to `log`.
+pub fn spawn_run(config: &std::path::Path, log: &std::path::Path, env: &[(&str, &std::path::Path)]) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("CUTOVER_LOG", "info,cutover=debug")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("cutover starts")
+}
+
 pub async fn connect(url: &str) -> tokio_postgres::Client {
     let url = ConnUrl::new(url);
     let params = ConnectParams::from_endpoint(Endpoint { url: &url, password_file: None, password_env: None })
@@ -159,6 +163,13 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 /// The single integer a query returns.
 pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// A MariaDB binlog's current `file:offset`.
+pub async fn master_status(conn: &mut mysql_async::Conn) -> String {
+    use mysql_async::prelude::Queryable;
+    let row: mysql_async::Row = conn.query_first("SHOW MASTER STATUS").await.expect("status").expect("row");
+    format!("{}:{}", row.get::<String, _>(0).expect("file"), row.get::<u64, _>(1).expect("pos"))
 }
 
 pub fn kill9(child: &mut Child) {

@@ -284,17 +284,6 @@ impl Source for MongoSource {
         Ok(Box::new(MongoTableReader { db: self.db.clone(), shapes: Arc::new(self.shapes.clone()) }))
     }
 
-    async fn release_snapshot(&mut self) {}
-
-    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
-        // A change stream leaves nothing on the server.
-        Ok(Vec::new())
-    }
-
-    fn chunks(&self, _table: &TableDefinition, _workers: usize) -> Vec<Chunk> {
-        vec![Chunk::Whole]
-    }
-
     async fn start_stream(
         &mut self,
         from: &Position,

@@ -331,11 +331,6 @@ impl Source for MysqlSource {
         }
     }
 
-    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
-        // A binlog reader leaves nothing on the server.
-        Ok(Vec::new())
-    }
-
     fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk> {
         let span = self.tables.get(&table.schema.name).and_then(|t| t.key_span);
         let Some((min, max)) = span.filter(|_| workers > 1) else { return vec![Chunk::Whole] };
