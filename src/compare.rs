@@ -8,94 +8,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::config::Config;
+use crate::sql::{Rows, SqlClient, SqlDialect};
 use anyhow::Context as _;
-use mysql_async::prelude::Queryable;
-
-use crate::config::{Config, Endpoint, SourceKind, TargetKind};
-
-/// One side of the comparison: a connection that runs SQL and returns rows as text.
-enum Side {
-    Postgres(tokio_postgres::Client),
-    Mysql(mysql_async::Conn),
-    Sqlite(rusqlite::Connection),
-}
-
-/// Rows as text: `None` for NULL.
-type Rows = Vec<Vec<Option<String>>>;
-
-impl Side {
-    async fn open(kind: Kind, endpoint: Endpoint<'_>) -> anyhow::Result<Side> {
-        Ok(match kind {
-            Kind::Postgres => Side::Postgres(crate::pgconn::ConnectParams::from_endpoint(endpoint)?.connect().await?),
-            Kind::Mysql => Side::Mysql(crate::source::mysql::MysqlParams::from_endpoint(endpoint)?.connect().await?),
-            Kind::Sqlite => {
-                let path = crate::source::sqlite::path_from_url(endpoint.url.expose())?;
-                Side::Sqlite(
-                    rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-                        .with_context(|| format!("opening {} read-only", path.display()))?,
-                )
-            }
-        })
-    }
-
-    async fn run(&mut self, sql: &str) -> anyhow::Result<Rows> {
-        match self {
-            Side::Postgres(client) => {
-                let mut rows = Vec::new();
-                for message in client.simple_query(sql).await? {
-                    if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-                        rows.push((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect());
-                    }
-                }
-                Ok(rows)
-            }
-            Side::Mysql(conn) => {
-                let rows: Vec<mysql_async::Row> = conn.query(sql).await?;
-                Ok(rows
-                    .into_iter()
-                    .map(|row| {
-                        (0..row.len())
-                            .map(|i| match row.as_ref(i) {
-                                None | Some(mysql_async::Value::NULL) => None,
-                                Some(mysql_async::Value::Bytes(bytes)) => {
-                                    Some(String::from_utf8_lossy(bytes).into_owned())
-                                }
-                                Some(other) => Some(other.as_sql(true).trim_matches('\'').to_string()),
-                            })
-                            .collect()
-                    })
-                    .collect())
-            }
-            Side::Sqlite(conn) => {
-                let mut statement = conn.prepare(sql)?;
-                let columns = statement.column_count();
-                let rows = statement.query_map([], |row| {
-                    (0..columns)
-                        .map(|i| {
-                            Ok(match row.get_ref(i)? {
-                                rusqlite::types::ValueRef::Null => None,
-                                rusqlite::types::ValueRef::Integer(v) => Some(v.to_string()),
-                                rusqlite::types::ValueRef::Real(v) => Some(v.to_string()),
-                                rusqlite::types::ValueRef::Text(v) => Some(String::from_utf8_lossy(v).into_owned()),
-                                rusqlite::types::ValueRef::Blob(v) => {
-                                    Some(v.iter().map(|b| format!("{b:02x}")).collect())
-                                }
-                            })
-                        })
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                })?;
-                Ok(rows.collect::<rusqlite::Result<Rows>>()?)
-            }
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Kind {
-    Postgres,
-    Mysql,
-    Sqlite,
-}
 
 /// One query's outcome.
 #[derive(Debug)]
@@ -156,9 +71,13 @@ pub fn canonical(value: &str) -> String {
         let trimmed = v.trim_end_matches('0').trim_end_matches('.');
         return if trimmed == "-0" { "0".into() } else { trimmed.to_string() };
     }
-    // Times: a zero fraction likewise (`12:00:00.000000` is `12:00:00`).
-    if let Some(whole) = v.strip_suffix(".000000") {
-        return whole.to_string();
+    // Times: trailing zeros of a fraction of a second likewise (`12:00:00.500000` is `12:00:00.5`).
+    if let Some((whole, fraction)) = v.rsplit_once('.') {
+        let is_time = whole.len() >= 8 && whole.as_bytes()[whole.len() - 3] == b':';
+        if is_time && !fraction.is_empty() && fraction.bytes().all(|b| b.is_ascii_digit()) {
+            let fraction = fraction.trim_end_matches('0');
+            return if fraction.is_empty() { whole.to_string() } else { format!("{whole}.{fraction}") };
+        }
     }
     v.to_string()
 }
@@ -190,18 +109,10 @@ fn canonical_rows(rows: Rows) -> Vec<Vec<Option<String>>> {
 
 /// Runs every query `runs` times on both sides.
 pub async fn compare(config: &Config, queries: &[String], runs: usize) -> anyhow::Result<Vec<QueryReport>> {
-    let source_kind = match config.source.kind {
-        SourceKind::Postgres => Kind::Postgres,
-        SourceKind::Mysql => Kind::Mysql,
-        SourceKind::Sqlite => Kind::Sqlite,
-        SourceKind::Mongodb => anyhow::bail!("compare-queries runs SQL queries; a MongoDB source has none"),
-    };
-    let target_kind = match config.target.kind {
-        TargetKind::Postgres => Kind::Postgres,
-        TargetKind::Mysql => Kind::Mysql,
-    };
-    let mut source = Side::open(source_kind, config.source.endpoint()).await.context("[source]")?;
-    let mut target = Side::open(target_kind, config.target.endpoint()).await.context("[target]")?;
+    let source_dialect = SqlDialect::of_source(config, "compare-queries")?;
+    let mut source = SqlClient::open(source_dialect, config.source.endpoint()).await.context("[source]")?;
+    let mut target =
+        SqlClient::open(SqlDialect::of_target(config), config.target.endpoint()).await.context("[target]")?;
     let mut reports = Vec::new();
     for query in queries {
         let (mut source_times, mut target_times) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
@@ -273,6 +184,7 @@ mod tests {
             ("2.00", "2"),
             ("2024-01-01 10:00:00+00", "2024-01-01 10:00:00"),
             ("10:00:00.000000", "10:00:00"),
+            ("2024-01-01 10:00:00.5+00", "2024-01-01 10:00:00.500000"),
             ("1e+300", "1e300"),
             (r#"{"b": 1, "a": [1, 2]}"#, r#"{"a":[1,2],"b":1}"#),
         ] {

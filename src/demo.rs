@@ -204,12 +204,12 @@ fn figures(ran: Duration) -> String {
     out
 }
 
-fn finish(reports: &[crate::verify::TableReport], summary: &str, figures: &str) -> anyhow::Result<()> {
-    print!("{}", crate::verify::render(reports));
-    let rows: i64 = reports.iter().map(|r| r.target_rows).sum();
+fn finish(verification: &crate::verify::Verification, summary: &str, figures: &str) -> anyhow::Result<()> {
+    print!("{}", crate::verify::render(verification));
+    let rows: u64 = verification.tables.iter().map(|r| r.target_rows).sum();
     println!("\n{rows} rows on the target; {summary}");
     print!("{figures}");
-    if reports.iter().all(|r| r.matches()) {
+    if verification.matches() {
         println!("verification: every table matches");
         Ok(())
     } else {
@@ -388,30 +388,9 @@ async fn run_mysql(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<()> 
     let figures = figures(started.elapsed());
     println!("caught up {:.1}s after the load stopped", caught_up.as_secs_f64());
 
-    // Verification across dialects: the streamed target against a fresh consistent
-    // copy of the source as it is now, table by table.
-    println!("copying the source afresh into database `verify` to check the streamed copy against it\n");
-    streamed.batch_execute("CREATE DATABASE verify").await?;
-    let verify_path = work.join("verify.toml");
-    let mode = "[snapshot]\nmode = \"only\"\n";
-    write_config(&verify_path, "mysql", &source.url("shop"), &target.url("verify"), &work.join("verify-state"), mode)?;
-    crate::pipeline::run(&Config::load(&verify_path)?, std::future::pending()).await?;
-    let fresh = postgres_client(&target.url("verify")).await?;
-    let mut reports = Vec::new();
-    for (table, target_rows, target_checksum) in crate::verify::schema_digests(&streamed, "shop").await? {
-        let source_rows: i64 = conn.query_first(format!("SELECT COUNT(*) FROM shop.`{table}`")).await?.unwrap_or(-1);
-        let fresh_digest = crate::verify::schema_digests(&fresh, "shop").await?.into_iter().find(|d| d.0 == table);
-        let source_checksum = fresh_digest.map(|d| d.2).unwrap_or_default();
-        reports.push(crate::verify::TableReport {
-            table: format!("shop.{table}"),
-            source_rows,
-            target_rows,
-            source_checksum,
-            target_checksum,
-        });
-    }
     let rate = transactions as f64 / load_seconds;
-    finish(&reports, &format!("write load: {transactions} transactions, {rate:.0}/s"), &figures)
+    let verification = crate::verify::verify(&Config::load(&config_path)?).await?;
+    finish(&verification, &format!("write load: {transactions} transactions, {rate:.0}/s"), &figures)
 }
 
 /// The SQLite demo's file: orders with every declared type the mapping knows, a
@@ -449,104 +428,7 @@ async fn run_sqlite(work: &Path, scale: u32) -> anyhow::Result<()> {
     crate::pipeline::run(&Config::load(&config_path)?, std::future::pending()).await?;
     let figures = figures(started.elapsed());
 
-    // Verification across dialects: every row of every table read back from both
-    // sides, the SQLite values put in PostgreSQL's text form by the copy's own rule.
-    let pg = postgres_client(&target.url("postgres")).await?;
-    let mut reports = Vec::new();
-    for table in ["customers", "orders"] {
-        let (source_rows, source_checksum) = sqlite_digest(&db, table)?;
-        let (target_rows, target_checksum) = postgres_digest(&pg, &db, table).await?;
-        reports.push(crate::verify::TableReport {
-            table: format!("public.{table}"),
-            source_rows,
-            target_rows,
-            source_checksum,
-            target_checksum,
-        });
-    }
     println!();
-    finish(&reports, "one-shot copy", &format!("{}\n", figures.lines().next().unwrap_or_default()))
-}
-
-/// The declared types of a SQLite table's columns, mapped as the copy maps them.
-fn sqlite_types(db: &rusqlite::Connection, table: &str) -> anyhow::Result<Vec<crate::schema::sqlite::SqliteType>> {
-    let declared: Vec<String> = db
-        .prepare("SELECT type FROM pragma_table_info(?1) ORDER BY cid")?
-        .query_map([table], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    Ok(declared.iter().map(|d| crate::schema::sqlite::map_declared(d)).collect())
-}
-
-/// Row count and an order-independent digest (the sum of the rows' hashes).
-#[derive(Default)]
-struct RowDigest {
-    rows: i64,
-    sum: u64,
-}
-
-impl RowDigest {
-    fn add(&mut self, row: &[Option<String>]) {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::hash::DefaultHasher::new();
-        row.hash(&mut hasher);
-        self.rows += 1;
-        self.sum = self.sum.wrapping_add(hasher.finish());
-    }
-
-    fn finish(self) -> (i64, String) {
-        (self.rows, format!("{:016x}", self.sum))
-    }
-}
-
-/// A SQLite table's rows, each value put in PostgreSQL's text form by the copy's own rule.
-fn sqlite_digest(db: &rusqlite::Connection, table: &str) -> anyhow::Result<(i64, String)> {
-    use crate::schema::sqlite::{encode, Stored};
-    let types = sqlite_types(db, table)?;
-    let mut statement = db.prepare(&format!("SELECT * FROM {}", crate::schema::quote_ident(table)))?;
-    let mut rows = statement.query([])?;
-    let mut digest = RowDigest::default();
-    while let Some(row) = rows.next()? {
-        let mut values = Vec::with_capacity(types.len());
-        for (i, kind) in types.iter().enumerate() {
-            let stored = Stored::from(row.get_ref(i)?);
-            values.push(encode(*kind, stored)?.as_deref().map(crate::compare::canonical));
-        }
-        digest.add(&values);
-    }
-    Ok(digest.finish())
-}
-
-/// The same digest over the target's table, read back as PostgreSQL prints it.
-async fn postgres_digest(
-    pg: &tokio_postgres::Client,
-    db: &rusqlite::Connection,
-    table: &str,
-) -> anyhow::Result<(i64, String)> {
-    use crate::schema::sqlite::SqliteType;
-    let types = sqlite_types(db, table)?;
-    let names: Vec<String> = db
-        .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?
-        .query_map([table], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let select: Vec<String> = names
-        .iter()
-        .zip(&types)
-        .map(|(name, kind)| {
-            let column = crate::schema::quote_ident(name);
-            match kind {
-                SqliteType::Bytea => format!("'\\x' || encode({column}, 'hex')"),
-                SqliteType::Timestamp => format!("to_char({column}, 'YYYY-MM-DD HH24:MI:SS.US')"),
-                _ => format!("{column}::text"),
-            }
-        })
-        .collect();
-    let sql = format!("SELECT {} FROM public.{}", select.join(", "), crate::schema::quote_ident(table));
-    let mut digest = RowDigest::default();
-    for row in pg.query(&sql, &[]).await? {
-        let values: Vec<Option<String>> = (0..types.len())
-            .map(|i| row.get::<_, Option<String>>(i).as_deref().map(crate::compare::canonical))
-            .collect();
-        digest.add(&values);
-    }
-    Ok(digest.finish())
+    let verification = crate::verify::verify(&Config::load(&config_path)?).await?;
+    finish(&verification, "one-shot copy", &format!("{}\n", figures.lines().next().unwrap_or_default()))
 }

@@ -20,6 +20,7 @@ pub mod sandbox;
 pub mod schema;
 pub mod sink;
 pub mod source;
+pub mod sql;
 pub mod status;
 pub mod switchover;
 pub mod tls;

@@ -76,9 +76,9 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Verify { config } => {
             let config = Config::load(&config)?;
-            let reports = cutover::verify::verify(&config).await?;
-            print!("{}", cutover::verify::render(&reports));
-            Ok(if reports.iter().all(|r| r.matches()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            let verification = cutover::verify::verify(&config).await?;
+            print!("{}", cutover::verify::render(&verification));
+            Ok(if verification.matches() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::CompareQueries { config, queries, runs } => {
             let config = Config::load(&config)?;

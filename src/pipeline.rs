@@ -82,14 +82,94 @@ pub async fn connect_sink(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
         }
         TargetKind::Mysql => {
             let params = MysqlParams::from_endpoint(config.target.endpoint()).context("[target] url")?;
-            // A MySQL source's database lands in the target URL's database, as PostgreSQL's `public` does.
-            let home = match config.source.kind {
-                SourceKind::Mysql => MysqlParams::from_endpoint(config.source.endpoint())?.database,
-                _ => "public".to_string(),
-            };
-            Box::new(crate::sink::mysql::MysqlSink::connect(params, &config.name, &home).await?)
+            Box::new(crate::sink::mysql::MysqlSink::connect(params, &config.name, &home_schema(config)?).await?)
         }
     })
+}
+
+/// The source schema that lands in a MySQL target URL's own database: a MySQL
+/// source's database, as PostgreSQL's `public` does.
+fn home_schema(config: &Config) -> anyhow::Result<String> {
+    Ok(match config.source.kind {
+        SourceKind::Mysql => MysqlParams::from_endpoint(config.source.endpoint())?.database,
+        _ => "public".to_string(),
+    })
+}
+
+/// The MySQL target database a source schema's tables land in.
+pub fn target_database(config: &Config, schema: &str) -> anyhow::Result<String> {
+    let url_database = MysqlParams::from_endpoint(config.target.endpoint()).context("[target] url")?.database;
+    Ok(crate::sink::mysql::database_for(&url_database, &home_schema(config)?, schema))
+}
+
+/// Where the source's change log is now.
+pub async fn source_position(config: &Config) -> anyhow::Result<Position> {
+    match config.source.kind {
+        SourceKind::Postgres => {
+            let client =
+                ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?.connect().await?;
+            let lsn: String = client
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .context("reading the source's WAL position")?
+                .get(0);
+            Ok(format!("lsn:{lsn}").parse()?)
+        }
+        SourceKind::Mysql => {
+            let mut conn =
+                MysqlParams::from_endpoint(config.source.endpoint()).context("[source] url")?.connect().await?;
+            Ok(Position::Binlog(crate::source::mysql::binlog_position(&mut conn).await?))
+        }
+        other => anyhow::bail!("a {other:?} source has no change log position"),
+    }
+}
+
+/// Waits until the target holds everything the source wrote before `position`
+/// (or `timeout` passes): whether it does, and the position last seen applied.
+/// PostgreSQL: the slot's confirmed position, which keepalives move across idle
+/// stretches; MySQL: the running daemon's applied position.
+pub async fn wait_until_applied(
+    config: &Config,
+    position: &Position,
+    timeout: Duration,
+) -> anyhow::Result<(bool, Option<String>)> {
+    let started = Instant::now();
+    let slot_client = match config.source.kind {
+        SourceKind::Postgres => {
+            Some(ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?.connect().await?)
+        }
+        _ => None,
+    };
+    loop {
+        let applied = match &slot_client {
+            Some(client) => client
+                .query_opt(
+                    "SELECT 'lsn:' || confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&format!("cutover_{}", config.name)],
+                )
+                .await
+                .context("reading the slot's confirmed position")?
+                .and_then(|row| row.get::<_, Option<String>>(0)),
+            None => {
+                let status = crate::status::ask(&config.state.dir, &crate::status::Request::Status)
+                    .await?
+                    .with_context(|| {
+                        format!(
+                            "no cutover daemon answers on {}: is `cutover run` running?",
+                            crate::status::socket_path(&config.state.dir).display()
+                        )
+                    })?;
+                status.applied_position
+            }
+        };
+        if applied.as_deref().and_then(|p| p.parse::<Position>().ok()).is_some_and(|applied| &applied >= position) {
+            return Ok((true, applied));
+        }
+        if started.elapsed() >= timeout {
+            return Ok((false, applied));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A connection that broke: the pipeline reconnects and resumes from its checkpoint.

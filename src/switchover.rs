@@ -83,17 +83,27 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
     let (final_position, sessions_ended) = match config.source.kind {
         SourceKind::Postgres => {
             let params = ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
-            let (lsn, ended) = fence_postgres(&params).await?;
-            wait_for_slot(&params, &format!("cutover_{}", config.name), &lsn).await?;
-            (format!("lsn:{lsn}"), ended)
+            fence_postgres(&params).await?
         }
         _ => {
             let params = MysqlParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
-            let (position, ended) = fence_mysql(&params).await?;
-            wait_for_applied(config, &position).await?;
-            (position.to_string(), ended)
+            fence_mysql(&params).await?
         }
     };
+    let (reached, applied) = crate::pipeline::wait_until_applied(config, &final_position, WAIT).await?;
+    if !reached {
+        let undo = match config.source.kind {
+            SourceKind::Postgres => "ALTER DATABASE … RESET default_transaction_read_only",
+            _ => "SET GLOBAL read_only = OFF",
+        };
+        anyhow::bail!(
+            "the target did not reach the source's final position {final_position} within {} s (applied: {}); the \
+             source stays read-only — see `cutover status`, then run switchover again (or {undo} to undo)",
+            WAIT.as_secs(),
+            applied.unwrap_or_else(|| "none".into())
+        );
+    }
+    let final_position = final_position.to_string();
 
     // 4. Sequences (and anything else the end of a snapshot sets) to the source's values.
     let (mut source, mut sink) = crate::pipeline::connect(config).await?;
@@ -123,7 +133,7 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
 
 /// Makes the source database refuse writes and ends the sessions that could still
 /// write; returns the WAL position after that and how many sessions were ended.
-async fn fence_postgres(params: &ConnectParams) -> anyhow::Result<(String, u64)> {
+async fn fence_postgres(params: &ConnectParams) -> anyhow::Result<(Position, u64)> {
     let client = params.connect().await?;
     let database = crate::schema::quote_ident(&params.database);
     client
@@ -142,33 +152,7 @@ async fn fence_postgres(params: &ConnectParams) -> anyhow::Result<(String, u64)>
         .get(0);
     let lsn: String =
         client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.context("reading the final LSN")?.get(0);
-    Ok((lsn, u64::try_from(ended).unwrap_or(0)))
-}
-
-/// Waits until the slot confirms `lsn`: the target holds everything before it.
-async fn wait_for_slot(params: &ConnectParams, slot: &str, lsn: &str) -> anyhow::Result<()> {
-    let client = params.connect().await?;
-    let started = Instant::now();
-    loop {
-        let done = client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::text::pg_lsn",
-                &[&slot, &lsn],
-            )
-            .await
-            .context("reading the slot's confirmed position")?
-            .is_some();
-        if done {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            started.elapsed() < WAIT,
-            "the target did not reach the source's final LSN {lsn} within {} s; the source stays read-only — \
-             see `cutover status`, then run switchover again (or ALTER DATABASE … RESET default_transaction_read_only to undo)",
-            WAIT.as_secs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    Ok((format!("lsn:{lsn}").parse()?, u64::try_from(ended).unwrap_or(0)))
 }
 
 /// `read_only` on (and `super_read_only` on MySQL), client sessions killed; returns the
@@ -190,34 +174,9 @@ async fn fence_mysql(params: &MysqlParams) -> anyhow::Result<(Position, u64)> {
         // A session that ended meanwhile is fine.
         ended += u64::from(conn.query_drop(format!("KILL CONNECTION {id}")).await.is_ok());
     }
-    let status: Option<mysql_async::Row> = match conn.query_first("SHOW MASTER STATUS").await {
-        Ok(status) => status,
-        Err(_) => conn.query_first("SHOW BINARY LOG STATUS").await.context("reading the final binlog position")?,
-    };
-    let status = status.context("the source has no binary log")?;
-    let file: String = status.get_opt(0).and_then(Result::ok).context("no binlog file in SHOW MASTER STATUS")?;
-    let pos: u64 = status.get_opt(1).and_then(Result::ok).context("no binlog position in SHOW MASTER STATUS")?;
-    Ok((Position::Binlog(crate::position::BinlogPosition::new(file, pos)), ended))
-}
-
-/// Waits until the daemon's applied position reaches `position`.
-async fn wait_for_applied(config: &Config, position: &Position) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        let status = daemon_status(config).await?;
-        let applied = status.applied_position.as_deref().and_then(|p| p.parse::<Position>().ok());
-        if applied.as_ref().is_some_and(|applied| applied >= position) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            started.elapsed() < WAIT,
-            "the target did not reach the source's final position {position} within {} s (applied: {}); the source \
-             stays read-only — see `cutover status`, then run switchover again (or SET GLOBAL read_only = OFF to undo)",
-            WAIT.as_secs(),
-            status.applied_position.unwrap_or_else(|| "none".into())
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let position =
+        crate::source::mysql::binlog_position(&mut conn).await.context("reading the final binlog position")?;
+    Ok((Position::Binlog(position), ended))
 }
 
 /// The fallback pipeline's config text: the same pipeline reversed (the new primary

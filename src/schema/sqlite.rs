@@ -44,6 +44,32 @@ impl SqliteType {
     }
 }
 
+impl SqliteType {
+    /// Back from [`SqliteType::target_type`]: what a column of the source schema holds.
+    pub fn from_target_type(name: &str) -> Option<SqliteType> {
+        Some(match name {
+            "bigint" => SqliteType::BigInt,
+            "double precision" => SqliteType::Double,
+            "boolean" => SqliteType::Boolean,
+            "text" => SqliteType::Text,
+            "bytea" => SqliteType::Bytea,
+            "numeric" => SqliteType::Numeric(None),
+            "date" => SqliteType::Date,
+            "timestamp" => SqliteType::Timestamp,
+            "jsonb" => SqliteType::Jsonb,
+            other => {
+                let args = other.strip_suffix(')')?;
+                if let Some(n) = args.strip_prefix("varchar(") {
+                    SqliteType::Varchar(n.parse().ok()?)
+                } else {
+                    let (p, s) = args.strip_prefix("numeric(")?.split_once(',')?;
+                    SqliteType::Numeric(Some((p.parse().ok()?, s.parse().ok()?)))
+                }
+            }
+        })
+    }
+}
+
 /// The target type for a declared type (`INTEGER`, `VARCHAR(40)`, `DECIMAL(10,2)`, ``).
 pub fn map_declared(declared: &str) -> SqliteType {
     let upper = declared.trim().to_ascii_uppercase();
@@ -315,6 +341,21 @@ fn days_in_month(year: i64, month: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn target_types_map_back() {
+        use super::SqliteType;
+        for t in [
+            SqliteType::BigInt,
+            SqliteType::Varchar(40),
+            SqliteType::Numeric(Some((12, 2))),
+            SqliteType::Numeric(None),
+            SqliteType::Timestamp,
+            SqliteType::Bytea,
+        ] {
+            assert_eq!(SqliteType::from_target_type(&t.target_type()), Some(t));
+        }
+    }
+
     use super::*;
 
     #[test]

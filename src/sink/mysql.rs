@@ -291,7 +291,7 @@ impl MysqlSink {
 }
 
 /// Source schema → target database.
-fn database_for(url_database: &str, home_schema: &str, schema: &str) -> String {
+pub fn database_for(url_database: &str, home_schema: &str, schema: &str) -> String {
     match schema == "public" || schema == home_schema {
         true => url_database.to_string(),
         false => schema.to_string(),
@@ -472,6 +472,10 @@ fn create_table(schema: &SourceSchema, table: &TableDefinition, qualified: &str)
         .zip(&table.columns)
         .map(|(column, definition)| {
             let (mut mapped, _) = map_type(&column.type_name, enum_labels(schema, &column.type_name));
+            // A MySQL source's SET stays a SET (its values load as comma lists), not JSON.
+            if let Some(set) = definition.source_type.as_ref().filter(|t| t.starts_with("set(")) {
+                mapped = set.clone();
+            }
             if indexed.contains(&column.name) {
                 mapped = match mapped.as_str() {
                     "longtext" => "varchar(255)".into(),

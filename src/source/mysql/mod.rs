@@ -29,7 +29,7 @@ use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint,
 use crate::change::{Identity, TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::{Endpoint, TableFilter};
-use crate::position::{GtidSet, Position};
+use crate::position::{BinlogPosition, GtidSet, Position};
 use crate::preflight::Finding;
 use crate::schema::mysql::{encode, Encoding};
 use crate::schema::{push_copy_field, SourceSchema, TableDefinition};
@@ -100,6 +100,33 @@ impl MysqlParams {
         conn.query_drop("SET time_zone = '+00:00', NAMES utf8mb4").await.context("setting up a MySQL session")?;
         Ok(conn)
     }
+}
+
+/// The server's binlog coordinate now, with the GTID state it stands for when GTIDs are on.
+pub async fn binlog_position(conn: &mut mysql_async::Conn) -> anyhow::Result<BinlogPosition> {
+    // MySQL 8.4 renamed SHOW MASTER STATUS; older servers and MariaDB know only the old name.
+    let status: Option<mysql_async::Row> = match conn.query_first("SHOW MASTER STATUS").await {
+        Ok(status) => status,
+        Err(_) => conn
+            .query_first("SHOW BINARY LOG STATUS")
+            .await
+            .context("SHOW BINARY LOG STATUS (needs REPLICATION CLIENT / BINLOG MONITOR)")?,
+    };
+    let status = status.context("the source has no binary log: set log_bin = ON (log-bin in my.cnf) and restart it")?;
+    let file: String = status.get_opt(0).and_then(Result::ok).context("SHOW MASTER STATUS returned no file name")?;
+    let pos: u64 = status.get_opt(1).and_then(Result::ok).context("SHOW MASTER STATUS returned no position")?;
+    // The GTID state at the same point (under the caller's lock, if it holds one): MySQL's Executed_Gtid_Set column, MariaDB's
+    // gtid_binlog_pos (MySQL has no such variable). Empty when GTIDs are off.
+    let executed: Option<String> = status.get_opt(4).and_then(Result::ok);
+    let gtid = match executed.filter(|g| !g.trim().is_empty()) {
+        Some(set) => Some(set),
+        None => conn.query_first("SELECT @@gtid_binlog_pos").await.ok().flatten(),
+    };
+    let gtid = match gtid.filter(|g| !g.trim().is_empty()) {
+        Some(text) => Some(GtidSet::parse(&text).with_context(|| format!("the source's executed GTID set {text}"))?),
+        None => None,
+    };
+    Ok(BinlogPosition { file, pos, gtid })
 }
 
 /// A replicated table: its columns and how each column's values are rewritten.
@@ -283,34 +310,8 @@ impl Source for MysqlSource {
         lock.query_drop("FLUSH TABLES WITH READ LOCK").await.with_context(|| {
             format!("FLUSH TABLES WITH READ LOCK on {} (needs the RELOAD privilege)", self.params.endpoint)
         })?;
-        // MySQL 8.4 renamed SHOW MASTER STATUS; older servers and MariaDB know only the old name.
-        let status: Option<mysql_async::Row> = match lock.query_first("SHOW MASTER STATUS").await {
-            Ok(status) => status,
-            Err(_) => lock
-                .query_first("SHOW BINARY LOG STATUS")
-                .await
-                .context("SHOW BINARY LOG STATUS (needs REPLICATION CLIENT / BINLOG MONITOR)")?,
-        };
-        let status =
-            status.context("the source has no binary log: set log_bin = ON (log-bin in my.cnf) and restart it")?;
-        let file: String =
-            status.get_opt(0).and_then(Result::ok).context("SHOW MASTER STATUS returned no file name")?;
-        let pos: u64 = status.get_opt(1).and_then(Result::ok).context("SHOW MASTER STATUS returned no position")?;
-        // The GTID state under the same lock: MySQL's Executed_Gtid_Set column, MariaDB's
-        // gtid_binlog_pos (MySQL has no such variable). Empty when GTIDs are off.
-        let executed: Option<String> = status.get_opt(4).and_then(Result::ok);
-        let gtid = match executed.filter(|g| !g.trim().is_empty()) {
-            Some(set) => Some(set),
-            None => lock.query_first("SELECT @@gtid_binlog_pos").await.ok().flatten(),
-        };
-        let gtid = match gtid.filter(|g| !g.trim().is_empty()) {
-            Some(text) => {
-                Some(GtidSet::parse(&text).with_context(|| format!("the source's executed GTID set {text}"))?)
-            }
-            None => None,
-        };
+        let position = Position::Binlog(binlog_position(&mut lock).await?);
         self.locked = Some(lock);
-        let position = Position::Binlog(crate::position::BinlogPosition { file, pos, gtid });
         Ok(SnapshotPoint { position, id: String::new(), untracked: HashMap::new() })
     }
 

@@ -1,0 +1,146 @@
+//! Text queries against any SQL endpoint — PostgreSQL, MySQL / MariaDB, SQLite —
+//! with rows back as text. `compare-queries` and `verify` read both sides through it.
+
+use anyhow::Context as _;
+use mysql_async::prelude::Queryable;
+
+use crate::config::{Config, Endpoint, SourceKind, TargetKind};
+
+/// Which SQL a side speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SqlDialect {
+    Postgres,
+    Mysql,
+    Sqlite,
+}
+
+impl SqlDialect {
+    /// The source's dialect; a MongoDB source speaks no SQL.
+    pub fn of_source(config: &Config, command: &str) -> anyhow::Result<SqlDialect> {
+        Ok(match config.source.kind {
+            SourceKind::Postgres => SqlDialect::Postgres,
+            SourceKind::Mysql => SqlDialect::Mysql,
+            SourceKind::Sqlite => SqlDialect::Sqlite,
+            SourceKind::Mongodb => anyhow::bail!("{command} reads the source with SQL; a MongoDB source has none"),
+        })
+    }
+
+    pub fn of_target(config: &Config) -> SqlDialect {
+        match config.target.kind {
+            TargetKind::Postgres => SqlDialect::Postgres,
+            TargetKind::Mysql => SqlDialect::Mysql,
+        }
+    }
+
+    /// An identifier, quoted.
+    pub fn ident(self, name: &str) -> String {
+        match self {
+            SqlDialect::Mysql => format!("`{}`", name.replace('`', "``")),
+            SqlDialect::Postgres | SqlDialect::Sqlite => crate::schema::quote_ident(name),
+        }
+    }
+
+    /// A string literal. MySQL sessions opened here have `NO_BACKSLASH_ESCAPES` off.
+    pub fn literal(self, text: &str) -> String {
+        match self {
+            SqlDialect::Mysql => format!("'{}'", text.replace('\\', "\\\\").replace('\'', "''")),
+            SqlDialect::Postgres | SqlDialect::Sqlite => crate::schema::quote_literal(text),
+        }
+    }
+}
+
+/// Rows as text: `None` for NULL.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+/// A connection that runs SQL and returns rows as text.
+pub enum SqlClient {
+    Postgres(tokio_postgres::Client),
+    Mysql(mysql_async::Conn),
+    Sqlite(rusqlite::Connection),
+}
+
+impl SqlClient {
+    /// Connects with cutover's session settings (UTC, ISO dates, exact floats, hex bytes).
+    pub async fn open(dialect: SqlDialect, endpoint: Endpoint<'_>) -> anyhow::Result<SqlClient> {
+        Ok(match dialect {
+            SqlDialect::Postgres => {
+                SqlClient::Postgres(crate::pgconn::ConnectParams::from_endpoint(endpoint)?.connect().await?)
+            }
+            SqlDialect::Mysql => {
+                let mut conn = crate::source::mysql::MysqlParams::from_endpoint(endpoint)?.connect().await?;
+                conn.query_drop("SET SESSION sql_mode = REPLACE(@@sql_mode, 'NO_BACKSLASH_ESCAPES', '')")
+                    .await
+                    .context("setting up a MySQL session")?;
+                SqlClient::Mysql(conn)
+            }
+            SqlDialect::Sqlite => {
+                let path = crate::source::sqlite::path_from_url(endpoint.url.expose())?;
+                SqlClient::Sqlite(
+                    rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                        .with_context(|| format!("opening {} read-only", path.display()))?,
+                )
+            }
+        })
+    }
+
+    pub fn dialect(&self) -> SqlDialect {
+        match self {
+            SqlClient::Postgres(_) => SqlDialect::Postgres,
+            SqlClient::Mysql(_) => SqlDialect::Mysql,
+            SqlClient::Sqlite(_) => SqlDialect::Sqlite,
+        }
+    }
+
+    /// Runs one statement; its rows as text (binary values as lowercase hex).
+    pub async fn run(&mut self, sql: &str) -> anyhow::Result<Rows> {
+        match self {
+            SqlClient::Postgres(client) => {
+                let mut rows = Vec::new();
+                for message in client.simple_query(sql).await? {
+                    if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                        rows.push((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect());
+                    }
+                }
+                Ok(rows)
+            }
+            SqlClient::Mysql(conn) => {
+                let rows: Vec<mysql_async::Row> = conn.query(sql).await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|row| {
+                        (0..row.len())
+                            .map(|i| match row.as_ref(i) {
+                                None | Some(mysql_async::Value::NULL) => None,
+                                Some(mysql_async::Value::Bytes(bytes)) => {
+                                    Some(String::from_utf8_lossy(bytes).into_owned())
+                                }
+                                Some(other) => Some(other.as_sql(true).trim_matches('\'').to_string()),
+                            })
+                            .collect()
+                    })
+                    .collect())
+            }
+            SqlClient::Sqlite(conn) => {
+                let mut statement = conn.prepare(sql)?;
+                let columns = statement.column_count();
+                let rows = statement.query_map([], |row| {
+                    (0..columns)
+                        .map(|i| {
+                            Ok(match row.get_ref(i)? {
+                                rusqlite::types::ValueRef::Null => None,
+                                rusqlite::types::ValueRef::Integer(v) => Some(v.to_string()),
+                                // Shortest round-trip form, exponent where PostgreSQL has one.
+                                rusqlite::types::ValueRef::Real(v) => Some(format!("{v:?}")),
+                                rusqlite::types::ValueRef::Text(v) => Some(String::from_utf8_lossy(v).into_owned()),
+                                rusqlite::types::ValueRef::Blob(v) => {
+                                    Some(v.iter().map(|b| format!("{b:02x}")).collect())
+                                }
+                            })
+                        })
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })?;
+                Ok(rows.collect::<rusqlite::Result<Rows>>()?)
+            }
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! `cutover verify` against real sandbox servers: a copy that matches is `ok` in
+//! every pairing (PostgreSQL and MariaDB, same dialect and across), then a changed,
+//! a missing and an extra row made on the target are found and named by key; on a
+//! live pipeline, a row the target has not applied yet is read again, not reported.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cutover::config::Config;
+use cutover::sandbox::{MariaDbServer, PostgresServer};
+use cutover::verify::{TableReport, Verification};
+use mysql_async::prelude::Queryable;
+
+const PG_SOURCE: &str = r#"
+CREATE TABLE items (id integer PRIMARY KEY, name text NOT NULL, price numeric(10,2), at timestamptz,
+    raw bytea, tags text[], flag boolean, doc jsonb, note character(6));
+INSERT INTO items SELECT g, 'item ' || g, g / 4.0, timestamptz '2024-01-01 00:00:00+00' + g * interval '1.5 second',
+    decode(lpad(to_hex(g), 8, '0'), 'hex'), ARRAY['a', 'b' || g % 3], g % 2 = 0,
+    jsonb_build_object('n', g, 'half', g / 2.0), 'n' || g % 10
+    FROM generate_series(1, 5000) g;
+CREATE TABLE codes (code text PRIMARY KEY, n integer);
+INSERT INTO codes SELECT 'c' || g, g FROM generate_series(1, 100) g;
+CREATE TABLE events (v text, n integer);
+INSERT INTO events SELECT 'e' || g, g FROM generate_series(1, 50) g;
+"#;
+
+const MARIADB_SOURCE: &str = "
+CREATE TABLE shop.items (id int PRIMARY KEY, name varchar(40) NOT NULL, price decimal(10,2), at datetime(6),
+    raw varbinary(8), tags set('a','b0','b1','b2'), flag tinyint(1), doc json, note char(6));
+INSERT INTO shop.items SELECT seq, CONCAT('item ', seq), seq / 4, '2024-01-01' + INTERVAL seq * 1500000 MICROSECOND,
+    UNHEX(LPAD(HEX(seq), 8, '0')), CONCAT('a,b', seq % 3), seq % 2 = 0, JSON_OBJECT('n', seq), CONCAT('n', seq % 10)
+    FROM seq_1_to_5000;
+CREATE TABLE shop.codes (code varchar(20) PRIMARY KEY, n int);
+INSERT INTO shop.codes SELECT CONCAT('c', seq), seq FROM seq_1_to_100;
+CREATE TABLE shop.events (v varchar(20), n int);
+INSERT INTO shop.events SELECT CONCAT('e', seq), seq FROM seq_1_to_50;
+";
+
+/// Made on the target after the copy: per table, one changed, one missing and one extra row
+/// (and a second changed item, by a cent).
+fn drift(qualifier: &str) -> String {
+    [
+        "UPDATE {q}items SET name = 'changed' WHERE id = 1234",
+        "UPDATE {q}items SET price = price + 0.01 WHERE id = 2000",
+        "DELETE FROM {q}items WHERE id = 4321",
+        "INSERT INTO {q}items (id, name) VALUES (99999, 'extra')",
+        "UPDATE {q}codes SET n = 0 WHERE code = 'c42'",
+        "DELETE FROM {q}codes WHERE code = 'c7'",
+        "INSERT INTO {q}codes VALUES ('zz', 1)",
+        "DELETE FROM {q}events WHERE n = 3",
+        "INSERT INTO {q}events VALUES ('new', 51)",
+    ]
+    .map(|statement| statement.replace("{q}", qualifier))
+    .join(";\n")
+}
+
+enum Server {
+    Postgres(PostgresServer),
+    Mariadb(MariaDbServer),
+}
+
+impl Server {
+    fn kind(&self) -> &'static str {
+        match self {
+            Server::Postgres(_) => "postgres",
+            Server::Mariadb(_) => "mysql",
+        }
+    }
+
+    /// The URL of the database a pipeline reads (source) or writes (target).
+    fn url(&self, as_source: bool) -> String {
+        match (self, as_source) {
+            (Server::Postgres(server), _) => server.url("postgres"),
+            (Server::Mariadb(server), true) => server.url("shop"),
+            (Server::Mariadb(server), false) => server.url("shop_copy"),
+        }
+    }
+
+    /// Runs `sql` in the database [`Server::url`] names (created on MariaDB if missing).
+    async fn execute(&self, as_source: bool, sql: &str) {
+        let url = self.url(as_source);
+        match self {
+            Server::Postgres(_) => common::connect(&url).await.batch_execute(sql).await.expect("sql runs"),
+            Server::Mariadb(server) => {
+                let opts = mysql_async::Opts::from_url(&server.url("mysql")).expect("url");
+                let mut conn = mysql_async::Conn::new(opts).await.expect("connects to mariadb");
+                let database = url.rsplit('/').next().unwrap_or_default();
+                conn.query_drop(format!("CREATE DATABASE IF NOT EXISTS {database}; USE {database}; {sql}"))
+                    .await
+                    .expect("sql runs");
+            }
+        }
+    }
+}
+
+fn table<'a>(verification: &'a Verification, name: &str) -> &'a TableReport {
+    verification
+        .tables
+        .iter()
+        .find(|t| t.table.ends_with(&format!(".{name}")))
+        .unwrap_or_else(|| panic!("no report for {name}:\n{}", cutover::verify::render(verification)))
+}
+
+fn keys(keys: &[String]) -> BTreeSet<&str> {
+    keys.iter().map(String::as_str).collect()
+}
+
+/// Copies the source, verifies (all `ok`), makes the target drift, verifies again.
+async fn names_differing_rows(name: &str, source: Server, target: Server) {
+    let dir = std::env::temp_dir().join(format!("cutover-test-verify-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (source_url, target_url) = (source.url(true), target.url(false));
+    let setup = match &source {
+        Server::Postgres(_) => PG_SOURCE,
+        Server::Mariadb(_) => MARIADB_SOURCE,
+    };
+    source.execute(true, setup).await;
+    target.execute(false, "SELECT 1").await;
+    let config_path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config_path,
+        format!(
+            "[source]\nkind = \"{}\"\nurl = \"{source_url}\"\n[target]\nkind = \"{}\"\nurl = \"{target_url}\"\n\
+             [state]\ndir = \"{}\"\n[metrics]\nlisten = \"off\"\n[snapshot]\nmode = \"only\"\n",
+            source.kind(),
+            target.kind(),
+            dir.join("state").display()
+        ),
+    )
+    .expect("config");
+    let config = Config::load(&config_path).expect("config loads");
+    cutover::pipeline::run(&config, std::future::pending()).await.expect("the copy runs");
+
+    let clean = cutover::verify::verify(&config).await.expect("verify runs");
+    assert!(clean.matches(), "a fresh copy differs:\n{}", cutover::verify::render(&clean));
+    assert_eq!(clean.tables.len(), 3);
+    assert_eq!(table(&clean, "items").source_rows, 5000);
+
+    // A MySQL source's database lands in the PostgreSQL schema of its name.
+    let qualifier = match (&source, &target) {
+        (Server::Mariadb(_), Server::Postgres(_)) => "shop.",
+        _ => "",
+    };
+    target.execute(false, &drift(qualifier)).await;
+    let drifted = cutover::verify::verify(&config).await.expect("verify runs");
+    let shown = cutover::verify::render(&drifted);
+    assert!(!drifted.matches(), "{shown}");
+    let items = table(&drifted, "items");
+    assert_eq!((items.source_rows, items.target_rows), (5000, 5000), "{shown}");
+    assert_eq!(keys(&items.missing.keys), BTreeSet::from(["4321"]), "{shown}");
+    assert_eq!(keys(&items.extra.keys), BTreeSet::from(["99999"]), "{shown}");
+    assert_eq!(keys(&items.changed.keys), BTreeSet::from(["1234", "2000"]), "{shown}");
+    let codes = table(&drifted, "codes");
+    assert_eq!(keys(&codes.missing.keys), BTreeSet::from(["c7"]), "{shown}");
+    assert_eq!(keys(&codes.extra.keys), BTreeSet::from(["zz"]), "{shown}");
+    assert_eq!(keys(&codes.changed.keys), BTreeSet::from(["c42"]), "{shown}");
+    // Without a key, a row is named by its values; a changed row is one missing and one extra.
+    let events = table(&drifted, "events");
+    assert_eq!((events.missing.count, events.extra.count, events.changed.count), (1, 1, 0), "{shown}");
+    assert!(events.missing.keys[0].contains("e3"), "{shown}");
+    assert!(events.extra.keys[0].contains("new"), "{shown}");
+
+    // The command: the keys on stdout, exit status 1.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["verify", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("cutover verify runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("differ: 1 missing, 1 extra, 2 changed") && stdout.contains("4321"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn postgres() -> Server {
+    Server::Postgres(PostgresServer::start(&[]).expect("postgres"))
+}
+
+fn mariadb() -> Server {
+    Server::Mariadb(MariaDbServer::start(&[]).expect("mariadb"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_to_postgres_names_changed_missing_and_extra_rows() {
+    names_differing_rows("pg-pg", postgres(), postgres()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_to_mariadb_names_changed_missing_and_extra_rows() {
+    names_differing_rows("my-my", mariadb(), mariadb()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_to_postgres_names_changed_missing_and_extra_rows_across_dialects() {
+    names_differing_rows("my-pg", mariadb(), postgres()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_to_mariadb_names_changed_missing_and_extra_rows_across_dialects() {
+    names_differing_rows("pg-my", postgres(), mariadb()).await;
+}
+
+/// The target holds a change back (its table locked against writes): the first pass sees
+/// the row differ, the re-check waits until the target has applied it and finds it equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_on_a_live_pipeline_rechecks_rows_the_target_has_not_applied_yet() {
+    let pair = common::Pair::start("verify-live", "");
+    let source = common::connect(&pair.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE hot (id integer PRIMARY KEY, n bigint); INSERT INTO hot SELECT g, 0 FROM generate_series(1, 500) g",
+        )
+        .await
+        .expect("source table");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+
+    let mut target = common::connect(&pair.target.url("postgres")).await;
+    let lock = target.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE hot IN EXCLUSIVE MODE").await.expect("lock");
+    source.batch_execute("UPDATE hot SET n = 1 WHERE id = 7").await.expect("update");
+    let config = pair.config();
+    let verifying = tokio::spawn(async move { cutover::verify::verify(&config).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lock.rollback().await.expect("unlock");
+    let verification = verifying.await.expect("verify task").expect("verify runs");
+    let shown = cutover::verify::render(&verification);
+    assert!(verification.matches(), "{shown}\n{}", pair.log());
+    assert!(verification.consistent_at.is_some(), "the held-back row was not re-checked:\n{shown}");
+    common::stop(&mut child);
+}
