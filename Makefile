@@ -35,6 +35,7 @@ bench: deps
 	bash bench/run.sh
 	bash bench/mysql.sh
 	bash bench/sqlite.sh
+	bash bench/verify.sh
 
 lint:
 	cargo fmt --check

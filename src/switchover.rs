@@ -263,7 +263,19 @@ pub async fn fallback_after_switchover(config: &Config) -> anyhow::Result<Option
 /// `REPLICA IDENTITY FULL` (PostgreSQL; cutover created them), then the stream's
 /// publication and slot (or binlog position) are created and recorded.
 async fn create_fallback(config: &Config, schema: &crate::schema::SourceSchema) -> anyhow::Result<()> {
-    let tables: Vec<String> = schema.tables.iter().map(|t| t.schema.name.to_string()).collect();
+    // The tables as the new primary names them (a MySQL target: in the database they landed in).
+    let tables: Vec<String> = schema
+        .tables
+        .iter()
+        .map(|t| match config.target.kind {
+            TargetKind::Postgres => Ok(t.schema.name.to_string()),
+            TargetKind::Mysql => Ok(format!(
+                "{}.{}",
+                crate::pipeline::target_database(config, &t.schema.name.schema)?,
+                t.schema.name.name
+            )),
+        })
+        .collect::<anyhow::Result<_>>()?;
     let path = fallback_path(config);
     std::fs::write(&path, fallback_config(config, &tables)?)
         .with_context(|| format!("writing the fallback config {}", path.display()))?;

@@ -2,7 +2,7 @@
 //!
 //! Where both sides speak the same dialect, each server hashes its own rows: a
 //! chunk is a row count and a sum of 64-bit row hashes, and a chunk that differs
-//! is bisected by key until it is small enough to compare row hashes one by one.
+//! is bisected by key until it is small enough to compare rows by their md5 one by one.
 //! Across dialects the rows travel to cutover and each value is brought to one
 //! canonical text (`compare::canonical`, by column type) before rows are compared.
 //!
@@ -227,6 +227,8 @@ struct TablePlan {
     /// Indexes of the key columns, in column order; empty for a table without a key.
     key: Vec<usize>,
     key_order: KeyOrder,
+    /// The source's row estimate (0 when it has none): sizes the chunks.
+    estimated_rows: u64,
     /// A SQLite source's columns: values are read by the copy's own rule (`schema::sqlite::encode`).
     sqlite_types: Option<Vec<SqliteType>>,
 }
@@ -317,7 +319,16 @@ impl TablePlan {
             ),
             _ => None,
         };
-        Ok(TablePlan { display: name.to_string(), source_table, target_table, columns, key, key_order, sqlite_types })
+        Ok(TablePlan {
+            display: name.to_string(),
+            source_table,
+            target_table,
+            columns,
+            key,
+            key_order,
+            estimated_rows: table.estimated_rows,
+            sqlite_types,
+        })
     }
 
     fn table(&self, side: &Side) -> &str {
@@ -371,7 +382,9 @@ impl TablePlan {
             SqlDialect::Mysql => {
                 format!("CAST(COALESCE(SUM(CAST(CONV(LEFT(MD5({row}), 16), 16, 10) AS UNSIGNED)), 0) AS CHAR)")
             }
-            _ => format!("COALESCE(SUM(('x' || LEFT(MD5({row}), 16))::bit(64)::int8::numeric), 0)::text"),
+            // hash_bytes_extended, unchanged since PostgreSQL 11: 3× cheaper than md5. A chunk that
+            // differs only by it would be bisected and its rows compared by md5 (found equal).
+            _ => format!("COALESCE(SUM(hashtextextended({row}, 0)), 0)::text"),
         };
         format!("SELECT COUNT(*), {sum} FROM {} WHERE {}", self.table(side), self.predicate(dialect, range))
     }
@@ -539,7 +552,12 @@ impl TableCheck<'_> {
         let bounds = match self.plan.key_order {
             KeyOrder::Whole => Vec::new(),
             KeyOrder::Integer => {
-                let rows = source.run(&format!("SELECT MIN({key}), MAX({key}), COUNT(*) FROM {table}")).await?;
+                // MIN and MAX come from the index; the row count from the estimate, when there is one.
+                let count = match self.plan.estimated_rows {
+                    0 => "COUNT(*)".to_string(),
+                    estimate => estimate.to_string(),
+                };
+                let rows = source.run(&format!("SELECT MIN({key}), MAX({key}), {count} FROM {table}")).await?;
                 let row = rows.first().context("MIN/MAX returned no row")?;
                 let number = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
                 match (number(0), number(1), number(2)) {

@@ -484,3 +484,91 @@ async fn mariadb_pitr_from_a_dump_skips_the_bad_delete_and_stops_at_the_point() 
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// MariaDB → MariaDB switchover under a write load, with fallback: the old source refuses
+/// applications' writes, the new primary has every committed row and hands out keys past
+/// the old source's, and its writes (insert, update, delete) flow back into the old source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_to_mariadb_switchover_fences_the_source_and_falls_back() {
+    let dir = test_dir("mysql-switchover");
+    let source = MariaDbServer::start(&[]).expect("source");
+    let target = MariaDbServer::start(&[]).expect("target");
+    let mut src = mysql(&source.url("mysql")).await;
+    src.query_drop(
+        "CREATE DATABASE shop; CREATE TABLE shop.orders (id int AUTO_INCREMENT PRIMARY KEY, note varchar(40)); \
+         INSERT INTO shop.orders (note) SELECT 'before' FROM seq_1_to_100",
+    )
+    .await
+    .expect("source data");
+    mysql(&target.url("mysql")).await.query_drop("CREATE DATABASE shop_copy").await.expect("target database");
+    let extra = "[switchover]\nfallback = true\n";
+    let config = write_config(&dir, "shop_switch", "mysql", &source.url("shop"), &target.url("shop_copy"), extra);
+    let log = dir.join("cutover.log");
+    let mut child = common::spawn_run(&config, &log, &[]);
+    wait_for(&mut child, &log, || has_row(target.url("shop_copy"), "SELECT 1 FROM orders LIMIT 1".into())).await;
+
+    let url = source.url("shop");
+    let writer = tokio::spawn(async move {
+        let mut conn = mysql(&url).await;
+        let mut committed = 0u64;
+        while conn.query_drop("INSERT INTO orders (note) VALUES ('load')").await.is_ok() {
+            committed += 1;
+        }
+        committed
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let switch = config.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["switchover", "--config"]).arg(&switch).output()
+    })
+    .await
+    .expect("join")
+    .expect("switchover runs");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(output.status.success(), "{report}{}\n{}", String::from_utf8_lossy(&output.stderr), log_text());
+    let committed = writer.await.expect("writer");
+    assert!(committed > 0 && report.contains("write-blocked window"), "{report}");
+    println!("{report}");
+
+    // An application (no SUPER / READ_ONLY ADMIN) can no longer write to the old source.
+    let mut src = mysql(&source.url("mysql")).await;
+    src.query_drop("CREATE USER app@'%'; GRANT INSERT, SELECT ON shop.* TO app@'%'").await.expect("app user");
+    let mut app = mysql(&format!("mysql://app@127.0.0.1:{}/shop", source.port())).await;
+    assert!(app.query_drop("INSERT INTO orders (note) VALUES ('too late')").await.is_err(), "the source takes writes");
+    let sql = "SELECT CAST(id AS CHAR), note FROM orders ORDER BY id";
+    let mut new_primary = mysql(&target.url("shop_copy")).await;
+    let mut old = mysql(&source.url("shop")).await;
+    assert_same(my_rows(&mut new_primary, sql).await, my_rows(&mut old, sql).await);
+    let loaded: i64 =
+        old.query_first("SELECT COUNT(*) FROM orders WHERE note = 'load'").await.expect("count").expect("row");
+    // The insert the fence's KILL interrupted may have committed without its answer reaching the client.
+    assert!((committed as i64..=committed as i64 + 1).contains(&loaded), "{loaded} rows for {committed} inserts");
+
+    // Keys continue past the old source's; the new primary's writes come back.
+    new_primary
+        .query_drop("INSERT INTO orders (note) VALUES ('on the new primary')")
+        .await
+        .expect("new primary writes");
+    let id: i64 = new_primary.query_first("SELECT LAST_INSERT_ID()").await.expect("id").expect("row");
+    let max: i64 = old.query_first("SELECT MAX(id) FROM orders").await.expect("max").expect("row");
+    assert!(id > max, "AUTO_INCREMENT not past the old source's keys: {id} vs {max}");
+    new_primary
+        .query_drop("UPDATE orders SET note = 'updated' WHERE id = 1; DELETE FROM orders WHERE id = 2")
+        .await
+        .expect("new primary writes");
+    let back = format!("SELECT 1 FROM orders WHERE id = {id}");
+    wait_for(&mut child, &log, || has_row(source.url("shop"), back.clone())).await;
+    wait_for(&mut child, &log, || {
+        has_row(source.url("shop"), "SELECT 1 FROM orders WHERE id = 1 AND note = 'updated'".into())
+    })
+    .await;
+    wait_for(&mut child, &log, || {
+        let url = source.url("shop");
+        async move { !has_row(url, "SELECT 1 FROM orders WHERE id = 2".into()).await }
+    })
+    .await;
+    assert_same(my_rows(&mut new_primary, sql).await, my_rows(&mut old, sql).await);
+    common::stop(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
