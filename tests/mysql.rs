@@ -449,23 +449,7 @@ async fn a_mariadb_switchover_fences_the_source_and_falls_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let url = source.url("shop");
-    let writer = tokio::spawn(async move {
-        let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&url).expect("url")).await.expect("writer");
-        let mut committed = 0u64;
-        while conn.query_drop("INSERT INTO orders (note) VALUES ('load')").await.is_ok() {
-            committed += 1;
-        }
-        committed
-    });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let switch = config.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_cutover")).args(["switchover", "--config"]).arg(&switch).output()
-    })
-    .await
-    .expect("join")
-    .expect("switchover runs");
+    let (output, committed) = common::switchover_under_mysql_writes(source.url("shop"), &config).await;
     let report = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -473,7 +457,6 @@ async fn a_mariadb_switchover_fences_the_source_and_falls_back() {
         String::from_utf8_lossy(&output.stderr),
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    let committed = writer.await.expect("writer");
     assert!(committed > 0 && report.contains("write-blocked window"), "{report}");
 
     // Read-only for applications (a user without SUPER / READ_ONLY ADMIN), everything on the target.

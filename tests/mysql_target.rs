@@ -507,27 +507,10 @@ async fn a_mariadb_to_mariadb_switchover_fences_the_source_and_falls_back() {
     let mut child = common::spawn_run(&config, &log, &[]);
     wait_for(&mut child, &log, || has_row(target.url("shop_copy"), "SELECT 1 FROM orders LIMIT 1".into())).await;
 
-    let url = source.url("shop");
-    let writer = tokio::spawn(async move {
-        let mut conn = mysql(&url).await;
-        let mut committed = 0u64;
-        while conn.query_drop("INSERT INTO orders (note) VALUES ('load')").await.is_ok() {
-            committed += 1;
-        }
-        committed
-    });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let switch = config.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["switchover", "--config"]).arg(&switch).output()
-    })
-    .await
-    .expect("join")
-    .expect("switchover runs");
+    let (output, committed) = common::switchover_under_mysql_writes(source.url("shop"), &config).await;
     let report = String::from_utf8_lossy(&output.stdout).into_owned();
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(output.status.success(), "{report}{}\n{}", String::from_utf8_lossy(&output.stderr), log_text());
-    let committed = writer.await.expect("writer");
     assert!(committed > 0 && report.contains("write-blocked window"), "{report}");
     println!("{report}");
 

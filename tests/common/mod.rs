@@ -259,3 +259,31 @@ pub fn make_certs(dir: &std::path::Path) -> TestCerts {
         other_ca: dir.join("other-ca.pem"),
     }
 }
+
+/// Runs `cutover switchover` while a MySQL client inserts into `orders` at `writer_url`
+/// as fast as it can (until the fence ends its session): the switchover's output and how
+/// many inserts were answered.
+pub async fn switchover_under_mysql_writes(
+    writer_url: String,
+    config: &std::path::Path,
+) -> (std::process::Output, u64) {
+    use mysql_async::prelude::Queryable;
+    let writer = tokio::spawn(async move {
+        let opts = mysql_async::Opts::from_url(&writer_url).expect("url");
+        let mut conn = mysql_async::Conn::new(opts).await.expect("writer");
+        let mut committed = 0u64;
+        while conn.query_drop("INSERT INTO orders (note) VALUES ('load')").await.is_ok() {
+            committed += 1;
+        }
+        committed
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let config = config.to_path_buf();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["switchover", "--config"]).arg(&config).output()
+    })
+    .await
+    .expect("join")
+    .expect("switchover runs");
+    (output, writer.await.expect("writer"))
+}
