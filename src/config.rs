@@ -442,6 +442,26 @@ impl Config {
                 return Err(invalid("[stream]: a SQLite source has no change log to stream".into()));
             }
         }
+        if config.switchover.fallback && !matches!(config.source.kind, SourceKind::Postgres | SourceKind::Mysql) {
+            return Err(invalid(
+                "[switchover] fallback: the fallback stream writes into the old source; only a PostgreSQL or MySQL \
+                 source can take writes"
+                    .into(),
+            ));
+        }
+        // A MySQL database's tables land in a PostgreSQL schema of the database's name, not
+        // back in the schemas they came from.
+        if config.switchover.fallback
+            && config.source.kind == SourceKind::Postgres
+            && config.target.kind == TargetKind::Mysql
+        {
+            return Err(invalid(
+                "[switchover] fallback: a stream from a MySQL target back into a PostgreSQL source is not built \
+                 (its tables would land in a schema named after the MySQL database); set fallback = false and keep \
+                 a backup of the new primary for rollback"
+                    .into(),
+            ));
+        }
         if config.snapshot.workers == 0 {
             return Err(invalid("[snapshot] workers: must be at least 1".into()));
         }
@@ -560,6 +580,18 @@ mod tests {
         let text = MINIMAL.replacen("\"postgres\"", "\"oracle\"", 1);
         let err = Config::parse(&text, Path::new("p.toml")).expect_err("bad kind").to_string();
         assert!(err.contains("oracle") && err.contains("postgres"), "{err}");
+    }
+
+    #[test]
+    fn fallback_is_refused_where_it_cannot_land() {
+        let to_mysql = format!(
+            "{}\n[switchover]\nfallback = true\n",
+            MINIMAL.replace("kind = \"postgres\"\n        url = \"postgresql://app@new", "kind = \"mysql\"\n        url = \"mysql://app@new")
+        );
+        let err = Config::parse(&to_mysql, Path::new("p.toml")).expect_err("refused").to_string();
+        assert!(err.contains("[switchover] fallback") && err.contains("fallback = false"), "{err}");
+        let to_postgres = format!("{MINIMAL}\n[switchover]\nfallback = true\n");
+        assert!(Config::parse(&to_postgres, Path::new("p.toml")).is_ok());
     }
 
     #[test]
