@@ -36,6 +36,7 @@ bench: deps
 	bash bench/mysql.sh
 	bash bench/sqlite.sh
 	bash bench/verify.sh
+	bash bench/switchover.sh
 
 lint:
 	cargo fmt --check

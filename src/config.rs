@@ -586,7 +586,10 @@ mod tests {
     fn fallback_is_refused_where_it_cannot_land() {
         let to_mysql = format!(
             "{}\n[switchover]\nfallback = true\n",
-            MINIMAL.replace("kind = \"postgres\"\n        url = \"postgresql://app@new", "kind = \"mysql\"\n        url = \"mysql://app@new")
+            MINIMAL.replace(
+                "kind = \"postgres\"\n        url = \"postgresql://app@new",
+                "kind = \"mysql\"\n        url = \"mysql://app@new"
+            )
         );
         let err = Config::parse(&to_mysql, Path::new("p.toml")).expect_err("refused").to_string();
         assert!(err.contains("[switchover] fallback") && err.contains("fallback = false"), "{err}");

@@ -21,18 +21,34 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// SIGTERM or SIGINT, listened for once for the whole process: a signal that arrives
+/// while the forward pipeline hands over to the fallback stream still stops the latter.
+fn shutdown_signals() -> tokio::sync::watch::Receiver<bool> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    tokio::spawn(async move {
+        let terminate = async {
+            match terminate {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
+        let _ = stop.send(true);
+    });
+    stopped
+}
+
+/// Resolves once a shutdown signal has arrived (at once if it already has).
+async fn shutdown(mut stopped: tokio::sync::watch::Receiver<bool>) {
+    // An error means the listener is gone: no signal can come any more.
+    if stopped.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -40,11 +56,12 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            cutover::pipeline::run(&config, shutdown_signal()).await?;
+            let signals = shutdown_signals();
+            cutover::pipeline::run(&config, shutdown(signals.clone())).await?;
             // A switchover with fallback ends the forward pipeline; the same process streams back.
             if let Some(fallback) = cutover::switchover::fallback_after_switchover(&config).await? {
                 tracing::info!("switched over: streaming the new primary's writes back to the old source");
-                cutover::pipeline::run(&fallback, shutdown_signal()).await?;
+                cutover::pipeline::run(&fallback, shutdown(signals)).await?;
             }
             Ok(ExitCode::SUCCESS)
         }

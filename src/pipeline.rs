@@ -311,9 +311,10 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
             let snapshot = source.new_snapshot().await?;
             let summary =
                 copy_tables(source.as_mut(), sink.as_ref(), &store, &snapshot, &pending, workers, !fresh).await?;
-            sink.finish_snapshot(&schema).await?;
             log_copy(&summary);
         }
+        // Also when every table was copied before a restart: the process may have died before this.
+        sink.finish_snapshot(&schema).await?;
         tracing::info!("snapshot complete (mode = \"only\"): exiting");
         return Ok(());
     }
@@ -336,6 +337,11 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
     };
     if pending.is_empty() {
         source.release_snapshot().await;
+        // Every table was copied, but the process may have died before the foreign keys and
+        // sequence values went in; finish_snapshot adds only what is missing.
+        if config.snapshot.mode == SnapshotMode::Initial {
+            sink.finish_snapshot(&schema).await?;
+        }
     } else {
         let fresh = first_snapshot.is_some();
         sink.create_tables(&schema, &pending, fresh).await?;
