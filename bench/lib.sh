@@ -48,6 +48,11 @@ stop_all() {
 }
 trap stop_all EXIT
 url() { echo "postgresql://cutover@127.0.0.1:$1/${2:-postgres}"; }
+# A PostgreSQL → PostgreSQL pipeline config: pg_config FILE SOURCE_PORT TARGET_PORT TARGET_DB STATE_DIR [more TOML]
+pg_config() {
+  printf '[source]\nkind = "postgres"\nurl = "%s"\n[target]\nkind = "postgres"\nurl = "%s"\n[state]\ndir = "%s"\n%s' \
+    "$(url "$2")" "$(url "$3" "$4")" "$5" "${6:-}" > "$1"
+}
 median() { sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 # Waits until cutover logged that it streams: its snapshot is complete, so what arrives
 # from now on comes through the change stream, not through a copy.

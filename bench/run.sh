@@ -36,19 +36,7 @@ for round in $(seq "$ROUNDS"); do
   fi
   # cutover: snapshot mode = "only"; peak RSS from /usr/bin/time
   newdb "$T3" "$db"
-  cat > "$WORK/bench.toml" <<TOML
-[source]
-kind = "postgres"
-url = "$(url "$SRC")"
-[target]
-kind = "postgres"
-url = "$(url "$T3" "$db")"
-[state]
-dir = "$WORK/state-$round"
-[snapshot]
-mode = "only"
-workers = 2
-TOML
+  pg_config "$WORK/bench.toml" "$SRC" "$T3" "$db" "$WORK/state-$round" $'[snapshot]\nmode = "only"\nworkers = 2\n'
   t0=$(now); /usr/bin/time -a -f "%M" -o "$WORK/rss" "$CUTOVER" run --config "$WORK/bench.toml" 2>"$WORK/cutover.log"; t1=$(now)
   echo "$t1 - $t0" | bc >> "$WORK/cutover.times"
 done
@@ -68,16 +56,7 @@ SRC2=$(start_server source2)
 psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "CREATE TABLE bench_marker (id int PRIMARY KEY, note text); INSERT INTO bench_marker VALUES (1, 'start'); CREATE TABLE bench_big (id int PRIMARY KEY, payload text);" >/dev/null
 CT=$(start_server catchup_cutover)
 NT=$(start_server catchup_native)
-cat > "$WORK/catchup.toml" <<TOML
-[source]
-kind = "postgres"
-url = "$(url "$SRC2")"
-[target]
-kind = "postgres"
-url = "$(url "$CT")"
-[state]
-dir = "$WORK/state-catchup"
-TOML
+pg_config "$WORK/catchup.toml" "$SRC2" "$CT" postgres "$WORK/state-catchup"
 wait_marker() { # port note
   until [ "$(psql -tA -h 127.0.0.1 -p "$1" -U cutover postgres -c "SELECT note FROM bench_marker WHERE id = 1" 2>/dev/null)" = "$2" ]; do sleep 0.05; done
 }

@@ -13,20 +13,8 @@ source bench/lib.sh
 for round in $(seq "$ROUNDS"); do
   SRC=$(start_server "source$round"); TGT=$(start_server "target$round")
   "$BIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$SRC" -U cutover postgres >/dev/null 2>&1
-  cat > "$WORK/switch$round.toml" <<TOML
-[source]
-kind = "postgres"
-url = "$(url "$SRC")"
-[target]
-kind = "postgres"
-url = "$(url "$TGT")"
-[state]
-dir = "$WORK/state$round"
-[metrics]
-listen = "off"
-[switchover]
-fallback = true
-TOML
+  pg_config "$WORK/switch$round.toml" "$SRC" "$TGT" postgres "$WORK/state$round" \
+    $'[metrics]\nlisten = "off"\n[switchover]\nfallback = true\n'
   "$CUTOVER" run --config "$WORK/switch$round.toml" 2>"$WORK/cutover$round.log" &
   RUN=$!
   wait_streaming "$WORK/cutover$round.log"

@@ -19,18 +19,7 @@ for round in $(seq "$ROUNDS"); do
   t0=$(now); "$BIN/pg_dump" -h 127.0.0.1 -p "$SRC" -U cutover postgres | psql -q -h 127.0.0.1 -p "$TGT" -U cutover "$db" >/dev/null; t1=$(now)
   elapsed "$t0" "$t1" >> "$WORK/dump.times"
   psql -q -h 127.0.0.1 -p "$TGT" -U cutover "$db" -c "CHECKPOINT" >/dev/null; sync; sleep 1
-  cat > "$WORK/verify.toml" <<TOML
-[source]
-kind = "postgres"
-url = "$(url "$SRC")"
-[target]
-kind = "postgres"
-url = "$(url "$TGT" "$db")"
-[state]
-dir = "$WORK/state"
-[metrics]
-listen = "off"
-TOML
+  pg_config "$WORK/verify.toml" "$SRC" "$TGT" "$db" "$WORK/state" $'[metrics]\nlisten = "off"\n'
   t0=$(now); "$CUTOVER" verify --config "$WORK/verify.toml" > "$WORK/verify.out"; t1=$(now)
   elapsed "$t0" "$t1" >> "$WORK/verify.times"
 done
