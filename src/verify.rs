@@ -7,14 +7,17 @@
 //! canonical text (`compare::canonical`, by column type) before rows are compared.
 //!
 //! Chunks are ranges of the first key column. Only types every dialect orders
-//! alike (integers, decimals, dates and times) are split; a table keyed by text
-//! (whose order depends on collations) or without a key is compared whole.
+//! alike (integers, decimals, dates and times) are split by range; a table keyed
+//! by text (whose order depends on collations) or without a key is split by key
+//! hash into buckets where the servers hash (one pass per side gives every
+//! bucket's digest), and compared whole across dialects.
 //!
 //! On a live pipeline a row the target has not caught up with yet looks changed:
 //! rows found different are read again on the source, then on the target once it
 //! has applied everything the source had written by then.
 
 use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -210,11 +213,21 @@ impl Bound {
     }
 }
 
-/// Rows whose first key column is in `[lo, hi)`; `None` is unbounded.
+/// The rows one comparison covers: the first key column in `[lo, hi)` (`None` is
+/// unbounded) and, where set, key hashes in some buckets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Range {
     lo: Option<Bound>,
     hi: Option<Bound>,
+    buckets: Option<Buckets>,
+}
+
+/// Rows whose key's hash (the whole row's, without a key) modulo `of` is one of `these`:
+/// slices of a table whose keys no range can split alike on both sides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Buckets {
+    of: u64,
+    these: Vec<u64>,
 }
 
 /// One table as both sides see it.
@@ -344,18 +357,57 @@ impl TablePlan {
     }
 
     fn predicate(&self, dialect: SqlDialect, range: &Range) -> String {
-        let Some(key) = self.first_key(dialect) else { return "1 = 1".into() };
         let mut parts = Vec::new();
-        if let Some(lo) = &range.lo {
-            parts.push(format!("{key} >= {}", lo.sql(dialect)));
+        if let Some(key) = self.first_key(dialect) {
+            if let Some(lo) = &range.lo {
+                parts.push(format!("{key} >= {}", lo.sql(dialect)));
+            }
+            if let Some(hi) = &range.hi {
+                parts.push(format!("{key} < {}", hi.sql(dialect)));
+            }
         }
-        if let Some(hi) = &range.hi {
-            parts.push(format!("{key} < {}", hi.sql(dialect)));
+        if let Some(buckets) = &range.buckets {
+            let these: Vec<String> = buckets.these.iter().map(u64::to_string).collect();
+            parts.push(format!("{} IN ({})", self.bucket(dialect, buckets.of), these.join(", ")));
         }
         if parts.is_empty() {
             "1 = 1".into()
         } else {
             parts.join(" AND ")
+        }
+    }
+
+    /// A row's bucket of `of`, by its key's text (its whole text without a key). Server
+    /// hashing only: both sides compute it alike.
+    fn bucket(&self, dialect: SqlDialect, of: u64) -> String {
+        let key = match self.key.as_slice() {
+            [] => self.row_text(dialect),
+            key => match dialect {
+                SqlDialect::Mysql => {
+                    let values = key.iter().map(|&i| format!("QUOTE({})", self.stored(dialect, i)));
+                    format!("CONCAT_WS(',', {})", values.collect::<Vec<_>>().join(", "))
+                }
+                _ => {
+                    let columns = key.iter().map(|&i| dialect.ident(&self.columns[i].0));
+                    format!("ROW({})::text", columns.collect::<Vec<_>>().join(", "))
+                }
+            },
+        };
+        match dialect {
+            SqlDialect::Mysql => format!("CRC32({key}) % {of}"),
+            _ => format!("(hashtextextended({key}, 1) & 9223372036854775807) % {of}"),
+        }
+    }
+
+    /// The sum of the 64-bit hashes of the row texts `row`, as text.
+    fn hash_sum(dialect: SqlDialect, row: &str) -> String {
+        match dialect {
+            SqlDialect::Mysql => {
+                format!("CAST(COALESCE(SUM(CAST(CONV(LEFT(MD5({row}), 16), 16, 10) AS UNSIGNED)), 0) AS CHAR)")
+            }
+            // hash_bytes_extended, unchanged since PostgreSQL 11: 3× cheaper than md5. A chunk that
+            // differs only by it would be bisected and its rows compared by md5 (found equal).
+            _ => format!("COALESCE(SUM(hashtextextended({row}, 0)), 0)::text"),
         }
     }
 
@@ -377,16 +429,20 @@ impl TablePlan {
     /// Row count and the sum of the rows' 64-bit hashes in a range, as text.
     fn digest_sql(&self, side: &Side, range: &Range) -> String {
         let dialect = side.dialect();
-        let row = self.row_text(dialect);
-        let sum = match dialect {
-            SqlDialect::Mysql => {
-                format!("CAST(COALESCE(SUM(CAST(CONV(LEFT(MD5({row}), 16), 16, 10) AS UNSIGNED)), 0) AS CHAR)")
-            }
-            // hash_bytes_extended, unchanged since PostgreSQL 11: 3× cheaper than md5. A chunk that
-            // differs only by it would be bisected and its rows compared by md5 (found equal).
-            _ => format!("COALESCE(SUM(hashtextextended({row}, 0)), 0)::text"),
-        };
+        let sum = TablePlan::hash_sum(dialect, &self.row_text(dialect));
         format!("SELECT COUNT(*), {sum} FROM {} WHERE {}", self.table(side), self.predicate(dialect, range))
+    }
+
+    /// Per bucket of `of`: its number, row count and sum of row hashes, in one pass.
+    fn bucket_digests_sql(&self, side: &Side, of: u64) -> String {
+        let dialect = side.dialect();
+        format!(
+            "SELECT b, COUNT(*), {} FROM (SELECT {} AS b, {} AS r FROM {}) s GROUP BY b",
+            TablePlan::hash_sum(dialect, "r"),
+            self.bucket(dialect, of),
+            self.row_text(dialect),
+            self.table(side)
+        )
     }
 
     /// Each row's key and what its values compare by: the server's row hash, or
@@ -523,11 +579,26 @@ fn diff_rows(source: &[(String, String)], target: &[(String, String)], report: &
     differed
 }
 
-fn parse_count(rows: &Rows) -> anyhow::Result<(u64, String)> {
-    let row = rows.first().context("a count query returned no row")?;
+/// A count query's row: the row count and the hash sum.
+fn digest(row: &[Option<String>]) -> anyhow::Result<(u64, String)> {
     let count = row.first().cloned().flatten().unwrap_or_default();
     let count = count.parse::<u64>().with_context(|| format!("row count `{count}` is not a number"))?;
     Ok((count, row.get(1).cloned().flatten().unwrap_or_default()))
+}
+
+fn parse_count(rows: &Rows) -> anyhow::Result<(u64, String)> {
+    digest(rows.first().context("a count query returned no row")?)
+}
+
+/// Bucket digests by bucket number.
+fn bucket_digests(rows: &Rows) -> anyhow::Result<BTreeMap<u64, (u64, String)>> {
+    let mut digests = BTreeMap::new();
+    for row in rows {
+        let bucket = row.first().cloned().flatten().unwrap_or_default();
+        let bucket = bucket.parse::<u64>().with_context(|| format!("bucket `{bucket}` is not a number"))?;
+        digests.insert(bucket, digest(row.get(1..).unwrap_or_default())?);
+    }
+    Ok(digests)
 }
 
 /// Verifies one table: its report and the ranges that held differing rows.
@@ -598,10 +669,10 @@ impl TableCheck<'_> {
         let mut ranges = Vec::with_capacity(bounds.len() + 1);
         let mut lo = None;
         for bound in bounds {
-            ranges.push(Range { lo: lo.take(), hi: Some(bound.clone()) });
+            ranges.push(Range { lo: lo.take(), hi: Some(bound.clone()), buckets: None });
             lo = Some(bound);
         }
-        ranges.push(Range { lo, hi: None });
+        ranges.push(Range { lo, hi: None, buckets: None });
         Ok(ranges)
     }
 
@@ -617,6 +688,9 @@ impl TableCheck<'_> {
             }
             return Ok(());
         }
+        if self.plan.key_order == KeyOrder::Whole && self.plan.estimated_rows > LEAF_ROWS {
+            return self.buckets(source, target).await;
+        }
         let (s, t) = self.digests(source, target, &range).await?;
         self.report.source_rows += s.0;
         self.report.target_rows += t.0;
@@ -629,8 +703,8 @@ impl TableCheck<'_> {
             if larger > LEAF_ROWS && self.plan.key_order != KeyOrder::Whole {
                 let side = if s.0 >= t.0 { &mut *source } else { &mut *target };
                 if let Some(middle) = self.middle(side, &range, larger / 2).await? {
-                    let left = Range { lo: range.lo.clone(), hi: Some(middle.clone()) };
-                    let right = Range { lo: Some(middle), hi: range.hi.clone() };
+                    let left = Range { lo: range.lo.clone(), hi: Some(middle.clone()), buckets: None };
+                    let right = Range { lo: Some(middle), hi: range.hi.clone(), buckets: None };
                     let (ls, lt) = self.digests(source, target, &left).await?;
                     let (rs, rt) = self.digests(source, target, &right).await?;
                     pending.push((left, ls, lt));
@@ -638,6 +712,29 @@ impl TableCheck<'_> {
                     continue;
                 }
             }
+            let (s, t) = self.rows(source, target, &range).await?;
+            if diff_rows(&s, &t, &mut self.report) {
+                self.differing.push((range, s.len() as u64, t.len() as u64));
+            }
+        }
+        Ok(())
+    }
+
+    /// A table no range splits alike on both sides, in buckets of about `LEAF_ROWS` rows by
+    /// key hash: every bucket's digest in one pass per side, then the rows of those that differ.
+    async fn buckets(&mut self, source: &mut Side, target: &mut Side) -> anyhow::Result<()> {
+        let of = (self.plan.estimated_rows / LEAF_ROWS).clamp(2, 100_000);
+        self.report.chunks += of as usize - 1;
+        let (source_sql, target_sql) =
+            (self.plan.bucket_digests_sql(source, of), self.plan.bucket_digests_sql(target, of));
+        let (s, t) = tokio::join!(source.run(&source_sql), target.run(&target_sql));
+        let (s, t) = (bucket_digests(&s?)?, bucket_digests(&t?)?);
+        self.report.source_rows += s.values().map(|d| d.0).sum::<u64>();
+        self.report.target_rows += t.values().map(|d| d.0).sum::<u64>();
+        let differing: BTreeSet<u64> = s.keys().chain(t.keys()).filter(|b| s.get(b) != t.get(b)).copied().collect();
+        let differing: Vec<u64> = differing.into_iter().collect();
+        for these in differing.chunks(LEAF_ROWS as usize) {
+            let range = Range { buckets: Some(Buckets { of, these: these.to_vec() }), ..Range::default() };
             let (s, t) = self.rows(source, target, &range).await?;
             if diff_rows(&s, &t, &mut self.report) {
                 self.differing.push((range, s.len() as u64, t.len() as u64));

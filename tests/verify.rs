@@ -21,9 +21,10 @@ INSERT INTO items SELECT g, 'item ' || g, g / 4.0, timestamptz '2024-01-01 00:00
     jsonb_build_object('n', g, 'half', g / 2.0), 'n' || g % 10
     FROM generate_series(1, 5000) g;
 CREATE TABLE codes (code text PRIMARY KEY, n integer);
-INSERT INTO codes SELECT 'c' || g, g FROM generate_series(1, 100) g;
+INSERT INTO codes SELECT 'c' || g, g FROM generate_series(1, 3000) g;
 CREATE TABLE events (v text, n integer);
-INSERT INTO events SELECT 'e' || g, g FROM generate_series(1, 50) g;
+INSERT INTO events SELECT 'e' || g, g FROM generate_series(1, 2000) g;
+ANALYZE;
 "#;
 
 const MARIADB_SOURCE: &str = "
@@ -33,9 +34,10 @@ INSERT INTO shop.items SELECT seq, CONCAT('item ', seq), seq / 4, '2024-01-01' +
     UNHEX(LPAD(HEX(seq), 8, '0')), CONCAT('a,b', seq % 3), seq % 2 = 0, JSON_OBJECT('n', seq), CONCAT('n', seq % 10)
     FROM seq_1_to_5000;
 CREATE TABLE shop.codes (code varchar(20) PRIMARY KEY, n int);
-INSERT INTO shop.codes SELECT CONCAT('c', seq), seq FROM seq_1_to_100;
+INSERT INTO shop.codes SELECT CONCAT('c', seq), seq FROM seq_1_to_3000;
 CREATE TABLE shop.events (v varchar(20), n int);
-INSERT INTO shop.events SELECT CONCAT('e', seq), seq FROM seq_1_to_50;
+INSERT INTO shop.events SELECT CONCAT('e', seq), seq FROM seq_1_to_2000;
+ANALYZE TABLE shop.codes, shop.events;
 ";
 
 /// Made on the target after the copy: per table, one changed, one missing and one extra row
@@ -137,6 +139,14 @@ async fn names_differing_rows(name: &str, source: Server, target: Server) {
     assert!(clean.matches(), "a fresh copy differs:\n{}", cutover::verify::render(&clean));
     assert_eq!(clean.tables.len(), 3);
     assert_eq!(table(&clean, "items").source_rows, 5000);
+    if source.kind() == target.kind() {
+        // Keys no range splits alike (text) and rows without a key go in buckets by hash.
+        assert!(
+            table(&clean, "codes").chunks > 1 && table(&clean, "events").chunks > 1,
+            "{}",
+            cutover::verify::render(&clean)
+        );
+    }
 
     // A MySQL source's database lands in the PostgreSQL schema of its name.
     let qualifier = match (&source, &target) {
