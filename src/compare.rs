@@ -59,12 +59,22 @@ pub fn canonical(value: &str) -> String {
         }
     }
     let v = v.strip_suffix("+00").unwrap_or(v);
-    // Floats in exponent form: `1e+300` and `1e300`.
-    if v.contains(['e', 'E']) && !v.starts_with(['e', 'E']) {
-        if let Ok(float) = v.parse::<f64>() {
-            return format!("{float:?}");
-        }
-    }
+    // Floats in exponent form (`1e+300`, `1.7e+15`): their shortest form, which is either
+    // an exponent again or a decimal, trimmed as any decimal below.
+    let shortest;
+    let v = match v.contains(['e', 'E']) && !v.starts_with(['e', 'E']) {
+        true => match v.parse::<f64>() {
+            Ok(float) => {
+                shortest = format!("{float:?}");
+                if shortest.contains('e') {
+                    return shortest;
+                }
+                shortest.as_str()
+            }
+            Err(_) => v,
+        },
+        false => v,
+    };
     // Decimals: trailing zeros after the point say nothing about the value.
     let numeric = v.strip_prefix('-').unwrap_or(v);
     if numeric.contains('.') && numeric.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
@@ -186,6 +196,7 @@ mod tests {
             ("10:00:00.000000", "10:00:00"),
             ("2024-01-01 10:00:00.5+00", "2024-01-01 10:00:00.500000"),
             ("1e+300", "1e300"),
+            ("1.7e+15", "1700000000000000.0"),
             (r#"{"b": 1, "a": [1, 2]}"#, r#"{"a":[1,2],"b":1}"#),
         ] {
             assert_eq!(canonical(a), canonical(b), "{a} vs {b}");

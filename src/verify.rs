@@ -118,6 +118,12 @@ enum ValueClass {
     Bits,
     /// Dates and timestamps: MySQL's zero dates read as NULL, as the copy writes them.
     Date,
+    /// MySQL `time` (PostgreSQL `interval`): read as `TIME(6)` on MySQL, whatever its fraction.
+    Interval,
+    /// 4-byte floats: compared as the same `f32` (MySQL prints FLOAT to 6 digits; read as DOUBLE).
+    Real,
+    /// 8-byte floats: compared as the same `f64`, exponent or not.
+    Double,
     /// Numbers, booleans, times, JSON: `compare::canonical`.
     Other,
 }
@@ -132,6 +138,12 @@ impl ValueClass {
             ValueClass::Bits
         } else if t.starts_with("date") || t.starts_with("timestamp") {
             ValueClass::Date
+        } else if t.starts_with("interval") {
+            ValueClass::Interval
+        } else if t == "real" || t == "float4" {
+            ValueClass::Real
+        } else if t == "double precision" || t == "float8" {
+            ValueClass::Double
         } else if t == "bytea" {
             ValueClass::Binary
         } else if t.starts_with("character(") || t == "character" || t == "bpchar" {
@@ -168,7 +180,9 @@ impl ValueClass {
                 "" => "0".to_string(),
                 bits => bits.to_string(),
             },
-            ValueClass::Date | ValueClass::Other => canonical(value),
+            ValueClass::Real => value.trim().parse::<f32>().map_or_else(|_| value.to_string(), |f| format!("{f:?}")),
+            ValueClass::Double => value.trim().parse::<f64>().map_or_else(|_| value.to_string(), |f| format!("{f:?}")),
+            ValueClass::Date | ValueClass::Interval | ValueClass::Other => canonical(value),
         }
     }
 }
@@ -200,14 +214,26 @@ impl KeyOrder {
 /// A chunk boundary: a value of the first key column.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Bound {
-    Int(i64),
+    /// Written bare: MySQL compares a DECIMAL with a quoted string as a double.
+    Number(String),
     Text(String),
 }
 
 impl Bound {
+    fn new(value: String) -> Bound {
+        let digits = value.strip_prefix('-').unwrap_or(&value);
+        let (whole, fraction) = digits.split_once('.').unwrap_or((digits, "0"));
+        let number = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+        if number(whole) && number(fraction) {
+            Bound::Number(value)
+        } else {
+            Bound::Text(value)
+        }
+    }
+
     fn sql(&self, dialect: SqlDialect) -> String {
         match self {
-            Bound::Int(v) => v.to_string(),
+            Bound::Number(number) => number.clone(),
             Bound::Text(text) => dialect.literal(text),
         }
     }
@@ -315,7 +341,11 @@ impl TablePlan {
         let key = table.schema.key_indexes();
         // A key in the source schema that is not the primary key (MySQL: a unique key) still orders rows.
         let key_order = match key.first() {
-            Some(&first) => KeyOrder::of(&table.schema.columns[first].type_name),
+            // SQLite orders its raw stored values (unix times, text, numbers mixed), not the copy's.
+            Some(&first) => match KeyOrder::of(&table.schema.columns[first].type_name) {
+                KeyOrder::Universal if source == SqlDialect::Sqlite => KeyOrder::Whole,
+                order => order,
+            },
             None => KeyOrder::Whole,
         };
         let sqlite_types = match source {
@@ -433,15 +463,16 @@ impl TablePlan {
         format!("SELECT COUNT(*), {sum} FROM {} WHERE {}", self.table(side), self.predicate(dialect, range))
     }
 
-    /// Per bucket of `of`: its number, row count and sum of row hashes, in one pass.
-    fn bucket_digests_sql(&self, side: &Side, of: u64) -> String {
+    /// Per bucket of `of` in a range: its number, row count and sum of row hashes, in one pass.
+    fn bucket_digests_sql(&self, side: &Side, range: &Range, of: u64) -> String {
         let dialect = side.dialect();
         format!(
-            "SELECT b, COUNT(*), {} FROM (SELECT {} AS b, {} AS r FROM {}) s GROUP BY b",
+            "SELECT b, COUNT(*), {} FROM (SELECT {} AS b, {} AS r FROM {} WHERE {}) s GROUP BY b",
             TablePlan::hash_sum(dialect, "r"),
             self.bucket(dialect, of),
             self.row_text(dialect),
-            self.table(side)
+            self.table(side),
+            self.predicate(dialect, range)
         )
     }
 
@@ -464,7 +495,8 @@ impl TablePlan {
         format!("SELECT {} FROM {} WHERE {}", select.join(", "), self.table(side), self.predicate(dialect, range))
     }
 
-    /// A column's value as the copy carries it: on MySQL, zero dates are NULL.
+    /// A column's value as the copy carries it (on MySQL, zero dates are NULL), in a form
+    /// both sides print alike.
     fn stored(&self, dialect: SqlDialect, i: usize) -> String {
         let (name, class) = &self.columns[i];
         let column = dialect.ident(name);
@@ -472,6 +504,8 @@ impl TablePlan {
             (SqlDialect::Mysql, ValueClass::Date) => {
                 format!("IF(MONTH({column}) = 0 OR DAYOFMONTH({column}) = 0, NULL, {column})")
             }
+            (SqlDialect::Mysql, ValueClass::Interval) => format!("CAST({column} AS TIME(6))"),
+            (SqlDialect::Mysql, ValueClass::Real) => format!("CAST({column} AS DOUBLE)"),
             _ => column,
         }
     }
@@ -488,14 +522,16 @@ impl TablePlan {
         }
     }
 
-    /// Rows of a range as `(key, compared value)`, sorted.
+    /// Rows of a range as `(key, compared value)`, sorted; without a key, `(the row's
+    /// identity, its text as shown)`.
     fn keyed_rows(&self, rows: Rows, hashing: Hashing) -> Vec<(String, String)> {
         let mut keyed: Vec<(String, String)> = rows
             .into_iter()
             .map(|row| match hashing {
+                // Without a key a row is its own identity (its md5), shown by its text.
                 Hashing::Server if self.key.is_empty() => (
-                    shorten(row.first().cloned().flatten().unwrap_or_default()),
                     row.get(1).cloned().flatten().unwrap_or_default(),
+                    shorten(row.first().cloned().flatten().unwrap_or_default()),
                 ),
                 Hashing::Server => {
                     let key: Vec<Option<String>> = row[..self.key.len().min(row.len())].to_vec();
@@ -507,18 +543,19 @@ impl TablePlan {
                         .zip(&self.columns)
                         .map(|(value, (_, class))| value.as_deref().map(|v| class.canonical(v)))
                         .collect();
-                    let key = match self.key.is_empty() {
-                        true => shorten(key_text(&values)),
-                        false => {
-                            key_text(&self.key.iter().map(|&i| values.get(i).cloned().flatten()).collect::<Vec<_>>())
-                        }
-                    };
                     let compared = values
                         .iter()
                         .map(|v| v.as_deref().map_or("\u{0}N".to_string(), |v| format!("{}:{v}", v.len())))
                         .collect::<Vec<_>>()
                         .join(",");
-                    (key, compared)
+                    match self.key.is_empty() {
+                        // Without a key a row is its own identity, shown by its values.
+                        true => (compared, shorten(key_text(&values))),
+                        false => {
+                            let key = self.key.iter().map(|&i| values.get(i).cloned().flatten()).collect::<Vec<_>>();
+                            (key_text(&key), compared)
+                        }
+                    }
                 }
             })
             .collect();
@@ -545,9 +582,16 @@ fn shorten(text: String) -> String {
     }
 }
 
-/// Walks two sorted row lists, recording what one has and the other lacks.
-/// Returns whether anything differed.
-fn diff_rows(source: &[(String, String)], target: &[(String, String)], report: &mut TableReport) -> bool {
+/// Walks two sorted row lists, recording what one has and the other lacks (rows
+/// without a key are named by their text, and are never "changed"). Returns whether
+/// anything differed.
+fn diff_rows(
+    source: &[(String, String)],
+    target: &[(String, String)],
+    keyless: bool,
+    report: &mut TableReport,
+) -> bool {
+    let shown = |row: &(String, String)| if keyless { row.1.clone() } else { row.0.clone() };
     let (mut i, mut j, mut differed) = (0, 0, false);
     while i < source.len() || j < target.len() {
         let order = match (source.get(i), target.get(j)) {
@@ -557,17 +601,17 @@ fn diff_rows(source: &[(String, String)], target: &[(String, String)], report: &
         };
         match order {
             Ordering::Less => {
-                report.missing.add(&source[i].0);
+                report.missing.add(&shown(&source[i]));
                 i += 1;
                 differed = true;
             }
             Ordering::Greater => {
-                report.extra.add(&target[j].0);
+                report.extra.add(&shown(&target[j]));
                 j += 1;
                 differed = true;
             }
             Ordering::Equal => {
-                if source[i].1 != target[j].1 {
+                if !keyless && source[i].1 != target[j].1 {
                     report.changed.add(&source[i].0);
                     differed = true;
                 }
@@ -622,7 +666,7 @@ impl TableCheck<'_> {
         };
         let bounds = match self.plan.key_order {
             KeyOrder::Whole => Vec::new(),
-            KeyOrder::Integer => {
+            KeyOrder::Integer if self.hashing == Hashing::Server => {
                 // MIN and MAX come from the index; the row count from the estimate, when there is one.
                 let count = match self.plan.estimated_rows {
                     0 => "COUNT(*)".to_string(),
@@ -638,13 +682,14 @@ impl TableCheck<'_> {
                         (1..chunks)
                             .filter_map(|c| i64::try_from(i128::from(min) + c * width).ok())
                             .filter(|&b| b <= max)
-                            .map(Bound::Int)
+                            .map(|b| Bound::Number(b.to_string()))
                             .collect()
                     }
                     _ => Vec::new(),
                 }
             }
-            KeyOrder::Universal => {
+            // Rows that travel are bounded by count: equal key widths could put most rows in one chunk.
+            KeyOrder::Integer | KeyOrder::Universal => {
                 let sql = format!(
                     "SELECT k FROM (SELECT {key} AS k, ROW_NUMBER() OVER (ORDER BY {key}) AS n FROM {table}) s \
                      WHERE n % {chunk_rows} = 0 ORDER BY k"
@@ -657,7 +702,7 @@ impl TableCheck<'_> {
                             Hashing::Server => value,
                             Hashing::Canonical => canonical(&value),
                         };
-                        let bound = Bound::Text(value);
+                        let bound = Bound::new(value);
                         if bounds.last() != Some(&bound) {
                             bounds.push(bound);
                         }
@@ -681,26 +726,24 @@ impl TableCheck<'_> {
         self.report.chunks += 1;
         if self.hashing == Hashing::Canonical {
             let (s, t) = self.rows(source, target, &range).await?;
-            self.report.source_rows += s.len() as u64;
-            self.report.target_rows += t.len() as u64;
-            if diff_rows(&s, &t, &mut self.report) {
-                self.differing.push((range, s.len() as u64, t.len() as u64));
-            }
+            self.leaf(range, &s, &t);
             return Ok(());
         }
-        if self.plan.key_order == KeyOrder::Whole && self.plan.estimated_rows > LEAF_ROWS {
-            return self.buckets(source, target).await;
-        }
         let (s, t) = self.digests(source, target, &range).await?;
-        self.report.source_rows += s.0;
-        self.report.target_rows += t.0;
         let mut pending = vec![(range, s, t)];
         while let Some((range, s, t)) = pending.pop() {
+            // Counts are taken where the comparison ends: a live target may catch up in between.
             if s == t {
+                self.report.source_rows += s.0;
+                self.report.target_rows += t.0;
                 continue;
             }
             let larger = s.0.max(t.0);
-            if larger > LEAF_ROWS && self.plan.key_order != KeyOrder::Whole {
+            if larger > LEAF_ROWS && self.plan.key_order == KeyOrder::Whole {
+                self.buckets(source, target, &range, larger / LEAF_ROWS).await?;
+                continue;
+            }
+            if larger > LEAF_ROWS {
                 let side = if s.0 >= t.0 { &mut *source } else { &mut *target };
                 if let Some(middle) = self.middle(side, &range, larger / 2).await? {
                     let left = Range { lo: range.lo.clone(), hi: Some(middle.clone()), buckets: None };
@@ -713,32 +756,44 @@ impl TableCheck<'_> {
                 }
             }
             let (s, t) = self.rows(source, target, &range).await?;
-            if diff_rows(&s, &t, &mut self.report) {
-                self.differing.push((range, s.len() as u64, t.len() as u64));
-            }
+            self.leaf(range, &s, &t);
         }
         Ok(())
     }
 
-    /// A table no range splits alike on both sides, in buckets of about `LEAF_ROWS` rows by
-    /// key hash: every bucket's digest in one pass per side, then the rows of those that differ.
-    async fn buckets(&mut self, source: &mut Side, target: &mut Side) -> anyhow::Result<()> {
-        let of = (self.plan.estimated_rows / LEAF_ROWS).clamp(2, 100_000);
+    /// Rows compared one by one: counted, and their range kept for a re-check if they differ.
+    fn leaf(&mut self, range: Range, source: &[(String, String)], target: &[(String, String)]) {
+        self.report.source_rows += source.len() as u64;
+        self.report.target_rows += target.len() as u64;
+        if diff_rows(source, target, self.plan.key.is_empty(), &mut self.report) {
+            self.differing.push((range, source.len() as u64, target.len() as u64));
+        }
+    }
+
+    /// A differing part of a table no range splits alike on both sides, in about `of` buckets
+    /// by key hash: every bucket's digest in one pass per side, then the rows of those that differ.
+    async fn buckets(&mut self, source: &mut Side, target: &mut Side, range: &Range, of: u64) -> anyhow::Result<()> {
+        let of = of.clamp(2, 100_000);
         self.report.chunks += of as usize - 1;
         let (source_sql, target_sql) =
-            (self.plan.bucket_digests_sql(source, of), self.plan.bucket_digests_sql(target, of));
+            (self.plan.bucket_digests_sql(source, range, of), self.plan.bucket_digests_sql(target, range, of));
         let (s, t) = tokio::join!(source.run(&source_sql), target.run(&target_sql));
         let (s, t) = (bucket_digests(&s?)?, bucket_digests(&t?)?);
-        self.report.source_rows += s.values().map(|d| d.0).sum::<u64>();
-        self.report.target_rows += t.values().map(|d| d.0).sum::<u64>();
-        let differing: BTreeSet<u64> = s.keys().chain(t.keys()).filter(|b| s.get(b) != t.get(b)).copied().collect();
-        let differing: Vec<u64> = differing.into_iter().collect();
-        for these in differing.chunks(LEAF_ROWS as usize) {
-            let range = Range { buckets: Some(Buckets { of, these: these.to_vec() }), ..Range::default() };
-            let (s, t) = self.rows(source, target, &range).await?;
-            if diff_rows(&s, &t, &mut self.report) {
-                self.differing.push((range, s.len() as u64, t.len() as u64));
+        let buckets: BTreeSet<u64> = s.keys().chain(t.keys()).copied().collect();
+        let mut differing = Vec::new();
+        for bucket in buckets {
+            match (s.get(&bucket), t.get(&bucket)) {
+                (Some(s), Some(t)) if s == t => {
+                    self.report.source_rows += s.0;
+                    self.report.target_rows += t.0;
+                }
+                _ => differing.push(bucket),
             }
+        }
+        for these in differing.chunks(LEAF_ROWS as usize) {
+            let slice = Range { buckets: Some(Buckets { of, these: these.to_vec() }), ..range.clone() };
+            let (s, t) = self.rows(source, target, &slice).await?;
+            self.leaf(slice, &s, &t);
         }
         Ok(())
     }
@@ -776,10 +831,7 @@ impl TableCheck<'_> {
             self.plan.predicate(dialect, range)
         );
         let value = side.run(&sql).await?.into_iter().next().and_then(|row| row.into_iter().next().flatten());
-        let middle = value.map(|v| match self.plan.key_order {
-            KeyOrder::Integer => v.parse().map(Bound::Int).unwrap_or(Bound::Text(v)),
-            _ => Bound::Text(v),
-        });
+        let middle = value.map(Bound::new);
         // Rows sharing the first key column's value cannot be split by it.
         Ok(middle.filter(|m| range.lo.as_ref() != Some(m)))
     }
@@ -817,7 +869,7 @@ impl TableCheck<'_> {
             let (new_s, new_t) = (s.len() as u64, t.len() as u64);
             self.report.source_rows = self.report.source_rows.saturating_sub(old_s) + new_s;
             self.report.target_rows = self.report.target_rows.saturating_sub(old_t) + new_t;
-            if diff_rows(&s, &t, &mut self.report) {
+            if diff_rows(&s, &t, self.plan.key.is_empty(), &mut self.report) {
                 self.differing.push((range, new_s, new_t));
             }
         }
@@ -937,11 +989,18 @@ mod tests {
         let mut report = TableReport::default();
         let source = rows(&[("1", "a"), ("2", "b"), ("3", "c"), ("5", "e")]);
         let target = rows(&[("1", "a"), ("3", "C"), ("4", "d"), ("5", "e")]);
-        assert!(diff_rows(&source, &target, &mut report));
+        assert!(diff_rows(&source, &target, false, &mut report));
         assert_eq!(report.missing.keys, vec!["2"]);
         assert_eq!(report.extra.keys, vec!["4"]);
         assert_eq!(report.changed.keys, vec!["3"]);
-        assert!(!diff_rows(&source, &source, &mut TableReport::default()));
+        assert!(!diff_rows(&source, &source, false, &mut TableReport::default()));
+        // Without a key: rows named by their text, never changed.
+        let mut report = TableReport::default();
+        assert!(diff_rows(&rows(&[("h1", "(1,a)")]), &rows(&[("h2", "(1,b)")]), true, &mut report));
+        assert_eq!(
+            (report.missing.keys.clone(), report.extra.keys.clone(), report.changed.count),
+            (vec!["(1,a)".to_string()], vec!["(1,b)".to_string()], 0)
+        );
     }
 
     #[test]
@@ -957,6 +1016,25 @@ mod tests {
             ValueClass::of("timestamp with time zone").canonical("2024-01-01 10:00:00.5+00"),
             ValueClass::Other.canonical("2024-01-01 10:00:00.500000")
         );
+    }
+
+    #[test]
+    fn floats_compare_as_the_same_number() {
+        assert_eq!(
+            ValueClass::of("double precision").canonical("1.7e+15"),
+            ValueClass::Double.canonical("1700000000000000.0")
+        );
+        // MySQL's FLOAT read as DOUBLE against PostgreSQL's real.
+        assert_eq!(ValueClass::of("real").canonical("3.1415927"), ValueClass::Real.canonical("3.141592741012573"));
+        assert_eq!(ValueClass::Double.canonical("NaN"), ValueClass::Double.canonical("NaN"));
+    }
+
+    #[test]
+    fn numeric_bounds_are_written_bare() {
+        assert_eq!(Bound::new("-12.50".into()).sql(SqlDialect::Mysql), "-12.50");
+        assert_eq!(Bound::new("1e5".into()).sql(SqlDialect::Mysql), "'1e5'");
+        assert_eq!(Bound::new("2024-01-01".into()).sql(SqlDialect::Postgres), "'2024-01-01'");
+        assert_eq!(Bound::new("1.".into()).sql(SqlDialect::Postgres), "'1.'");
     }
 
     #[test]

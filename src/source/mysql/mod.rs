@@ -378,8 +378,17 @@ impl TableReader for MysqlTableReader {
         anyhow::ensure!(format == CopyFormat::PostgresText, "a MySQL source copies into PostgreSQL's text format only");
         let name = table.schema.name.clone();
         let encodings = self.encodings.get(&name).cloned().with_context(|| format!("no column mapping for {name}"))?;
-        let columns: Vec<String> =
-            table.schema.columns.iter().map(|c| format!("`{}`", c.name.replace('`', "``"))).collect();
+        // A FLOAT prints with 6 significant digits over the text protocol; as a DOUBLE it
+        // prints the exact value, which the target's real (or FLOAT) reads back bit for bit.
+        let columns: Vec<String> = table
+            .schema
+            .columns
+            .iter()
+            .map(|c| match c.type_name.as_str() {
+                "real" => format!("CAST(`{}` AS DOUBLE)", c.name.replace('`', "``")),
+                _ => format!("`{}`", c.name.replace('`', "``")),
+            })
+            .collect();
         let mut sql = format!(
             "SELECT {} FROM `{}`.`{}`",
             columns.join(", "),
