@@ -224,6 +224,14 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
             Err(e) => return Err(e),
         }
     };
+    // After a switchover the old source is no source any more (with fallback it is the
+    // fallback stream's target): starting the forward stream again would apply the fallback's
+    // writes back and reset the new primary's sequences to the old source's values.
+    if let Some(record) = store.switchover()? {
+        tracing::info!(final_position = %record.final_position, "this pipeline switched over: the forward stream is over");
+        METRICS.set_phase("switched-over");
+        return Ok(());
+    }
     let metrics_server = config.metrics.address().map(|listen| tokio::spawn(crate::metrics::serve(listen)));
     let (stop_tx, mut stop) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);

@@ -636,4 +636,24 @@ async fn switchover_fences_the_source_syncs_sequences_and_falls_back() {
     assert_eq!(status(&pair)["phase"], "fallback");
     let (exit, _) = stop(&mut child);
     assert!(exit.success(), "{}", pair.log());
+
+    // Restarted (systemd would), the daemon goes straight back to the fallback stream: the
+    // new primary's sequence stays where it is and its writes still come back.
+    let mut child = pair.spawn();
+    let id_after: i32 = target
+        .query_one("INSERT INTO orders (note) VALUES ('after the restart') RETURNING id", &[])
+        .await
+        .expect("the new primary takes writes")
+        .get(0);
+    assert!(id_after > id, "the new primary's sequence went back: {id_after} after {id}");
+    let started = std::time::Instant::now();
+    while count(&fresh, "SELECT count(*) FROM orders WHERE note = 'after the restart'").await < 1 {
+        assert!(started.elapsed() < Duration::from_secs(60), "nothing came back after the restart:\n{}", pair.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let next: i64 = count(&target, "SELECT nextval('orders_id_seq')").await;
+    assert!(next > i64::from(id_after), "the restart moved the new primary's sequence back to {next}");
+    assert!(pair.log().contains("this pipeline switched over"), "{}", pair.log());
+    let (exit, _) = stop(&mut child);
+    assert!(exit.success(), "{}", pair.log());
 }
