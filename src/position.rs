@@ -84,8 +84,17 @@ impl PartialOrd for BinlogPosition {
 }
 
 impl Ord for BinlogPosition {
+    /// By file sequence number (`binlog.999999` comes before `binlog.1000000`), then offset.
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (&self.file, self.pos).cmp(&(&other.file, other.pos))
+        let sequence = |file: &str| -> (String, u64) {
+            match file.rsplit_once('.') {
+                Some((stem, number)) if number.bytes().all(|b| b.is_ascii_digit()) => {
+                    (stem.to_string(), number.parse().unwrap_or(u64::MAX))
+                }
+                _ => (file.to_string(), 0),
+            }
+        };
+        (sequence(&self.file), &self.file, self.pos).cmp(&(sequence(&other.file), &other.file, other.pos))
     }
 }
 
@@ -96,6 +105,22 @@ impl std::hash::Hash for BinlogPosition {
 }
 
 impl Position {
+    /// Whether a target that has applied up to `applied` holds everything the source had
+    /// written by this position. Binlog coordinates move without a transaction (a rotation):
+    /// where both sides carry GTID states, holding every GTID is enough.
+    pub fn is_reached_by(&self, applied: &Position) -> bool {
+        if applied >= self {
+            return true;
+        }
+        match (self, applied) {
+            (
+                Position::Binlog(BinlogPosition { gtid: Some(mine), .. }),
+                Position::Binlog(BinlogPosition { gtid: Some(theirs), .. }),
+            ) => mine.within(theirs),
+            _ => false,
+        }
+    }
+
     /// Whether this position, as a `skip` entry, names the transaction that begins at
     /// `begin`: a bare GTID matches the transaction's GTID, anything else its position.
     pub fn names(&self, begin: &Position) -> bool {
@@ -319,6 +344,18 @@ mod tests {
             assert_eq!(lsn.to_string().parse::<Lsn>().ok(), Some(lsn));
         }
         assert_eq!(Lsn(0x1_0000_00A0).to_string(), "1/A0");
+    }
+
+    #[test]
+    fn binlog_files_order_by_number_and_rotations_are_reached_by_gtid() {
+        let at = |s: &str| s.parse::<Position>().expect("position");
+        assert!(at("binlog.999999:500") < at("binlog.1000000:4"));
+        assert!(at("binlog.000042:1234") < at("binlog.000042:1300"));
+        // FLUSH LOGS: the coordinate moved on, no transaction did.
+        let fenced = at("binlog.000043:385;gtid=0-1-1200");
+        assert!(fenced.is_reached_by(&at("binlog.000042:9000;gtid=0-1-1200")));
+        assert!(!fenced.is_reached_by(&at("binlog.000042:9000;gtid=0-1-1199")));
+        assert!(!at("binlog.000043:385").is_reached_by(&at("binlog.000042:9000")));
     }
 
     #[test]

@@ -277,8 +277,16 @@ async fn create_fallback(config: &Config, schema: &crate::schema::SourceSchema) 
         })
         .collect::<anyhow::Result<_>>()?;
     let path = fallback_path(config);
-    std::fs::write(&path, fallback_config(config, &tables)?)
-        .with_context(|| format!("writing the fallback config {}", path.display()))?;
+    // It holds both URLs, passwords included: readable by cutover's user only.
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(fallback_config(config, &tables).map_err(std::io::Error::other)?.as_bytes())
+    };
+    write().with_context(|| format!("writing the fallback config {}", path.display()))?;
     let fallback = Config::load(&path)?;
     std::fs::create_dir_all(&fallback.state.dir)
         .with_context(|| format!("creating the fallback state dir {}", fallback.state.dir.display()))?;

@@ -513,6 +513,15 @@ async fn a_mariadb_to_mariadb_switchover_fences_the_source_and_falls_back() {
     let mut child = common::spawn_run(&config, &log, &[]);
     wait_for(&mut child, &log, || has_row(target.url("shop_copy"), "SELECT 1 FROM orders LIMIT 1".into())).await;
 
+    // A statement that changes no replicated table, then a rotation: the target still reaches
+    // the source's position (as switchover and verify wait for it).
+    src.query_drop("CREATE USER idle@'%'; FLUSH BINARY LOGS").await.expect("statements");
+    let pipeline = cutover::config::Config::load(&config).expect("config");
+    let position = cutover::pipeline::source_position(&pipeline).await.expect("source position");
+    let (reached, applied) =
+        cutover::pipeline::wait_until_applied(&pipeline, &position, Duration::from_secs(30)).await.expect("wait");
+    assert!(reached, "the target stayed at {applied:?}, the source is at {position}");
+
     let (output, committed) = common::switchover_under_mysql_writes(source.url("shop"), &config).await;
     let report = String::from_utf8_lossy(&output.stdout).into_owned();
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();

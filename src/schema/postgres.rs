@@ -137,7 +137,10 @@ pub fn sequence_values(schema: &SourceSchema) -> Vec<String> {
             }
         };
         if let Some(value) = s.last_value {
-            statements.push(format!("SELECT setval({name}, {value}, true)"));
+            // Never backwards: a target that took writes (after a switchover) keeps its values.
+            statements.push(format!(
+                "SELECT setval({name}, greatest({value}, coalesce(pg_sequence_last_value({name}::regclass), {value})), true)"
+            ));
         }
     }
     statements

@@ -74,6 +74,8 @@ pub struct BinlogChangeStream<E = mysql_async::BinlogStream> {
     gtid_state: Option<GtidSet>,
     /// The GTID of the transaction being read, until it commits.
     current_gtid: Option<Gtid>,
+    /// Between a transaction's BEGIN (or MariaDB GTID event) and its COMMIT / XID.
+    in_transaction: bool,
 }
 
 /// MariaDB's GTID event (type 162).
@@ -149,6 +151,7 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
             prefixes: HashMap::new(),
             gtid_state: from.gtid.clone(),
             current_gtid: None,
+            in_transaction: false,
         }
     }
 
@@ -200,9 +203,38 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
         };
         let words: Vec<String> = query.split_whitespace().map(str::to_uppercase).collect();
         let word = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+        let queued = self.pending.len();
+        self.statement(query, schema, &words, start.clone(), end.clone(), time).await?;
+        // A statement that is its own transaction (GRANT, DDL on other tables, …) still moves
+        // the position and the GTID state: applied as an empty transaction, so a wait for the
+        // source's position (switchover, verify) ends.
+        if self.pending.len() == queued && !self.in_transaction && !matches!(word(0), "BEGIN" | "COMMIT") {
+            self.pending.push_back(Event::Begin { position: start, commit_time: time });
+            self.pending.push_back(Event::Commit { position: end, commit_time: time });
+        }
+        Ok(())
+    }
+
+    /// One statement's events: BEGIN, COMMIT, and DDL on a replicated table.
+    async fn statement(
+        &mut self,
+        query: &str,
+        schema: &str,
+        words: &[String],
+        start: Position,
+        end: Position,
+        time: SystemTime,
+    ) -> anyhow::Result<()> {
+        let word = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
         match word(0) {
-            "BEGIN" => self.pending.push_back(Event::Begin { position: start, commit_time: time }),
-            "COMMIT" => self.pending.push_back(Event::Commit { position: end, commit_time: time }),
+            "BEGIN" => {
+                self.in_transaction = true;
+                self.pending.push_back(Event::Begin { position: start, commit_time: time });
+            }
+            "COMMIT" => {
+                self.in_transaction = false;
+                self.pending.push_back(Event::Commit { position: end, commit_time: time });
+            }
             "TRUNCATE" | "ALTER" | "DROP" | "RENAME" | "CREATE" => {
                 let name_index = match (word(0), word(1)) {
                     ("TRUNCATE", "TABLE") => 2,
@@ -349,6 +381,7 @@ impl<E: BinlogEvents> ChangeStream for BinlogChangeStream<E> {
                     self.query(&text, &schema, start, header.log_pos(), time).await?;
                 }
                 Some(EventData::XidEvent(_)) => {
+                    self.in_transaction = false;
                     let position = self.commit_position(header.log_pos());
                     self.pending.push_back(Event::Commit { position, commit_time: time });
                 }
@@ -359,6 +392,7 @@ impl<E: BinlogEvents> ChangeStream for BinlogChangeStream<E> {
                     // MariaDB's GTID event stands in for BEGIN; a standalone statement
                     // (DDL) begins with its query event.
                     if flags & GTID_STANDALONE == 0 {
+                        self.in_transaction = true;
                         let position = self.begin_position(start);
                         self.pending.push_back(Event::Begin { position, commit_time: time });
                     }
