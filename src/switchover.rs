@@ -26,6 +26,7 @@ use crate::checkpoint::{CheckpointStore, SwitchoverRecord};
 use crate::config::{Config, SourceKind, TargetKind};
 use crate::pgconn::ConnectParams;
 use crate::position::Position;
+use crate::preflight::{Finding, Severity};
 use crate::source::mysql::MysqlParams;
 use crate::status::{ask, Request, Status};
 
@@ -76,6 +77,10 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
             status.lag_seconds
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    if config.switchover.fallback {
+        check_fallback(config).await?;
     }
 
     // 2. Fence the source; 3. its final position, and the target has it.
@@ -262,7 +267,8 @@ pub async fn fallback_after_switchover(config: &Config) -> anyhow::Result<Option
 /// Sets up the fallback stream on the new primary: tables without a key get
 /// `REPLICA IDENTITY FULL` (PostgreSQL; cutover created them), then the stream's
 /// publication and slot (or binlog position) are created and recorded.
-async fn create_fallback(config: &Config, schema: &crate::schema::SourceSchema) -> anyhow::Result<()> {
+/// Writes the fallback pipeline's config next to the state dir and loads it.
+fn write_fallback_config(config: &Config, schema: &crate::schema::SourceSchema) -> anyhow::Result<Config> {
     // The tables as the new primary names them (a MySQL target: in the database they landed in).
     let tables: Vec<String> = schema
         .tables
@@ -287,7 +293,32 @@ async fn create_fallback(config: &Config, schema: &crate::schema::SourceSchema) 
         file.write_all(fallback_config(config, &tables).map_err(std::io::Error::other)?.as_bytes())
     };
     write().with_context(|| format!("writing the fallback config {}", path.display()))?;
-    let fallback = Config::load(&path)?;
+    Ok(Config::load(&path)?)
+}
+
+/// The new primary must be able to serve the fallback stream (PostgreSQL `wal_level =
+/// logical` and a free slot, MySQL binlog in ROW format, privileges): checked before
+/// anything is fenced, so a switchover never stops half-way for it.
+async fn check_fallback(config: &Config) -> anyhow::Result<()> {
+    let schema = crate::pipeline::connect_source(config).await?.schema().await?;
+    let fallback = write_fallback_config(config, &schema)?;
+    let mut new_primary = crate::pipeline::connect_source(&fallback)
+        .await
+        .context("connecting to the target as the fallback stream's source")?;
+    let fallback_schema = new_primary.schema().await?;
+    let problems: Vec<Finding> =
+        new_primary.preflight(&fallback_schema).await?.into_iter().filter(|f| f.severity == Severity::Error).collect();
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "the target cannot serve the fallback stream (the findings' \"source\" is the target); nothing was fenced:\n{}",
+            crate::preflight::render_findings(&problems)
+        );
+    }
+    Ok(())
+}
+
+async fn create_fallback(config: &Config, schema: &crate::schema::SourceSchema) -> anyhow::Result<()> {
+    let fallback = write_fallback_config(config, schema)?;
     std::fs::create_dir_all(&fallback.state.dir)
         .with_context(|| format!("creating the fallback state dir {}", fallback.state.dir.display()))?;
     let store = CheckpointStore::open(&fallback.state.dir)?;

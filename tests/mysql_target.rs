@@ -522,6 +522,26 @@ async fn a_mariadb_to_mariadb_switchover_fences_the_source_and_falls_back() {
         cutover::pipeline::wait_until_applied(&pipeline, &position, Duration::from_secs(30)).await.expect("wait");
     assert!(reached, "the target stayed at {applied:?}, the source is at {position}");
 
+    // A target that cannot serve the fallback stream is refused before anything is fenced.
+    let mut target_root = mysql(&target.url("mysql")).await;
+    target_root.query_drop("SET GLOBAL binlog_format = 'STATEMENT'").await.expect("binlog_format");
+    let refused = Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["switchover", "--config"])
+        .arg(&config)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("binlog_format") && stderr.contains("nothing was fenced"),
+        "{stderr}"
+    );
+    mysql(&source.url("shop"))
+        .await
+        .query_drop("INSERT INTO orders (note) VALUES ('still writable')")
+        .await
+        .expect("not fenced");
+    target_root.query_drop("SET GLOBAL binlog_format = 'ROW'").await.expect("binlog_format");
+
     let (output, committed) = common::switchover_under_mysql_writes(source.url("shop"), &config).await;
     let report = String::from_utf8_lossy(&output.stdout).into_owned();
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
