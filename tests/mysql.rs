@@ -449,7 +449,7 @@ async fn a_mariadb_switchover_fences_the_source_and_falls_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let (output, committed) = common::switchover_under_mysql_writes(source.url("shop"), &config).await;
+    let (output, committed) = common::switchover_under_writes(&config, common::mysql_inserts(source.url("shop"))).await;
     let report = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),

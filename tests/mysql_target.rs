@@ -542,7 +542,7 @@ async fn a_mariadb_to_mariadb_switchover_fences_the_source_and_falls_back() {
         .expect("not fenced");
     target_root.query_drop("SET GLOBAL binlog_format = 'ROW'").await.expect("binlog_format");
 
-    let (output, committed) = common::switchover_under_mysql_writes(source.url("shop"), &config).await;
+    let (output, committed) = common::switchover_under_writes(&config, common::mysql_inserts(source.url("shop"))).await;
     let report = String::from_utf8_lossy(&output.stdout).into_owned();
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(output.status.success(), "{report}{}\n{}", String::from_utf8_lossy(&output.stderr), log_text());
@@ -588,5 +588,70 @@ async fn a_mariadb_to_mariadb_switchover_fences_the_source_and_falls_back() {
     .await;
     assert_same(my_rows(&mut new_primary, sql).await, my_rows(&mut old, sql).await);
     common::stop(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// PostgreSQL → MariaDB switchover under a write load (no fallback): the source refuses new
+/// writes, the target has every committed row, and its AUTO_INCREMENT (from the `serial`
+/// column) continues past the source's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_to_mariadb_switchover_fences_the_source() {
+    let dir = test_dir("pg-mysql-switchover");
+    let source = PostgresServer::start(&[]).expect("postgres");
+    let target = MariaDbServer::start(&[]).expect("mariadb");
+    let pg = connect(&source.url("postgres")).await;
+    pg.batch_execute(
+        "CREATE TABLE orders (id serial PRIMARY KEY, note text); \
+         INSERT INTO orders (note) SELECT 'before' FROM generate_series(1, 100)",
+    )
+    .await
+    .expect("source data");
+    mysql(&target.url("mysql")).await.query_drop("CREATE DATABASE app").await.expect("target database");
+    let config = write_config(&dir, "pg_switch", "postgres", &source.url("postgres"), &target.url("app"), "");
+    let log = dir.join("cutover.log");
+    let mut child = common::spawn_run(&config, &log, &[]);
+    let streaming = || {
+        let log = log.clone();
+        async move { std::fs::read_to_string(&log).unwrap_or_default().contains("streaming changes") }
+    };
+    wait_for(&mut child, &log, streaming).await;
+
+    let (client, connection) =
+        tokio_postgres::connect(&source.url("postgres"), tokio_postgres::NoTls).await.expect("application connection");
+    tokio::spawn(connection);
+    let writer = async move {
+        let mut committed = 0u64;
+        while client.batch_execute("INSERT INTO orders (note) VALUES ('load')").await.is_ok() {
+            committed += 1;
+        }
+        committed
+    };
+    let (output, committed) = common::switchover_under_writes(&config, writer).await;
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(output.status.success(), "{report}{}\n{log_text}", String::from_utf8_lossy(&output.stderr));
+    assert!(committed > 0 && report.contains("write-blocked window"), "{report}");
+    println!("{report}");
+
+    let fresh = connect(&source.url("postgres")).await;
+    assert!(
+        fresh.batch_execute("INSERT INTO orders (note) VALUES ('too late')").await.is_err(),
+        "the source takes writes"
+    );
+    let mut app = mysql(&target.url("app")).await;
+    assert_same(
+        my_rows(&mut app, "SELECT CAST(id AS CHAR), note FROM orders ORDER BY id").await,
+        pg_rows(&fresh, "SELECT id::text, note FROM orders ORDER BY orders.id").await,
+    );
+    app.query_drop("INSERT INTO orders (note) VALUES ('on the new primary')").await.expect("the new primary writes");
+    let id: i64 = app.query_first("SELECT LAST_INSERT_ID()").await.expect("id").expect("row");
+    let max: i32 = fresh.query_one("SELECT max(id) FROM orders", &[]).await.expect("max").get(0);
+    assert!(id > i64::from(max), "AUTO_INCREMENT not past the source's keys: {id} vs {max}");
+    // Without fallback the daemon's work is done: it exits.
+    let started = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the daemon did not stop after the switchover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -483,7 +483,11 @@ fn create_table(schema: &SourceSchema, table: &TableDefinition, qualified: &str)
                     _ => mapped,
                 };
             }
-            let auto = definition.identity.is_some() && key.len() == 1 && column.is_key;
+            // An identity column, or a `serial` one (its sequence is owned by the column).
+            let serial = schema.sequences.iter().any(|s| {
+                s.owned_by.as_ref().is_some_and(|(owner, name)| owner == &table.schema.name && name == &column.name)
+            });
+            let auto = (definition.identity.is_some() || serial) && key.len() == 1 && column.is_key;
             format!(
                 "{} {mapped}{}{}",
                 quote_ident(&column.name),

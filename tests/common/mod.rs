@@ -260,23 +260,13 @@ pub fn make_certs(dir: &std::path::Path) -> TestCerts {
     }
 }
 
-/// Runs `cutover switchover` while a MySQL client inserts into `orders` at `writer_url`
-/// as fast as it can (until the fence ends its session): the switchover's output and how
-/// many inserts were answered.
-pub async fn switchover_under_mysql_writes(
-    writer_url: String,
+/// Runs `cutover switchover` while `writer` writes to the source (until the fence ends its
+/// session): the switchover's output and how many writes the writer saw answered.
+pub async fn switchover_under_writes(
     config: &std::path::Path,
+    writer: impl std::future::Future<Output = u64> + Send + 'static,
 ) -> (std::process::Output, u64) {
-    use mysql_async::prelude::Queryable;
-    let writer = tokio::spawn(async move {
-        let opts = mysql_async::Opts::from_url(&writer_url).expect("url");
-        let mut conn = mysql_async::Conn::new(opts).await.expect("writer");
-        let mut committed = 0u64;
-        while conn.query_drop("INSERT INTO orders (note) VALUES ('load')").await.is_ok() {
-            committed += 1;
-        }
-        committed
-    });
+    let writer = tokio::spawn(writer);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let config = config.to_path_buf();
     let output = tokio::task::spawn_blocking(move || {
@@ -286,4 +276,15 @@ pub async fn switchover_under_mysql_writes(
     .expect("join")
     .expect("switchover runs");
     (output, writer.await.expect("writer"))
+}
+
+/// Inserts into `orders` at a MySQL URL as fast as it can, until the connection is ended.
+pub async fn mysql_inserts(url: String) -> u64 {
+    use mysql_async::prelude::Queryable;
+    let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&url).expect("url")).await.expect("writer");
+    let mut committed = 0u64;
+    while conn.query_drop("INSERT INTO orders (note) VALUES ('load')").await.is_ok() {
+        committed += 1;
+    }
+    committed
 }
