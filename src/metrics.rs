@@ -40,6 +40,14 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 }
 
 impl Metrics {
+    /// Row changes applied to the target, over every table and operation.
+    pub fn changes_applied_total(&self) -> u64 {
+        use prometheus::core::Collector as _;
+        let families = self.changes_applied.collect();
+        let counters = families.iter().flat_map(|family| family.get_metric()).map(|m| m.get_counter().get_value());
+        counters.sum::<f64>() as u64
+    }
+
     fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels);
@@ -197,6 +205,14 @@ mod tests {
         metrics.apply_batch_seconds.observe(0.01);
         metrics.set_phase("streaming");
         String::from_utf8(metrics.render()).expect("utf-8")
+    }
+
+    #[test]
+    fn changes_applied_total_sums_every_table_and_operation() {
+        let metrics = Metrics::new().expect("valid definitions");
+        metrics.changes_applied.with_label_values(&["public.t", "insert"]).inc();
+        metrics.changes_applied.with_label_values(&["public.u", "delete"]).inc_by(2);
+        assert_eq!(metrics.changes_applied_total(), 3);
     }
 
     #[test]

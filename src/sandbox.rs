@@ -38,6 +38,18 @@ pub fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
 
+/// A directory name no other sandbox server of any process uses. (A free port number is no
+/// such name: two tests running at once can be handed the same one, and then one test's
+/// cleanup removes the other's server.)
+fn unique_dir(prefix: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+    // Left by an earlier process that had this pid: it is gone.
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -96,7 +108,7 @@ impl PostgresServer {
     }
 
     fn start_once(bin: &Path, settings: &[(&str, &str)]) -> anyhow::Result<PostgresServer> {
-        let dir = std::env::temp_dir().join(format!("cutover-pg-{}-{}", std::process::id(), free_port()?));
+        let dir = unique_dir("cutover-pg");
         std::fs::create_dir_all(&dir)?;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
@@ -185,7 +197,7 @@ impl MariaDbServer {
     }
 
     fn start_once(options: &[&str]) -> anyhow::Result<MariaDbServer> {
-        let dir = std::env::temp_dir().join(format!("cutover-mariadb-{}-{}", std::process::id(), free_port()?));
+        let dir = unique_dir("cutover-mariadb");
         let data = dir.join("data");
         std::fs::create_dir_all(&dir)?;
         // SAFETY: geteuid has no preconditions.

@@ -24,6 +24,9 @@ pub struct Status {
     /// PostgreSQL sources: WAL the source wrote past the applied position.
     pub lag_bytes: i64,
     pub transactions_applied: u64,
+    /// Row changes (inserts, updates, deletes, truncates) those transactions carried.
+    #[serde(default)]
+    pub changes_applied: u64,
     /// Tables whose snapshot copy finished, with the rows copied.
     pub tables_copied: Vec<(String, u64)>,
     /// The snapshot copy in progress, if one runs.
@@ -77,6 +80,7 @@ fn live(store: &CheckpointStore) -> anyhow::Result<Status> {
     status.lag_seconds = METRICS.lag_seconds.get();
     status.lag_bytes = METRICS.lag_bytes.get();
     status.transactions_applied = METRICS.transactions_applied.get();
+    status.changes_applied = METRICS.changes_applied_total();
     status.last_error = LAST_ERROR.lock().ok().and_then(|e| e.clone());
     status.snapshot = crate::pipeline::SNAPSHOT_PROGRESS.lock().ok().and_then(|p| p.as_ref().map(|p| p.status()));
     Ok(status)
@@ -172,13 +176,14 @@ pub async fn query(state_dir: &Path) -> anyhow::Result<Status> {
 /// The status for a terminal.
 pub fn render(status: &Status) -> String {
     let mut out = format!(
-        "phase:                {}{}\napplied position:     {}\nlag:                  {:.1} s, {} bytes\ntransactions applied: {}\n",
+        "phase:                {}{}\napplied position:     {}\nlag:                  {:.1} s, {} bytes\ntransactions applied: {} ({} row changes)\n",
         status.phase,
         if status.running { "" } else { " (no daemon running)" },
         status.applied_position.as_deref().unwrap_or("none yet"),
         status.lag_seconds,
         status.lag_bytes,
-        status.transactions_applied
+        status.transactions_applied,
+        status.changes_applied
     );
     out.push_str(&format!("tables copied:        {}\n", status.tables_copied.len()));
     for (table, rows) in &status.tables_copied {

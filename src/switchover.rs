@@ -37,6 +37,7 @@ pub struct Summary {
     /// From fencing the source to the end: the application's downtime.
     pub write_blocked: Duration,
     pub transactions_applied: u64,
+    pub changes_applied: u64,
     pub sessions_ended: u64,
     pub sequences_synced: usize,
     pub fallback: bool,
@@ -130,6 +131,7 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
         final_position,
         write_blocked: fenced.elapsed(),
         transactions_applied: status.transactions_applied,
+        changes_applied: status.changes_applied,
         sessions_ended,
         sequences_synced,
         fallback: config.switchover.fallback,
@@ -348,13 +350,14 @@ pub fn render(summary: &Summary) -> String {
         "switchover done: the target is the new primary\n\
          final source position:   {}\n\
          write-blocked window:    {} ms\n\
-         transactions applied:    {}\n\
+         transactions applied:    {} ({} row changes)\n\
          client sessions ended:   {}\n\
          sequences synced:        {}\n\
          fallback:                {}\n",
         summary.final_position,
         summary.write_blocked.as_millis(),
         summary.transactions_applied,
+        summary.changes_applied,
         summary.sessions_ended,
         summary.sequences_synced,
         if summary.fallback {

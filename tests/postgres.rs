@@ -419,6 +419,7 @@ async fn status_reports_live_and_stopped_pipelines() {
     assert!(live["applied_position"].as_str().is_some_and(|p| p.starts_with("lsn:")), "{live}");
     assert_eq!(live["tables_copied"][0], serde_json::json!(["public.t", 42]), "{live}");
     assert!(live["transactions_applied"].as_u64().is_some_and(|n| n >= 1), "{live}");
+    assert!(live["changes_applied"].as_u64().is_some_and(|n| n >= 1), "{live}");
     let mode = std::fs::metadata(pair.dir.join("state").join("control.sock")).map(|m| {
         use std::os::unix::fs::PermissionsExt;
         m.permissions().mode() & 0o777
