@@ -410,18 +410,9 @@ impl TablePlan {
     /// A row's bucket of `of`, by its key's text (its whole text without a key). Server
     /// hashing only: both sides compute it alike.
     fn bucket(&self, dialect: SqlDialect, of: u64) -> String {
-        let key = match self.key.as_slice() {
-            [] => self.row_text(dialect),
-            key => match dialect {
-                SqlDialect::Mysql => {
-                    let values = key.iter().map(|&i| format!("QUOTE({})", self.stored(dialect, i)));
-                    format!("CONCAT_WS(',', {})", values.collect::<Vec<_>>().join(", "))
-                }
-                _ => {
-                    let columns = key.iter().map(|&i| dialect.ident(&self.columns[i].0));
-                    format!("ROW({})::text", columns.collect::<Vec<_>>().join(", "))
-                }
-            },
+        let key = match self.key.is_empty() {
+            true => self.row_text(dialect),
+            false => self.columns_text(dialect, &self.key),
         };
         match dialect {
             SqlDialect::Mysql => format!("CRC32({key}) % {of}"),
@@ -443,14 +434,19 @@ impl TablePlan {
 
     /// A row's text, unambiguous and the same for equal rows on the same dialect.
     fn row_text(&self, dialect: SqlDialect) -> String {
+        self.columns_text(dialect, &(0..self.columns.len()).collect::<Vec<_>>())
+    }
+
+    /// Some columns' values as one text, unambiguous and the same for equal values on the same dialect.
+    fn columns_text(&self, dialect: SqlDialect, columns: &[usize]) -> String {
         match dialect {
             SqlDialect::Mysql => {
-                let values = (0..self.columns.len()).map(|i| format!("QUOTE({})", self.stored(dialect, i)));
+                let values = columns.iter().map(|&i| format!("QUOTE({})", self.stored(dialect, i)));
                 format!("CONCAT_WS(',', {})", values.collect::<Vec<_>>().join(", "))
             }
-            // Server hashing never runs on SQLite (it is never a target); the row text is PostgreSQL's.
+            // Server hashing never runs on SQLite (it is never a target); the text is PostgreSQL's.
             SqlDialect::Postgres | SqlDialect::Sqlite => {
-                let columns = self.columns.iter().map(|(name, _)| dialect.ident(name));
+                let columns = columns.iter().map(|&i| dialect.ident(&self.columns[i].0));
                 format!("ROW({})::text", columns.collect::<Vec<_>>().join(", "))
             }
         }
@@ -809,16 +805,21 @@ impl TableCheck<'_> {
         Ok((parse_count(&s?)?, parse_count(&t?)?))
     }
 
+    /// Both sides' rows of a range, read at once.
     async fn rows(
         &self,
         source: &mut Side,
         target: &mut Side,
         range: &Range,
     ) -> anyhow::Result<(Vec<(String, String)>, Vec<(String, String)>)> {
-        let (source_sql, target_sql) =
-            (self.plan.rows_sql(source, range, self.hashing), self.plan.rows_sql(target, range, self.hashing));
-        let (s, t) = tokio::join!(source.table_rows(&source_sql, self.plan), target.table_rows(&target_sql, self.plan));
-        Ok((self.plan.keyed_rows(s?, self.hashing), self.plan.keyed_rows(t?, self.hashing)))
+        let (s, t) = tokio::join!(self.side_rows(source, range), self.side_rows(target, range));
+        Ok((s?, t?))
+    }
+
+    /// One side's rows of a range, keyed and sorted.
+    async fn side_rows(&self, side: &mut Side, range: &Range) -> anyhow::Result<Vec<(String, String)>> {
+        let sql = self.plan.rows_sql(side, range, self.hashing);
+        Ok(self.plan.keyed_rows(side.table_rows(&sql, self.plan).await?, self.hashing))
     }
 
     /// The first key column's value `offset` rows into a range, when it splits the range.
@@ -847,8 +848,7 @@ impl TableCheck<'_> {
         let ranges = std::mem::take(&mut self.differing);
         let mut source_rows = Vec::with_capacity(ranges.len());
         for (range, _, _) in &ranges {
-            let sql = self.plan.rows_sql(source, range, self.hashing);
-            source_rows.push(self.plan.keyed_rows(source.table_rows(&sql, self.plan).await?, self.hashing));
+            source_rows.push(self.side_rows(source, range).await?);
         }
         let position = crate::pipeline::source_position(config).await?;
         // A daemon that stopped meanwhile: compare the rows as they are.
@@ -866,8 +866,7 @@ impl TableCheck<'_> {
         self.report.extra = Differences::default();
         self.report.changed = Differences::default();
         for ((range, old_s, old_t), s) in ranges.into_iter().zip(source_rows) {
-            let sql = self.plan.rows_sql(target, &range, self.hashing);
-            let t = self.plan.keyed_rows(target.table_rows(&sql, self.plan).await?, self.hashing);
+            let t = self.side_rows(target, &range).await?;
             let (new_s, new_t) = (s.len() as u64, t.len() as u64);
             self.report.source_rows = self.report.source_rows.saturating_sub(old_s) + new_s;
             self.report.target_rows = self.report.target_rows.saturating_sub(old_t) + new_t;
