@@ -150,17 +150,7 @@ pub async fn wait_until_applied(
                 .await
                 .context("reading the slot's confirmed position")?
                 .and_then(|row| row.get::<_, Option<String>>(0)),
-            None => {
-                let status = crate::status::ask(&config.state.dir, &crate::status::Request::Status)
-                    .await?
-                    .with_context(|| {
-                        format!(
-                            "no cutover daemon answers on {}: is `cutover run` running?",
-                            crate::status::socket_path(&config.state.dir).display()
-                        )
-                    })?;
-                status.applied_position
-            }
+            None => crate::status::daemon_status(&config.state.dir).await?.applied_position,
         };
         if applied.as_deref().and_then(|p| p.parse::<Position>().ok()).is_some_and(|a| position.is_reached_by(&a)) {
             return Ok((true, applied));

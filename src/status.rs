@@ -133,6 +133,16 @@ pub async fn serve(
     }))
 }
 
+/// The running daemon's status; an error saying how to start one when none answers.
+pub async fn daemon_status(state_dir: &Path) -> anyhow::Result<Status> {
+    ask(state_dir, &Request::Status).await?.with_context(|| {
+        format!(
+            "no cutover daemon answers on {}: start `cutover run --config …` for this pipeline first",
+            socket_path(state_dir).display()
+        )
+    })
+}
+
 /// Sends `request` to the running daemon and returns its status; `None` when no daemon listens.
 pub async fn ask(state_dir: &Path, request: &Request) -> anyhow::Result<Option<Status>> {
     let Ok(mut socket) = tokio::net::UnixStream::connect(socket_path(state_dir)).await else { return Ok(None) };

@@ -28,7 +28,7 @@ use crate::pgconn::ConnectParams;
 use crate::position::Position;
 use crate::preflight::{Finding, Severity};
 use crate::source::mysql::MysqlParams;
-use crate::status::{ask, Request, Status};
+use crate::status::{ask, Request};
 
 /// What a switchover did.
 #[derive(Debug)]
@@ -46,15 +46,6 @@ pub struct Summary {
 /// How long each wait may take before the switchover gives up (the source stays fenced).
 const WAIT: Duration = Duration::from_secs(120);
 
-async fn daemon_status(config: &Config) -> anyhow::Result<Status> {
-    ask(&config.state.dir, &Request::Status).await?.with_context(|| {
-        format!(
-            "no cutover daemon answers on {}: start `cutover run --config …` for this pipeline first",
-            crate::status::socket_path(&config.state.dir).display()
-        )
-    })
-}
-
 /// Runs the switchover.
 pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
     if !matches!(config.source.kind, SourceKind::Postgres | SourceKind::Mysql) {
@@ -66,7 +57,7 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
     // 1. Caught up.
     let started = Instant::now();
     loop {
-        let status = daemon_status(config).await?;
+        let status = crate::status::daemon_status(&config.state.dir).await?;
         if status.phase == "streaming" && status.lag_seconds < 1.0 {
             break;
         }
@@ -80,9 +71,10 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    if config.switchover.fallback {
-        check_fallback(config).await?;
-    }
+    let fallback = match config.switchover.fallback {
+        true => Some(check_fallback(config).await?),
+        false => None,
+    };
 
     // 2. Fence the source; 3. its final position, and the target has it.
     let fenced = Instant::now();
@@ -118,8 +110,8 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
     let sequences_synced = schema.sequences.len();
 
     // 5. The fallback stream, created before anything writes to the new primary.
-    if config.switchover.fallback {
-        create_fallback(config, &schema).await?;
+    if let Some(fallback) = fallback {
+        create_fallback(config, fallback, &schema).await?;
     }
 
     // 6. Over: the daemon records it and stops (or turns into the fallback stream).
@@ -300,8 +292,9 @@ fn write_fallback_config(config: &Config, schema: &crate::schema::SourceSchema) 
 
 /// The new primary must be able to serve the fallback stream (PostgreSQL `wal_level =
 /// logical` and a free slot, MySQL binlog in ROW format, privileges): checked before
-/// anything is fenced, so a switchover never stops half-way for it.
-async fn check_fallback(config: &Config) -> anyhow::Result<()> {
+/// anything is fenced, so a switchover never stops half-way for it. Returns the fallback
+/// stream's source, ready to be created once the old source is fenced.
+async fn check_fallback(config: &Config) -> anyhow::Result<Fallback> {
     let schema = crate::pipeline::connect_source(config).await?.schema().await?;
     let fallback = write_fallback_config(config, &schema)?;
     let mut new_primary = crate::pipeline::connect_source(&fallback)
@@ -316,11 +309,21 @@ async fn check_fallback(config: &Config) -> anyhow::Result<()> {
             crate::preflight::render_findings(&problems)
         );
     }
-    Ok(())
+    Ok(Fallback { config: fallback, source: new_primary })
 }
 
-async fn create_fallback(config: &Config, schema: &crate::schema::SourceSchema) -> anyhow::Result<()> {
-    let fallback = write_fallback_config(config, schema)?;
+/// The fallback pipeline, checked: its config, and the new primary as its source.
+struct Fallback {
+    config: Config,
+    source: Box<dyn crate::source::Source>,
+}
+
+async fn create_fallback(
+    config: &Config,
+    fallback: Fallback,
+    schema: &crate::schema::SourceSchema,
+) -> anyhow::Result<()> {
+    let Fallback { config: fallback, mut source } = fallback;
     std::fs::create_dir_all(&fallback.state.dir)
         .with_context(|| format!("creating the fallback state dir {}", fallback.state.dir.display()))?;
     let store = CheckpointStore::open(&fallback.state.dir)?;
@@ -335,7 +338,7 @@ async fn create_fallback(config: &Config, schema: &crate::schema::SourceSchema) 
         }
     }
     // Only the new primary's side: the old source is written to once the daemon runs the stream.
-    let mut source = crate::pipeline::connect_source(&fallback).await.context("connecting the fallback stream")?;
+    // Read after the replica identities changed: they decide which publication a table joins.
     let fallback_schema = source.schema().await?;
     let (identity, _snapshot) = source.create_stream(&fallback_schema.tables).await?;
     source.release_snapshot().await;
