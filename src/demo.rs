@@ -288,7 +288,7 @@ async fn run_postgres(work: &Path, scale: u32, seconds: u32) -> anyhow::Result<(
     let started = Instant::now();
     let pipeline = RunningPipeline::start(Config::load(&config_path)?);
 
-    let slot = format!("cutover_{}", config.name);
+    let slot = crate::source::postgres::slot_name(&config.name);
     let load_output = loop {
         tokio::select! {
             output = load.wait() => { output?; break load.wait_with_output().await?; }

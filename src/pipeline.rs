@@ -145,7 +145,7 @@ pub async fn wait_until_applied(
             Some(client) => client
                 .query_opt(
                     "SELECT 'lsn:' || confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&format!("cutover_{}", config.name)],
+                    &[&crate::source::postgres::slot_name(&config.name)],
                 )
                 .await
                 .context("reading the slot's confirmed position")?

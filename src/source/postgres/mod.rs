@@ -56,6 +56,11 @@ pub struct PostgresSource {
     insert_only: Vec<TableName>,
 }
 
+/// The replication slot a pipeline streams from (its publications are named alike).
+pub fn slot_name(pipeline: &str) -> String {
+    format!("cutover_{pipeline}")
+}
+
 impl PostgresSource {
     pub async fn connect(params: ConnectParams, filter: TableFilter, pipeline: &str) -> anyhow::Result<Self> {
         let client = params.connect().await?;
@@ -66,7 +71,7 @@ impl PostgresSource {
         Ok(PostgresSource {
             params,
             filter,
-            slot: format!("cutover_{pipeline}"),
+            slot: slot_name(pipeline),
             client,
             major,
             exporting: None,
