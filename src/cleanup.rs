@@ -28,7 +28,7 @@ pub async fn cleanup(config: &Config, yes: bool) -> anyhow::Result<bool> {
             return Ok(false);
         }
     }
-    let (mut source, mut sink) = crate::pipeline::connect(config).await?;
+    let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
     let mut dropped = source.cleanup().await?;
     dropped.extend(sink.cleanup().await?);
     if config.state.dir.exists() {

@@ -30,22 +30,8 @@ pub struct Status {
     /// Tables whose snapshot copy finished, with the rows copied.
     pub tables_copied: Vec<(String, u64)>,
     /// The snapshot copy in progress, if one runs.
-    pub snapshot: Option<SnapshotStatus>,
+    pub snapshot: Option<crate::progress::SnapshotStatus>,
     pub last_error: Option<String>,
-}
-
-/// A snapshot copy in progress.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct SnapshotStatus {
-    pub tables_done: usize,
-    pub tables_total: usize,
-    pub rows: u64,
-    pub megabytes: u64,
-    pub megabytes_per_second: f64,
-    /// Rough: from the tables' size on disk and the rate so far.
-    pub eta_seconds: Option<u64>,
-    /// `(table, rows copied, estimated rows)`.
-    pub tables: Vec<(String, u64, u64)>,
 }
 
 /// What the pipeline reports beyond its metrics.
@@ -82,7 +68,7 @@ fn live(store: &CheckpointStore) -> anyhow::Result<Status> {
     status.transactions_applied = METRICS.transactions_applied.get();
     status.changes_applied = METRICS.changes_applied_total();
     status.last_error = LAST_ERROR.lock().ok().and_then(|e| e.clone());
-    status.snapshot = crate::pipeline::SNAPSHOT_PROGRESS.lock().ok().and_then(|p| p.as_ref().map(|p| p.status()));
+    status.snapshot = crate::progress::SNAPSHOT_PROGRESS.lock().ok().and_then(|p| p.as_ref().map(|p| p.status()));
     Ok(status)
 }
 

@@ -24,10 +24,10 @@ use mysql_async::prelude::Queryable;
 
 use crate::checkpoint::{CheckpointStore, SwitchoverRecord};
 use crate::config::{Config, SourceKind, TargetKind};
+use crate::finding::{Finding, Severity};
+use crate::myconn::MysqlParams;
 use crate::pgconn::ConnectParams;
 use crate::position::Position;
-use crate::preflight::{Finding, Severity};
-use crate::source::mysql::MysqlParams;
 use crate::status::{ask, Request};
 
 /// What a switchover did.
@@ -104,7 +104,7 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
     let final_position = final_position.to_string();
 
     // 4. Sequences (and anything else the end of a snapshot sets) to the source's values.
-    let (mut source, mut sink) = crate::pipeline::connect(config).await?;
+    let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
     let schema = source.schema().await?;
     sink.finish_snapshot(&schema).await.context("syncing sequences on the target")?;
     let sequences_synced = schema.sequences.len();
@@ -173,8 +173,7 @@ async fn fence_mysql(params: &MysqlParams) -> anyhow::Result<(Position, u64)> {
         // A session that ended meanwhile is fine.
         ended += u64::from(conn.query_drop(format!("KILL CONNECTION {id}")).await.is_ok());
     }
-    let position =
-        crate::source::mysql::binlog_position(&mut conn).await.context("reading the final binlog position")?;
+    let position = crate::myconn::binlog_position(&mut conn).await.context("reading the final binlog position")?;
     Ok((Position::Binlog(position), ended))
 }
 
@@ -271,7 +270,7 @@ fn write_fallback_config(config: &Config, schema: &crate::schema::SourceSchema) 
             TargetKind::Postgres => Ok(t.schema.name.to_string()),
             TargetKind::Mysql => Ok(format!(
                 "{}.{}",
-                crate::pipeline::target_database(config, &t.schema.name.schema)?,
+                crate::connect::target_database(config, &t.schema.name.schema)?,
                 t.schema.name.name
             )),
         })
@@ -295,11 +294,10 @@ fn write_fallback_config(config: &Config, schema: &crate::schema::SourceSchema) 
 /// anything is fenced, so a switchover never stops half-way for it. Returns the fallback
 /// stream's source, ready to be created once the old source is fenced.
 async fn check_fallback(config: &Config) -> anyhow::Result<Fallback> {
-    let schema = crate::pipeline::connect_source(config).await?.schema().await?;
+    let schema = crate::connect::source(config).await?.schema().await?;
     let fallback = write_fallback_config(config, &schema)?;
-    let mut new_primary = crate::pipeline::connect_source(&fallback)
-        .await
-        .context("connecting to the target as the fallback stream's source")?;
+    let mut new_primary =
+        crate::connect::source(&fallback).await.context("connecting to the target as the fallback stream's source")?;
     let fallback_schema = new_primary.schema().await?;
     let problems: Vec<Finding> =
         new_primary.preflight(&fallback_schema).await?.into_iter().filter(|f| f.severity == Severity::Error).collect();

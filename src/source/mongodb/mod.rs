@@ -31,12 +31,13 @@ use mongodb::error::ErrorKind;
 use mongodb::options::ClientOptions;
 use tokio::sync::{mpsc, watch};
 
-use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint, Source, TableReader};
+use super::{ChangeStream, SnapshotPoint, Source, TableReader};
 use crate::change::TableName;
 use crate::checkpoint::PipelineIdentity;
 use crate::config::{ConnUrl, Endpoint, MongoMapping, TableFilter};
+use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
+use crate::finding::Finding;
 use crate::position::Position;
-use crate::preflight::Finding;
 use crate::retry::ConnectionLost;
 use crate::schema::{push_copy_field, ColumnDefinition, SourceSchema, TableDefinition};
 use mapping::{id_text, Shape};
@@ -163,8 +164,8 @@ fn error_code(error: &mongodb::error::Error) -> Option<i32> {
 
 #[async_trait]
 impl Source for MongoSource {
-    fn dialect(&self) -> Dialect {
-        Dialect::Mongodb
+    fn dialect(&self) -> SourceDialect {
+        SourceDialect::Mongodb
     }
 
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {

@@ -31,13 +31,14 @@ use tokio::sync::watch;
 
 use self::pgoutput::{Message, OldTuple, PG_EPOCH_OFFSET_MICROS};
 use self::replication::{ReplicationConnection, ReplicationMessage};
-use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, LogEnd, SnapshotPoint, Source, TableReader};
+use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader};
 use crate::change::{Change, Column, Event, Identity, TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::TableFilter;
+use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
+use crate::finding::Finding;
 use crate::pgconn::ConnectParams;
 use crate::position::{Lsn, Position};
-use crate::preflight::Finding;
 use crate::schema::{quote_ident, quote_literal, quote_table, SourceSchema, TableDefinition};
 
 /// Tables larger than this many 8 kB pages are copied in page ranges by several workers.
@@ -183,8 +184,8 @@ impl PostgresSource {
 
 #[async_trait]
 impl Source for PostgresSource {
-    fn dialect(&self) -> Dialect {
-        Dialect::Postgres { major: self.major }
+    fn dialect(&self) -> SourceDialect {
+        SourceDialect::Postgres { major: self.major }
     }
 
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {
@@ -337,6 +338,19 @@ impl Source for PostgresSource {
             }
         }
         Ok(dropped)
+    }
+
+    async fn confirmed_position(&mut self) -> anyhow::Result<Option<Position>> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT 'lsn:' || confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .context("reading the slot's confirmed position")?;
+        let confirmed: Option<String> = row.and_then(|row| row.get(0));
+        confirmed.map(|text| text.parse().with_context(|| format!("the slot's confirmed position {text}"))).transpose()
     }
 
     /// The flushed WAL position: what the walsender can read, so a keepalive's `wal_end`
