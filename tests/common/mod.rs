@@ -148,6 +148,22 @@ pub fn spawn_run(config: &std::path::Path, log: &std::path::Path, env: &[(&str, 
         .expect("cutover starts")
 }
 
+/// Runs `cutover <command> --config <config> <args>` to its end.
+pub fn cutover(command: &str, config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .arg(command)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cutover {command} does not run: {e}"))
+}
+
+/// A command's stdout and stderr, one after the other.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
 pub async fn connect(url: &str) -> tokio_postgres::Client {
     let url = ConnUrl::new(url);
     let params = ConnectParams::from_endpoint(Endpoint { url: &url, password_file: None, password_env: None })
