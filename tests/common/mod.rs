@@ -183,6 +183,18 @@ pub async fn master_status(conn: &mut mysql_async::Conn) -> String {
     format!("{}:{}", row.get::<String, _>(0).expect("file"), row.get::<u64, _>(1).expect("pos"))
 }
 
+/// Waits until `child` exits on its own: its exit status. Fails with `log()` after `within`.
+pub async fn wait_for_exit(child: &mut Child, within: Duration, log: impl Fn() -> String) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(started.elapsed() < within, "cutover did not stop within {} s:\n{}", within.as_secs(), log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn kill9(child: &mut Child) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
