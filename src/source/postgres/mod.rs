@@ -301,6 +301,11 @@ impl Source for PostgresSource {
     }
 
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+        // A source fenced by a switchover is read-only by default; cutover's own objects still go.
+        self.client
+            .batch_execute("SET default_transaction_read_only = off")
+            .await
+            .context("making cutover's session on the source read-write")?;
         let mut dropped = Vec::new();
         let active: Option<bool> = self
             .client
