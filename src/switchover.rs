@@ -439,7 +439,7 @@ async fn mysql_writers(conn: &mut mysql_async::Conn, super_read_only: bool) -> a
 
 /// The fallback pipeline's config text: the same pipeline reversed (the new primary
 /// as source, the old source as target), streaming only (`mode = "never"`), the
-/// replicated tables named one by one, its state in `<state dir>/fallback`.
+/// replicated tables named one by one, its state in [`crate::status::fallback_state_dir`].
 fn fallback_config(config: &Config, tables: &[String]) -> anyhow::Result<String> {
     let source_kind = match config.target.kind {
         TargetKind::Postgres => "postgres",
@@ -475,7 +475,7 @@ fn fallback_config(config: &Config, tables: &[String]) -> anyhow::Result<String>
         "state".into(),
         toml::Value::from(toml::map::Map::from_iter([(
             "dir".to_string(),
-            toml::Value::from(config.state.dir.join("fallback").display().to_string()),
+            toml::Value::from(crate::status::fallback_state_dir(&config.state.dir).display().to_string()),
         )])),
     );
     document.insert(

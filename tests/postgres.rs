@@ -682,6 +682,11 @@ async fn switchover_fences_the_source_syncs_sequences_and_falls_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status(&pair)["phase"], "fallback");
+    // The fallback stream keeps its state inside this pipeline's state dir: cleanup leaves it alone.
+    let refused = cleanup(&pair);
+    assert!(!refused.status.success() && output_text(&refused).contains("stop it first"), "{}", output_text(&refused));
+    let fallback_store = pair.dir.join("state").join("fallback").join("checkpoint").join("CURRENT");
+    assert!(fallback_store.exists(), "the fallback's state is gone");
     let (exit, _) = stop(&mut child);
     assert!(exit.success(), "{}", pair.log());
 
