@@ -37,6 +37,7 @@ bench: deps
 	bash bench/sqlite.sh
 	bash bench/verify.sh
 	bash bench/switchover.sh
+	bash bench/memory.sh
 
 lint:
 	cargo fmt --check
