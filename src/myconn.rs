@@ -25,7 +25,7 @@ pub struct MysqlParams {
 
 impl MysqlParams {
     pub fn from_endpoint(endpoint: Endpoint<'_>) -> anyhow::Result<MysqlParams> {
-        let (url, tls) = crate::tls::TlsSettings::from_url(endpoint.url.expose(), crate::tls::Driver::Mysql)
+        let (url, tls) = crate::tls::TlsSettings::from_url(&endpoint.url.for_driver(), crate::tls::Driver::Mysql)
             .with_context(|| format!("url {}", endpoint.url))?;
         let opts = mysql_async::Opts::from_url(&url)
             .map_err(|e| anyhow::anyhow!("url {} is not a MySQL URL: {e}", endpoint.url))?;

@@ -30,7 +30,7 @@ impl ConnectParams {
     /// Reads a `postgresql://` URL, with the password from the endpoint's file or
     /// environment variable when one is set.
     pub fn from_endpoint(endpoint: Endpoint<'_>) -> anyhow::Result<ConnectParams> {
-        let (url, tls) = TlsSettings::from_url(endpoint.url.expose(), Driver::Postgres)
+        let (url, tls) = TlsSettings::from_url(&endpoint.url.for_driver(), Driver::Postgres)
             .with_context(|| format!("url {}", endpoint.url))?;
         let tls = PostgresTls::new(&tls).with_context(|| format!("url {}", endpoint.url))?;
         let mut config: tokio_postgres::Config =

@@ -139,16 +139,28 @@ pub async fn ask(state_dir: &Path, request: &Request) -> anyhow::Result<Option<S
     Ok(Some(serde_json::from_slice(&body).context("the daemon's answer on the control socket")?))
 }
 
+/// Where the fallback stream keeps its state, inside the forward pipeline's state dir.
+pub fn fallback_state_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("fallback")
+}
+
+/// The status of the daemon that runs for a state dir — the forward pipeline, or after a
+/// switchover with fallback the fallback stream (the same process, its own socket in
+/// [`fallback_state_dir`]); `None` when neither answers.
+pub async fn running(state_dir: &Path) -> anyhow::Result<Option<Status>> {
+    if let Some(status) = ask(state_dir, &Request::Status).await? {
+        return Ok(Some(status));
+    }
+    Ok(ask(&fallback_state_dir(state_dir), &Request::Status)
+        .await?
+        .map(|status| Status { phase: "fallback".into(), ..status }))
+}
+
 /// Asks the running daemon, or reads the checkpoint store when none runs.
 pub async fn query(state_dir: &Path) -> anyhow::Result<Status> {
     // A daemon that is starting holds the store before its socket listens: ask again.
     for _ in 0..50 {
-        if let Some(status) = ask(state_dir, &Request::Status).await? {
-            return Ok(status);
-        }
-        // After a switchover with fallback, the same daemon streams back from its own state dir.
-        if let Some(mut status) = ask(&state_dir.join("fallback"), &Request::Status).await? {
-            status.phase = "fallback".into();
+        if let Some(status) = running(state_dir).await? {
             return Ok(status);
         }
         if let Ok(store) = CheckpointStore::open(state_dir) {

@@ -67,9 +67,9 @@ impl TlsSettings {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             if key == mode_key {
-                mode = Some(parse_mode(&percent_decode(value), driver)?);
+                mode = Some(parse_mode(&crate::config::percent_decode(value), driver)?);
             } else if key == ca_key {
-                ca_file = Some(PathBuf::from(percent_decode(value)));
+                ca_file = Some(PathBuf::from(crate::config::percent_decode(value)));
             } else {
                 kept.push(pair);
             }
@@ -150,27 +150,6 @@ fn parse_mode(value: &str, driver: Driver) -> anyhow::Result<TlsMode> {
             "ssl-mode={other} is not a mode: use DISABLED, PREFERRED, REQUIRED, VERIFY_CA or VERIFY_IDENTITY"
         ),
     })
-}
-
-/// `%2F` → `/`; anything malformed stays as written.
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The lenient modes' certificate check: `require` / `prefer` accept any

@@ -58,7 +58,7 @@ impl MongoSource {
     /// Connects to the server the URL names; the URL's path is the replicated database.
     pub async fn connect(endpoint: Endpoint<'_>, filter: TableFilter, mapping: MongoMapping) -> anyhow::Result<Self> {
         let url = endpoint.url.clone();
-        let mut options = ClientOptions::parse(url.expose())
+        let mut options = ClientOptions::parse(url.for_driver())
             .await
             .map_err(|e| anyhow::anyhow!("url {url} is not a MongoDB URL: {}", e.kind))?;
         let database = options.default_database.clone().with_context(|| {
