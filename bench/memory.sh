@@ -26,6 +26,7 @@ psql -q -h 127.0.0.1 -p "$S" -U cutover postgres \
   -c "INSERT INTO blobs SELECT g, $MIB_OF_HEX FROM generate_series(1, $ROWS) g"
 wait_rows psql -tA -h 127.0.0.1 -p "$T" -U cutover postgres -c "SELECT count(*) FROM blobs WHERE length(v) = 1048576"
 PG_RSS=$(peak_rss_mib $CPID)
+echo "PostgreSQL source: peak RSS $PG_RSS MiB"
 kill -TERM $CPID; wait $CPID || true
 
 # MariaDB → PostgreSQL.
@@ -43,11 +44,12 @@ dir = "$WORK/my-state"
 TOML
 "$CUTOVER" run --config "$WORK/my.toml" 2>"$WORK/my.log" & CPID=$!
 wait_streaming "$WORK/my.log"
-mariadb -h 127.0.0.1 -P "$M" -u cutover -e "SET SESSION group_concat_max_len = 4194304;
+mariadb -h 127.0.0.1 -P "$M" -u cutover -D shop -e "SET SESSION group_concat_max_len = 4194304;
   INSERT INTO shop.blobs SELECT g.seq, (SELECT GROUP_CONCAT(MD5(CONCAT(RAND(), s.seq)) SEPARATOR '') FROM seq_1_to_32768 s)
   FROM seq_1_to_$ROWS g"
 wait_rows psql -tA -h 127.0.0.1 -p "$T2" -U cutover postgres -c "SELECT count(*) FROM shop.blobs WHERE length(v) = 1048576"
 MY_RSS=$(peak_rss_mib $CPID)
+echo "MariaDB source: peak RSS $MY_RSS MiB"
 kill -TERM $CPID; wait $CPID || true
 
 echo "one transaction of $ROWS × 1 MiB values: peak RSS PostgreSQL source $PG_RSS MiB, MariaDB source $MY_RSS MiB (goal ≤ 300 MiB)"
