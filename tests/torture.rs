@@ -729,11 +729,23 @@ fn free_key(rng: &mut Rng, taken: impl Fn(i64) -> bool, (lo, hi): (i64, i64)) ->
 
 /// One thing a writer sends: statements, as one transaction or one by one (autocommit).
 struct Unit {
-    statements: Vec<String>,
-    atomic: bool,
+    parts: Vec<Part>,
     /// MariaDB: the session's `binlog_row_image` for it.
     image: &'static str,
     what: &'static str,
+}
+
+enum Part {
+    /// Statements in `BEGIN` … `COMMIT`.
+    Transaction(Vec<String>),
+    /// One statement, its own transaction.
+    Autocommit(String),
+}
+
+impl Unit {
+    fn statements(&self) -> usize {
+        self.parts.iter().map(|p| if let Part::Transaction(s) = p { s.len() } else { 1 }).sum()
+    }
 }
 
 struct Workload {
@@ -748,6 +760,9 @@ struct Workload {
     fresh: i64,
     /// Whether the daemon may be copying a snapshot now.
     snapshot: Arc<AtomicBool>,
+    /// The current unit updates the keyless table: a partial row image of it would stop
+    /// cutover by design (no key to find the row by), so the unit writes full images.
+    needs_full_image: bool,
 }
 
 const ITEM_COLUMNS: &[&str] = &["code", "label", "qty", "price", "ratio", "flag", "at", "at_tz", "raw", "note"];
@@ -763,6 +778,7 @@ impl Workload {
             out: Vec::new(),
             fresh: FRESH_KEYS,
             snapshot,
+            needs_full_image: false,
         }
     }
 
@@ -931,7 +947,7 @@ impl Workload {
                 ));
             }
             89..=91 => {
-                let hi = key + self.rng.range(0, 12);
+                let hi = key + self.rng.range(0, 4);
                 let gone: Vec<i64> = self.model.items.range(key..=hi).map(|(k, _)| *k).collect();
                 for k in gone {
                     if let Some(Some(code)) = self.model.items.remove(&k) {
@@ -1279,7 +1295,8 @@ impl Workload {
         }
     }
 
-    fn bag_one(&self, set_or_delete: &str, row: &BagRow) -> String {
+    fn bag_one(&mut self, set_or_delete: &str, row: &BagRow) -> String {
+        self.needs_full_image |= set_or_delete.starts_with("UPDATE");
         let predicate = self.bag_match(row);
         match self.dialect {
             Dialect::Postgres => {
@@ -1314,7 +1331,8 @@ impl Workload {
                 }
                 let set =
                     format!("UPDATE bag SET b = {}", new.b.clone().map_or(Lit::Null, Lit::Text).sql(self.dialect));
-                self.push(self.bag_one(&set, &row));
+                let statement = self.bag_one(&set, &row);
+                self.push(statement);
                 self.model.bag[i] = new;
             }
             45..=54 => {
@@ -1322,12 +1340,14 @@ impl Workload {
                 if row.c.as_deref() == Some(c.as_str()) && !self.settings.uses("noop_updates") {
                     return;
                 }
-                self.push(self.bag_one(&format!("UPDATE bag SET c = {c}"), &row));
+                let statement = self.bag_one(&format!("UPDATE bag SET c = {c}"), &row);
+                self.push(statement);
                 self.model.bag[i].c = Some(c);
             }
             // One of several equal rows deleted.
             55..=74 => {
-                self.push(self.bag_one("DELETE FROM bag", &row));
+                let statement = self.bag_one("DELETE FROM bag", &row);
+                self.push(statement);
                 self.model.bag.remove(i);
             }
             // Every row equal to it deleted.
@@ -1344,6 +1364,7 @@ impl Workload {
                     (false, Dialect::Postgres) => format!(" AND c IS DISTINCT FROM {c}"),
                     (false, Dialect::Mariadb) => format!(" AND NOT c <=> {c}"),
                 };
+                self.needs_full_image = true;
                 self.push(format!("UPDATE bag SET c = {c} WHERE a = {a}{changed}"));
                 for r in self.model.bag.iter_mut().filter(|r| r.a == Some(a)) {
                     r.c = Some(c.clone());
@@ -1436,9 +1457,30 @@ impl Workload {
         self.rng.pick(&["FULL", "FULL", "MINIMAL", "NOBLOB"])
     }
 
+    /// The statements so far as one unit: one transaction, or each its own.
     fn take(&mut self, atomic: bool, what: &'static str) -> Unit {
-        let image = self.image();
-        Unit { statements: std::mem::take(&mut self.out), atomic, image, what }
+        let image = match std::mem::take(&mut self.needs_full_image) {
+            true => "FULL",
+            false => self.image(),
+        };
+        let statements = std::mem::take(&mut self.out);
+        let parts = match atomic {
+            true if statements.is_empty() => Vec::new(),
+            true => vec![Part::Transaction(statements)],
+            false => statements.into_iter().map(Part::Autocommit).collect(),
+        };
+        Unit { parts, image, what }
+    }
+
+    /// `first`, then the statements so far as the next transaction.
+    fn then_take(&mut self, mut first: Unit, what: &'static str) -> Unit {
+        let needs_full = self.needs_full_image;
+        let second = self.take(true, what);
+        first.parts.extend(second.parts);
+        if needs_full {
+            first.image = "FULL";
+        }
+        first
     }
 
     fn main_step(&mut self) {
@@ -1468,38 +1510,40 @@ impl Workload {
             _ => {}
         }
         self.push(format!("TRUNCATE {table}"));
-        // PostgreSQL: sometimes with rows written after it in the same transaction.
-        if self.dialect == Dialect::Postgres && self.rng.percent(50) {
-            for _ in 0..self.rng.range(1, 5) {
-                match table {
-                    "items" => self.items_step(),
-                    "kc" => self.kc_step(),
-                    "docs" => self.docs_step(),
-                    "bag" => self.bag_step(),
-                    _ => self.filler_step(),
-                }
-            }
-            return self.take(true, "truncate in a transaction");
-        }
-        let unit = self.take(false, "truncate");
-        if table == "filler" {
-            // Refilled at once, so it stays big.
-            self.push(match self.dialect {
+        // PostgreSQL: sometimes in a transaction with the rows written after it.
+        let in_transaction = self.dialect == Dialect::Postgres && self.rng.percent(50);
+        let unit = match in_transaction {
+            true => None,
+            false => Some(self.take(false, "truncate")),
+        };
+        // Filled again, so the table stays big enough to change.
+        match table {
+            "items" => (0..300).for_each(|_| self.items_insert()),
+            "kc" => (0..150).for_each(|_| self.kc_step()),
+            "docs" => (0..20).for_each(|_| self.docs_step()),
+            "bag" => (0..80).for_each(|_| self.bag_step()),
+            _ => self.push(match self.dialect {
                 Dialect::Postgres => {
                     format!(
                         "INSERT INTO filler SELECT g, g, md5(g::text) FROM generate_series(1, {}) g",
-                        FILLER_ROWS / 10
+                        FILLER_ROWS / 4
                     )
                 }
                 Dialect::Mariadb => {
-                    format!("INSERT INTO filler SELECT seq, seq, MD5(seq) FROM seq_1_to_{}", FILLER_ROWS / 10)
+                    format!("INSERT INTO filler SELECT seq, seq, MD5(seq) FROM seq_1_to_{}", FILLER_ROWS / 4)
                 }
-            });
-            let mut unit = unit;
-            unit.statements.append(&mut self.out);
-            return unit;
+            }),
         }
-        unit
+        match unit {
+            Some(unit) => self.then_take(unit, "truncate, then rows again"),
+            None => self.take(true, "truncate and rows again in one transaction"),
+        }
+    }
+
+    fn items_insert(&mut self) {
+        if let Some(k) = self.free_item() {
+            self.insert_item(k);
+        }
     }
 
     /// The first writer's next unit.
@@ -1531,13 +1575,9 @@ impl Workload {
             890..=929 => {
                 if let Some(key) = self.some_item() {
                     self.delete_item(key);
-                    let first = self.take(true, "delete");
+                    let first = self.take(true, "delete, then re-insert");
                     self.insert_item(key);
-                    let mut second = self.take(true, "re-insert");
-                    let mut statements = first.statements;
-                    statements.push(String::from("-- next transaction"));
-                    statements.append(&mut second.statements);
-                    return Unit { statements, atomic: true, image: first.image, what: "delete, then re-insert" };
+                    return self.then_take(first, "delete, then re-insert");
                 }
                 self.take(true, "nothing")
             }
@@ -1545,7 +1585,7 @@ impl Workload {
                 self.filler_bulk();
                 self.take(true, "bulk")
             }
-            950..=969 if self.may_truncate() => self.truncate(),
+            950..=954 if self.may_truncate() => self.truncate(),
             970..=984 if self.dialect == Dialect::Mariadb => {
                 self.push("FLUSH BINARY LOGS".to_string());
                 self.take(false, "rotation")
@@ -1573,7 +1613,11 @@ impl Workload {
             _ if self.may_truncate() => {
                 self.model.pairs.clear();
                 self.push("TRUNCATE pairs".to_string());
-                self.take(false, "truncate pairs")
+                let first = self.take(false, "truncate pairs");
+                for _ in 0..100 {
+                    self.pairs_step();
+                }
+                self.then_take(first, "truncate pairs, then rows again")
             }
             _ => {
                 self.pairs_step();
@@ -1638,7 +1682,7 @@ impl Session {
     }
 
     async fn run(&mut self, unit: &Unit, tag: &str) {
-        if unit.statements.is_empty() {
+        if unit.parts.is_empty() {
             return;
         }
         if let Session::Mariadb(_) = self {
@@ -1648,16 +1692,13 @@ impl Session {
             let sql: String = sql.chars().take(3000).collect();
             panic!("{tag}: the workload's {} failed on the source: {e}\n{sql}", unit.what)
         };
-        // Transactions of a unit are separated by a marker line.
-        let transactions: Vec<&[String]> = match unit.atomic {
-            true => unit.statements.split(|s| s.starts_with("-- next transaction")).collect(),
-            false => unit.statements.iter().map(std::slice::from_ref).collect(),
-        };
-        for statements in transactions {
-            let sql = match (unit.atomic, &self) {
-                (false, _) => statements.join(";\n"),
-                (true, Session::Postgres(_)) => format!("BEGIN;\n{};\nCOMMIT", statements.join(";\n")),
-                (true, Session::Mariadb(_)) => format!("START TRANSACTION;\n{};\nCOMMIT", statements.join(";\n")),
+        for part in &unit.parts {
+            let sql = match (part, &self) {
+                (Part::Autocommit(statement), _) => statement.clone(),
+                (Part::Transaction(s), Session::Postgres(_)) => format!("BEGIN;\n{};\nCOMMIT", s.join(";\n")),
+                (Part::Transaction(s), Session::Mariadb(_)) => {
+                    format!("START TRANSACTION;\n{};\nCOMMIT", s.join(";\n"))
+                }
             };
             if let Err(e) = self.batch(&sql).await {
                 fail(&sql, e);
@@ -1690,7 +1731,7 @@ async fn write_until(
         };
         session.run(&unit, &tag).await;
         written.units += 1;
-        written.statements += unit.statements.len() as u64;
+        written.statements += unit.statements() as u64;
         let pause = workload.rng.millis(0, if pairs { 30 } else { 8 });
         tokio::time::sleep(pause).await;
     }
@@ -1929,7 +1970,7 @@ async fn torture(pipeline: Pipeline, ci_seed: u64) {
     }
     initial.append(&mut second.out);
     for chunk in initial.chunks(100) {
-        let unit = Unit { statements: chunk.to_vec(), atomic: true, image: "FULL", what: "initial rows" };
+        let unit = Unit { parts: vec![Part::Transaction(chunk.to_vec())], image: "FULL", what: "initial rows" };
         session.run(&unit, &tag).await;
     }
     drop(session);
