@@ -46,6 +46,7 @@ bench: deps
 	bash bench/sqlite.sh
 	bash bench/verify.sh
 	bash bench/switchover.sh
+	bash bench/memory.sh
 
 lint:
 	cargo fmt --check

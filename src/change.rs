@@ -114,7 +114,22 @@ pub enum Change {
     Relation(Arc<TableSchema>),
 }
 
+/// Bytes a row's values hold, with a small allowance per value.
+fn row_bytes(row: &[Value]) -> usize {
+    row.iter().map(|v| 16 + if let Value::Text(text) = v { text.len() } else { 0 }).sum()
+}
+
 impl Change {
+    /// About how many bytes of memory the change holds (its values' text).
+    pub fn approx_bytes(&self) -> usize {
+        64 + match self {
+            Change::Insert { row, .. } => row_bytes(row),
+            Change::Update { old, new, .. } => old.as_deref().map_or(0, row_bytes) + row_bytes(new),
+            Change::Delete { old, .. } => row_bytes(old),
+            Change::Truncate { .. } | Change::Relation(_) => 0,
+        }
+    }
+
     /// The table the change is about (the first one for a truncate).
     pub fn table(&self) -> Option<&TableName> {
         match self {
@@ -142,4 +157,21 @@ pub enum Event {
         position: Position,
         commit_time: SystemTime,
     },
+    /// Between transactions: the source has sent every transaction its log holds before
+    /// `position` (a PostgreSQL keepalive's `wal_end`, a MySQL heartbeat's position). A
+    /// replay to a time ends on it once it passes the log's end read after that time.
+    Heartbeat {
+        position: Position,
+    },
+}
+
+impl Event {
+    /// About how many bytes of memory the event holds: what bounds the decode → apply
+    /// channel and a batch by size, not only by count.
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            Event::Change(change) => change.approx_bytes(),
+            Event::Begin { .. } | Event::Commit { .. } | Event::Heartbeat { .. } => 64,
+        }
+    }
 }

@@ -309,6 +309,10 @@ pub struct PipelineConfig {
     /// Most changes buffered before they are written to the open target transaction.
     #[serde(default = "default_max_batch_changes")]
     pub max_batch_changes: usize,
+    /// Most bytes of change values buffered before they are written to the open target
+    /// transaction: a batch of large values is flushed early, so memory stays bounded.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
     /// Longest a target transaction stays open while more source transactions arrive.
     #[serde(default = "default_max_batch_ms")]
     pub max_batch_ms: u64,
@@ -359,6 +363,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             max_batch_changes: default_max_batch_changes(),
+            max_batch_bytes: default_max_batch_bytes(),
             max_batch_ms: default_max_batch_ms(),
             max_retry_time: default_max_retry_time(),
         }
@@ -367,6 +372,10 @@ impl Default for PipelineConfig {
 
 fn default_max_batch_changes() -> usize {
     5_000
+}
+
+fn default_max_batch_bytes() -> usize {
+    16 << 20
 }
 
 fn default_max_batch_ms() -> u64 {
@@ -467,6 +476,9 @@ impl Config {
         }
         if config.pipeline.max_batch_changes == 0 {
             return Err(invalid("[pipeline] max_batch_changes: must be at least 1".into()));
+        }
+        if config.pipeline.max_batch_bytes == 0 {
+            return Err(invalid("[pipeline] max_batch_bytes: must be at least 1".into()));
         }
         for (key, patterns) in
             [("[source] tables", &config.source.tables), ("[source] exclude", &config.source.exclude)]

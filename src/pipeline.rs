@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::change::{Change, Event, TableName};
@@ -30,6 +30,7 @@ use crate::metrics::METRICS;
 use crate::pgconn::ConnectParams;
 use crate::position::{Position, StopAt};
 use crate::progress::{Reporter, TableCopy};
+use crate::retry::{is_resume, is_transient};
 use crate::schema::{SourceSchema, TableDefinition};
 use crate::sink::{postgres::PostgresSink, Sink};
 use crate::source::mysql::{MysqlParams, MysqlSource};
@@ -162,42 +163,6 @@ pub async fn wait_until_applied(
     }
 }
 
-/// A connection that broke: the pipeline reconnects and resumes from its checkpoint.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConnectionLost(pub String);
-
-/// Whether an error is a lost or refused connection (retry) rather than a definite
-/// failure (stop and tell the user).
-pub fn is_transient(error: &anyhow::Error) -> bool {
-    use crate::pgconn::PgError;
-    // Class 08: connection exceptions; 57P01-57P03: shutdown, crash, not yet accepting.
-    let transient_sqlstate = |code: &str| code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
-    error.chain().any(|cause| {
-        if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
-            let code = e.code().map(|c| c.code());
-            return e.is_closed()
-                || code.is_some_and(transient_sqlstate)
-                || (code.is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()));
-        }
-        if let Some(PgError::Server { code, .. }) = cause.downcast_ref::<PgError>() {
-            return transient_sqlstate(code);
-        }
-        if let Some(e) = cause.downcast_ref::<mysql_async::Error>() {
-            return match e {
-                mysql_async::Error::Io(_) => true,
-                mysql_async::Error::Driver(mysql_async::DriverError::ConnectionClosed) => true,
-                // Server shutdown in progress, connection killed, lost connection.
-                mysql_async::Error::Server(server) => matches!(server.code, 1053 | 1927 | 2006 | 2013),
-                _ => false,
-            };
-        }
-        matches!(cause.downcast_ref::<PgError>(), Some(PgError::Io(_)))
-            || cause.is::<ConnectionLost>()
-            || cause.is::<std::io::Error>()
-    })
-}
-
 /// Runs the pipeline until `shutdown` resolves (or, with `mode = "only"`, until the copy
 /// is done). A lost connection to either server is retried with exponential backoff
 /// (capped at 30 s) from the last checkpoint, for up to `[pipeline] max_retry_time`.
@@ -237,6 +202,10 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
         let attempt = Instant::now();
         let error = match run_once(config, &store, stop.clone()).await {
             Ok(()) => break Ok(()),
+            Err(e) if is_resume(&e) => {
+                tracing::info!(reason = format!("{e:#}"), "resuming from the last checkpoint");
+                continue;
+            }
             Err(e) if is_transient(&e) => e,
             Err(e) => {
                 METRICS.errors.with_label_values(&["fatal"]).inc();
@@ -378,7 +347,7 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
     }
     let (confirmed, confirmed_rx) = watch::channel(start.clone());
     let changes = source.start_stream(&start, confirmed_rx, &untracked).await?;
-    stream(changes, sink.as_mut(), &store, start, confirmed, copied_at, config, stop).await
+    stream(changes, source.as_mut(), sink.as_mut(), &store, start, confirmed, copied_at, config, stop).await
 }
 
 /// The last snapshot this process copied (for the demo's figures).
@@ -644,9 +613,11 @@ struct Applier<'a> {
     confirmed: watch::Sender<Position>,
     copied_at: HashMap<String, Position>,
     max_changes: usize,
+    max_bytes: usize,
     max_group: Duration,
-    /// Changes not yet handed to the sink.
+    /// Changes not yet handed to the sink, and about how many bytes they hold.
     buffer: Vec<Change>,
+    buffer_bytes: usize,
     /// A target transaction is open.
     open: bool,
     /// The last source transaction in the open target transaction that ended.
@@ -657,12 +628,19 @@ struct Applier<'a> {
     /// The current source transaction is already on the target.
     skipping: bool,
     applied: Position,
+    /// Where this run's stream began.
+    started_at: Position,
     transactions: u64,
     last_report: Instant,
     last_commit_time: Option<SystemTime>,
     /// `[stream] stop_at`, and whether the stream has gone past it.
     stop_at: Option<StopAt>,
     reached_stop: bool,
+    /// For a `stop_at` time: where the source's log ended once its clock had passed
+    /// that time. Every transaction committed before the time lies before it.
+    log_end_after_stop: Option<Position>,
+    /// The last heartbeat: the source has sent every transaction before this position.
+    sent_up_to: Option<Position>,
     /// `[stream] skip`: (entry as written, what it names, whether it was seen).
     skip: Vec<(String, Position, bool)>,
     /// The skip entry naming the current transaction, and its changes left out.
@@ -672,8 +650,60 @@ struct Applier<'a> {
     grouped_changes: HashMap<(String, &'static str), u64>,
 }
 
-impl Applier<'_> {
+impl<'a> Applier<'a> {
+    fn new(
+        sink: &'a mut dyn Sink,
+        store: &'a CheckpointStore,
+        confirmed: watch::Sender<Position>,
+        copied_at: HashMap<String, Position>,
+        config: &Config,
+        start: Position,
+    ) -> Applier<'a> {
+        Applier {
+            sink,
+            store,
+            confirmed,
+            copied_at,
+            max_changes: config.pipeline.max_batch_changes,
+            max_bytes: config.pipeline.max_batch_bytes,
+            max_group: Duration::from_millis(config.pipeline.max_batch_ms),
+            buffer: Vec::new(),
+            buffer_bytes: 0,
+            open: false,
+            ended: None,
+            group_started: Instant::now(),
+            current: None,
+            skipping: false,
+            applied: start.clone(),
+            started_at: start,
+            transactions: 0,
+            last_report: Instant::now(),
+            last_commit_time: None,
+            stop_at: config.stream.stop_at(),
+            reached_stop: false,
+            log_end_after_stop: None,
+            sent_up_to: None,
+            skip: config.stream.skip().into_iter().map(|(text, position)| (text, position, false)).collect(),
+            skipping_for: None,
+            grouped: 0,
+            grouped_changes: HashMap::new(),
+        }
+    }
+
+    /// Takes one event from the source; `more_waiting` says whether others are queued
+    /// behind it, which decides whether the open target transaction may wait for them.
     async fn handle(&mut self, event: Event, more_waiting: bool) -> anyhow::Result<()> {
+        self.take(event, more_waiting).await?;
+        // Between transactions with nothing queued, a group kept open for the next
+        // transaction commits now, whatever ended the last one (a commit, a skipped
+        // transaction, a heartbeat): else its rows stay invisible and its locks held.
+        if self.current.is_none() && !more_waiting && !self.reached_stop {
+            self.commit().await?;
+        }
+        Ok(())
+    }
+
+    async fn take(&mut self, event: Event, more_waiting: bool) -> anyhow::Result<()> {
         match event {
             Event::Begin { position, commit_time } => {
                 if self.stop_at.as_ref().is_some_and(|stop| stop.is_past(&position, commit_time)) {
@@ -718,10 +748,10 @@ impl Applier<'_> {
                     if let (Some(op), Some(table)) = (op, change.table()) {
                         *self.grouped_changes.entry((table.to_string(), op)).or_default() += 1;
                     }
+                    self.buffer_bytes += change.approx_bytes();
                     self.buffer.push(change);
-                    if self.buffer.len() >= self.max_changes {
-                        self.sink.apply(&self.buffer).await?;
-                        self.buffer.clear();
+                    if self.buffer.len() >= self.max_changes || self.buffer_bytes >= self.max_bytes {
+                        self.apply_buffer().await?;
                     }
                 }
             }
@@ -736,12 +766,36 @@ impl Applier<'_> {
                 self.ended = Some((position, commit_time));
                 self.transactions += 1;
                 self.grouped += 1;
-                if !more_waiting || self.group_started.elapsed() >= self.max_group {
+                if self.group_started.elapsed() >= self.max_group {
                     self.commit().await?;
+                }
+            }
+            Event::Heartbeat { position } => {
+                if self.current.is_none() {
+                    self.sent_up_to = Some(position);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Hands the buffered changes to the sink, inside the open target transaction.
+    async fn apply_buffer(&mut self) -> anyhow::Result<()> {
+        if !self.buffer.is_empty() {
+            self.sink.apply(&self.buffer).await?;
+            self.buffer.clear();
+            self.buffer_bytes = 0;
+        }
+        Ok(())
+    }
+
+    /// A `stop_at` time is reached once a heartbeat shows the source has sent everything
+    /// before the log's end read after that time, between transactions. Decided by the
+    /// source's own positions, never by the wall clock: a decoder that is behind (reading
+    /// through a large transaction of another table, a slow link) sends no such heartbeat.
+    fn passed_stop_time(&self) -> bool {
+        self.current.is_none()
+            && matches!((&self.log_end_after_stop, &self.sent_up_to), (Some(end), Some(sent)) if sent >= end)
     }
 
     /// Drops changes to tables whose copy is newer than the transaction.
@@ -761,12 +815,13 @@ impl Applier<'_> {
         }
     }
 
-    /// Skip entries that named no transaction this run: a typo, or not reached yet.
+    /// Skip entries that named no transaction this run: a typo, not reached yet, or
+    /// (MySQL) a position that is not where a transaction begins.
     fn report_unseen_skips(&self) {
         for (entry, _, seen) in &self.skip {
             if !seen {
-                tracing::warn!(skip = %entry, "no transaction matched this [stream] skip entry in this run");
-                println!("skip entry {entry} matched no transaction");
+                tracing::warn!(skip = %entry, from = %self.started_at, "no transaction matched this [stream] skip entry in this run");
+                println!("skip entry {entry} matched no transaction (streamed from {})", self.started_at);
             }
         }
     }
@@ -774,7 +829,6 @@ impl Applier<'_> {
     /// Commits what is complete before the stop point and reports where the replay stopped.
     async fn finish_at_stop(&mut self) -> anyhow::Result<()> {
         self.commit().await?;
-        self.report_unseen_skips();
         let time = self.last_commit_time.map(crate::position::format_rfc3339).unwrap_or_else(|| "none".into());
         let message = format!(
             "reached stop_at: the target has every transaction up to {} (last commit time: {time}); {} transaction(s) applied in this run",
@@ -787,10 +841,7 @@ impl Applier<'_> {
 
     async fn commit(&mut self) -> anyhow::Result<()> {
         let Some((position, commit_time)) = self.ended.take() else { return Ok(()) };
-        if !self.buffer.is_empty() {
-            self.sink.apply(&self.buffer).await?;
-            self.buffer.clear();
-        }
+        self.apply_buffer().await?;
         self.sink.commit(&position, commit_time).await?;
         self.open = false;
         METRICS.apply_batch_seconds.observe(self.group_started.elapsed().as_secs_f64());
@@ -817,9 +868,36 @@ impl Applier<'_> {
     }
 }
 
+/// Bytes of decoded events the decode → apply channel holds at most (one larger event
+/// passes alone): with `[pipeline] max_batch_bytes`, what bounds streaming's memory.
+const CHANNEL_BYTES: usize = 64 << 20;
+
+/// How far past a `stop_at` time the source's clock must be before its log's end is
+/// read: a commit stamped before the time is flushed by then (asynchronous commits
+/// within a few `wal_writer_delay`s).
+const STOP_TIME_MARGIN: Duration = Duration::from_secs(2);
+
+/// Where the source's log ends once its own clock has passed `time`; `None` if the
+/// source cannot tell.
+async fn log_end_after(source: &mut dyn Source, time: SystemTime) -> anyhow::Result<Option<Position>> {
+    let until = time + STOP_TIME_MARGIN;
+    loop {
+        if let Ok(wait) = until.duration_since(SystemTime::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let Some(end) = source.log_end().await? else { return Ok(None) };
+        match until.duration_since(end.clock) {
+            // The source's clock is behind ours: wait for it.
+            Ok(behind) => tokio::time::sleep(behind.clamp(Duration::from_millis(100), Duration::from_secs(5))).await,
+            Err(_) => return Ok(Some(end.position)),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stream(
     mut changes: Box<dyn ChangeStream>,
+    source: &mut dyn Source,
     sink: &mut dyn Sink,
     store: &CheckpointStore,
     start: Position,
@@ -829,41 +907,33 @@ async fn stream(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     tracing::info!(from = %start, "streaming changes");
-    let (tx, mut rx) = mpsc::channel::<Event>(8192);
-    // Decoding runs beside applying; the bounded channel is the backpressure.
+    let (tx, mut rx) = mpsc::channel::<(Event, OwnedSemaphorePermit)>(8192);
+    // Decoding runs beside applying; the channel, bounded by events and by bytes, is the backpressure.
+    let budget = Arc::new(Semaphore::new(CHANNEL_BYTES));
     let mut reader = tokio::spawn(async move {
         loop {
             let event = changes.next().await?;
-            if tx.send(event).await.is_err() {
+            let bytes = u32::try_from(event.approx_bytes().min(CHANNEL_BYTES)).unwrap_or(u32::MAX);
+            let permit = budget.clone().acquire_many_owned(bytes).await?;
+            if tx.send((event, permit)).await.is_err() {
                 return anyhow::Ok(());
             }
         }
     });
-    let mut applier = Applier {
-        sink,
-        store,
-        confirmed,
-        copied_at,
-        max_changes: config.pipeline.max_batch_changes,
-        max_group: Duration::from_millis(config.pipeline.max_batch_ms),
-        buffer: Vec::new(),
-        open: false,
-        ended: None,
-        group_started: Instant::now(),
-        current: None,
-        skipping: false,
-        applied: start,
-        transactions: 0,
-        last_report: Instant::now(),
-        last_commit_time: None,
-        stop_at: config.stream.stop_at(),
-        reached_stop: false,
-        skip: config.stream.skip().into_iter().map(|(text, position)| (text, position, false)).collect(),
-        skipping_for: None,
-        grouped: 0,
-        grouped_changes: HashMap::new(),
-    };
+    let mut applier = Applier::new(sink, store, confirmed, copied_at, config, start);
     METRICS.set_phase("catch-up");
+    let stop_time = match &applier.stop_at {
+        Some(StopAt::Time(time)) => Some(*time),
+        _ => None,
+    };
+    let mut probing = stop_time.is_some();
+    let probe = async move {
+        match stop_time {
+            Some(time) => log_end_after(source, time).await,
+            None => Ok(None),
+        }
+    };
+    tokio::pin!(probe);
     // Told to stop, the applier finishes the source transaction it is in (for up to
     // DRAIN_TIMEOUT), commits, and returns; past the deadline the open target
     // transaction is rolled back, which loses nothing: a restart resumes before it.
@@ -875,10 +945,6 @@ async fn stream(
             _ = idle_check.tick() => {
                 // Nothing received and nothing open: caught up.
                 let caught_up = rx.is_empty() && applier.current.is_none() && applier.ended.is_none();
-                // A quiet source past a stop time will send nothing more before it.
-                if caught_up && matches!(&applier.stop_at, Some(StopAt::Time(t)) if SystemTime::now() > *t + Duration::from_secs(2)) {
-                    break applier.finish_at_stop().await;
-                }
                 if caught_up {
                     METRICS.lag_seconds.set(0.0);
                     METRICS.set_phase("streaming");
@@ -891,13 +957,31 @@ async fn stream(
                     METRICS.lag_seconds.get()
                 ));
             }
+            end = &mut probe, if probing => {
+                probing = false;
+                match end {
+                    Ok(Some(end)) => {
+                        tracing::info!(log_end = %end, "the source's clock is past stop_at: replaying up to where its log ended then");
+                        applier.log_end_after_stop = Some(end);
+                        if applier.passed_stop_time() {
+                            break applier.finish_at_stop().await;
+                        }
+                    }
+                    Ok(None) => tracing::warn!(
+                        "this source cannot tell where its log ends: the replay stops at the first transaction past stop_at"
+                    ),
+                    Err(e) => break Err(e.context("reading where the source's log ends, for stop_at")),
+                }
+            }
             event = rx.recv() => match event {
-                Some(event) => {
+                Some((event, permit)) => {
                     let more_waiting = !rx.is_empty();
-                    if let Err(e) = applier.handle(event, more_waiting).await {
+                    let handled = applier.handle(event, more_waiting).await;
+                    drop(permit);
+                    if let Err(e) = handled {
                         break Err(e);
                     }
-                    if applier.reached_stop {
+                    if applier.reached_stop || applier.passed_stop_time() {
                         break applier.finish_at_stop().await;
                     }
                     if drain_deadline.is_some() && applier.current.is_none() {
@@ -925,6 +1009,11 @@ async fn stream(
         }
     };
     reader.abort();
+    // A skip entry that named nothing is said whenever the daemon stops, for any reason
+    // (not when it only resumes from its checkpoint).
+    if result.as_ref().err().is_none_or(|e| !is_transient(e) && !is_resume(e)) {
+        applier.report_unseen_skips();
+    }
     if result.is_ok() {
         tracing::info!(applied = %applier.applied, "stopped: the target has everything up to the applied position");
     }
@@ -933,3 +1022,230 @@ async fn stream(
 
 /// How long a stop waits for the source transaction in progress to end.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+
+#[cfg(test)]
+mod tests {
+    //! The applier against a memory sink: what reaches the target, and when, for given
+    //! event sequences. Milliseconds each; the real-server tests only hit these by chance.
+
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use async_trait::async_trait;
+    use tokio::sync::watch;
+
+    use super::Applier;
+    use crate::change::{Change, Column, Event, Identity, TableName, TableSchema, Value};
+    use crate::checkpoint::CheckpointStore;
+    use crate::config::Config;
+    use crate::position::{Lsn, Position};
+    use crate::schema::{SourceSchema, TableDefinition};
+    use crate::sink::{Sink, TableWriter};
+    use crate::source::{CopyFormat, Dialect};
+
+    /// Records what the applier asks of a target: `begin`, `apply N`, `commit <position>`.
+    #[derive(Default)]
+    struct MemorySink {
+        log: Vec<String>,
+    }
+
+    #[async_trait]
+    impl Sink for MemorySink {
+        fn copy_format(&self, _table: &TableDefinition, _source: Dialect) -> CopyFormat {
+            CopyFormat::PostgresText
+        }
+        async fn preflight(&mut self, _: &SourceSchema, _: u64) -> anyhow::Result<Vec<crate::preflight::Finding>> {
+            Ok(Vec::new())
+        }
+        async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {
+            Ok(None)
+        }
+        async fn create_tables(&mut self, _: &SourceSchema, _: &[&TableDefinition], _: bool) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn table_writer(&self) -> anyhow::Result<Box<dyn TableWriter>> {
+            anyhow::bail!("a memory sink copies nothing")
+        }
+        async fn finish_snapshot(&mut self, _: &SourceSchema) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        async fn begin(&mut self) -> anyhow::Result<()> {
+            self.log.push("begin".into());
+            Ok(())
+        }
+        async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+            self.log.push(format!("apply {}", changes.len()));
+            Ok(())
+        }
+        async fn commit(&mut self, position: &Position, _: SystemTime) -> anyhow::Result<()> {
+            self.log.push(format!("commit {position}"));
+            Ok(())
+        }
+    }
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "[source]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1:1/db\"\n\
+             [target]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1:2/db\"\n\
+             [state]\ndir = \"/nonexistent\"\n{extra}"
+        );
+        match Config::parse(&text, std::path::Path::new("test.toml")) {
+            Ok(config) => config,
+            Err(e) => panic!("test config: {e}"),
+        }
+    }
+
+    fn lsn(n: u64) -> Position {
+        Position::Lsn(Lsn(n))
+    }
+
+    fn at(seconds: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    fn insert(table: &str, bytes: usize) -> Event {
+        let schema = TableSchema {
+            name: TableName::new("public", table),
+            columns: vec![Column {
+                name: "v".into(),
+                type_name: "text".into(),
+                type_oid: 25,
+                is_key: true,
+                default: None,
+            }],
+            identity: Identity::Key,
+        };
+        Event::Change(Change::Insert { table: Arc::new(schema), row: vec![Value::Text("x".repeat(bytes))] })
+    }
+
+    /// A transaction's events: begin at `begin`, one insert into `table`, commit at `end`.
+    fn transaction(begin: u64, end: u64, time: u64, table: &str) -> Vec<Event> {
+        vec![
+            Event::Begin { position: lsn(begin), commit_time: at(time) },
+            insert(table, 10),
+            Event::Commit { position: lsn(end), commit_time: at(time) },
+        ]
+    }
+
+    /// Runs `events` through an applier; `None` in the list marks "the channel is
+    /// empty after the previous event". Returns the sink's log and the applier's
+    /// verdicts (reached stop / passed the stop time) after the last event.
+    async fn run(
+        config: &Config,
+        events: Vec<Option<Event>>,
+        log_end_after_stop: Option<Position>,
+    ) -> (Vec<String>, bool) {
+        let dir = std::env::temp_dir().join(format!(
+            "cutover-applier-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = match CheckpointStore::open(&dir) {
+            Ok(store) => store,
+            Err(e) => panic!("store: {e}"),
+        };
+        let mut sink = MemorySink::default();
+        let (confirmed, _rx) = watch::channel(lsn(0));
+        let copied_at = HashMap::from([("public.late".to_string(), lsn(500))]);
+        let mut stopped = false;
+        {
+            let mut applier = Applier::new(&mut sink, &store, confirmed, copied_at, config, lsn(0));
+            applier.log_end_after_stop = log_end_after_stop;
+            let mut events = events.into_iter().peekable();
+            while let Some(event) = events.next() {
+                let Some(event) = event else { continue };
+                let more_waiting = matches!(events.peek(), Some(Some(_)));
+                if let Err(e) = applier.handle(event, more_waiting).await {
+                    panic!("applier: {e:#}");
+                }
+                if applier.reached_stop || applier.passed_stop_time() {
+                    stopped = true;
+                    if let Err(e) = applier.finish_at_stop().await {
+                        panic!("finish: {e:#}");
+                    }
+                    break;
+                }
+            }
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        (sink.log, stopped)
+    }
+
+    fn queued(groups: Vec<Vec<Event>>) -> Vec<Option<Event>> {
+        groups.into_iter().flatten().map(Some).collect()
+    }
+
+    #[tokio::test]
+    async fn transactions_that_arrive_together_are_grouped_into_one_target_transaction() {
+        let events =
+            queued(vec![transaction(10, 20, 1, "t"), transaction(30, 40, 2, "t"), transaction(50, 60, 3, "t")]);
+        let (log, _) = run(&config(""), events, None).await;
+        assert_eq!(log, ["begin", "apply 3", "commit lsn:0/3C"]);
+    }
+
+    #[tokio::test]
+    async fn a_skipped_transaction_after_a_deferred_commit_still_commits_the_group() {
+        // The first transaction's commit waits for the next one, which [stream] skip leaves out.
+        let config = config("[stream]\nskip = [\"lsn:0/1E\"]\n");
+        let events = queued(vec![transaction(10, 20, 1, "t"), transaction(30, 40, 2, "t")]);
+        let (log, _) = run(&config, events, None).await;
+        assert_eq!(log, ["begin", "apply 1", "commit lsn:0/14"]);
+        // Also when a heartbeat is the last thing queued behind a transaction.
+        let mut events = queued(vec![transaction(10, 20, 1, "t")]);
+        events.push(Some(Event::Heartbeat { position: lsn(25) }));
+        let (log, _) = run(&config, events, None).await;
+        assert_eq!(log, ["begin", "apply 1", "commit lsn:0/14"]);
+    }
+
+    #[tokio::test]
+    async fn changes_to_a_table_copied_later_than_the_transaction_are_left_out() {
+        let events = queued(vec![transaction(10, 20, 1, "late"), transaction(600, 610, 2, "late")]);
+        let (log, _) = run(&config(""), events, None).await;
+        assert_eq!(log, ["begin", "apply 1", "commit lsn:0/262"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_flushed_by_its_size_before_the_transaction_ends() {
+        let config = config("[pipeline]\nmax_batch_bytes = 1000\n");
+        let mut events = vec![Some(Event::Begin { position: lsn(10), commit_time: at(1) })];
+        events.extend((0..10).map(|_| Some(insert("t", 300))));
+        events.push(Some(Event::Commit { position: lsn(20), commit_time: at(1) }));
+        let (log, _) = run(&config, events, None).await;
+        // 300-byte values (about 400 bytes each as held): a flush every third change.
+        assert_eq!(log, ["begin", "apply 3", "apply 3", "apply 3", "apply 1", "commit lsn:0/14"]);
+    }
+
+    #[tokio::test]
+    async fn stop_at_a_time_waits_for_the_source_to_pass_its_log_end_not_for_a_quiet_moment() {
+        let config = config("[stream]\nstop_at = \"2001-01-01T00:00:00Z\"\n");
+        let stop = 978_307_200;
+        // A source that is behind: the channel runs empty between transactions, and its
+        // heartbeats are short of where the log ended after the stop time.
+        let mut events = vec![];
+        events.extend(transaction(10, 20, stop - 60, "t").into_iter().map(Some));
+        events.push(None);
+        events.push(Some(Event::Heartbeat { position: lsn(50) }));
+        events.push(None);
+        events.extend(transaction(60, 70, stop - 30, "t").into_iter().map(Some));
+        events.push(Some(Event::Heartbeat { position: lsn(99) }));
+        let (log, stopped) = run(&config, events.clone(), Some(lsn(100))).await;
+        assert!(!stopped, "stopped early: {log:?}");
+        assert_eq!(log, ["begin", "apply 1", "commit lsn:0/14", "begin", "apply 1", "commit lsn:0/46"]);
+        // A heartbeat at the log's end ends the replay...
+        events.push(Some(Event::Heartbeat { position: lsn(100) }));
+        let (_, stopped) = run(&config, events, Some(lsn(100))).await;
+        assert!(stopped);
+        // ...and so does the first transaction at or past the stop time, which stays out.
+        let mut events = queued(vec![transaction(10, 20, stop - 1, "t"), transaction(30, 40, stop, "t")]);
+        events.push(Some(Event::Heartbeat { position: lsn(1000) }));
+        let (log, stopped) = run(&config, events, None).await;
+        assert!(stopped);
+        assert_eq!(log, ["begin", "apply 1", "commit lsn:0/14"]);
+    }
+}

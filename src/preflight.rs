@@ -94,6 +94,7 @@ pub async fn check(config: &crate::config::Config) -> anyhow::Result<bool> {
     let (mut source, mut sink) = crate::pipeline::connect(config).await?;
     let schema = source.schema().await?;
     let mut findings = source.preflight(&schema).await?;
+    findings.extend(source.check_skip(&config.stream.skip()).await?);
     let copy_bytes = match config.snapshot.mode {
         crate::config::SnapshotMode::Never => 0,
         _ => schema.tables.iter().map(|t| t.pages.saturating_mul(8192)).sum(),

@@ -23,12 +23,17 @@ fn source_sql() -> String {
 /// A MariaDB source holding `source_sql()`, a PostgreSQL target, a connection to the source
 /// and a scratch dir.
 async fn start(name: &str) -> (MariaDbServer, PostgresServer, mysql_async::Conn, std::path::PathBuf) {
+    start_with(name, &source_sql()).await
+}
+
+/// As [`start`], with the source holding `sql` (run in database `mysql`).
+async fn start_with(name: &str, sql: &str) -> (MariaDbServer, PostgresServer, mysql_async::Conn, std::path::PathBuf) {
     let source = MariaDbServer::start(&[]).expect("mariadb");
     let target = PostgresServer::start(&[]).expect("postgres");
     let mut conn = mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url"))
         .await
         .expect("connects to mariadb");
-    conn.query_drop(source_sql()).await.expect("source data");
+    conn.query_drop(sql).await.expect("source data");
     let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
     std::fs::create_dir_all(&dir).expect("dir");
     (source, target, conn, dir)
@@ -183,6 +188,17 @@ impl Streaming {
     /// The streamed target against a fresh one-shot copy of the source as it is now,
     /// made into database `fresh`: every table of `shop` the same.
     async fn assert_matches_fresh_copy(&self, source: &MariaDbServer, target: &PostgresServer, dir: &std::path::Path) {
+        self.assert_tables_match_fresh_copy(source, target, dir, 4).await;
+    }
+
+    /// As [`Streaming::assert_matches_fresh_copy`], for a `shop` of `tables` tables.
+    async fn assert_tables_match_fresh_copy(
+        &self,
+        source: &MariaDbServer,
+        target: &PostgresServer,
+        dir: &std::path::Path,
+        tables: usize,
+    ) {
         let streamed = pg(&target.url("postgres")).await;
         streamed.batch_execute("CREATE DATABASE fresh").await.expect("fresh db");
         let fresh_config = dir.join("fresh.toml");
@@ -196,7 +212,7 @@ impl Streaming {
         let fresh = pg(&target.url("fresh")).await;
         let streamed_digests = schema_digests(&streamed, "shop").await.expect("digests");
         let fresh_digests = schema_digests(&fresh, "shop").await.expect("digests");
-        assert_eq!(streamed_digests.len(), 4);
+        assert_eq!(streamed_digests.len(), tables);
         assert_eq!(streamed_digests, fresh_digests, "{}", self.log());
     }
 }
@@ -529,4 +545,163 @@ async fn schema_digests(
         digests.push((table, digest.get(0), digest.get(1)));
     }
     Ok(digests)
+}
+
+/// Sessions that write partial row images (`binlog_row_image` is a session variable):
+/// updates and deletes are applied exactly from what their column bitmaps say; an insert
+/// that leaves columns out stops the pipeline, naming the setting, the table and the
+/// position, with nothing of it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_row_images_apply_exactly_or_stop_saying_why() {
+    let (source, target, mut conn, dir) = start_with("images", common::PARTIAL_IMAGES_TABLES).await;
+    let pipeline = Streaming::new(&source, &target, &dir);
+    let streamed = pg(&target.url("postgres")).await;
+    let mut child = pipeline.spawn();
+    // Once marker 0 is on the target, the snapshot point is behind: what follows streams.
+    conn.query_drop("INSERT INTO shop.marker VALUES (0)").await.expect("marker");
+    wait_for_marker(&streamed, 0, &mut child, &pipeline.log).await;
+    conn.query_drop(common::PARTIAL_IMAGES_CHANGES).await.expect("changes");
+    wait_for_marker(&streamed, 1, &mut child, &pipeline.log).await;
+    pipeline.assert_tables_match_fresh_copy(&source, &target, &dir, 2).await;
+
+    conn.query_drop(
+        "SET SESSION binlog_row_image = 'MINIMAL'; INSERT INTO img (id) VALUES (500); INSERT INTO marker VALUES (2);",
+    )
+    .await
+    .expect("partial insert");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "still running:\n{}", pipeline.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let log = pipeline.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("binlog_row_image") && log.contains("shop.img") && log.contains("binlog.0"), "{log}");
+    let applied: i64 =
+        streamed.query_one("SELECT count(*) FROM shop.img WHERE id = 500", &[]).await.expect("count").get(0);
+    assert_eq!(applied, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Restarts across binlog rotations, by kill -9 and SIGTERM in turn, each after a
+/// `FLUSH BINARY LOGS`: every restart reads the dump's opening rotate event (whose
+/// checksum bytes differ each time), and the target ends equal to a fresh copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_across_many_rotations_resume_exactly() {
+    let (source, target, mut conn, dir) = start_with("rotations", common::PARTIAL_IMAGES_TABLES).await;
+    let pipeline = Streaming::new(&source, &target, &dir);
+    let streamed = pg(&target.url("postgres")).await;
+    let mut child = pipeline.spawn();
+    for round in 1..=12 {
+        conn.query_drop(format!(
+            "USE shop; INSERT INTO img (id, a, b, t, d) SELECT seq + {round} * 1000, seq, 'r{round}', 'x', 1 FROM seq_1_to_50;
+             FLUSH BINARY LOGS;
+             UPDATE img SET a = a + 1 WHERE id % 7 = {round} % 7;
+             INSERT INTO marker VALUES ({round});"
+        ))
+        .await
+        .expect("round");
+        if round % 3 == 0 {
+            // Mid-stream, not after the marker: a kill while changes are in flight.
+            tokio::time::sleep(std::time::Duration::from_millis(10 * round)).await;
+        } else {
+            wait_for_marker(&streamed, round as i32, &mut child, &pipeline.log).await;
+        }
+        signal(&mut child, if round % 2 == 0 { libc::SIGKILL } else { libc::SIGTERM });
+        child = pipeline.spawn();
+    }
+    wait_for_marker(&streamed, 12, &mut child, &pipeline.log).await;
+    signal(&mut child, libc::SIGTERM);
+    pipeline.assert_tables_match_fresh_copy(&source, &target, &dir, 2).await;
+    let log = pipeline.log();
+    assert!(!log.contains("ERROR"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A transaction left out by `[stream] skip` right after one whose commit was deferred
+/// (both arrive together as a backlog): the group before it still commits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_transaction_after_a_deferred_commit_leaves_nothing_open() {
+    let (source, target, mut conn, dir) = start_with("skipdefer", common::PARTIAL_IMAGES_TABLES).await;
+    let pipeline = Streaming::new(&source, &target, &dir);
+    let streamed = pg(&target.url("postgres")).await;
+    let mut child = pipeline.spawn();
+    conn.query_drop("INSERT INTO shop.marker VALUES (1)").await.expect("marker");
+    wait_for_marker(&streamed, 1, &mut child, &pipeline.log).await;
+    signal(&mut child, libc::SIGTERM);
+
+    let state: String = one_value(&mut conn, "SELECT @@gtid_binlog_pos").await;
+    let seq: u64 = state.rsplit('-').next().and_then(|s| s.parse().ok()).expect("a MariaDB GTID");
+    for _ in 0..20 {
+        conn.query_drop("INSERT INTO shop.img (id, a, b, t, d) SELECT MAX(id) + 1, 0, 'kept', 'k', 0 FROM shop.img")
+            .await
+            .expect("kept");
+    }
+    conn.query_drop("INSERT INTO shop.img VALUES (9999, 0, 'skipped', 's', 0)").await.expect("skipped");
+    let config = std::fs::read_to_string(&pipeline.config).expect("config");
+    std::fs::write(&pipeline.config, format!("{config}[stream]\nskip = [\"gtid:0-1-{}\"]\n", seq + 21))
+        .expect("config");
+    let mut child = pipeline.spawn();
+    let started = std::time::Instant::now();
+    loop {
+        let kept: i64 =
+            streamed.query_one("SELECT count(*) FROM shop.img WHERE b = 'kept'", &[]).await.expect("count").get(0);
+        if kept == 20 {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("cutover exited with {status}:\n{}", pipeline.log());
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{kept} of 20 rows visible:\n{}",
+            pipeline.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let skipped: i64 =
+        streamed.query_one("SELECT count(*) FROM shop.img WHERE id = 9999", &[]).await.expect("count").get(0);
+    assert_eq!(skipped, 0);
+    signal(&mut child, libc::SIGTERM);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `check` reads the event at each positional `[stream] skip` entry: a transaction's GTID
+/// event passes; a position inside a transaction, or one no event starts at, is an error
+/// that says what to name instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_which_skip_positions_name_no_transaction() {
+    let (source, target, mut conn, dir) = start_with("skipcheck", common::PARTIAL_IMAGES_TABLES).await;
+    conn.query_drop("INSERT INTO shop.marker VALUES (1)").await.expect("a transaction");
+    let file = master_status(&mut conn).await.split(':').next().unwrap_or_default().to_string();
+    let events: Vec<(u64, String)> = conn
+        .exec_map(format!("SHOW BINLOG EVENTS IN '{file}'"), (), |row: mysql_async::Row| {
+            (row.get::<u64, _>(1).unwrap_or(0), row.get::<String, _>(2).unwrap_or_default())
+        })
+        .await
+        .expect("binlog events");
+    let gtid = events.iter().rev().find(|(_, kind)| kind == "Gtid").map(|(pos, _)| *pos).expect("a GTID event");
+    let inside = events.iter().find(|(pos, _)| *pos > gtid).map(|(pos, _)| *pos).expect("an event after it");
+    let config = dir.join("check.toml");
+    let skip = format!("[stream]\nskip = [\"{file}:{gtid}\", \"{file}:{inside}\", \"{file}:{}\"]\n", gtid + 1);
+    cutover::demo::write_config(
+        &config,
+        "mysql",
+        &source.url("shop"),
+        &target.url("postgres"),
+        &dir.join("state"),
+        &skip,
+    )
+    .expect("config");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["check", "--config"]).arg(&config).output().expect("runs");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{said}");
+    assert!(!said.contains(&format!("skip entry {file}:{gtid} ")), "{said}");
+    assert!(said.contains(&format!("skip entry {file}:{inside} names a")), "{said}");
+    assert!(said.contains(&format!("skip entry {file}:{} names no event", gtid + 1)), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

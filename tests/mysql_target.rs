@@ -168,6 +168,13 @@ where
     }
 }
 
+/// Waits until cutover streams: its snapshot is in, so what is written from now on
+/// comes through the change stream.
+async fn wait_streaming(child: &mut Child, log: &Path) {
+    let streaming = || async { std::fs::read_to_string(log).unwrap_or_default().contains("streaming changes") };
+    wait_for(child, log, streaming).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_to_mariadb_snapshot_stream_and_restart() {
     let dir = test_dir("pg-to-mysql");
@@ -186,11 +193,7 @@ async fn postgres_to_mariadb_snapshot_stream_and_restart() {
 
     let mut child = common::spawn_run(&config, &log, &[]);
     // The changes go through the stream: wait until the snapshot is in.
-    let streaming = || {
-        let log = log.clone();
-        async move { std::fs::read_to_string(&log).unwrap_or_default().contains("streaming changes") }
-    };
-    wait_for(&mut child, &log, streaming).await;
+    wait_streaming(&mut child, &log).await;
     pg.batch_execute(PG_CHANGES).await.expect("changes");
     pg.batch_execute("INSERT INTO events VALUES (NULL, 'marker 1')").await.expect("marker");
     let marker = |n: u32| format!("SELECT 1 FROM app.events WHERE what = 'marker {n}'");
@@ -610,11 +613,7 @@ async fn a_postgres_to_mariadb_switchover_fences_the_source() {
     let config = write_config(&dir, "pg_switch", "postgres", &source.url("postgres"), &target.url("app"), "");
     let log = dir.join("cutover.log");
     let mut child = common::spawn_run(&config, &log, &[]);
-    let streaming = || {
-        let log = log.clone();
-        async move { std::fs::read_to_string(&log).unwrap_or_default().contains("streaming changes") }
-    };
-    wait_for(&mut child, &log, streaming).await;
+    wait_streaming(&mut child, &log).await;
 
     let (client, connection) =
         tokio_postgres::connect(&source.url("postgres"), tokio_postgres::NoTls).await.expect("application connection");
@@ -653,5 +652,116 @@ async fn a_postgres_to_mariadb_switchover_fences_the_source() {
         assert!(started.elapsed() < Duration::from_secs(30), "the daemon did not stop after the switchover");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// PostgreSQL → MariaDB: key changes chained in one source transaction and across quick
+/// successive ones, with unchanged-TOAST columns (the MySQL sink updates such a row in
+/// place by its old key), a swap through a temporary key, a delete and re-insert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_to_mariadb_key_changes_with_unchanged_toast_land_as_on_the_source() {
+    let dir = test_dir("pg-keychain");
+    let source = PostgresServer::start(&[]).expect("source");
+    let target = MariaDbServer::start(&[]).expect("target");
+    let pg = connect(&source.url("postgres")).await;
+    pg.batch_execute(&format!("{}\nCREATE TABLE marker (id int PRIMARY KEY);", common::KEY_CHAIN_TABLE))
+        .await
+        .expect("source data");
+    let config = write_config(&dir, "pg_keychain", "postgres", &source.url("postgres"), &target.url("app"), "");
+    let log = dir.join("cutover.log");
+    let mut child = common::spawn_run(&config, &log, &[]);
+    wait_streaming(&mut child, &log).await;
+    pg.batch_execute(&format!("{}\nINSERT INTO marker VALUES (1);", common::KEY_CHAIN_CHANGES))
+        .await
+        .expect("key changes");
+    wait_for(&mut child, &log, || has_row(target.url("app"), "SELECT 1 FROM app.marker WHERE id = 1".into())).await;
+    kill9(&mut child);
+    let mut my = mysql(&target.url("app")).await;
+    assert_same(
+        my_rows(&mut my, "SELECT CAST(id AS CHAR), v, MD5(big) FROM chain ORDER BY id").await,
+        pg_rows(&pg, "SELECT id::text, v, md5(big) FROM chain ORDER BY chain.id").await,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// MariaDB → MariaDB with sessions writing partial row images: updates and deletes land
+/// exactly as on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_to_mariadb_partial_row_images_land_exactly() {
+    let dir = test_dir("mysql-images");
+    let source = MariaDbServer::start(&[]).expect("source");
+    let target = MariaDbServer::start(&[]).expect("target");
+    let mut src = mysql(&source.url("mysql")).await;
+    src.query_drop(common::PARTIAL_IMAGES_TABLES).await.expect("source data");
+    let config = write_config(&dir, "img_copy", "mysql", &source.url("shop"), &target.url("img_copy"), "");
+    let log = dir.join("cutover.log");
+    let mut child = common::spawn_run(&config, &log, &[]);
+    wait_streaming(&mut child, &log).await;
+    src.query_drop(common::PARTIAL_IMAGES_CHANGES).await.expect("changes");
+    wait_for(&mut child, &log, || has_row(target.url("img_copy"), "SELECT 1 FROM img_copy.marker WHERE id = 1".into()))
+        .await;
+    kill9(&mut child);
+    let query = "SELECT CAST(id AS CHAR), CAST(a AS CHAR), b, t, CAST(d AS CHAR) FROM img ORDER BY id";
+    let mut tgt = mysql(&target.url("img_copy")).await;
+    let mut src = mysql(&source.url("shop")).await;
+    assert_same(my_rows(&mut tgt, query).await, my_rows(&mut src, query).await);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A MySQL target runs a source's ADD COLUMN as DDL, which commits: a crash right after it
+/// must not leave the rows grouped before it committed without their position (a replay
+/// would double them in a table without a key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_right_after_ddl_on_a_mysql_target_doubles_nothing() {
+    let dir = test_dir("mysql-ddl-crash");
+    let source = MariaDbServer::start(&[]).expect("source");
+    let target = MariaDbServer::start(&[]).expect("target");
+    let mut src = mysql(&source.url("mysql")).await;
+    src.query_drop(
+        "CREATE DATABASE shop; CREATE TABLE shop.events (what varchar(40), n int);
+         CREATE TABLE shop.items (id int PRIMARY KEY, name varchar(20));
+         CREATE TABLE shop.marker (id int PRIMARY KEY);
+         INSERT INTO shop.events VALUES ('before', 0)",
+    )
+    .await
+    .expect("source data");
+    let config = write_config(&dir, "ddl_crash", "mysql", &source.url("shop"), &target.url("ddl_crash"), "");
+    let log = dir.join("cutover.log");
+    let mut child = common::spawn_run(&config, &log, &[]);
+    src.query_drop("INSERT INTO shop.marker VALUES (1)").await.expect("marker");
+    wait_for(&mut child, &log, || {
+        has_row(target.url("ddl_crash"), "SELECT 1 FROM ddl_crash.marker WHERE id = 1".into())
+    })
+    .await;
+    common::stop(&mut child);
+    // A backlog the applier groups into one target transaction: rows, then the DDL.
+    src.query_drop(
+        "INSERT INTO shop.events SELECT 'grouped', seq FROM seq_1_to_30;
+         INSERT INTO shop.events VALUES ('grouped too', 31);
+         ALTER TABLE shop.items ADD COLUMN extra int;
+         INSERT INTO shop.items VALUES (1, 'one', 1);
+         INSERT INTO shop.marker VALUES (2);",
+    )
+    .await
+    .expect("backlog");
+    let mut child = common::spawn_run(&config, &log, &[("CUTOVER_FAILPOINT", Path::new("mysql-sink-after-ddl"))]);
+    let status = child.wait().expect("cutover ends");
+    assert!(
+        !status.success(),
+        "the failpoint aborts the daemon:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let mut child = common::spawn_run(&config, &log, &[]);
+    wait_for(&mut child, &log, || {
+        has_row(target.url("ddl_crash"), "SELECT 1 FROM ddl_crash.marker WHERE id = 2".into())
+    })
+    .await;
+    common::stop(&mut child);
+    let query = "SELECT what, CAST(n AS CHAR) FROM events ORDER BY what, n";
+    let mut tgt = mysql(&target.url("ddl_crash")).await;
+    let mut src = mysql(&source.url("shop")).await;
+    assert_same(my_rows(&mut tgt, query).await, my_rows(&mut src, query).await);
+    let query = "SELECT CAST(id AS CHAR), name, CAST(extra AS CHAR) FROM items ORDER BY id";
+    assert_same(my_rows(&mut tgt, query).await, my_rows(&mut src, query).await);
     let _ = std::fs::remove_dir_all(&dir);
 }

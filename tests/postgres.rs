@@ -658,3 +658,112 @@ async fn switchover_fences_the_source_syncs_sequences_and_falls_back() {
     let (exit, _) = stop(&mut child);
     assert!(exit.success(), "{}", pair.log());
 }
+
+/// Rows of `table` on one side, each as its text form, in key order.
+async fn rows_text(client: &tokio_postgres::Client, query: &str) -> Vec<String> {
+    client.query(query, &[]).await.unwrap_or_else(|e| panic!("{query}: {e}")).iter().map(|r| r.get(0)).collect()
+}
+
+/// Key changes that chain inside one source transaction (1 → 2 → 3), a swap through a
+/// temporary key, a key change followed by an update under the new key with an
+/// unchanged-TOAST column, a delete and re-insert of one key, and quick successive
+/// transactions doing the same: one target batch each, and the target ends as the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_changes_chained_in_one_batch_land_as_on_the_source() {
+    let pair = Pair::start("keychain", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    let target = connect(&pair.target.url("postgres")).await;
+    source.batch_execute(common::KEY_CHAIN_TABLE).await.expect("table");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    source.batch_execute(common::KEY_CHAIN_CHANGES).await.expect("key changes");
+    pair.wait_caught_up(&mut child).await;
+    let query = "SELECT id || '|' || coalesce(v, '-') || '|' || md5(big) FROM chain ORDER BY id";
+    assert_eq!(rows_text(&target, query).await, rows_text(&source, query).await, "{}", pair.log());
+    pair.assert_identical().await;
+    stop(&mut child);
+}
+
+/// A batch that adds a column and then trips a secondary unique constraint in its
+/// compacted order is applied again in source order from a savepoint: the column the
+/// rollback undid is added again, not remembered as there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_in_a_batch_rolled_back_to_its_savepoint_is_added_again() {
+    let pair = Pair::start("savepoint", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    let target = connect(&pair.target.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE codes (id int PRIMARY KEY, code int UNIQUE); INSERT INTO codes VALUES (1, 1), (2, 2);",
+        )
+        .await
+        .expect("table");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    // Compacted, key 2's last image (code 1) is written while key 1 still holds code 1.
+    source
+        .batch_execute(
+            "BEGIN;
+             ALTER TABLE codes ADD COLUMN extra int DEFAULT 7;
+             UPDATE codes SET code = 9 WHERE id = 2;
+             UPDATE codes SET code = 2, extra = 1 WHERE id = 1;
+             UPDATE codes SET code = 1 WHERE id = 2;
+             COMMIT;",
+        )
+        .await
+        .expect("changes");
+    pair.wait_caught_up(&mut child).await;
+    let query = "SELECT id || '|' || code || '|' || extra FROM codes ORDER BY id";
+    assert_eq!(rows_text(&target, query).await, rows_text(&source, query).await, "{}", pair.log());
+    stop(&mut child);
+}
+
+/// A replay to a past time is decided by the source's positions: while the walsender
+/// reads through a large transaction on a table outside the pipeline, nothing arrives
+/// and the wall clock is far past the stop time, yet the replay goes on to every
+/// transaction before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_at_a_past_time_waits_for_a_decoder_that_is_behind() {
+    let pair = Pair::start("stopbehind", "");
+    let base = std::fs::read_to_string(&pair.config_path).expect("config");
+    let base = base.replacen("[source]\n", "[source]\ntables = [\"public.steps\"]\n", 1);
+    std::fs::write(&pair.config_path, &base).expect("config");
+    let source = connect(&pair.source.url("postgres")).await;
+    let target = connect(&pair.target.url("postgres")).await;
+    source
+        .batch_execute("CREATE TABLE steps (id int PRIMARY KEY, batch int); CREATE TABLE outside (id int, pad text);")
+        .await
+        .expect("tables");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    stop(&mut child);
+
+    source.batch_execute("INSERT INTO steps SELECT g, 1 FROM generate_series(1, 100) g").await.expect("batch 1");
+    source
+        .batch_execute("INSERT INTO outside SELECT g, repeat('x', 60) FROM generate_series(1, 2000000) g")
+        .await
+        .expect("large transaction elsewhere");
+    source.batch_execute("INSERT INTO steps SELECT g, 2 FROM generate_series(101, 200) g").await.expect("batch 2");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stop_time = cutover::position::format_rfc3339(std::time::SystemTime::now());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    source.batch_execute("INSERT INTO steps SELECT g, 3 FROM generate_series(201, 300) g").await.expect("batch 3");
+    // Long past the stop time before the replay starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    std::fs::write(&pair.config_path, format!("{base}[stream]\nstop_at = \"{stop_time}\"\n")).expect("config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["run", "--config"])
+        .arg(&pair.config_path)
+        .output()
+        .expect("runs");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && said.contains("reached stop_at"),
+        "{said}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for (batch, expected) in [(1, 100), (2, 100), (3, 0)] {
+        let got = count(&target, &format!("SELECT count(*) FROM steps WHERE batch = {batch}")).await;
+        assert_eq!(got, expected, "batch {batch}:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+}

@@ -53,6 +53,8 @@ pub struct MysqlSink {
     /// Target columns of the tables changes were applied to, by source table.
     tables: HashMap<TableName, Arc<TargetTable>>,
     open: bool,
+    /// The open transaction holds writes (DDL would commit them without the progress row).
+    written: bool,
 }
 
 /// Where a source table lives on the target and how its values convert.
@@ -96,6 +98,7 @@ impl MysqlSink {
             home_schema: home_schema.to_string(),
             tables: HashMap::new(),
             open: false,
+            written: false,
         })
     }
 
@@ -128,9 +131,16 @@ impl MysqlSink {
         Ok(target)
     }
 
-    /// Adds the columns a `Relation` shows that the target table lacks. DDL commits
-    /// in MySQL: the open transaction is committed first (it holds whole source
-    /// transactions only up to here; a replay re-applies them idempotently).
+    /// Adds the columns a `Relation` shows that the target table lacks.
+    ///
+    /// DDL commits in MySQL. An open transaction that holds writes would be committed
+    /// without its progress row — possibly in the middle of a source transaction — and a
+    /// crash then would apply those writes again (doubling rows of a table without a key).
+    /// So it is rolled back first, the DDL runs on its own (it only adds what is missing,
+    /// so it is safe to repeat), and the pipeline resumes from its checkpoint: the replay
+    /// finds the columns there and applies the transactions around them in one target
+    /// transaction. Rows written before the DDL in source order get the new column's
+    /// default either way.
     async fn add_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
         let database = self.database(&table.name.schema);
         let existing = column_types(&mut self.conn, &database, &table.name.name).await?;
@@ -144,11 +154,25 @@ impl MysqlSink {
             return Ok(());
         }
         let sql = format!("ALTER TABLE {} {}", self.qualified(&table.name), missing.join(", "));
+        let rolled_back = self.open && self.written;
+        if rolled_back {
+            self.conn.query_drop("ROLLBACK").await.context("rolling back the target transaction before DDL")?;
+            self.open = false;
+            self.written = false;
+        }
         self.conn.query_drop(&sql).await.with_context(|| format!("applying `{sql}` on the target"))?;
+        crate::failpoint::hit("mysql-sink-after-ddl");
+        self.tables.remove(&table.name);
+        if rolled_back {
+            return Err(crate::retry::ResumeFromCheckpoint(format!(
+                "applied `{sql}` on the target between transactions; the source transactions around it are applied \
+                 again from the last checkpoint"
+            ))
+            .into());
+        }
         if self.open {
             self.conn.query_drop("START TRANSACTION").await.context("reopening the target transaction")?;
         }
-        self.tables.remove(&table.name);
         Ok(())
     }
 
@@ -172,14 +196,15 @@ impl MysqlSink {
                     })?;
                     return self.by_full_row(table, old, Some(new)).await;
                 }
-                if let Some(old) = old {
-                    if key.iter().any(|&k| old.get(k) != new.get(k)) {
+                let moved_from = old.as_deref().filter(|old| key.iter().any(|&k| old.get(k) != new.get(k)));
+                if new.contains(&Value::Unchanged) {
+                    // Columns the source left out keep the target's values: the row is updated
+                    // in place, found by the key it had (a key change moves it with the rest).
+                    self.update_known(table, moved_from.unwrap_or(new), new).await
+                } else {
+                    if let Some(old) = moved_from {
                         self.delete_by_key(table, old).await?;
                     }
-                }
-                if new.contains(&Value::Unchanged) {
-                    self.update_known(table, new).await
-                } else {
                     self.upsert(table, &[new.as_slice()]).await
                 }
             }
@@ -217,17 +242,18 @@ impl MysqlSink {
             .with_context(|| format!("applying an insert into {} on the target", table.name))
     }
 
-    /// An update that leaves some columns as the target has them.
-    async fn update_known(&mut self, table: &TableSchema, new: &[Value]) -> anyhow::Result<()> {
+    /// An update that leaves some columns as the target has them, of the row whose
+    /// key is the one in `matched_by`.
+    async fn update_known(&mut self, table: &TableSchema, matched_by: &[Value], new: &[Value]) -> anyhow::Result<()> {
         let target = self.target(table).await?;
         let (mut sets, mut params) = (Vec::new(), Vec::new());
         for (i, (column, value)) in table.columns.iter().zip(new).enumerate() {
-            if value != &Value::Unchanged && !column.is_key {
+            if value != &Value::Unchanged {
                 sets.push(format!("{} = ?", quote_ident(&column.name)));
                 params.push(param(table, &target, i, value)?);
             }
         }
-        let (predicate, key_params) = key_predicate(table, &target, new)?;
+        let (predicate, key_params) = key_predicate(table, &target, matched_by)?;
         params.extend(key_params);
         let sql = format!("UPDATE {} SET {} WHERE {predicate}", target.qualified, sets.join(", "));
         self.conn
@@ -663,6 +689,7 @@ impl Sink for MysqlSink {
     async fn begin(&mut self) -> anyhow::Result<()> {
         self.conn.query_drop("START TRANSACTION").await.context("opening a target transaction")?;
         self.open = true;
+        self.written = false;
         Ok(())
     }
 
@@ -682,9 +709,13 @@ impl Sink for MysqlSink {
                     })
                     .collect();
                 let table = table.clone();
+                self.written = true;
                 self.upsert(&table, &run).await?;
                 i += run.len();
                 continue;
+            }
+            if !matches!(changes[i], Change::Relation(_)) {
+                self.written = true;
             }
             self.apply_one(&changes[i]).await?;
             i += 1;
@@ -707,6 +738,7 @@ impl Sink for MysqlSink {
             .context("recording the applied position on the target")?;
         self.conn.query_drop("COMMIT").await.context("committing on the target")?;
         self.open = false;
+        self.written = false;
         Ok(())
     }
 }

@@ -277,7 +277,7 @@ impl PostgresSink {
     async fn apply_in_order(&mut self, changes: &[&Change], compact: bool) -> anyhow::Result<()> {
         let mut run: Option<Run> = None;
         for &change in changes {
-            let (kind, table, columns, key, values): Planned<'_> = match change {
+            let (kind, table, columns, key, new_key, values): Planned<'_> = match change {
                 Change::Relation(table) => {
                     self.flush(run.take()).await?;
                     self.ensure_columns(table).await?;
@@ -299,7 +299,7 @@ impl PostgresSink {
                     let all: Vec<usize> = (0..row.len()).collect();
                     let kind = if table.identity == Identity::Key { RunKind::Upsert } else { RunKind::Insert };
                     let key = table.key_indexes().iter().map(|&i| text_of(&row[i])).collect();
-                    (kind, table, all, key, row.iter().map(text_of).collect())
+                    (kind, table, all, key, None, row.iter().map(text_of).collect())
                 }
                 Change::Update { table, old, new } => {
                     if table.identity != Identity::Key {
@@ -321,12 +321,14 @@ impl PostgresSink {
                     };
                     let partial = new.contains(&Value::Unchanged);
                     if !partial && old_key == new_key {
-                        (RunKind::Upsert, table, (0..new.len()).collect(), new_key, new.iter().map(text_of).collect())
+                        let values = new.iter().map(text_of).collect();
+                        (RunKind::Upsert, table, (0..new.len()).collect(), new_key, None, values)
                     } else {
                         let present: Vec<usize> = (0..new.len()).filter(|&i| new[i] != Value::Unchanged).collect();
                         let mut values: Vec<Option<String>> = present.iter().map(|&i| text_of(&new[i])).collect();
                         values.extend(old_key.iter().cloned());
-                        (RunKind::Update, table, present, old_key, values)
+                        let moved_to = (old_key != new_key).then_some(new_key);
+                        (RunKind::Update, table, present, old_key, moved_to, values)
                     }
                 }
                 Change::Delete { table, old } => {
@@ -338,21 +340,21 @@ impl PostgresSink {
                     let key: Vec<Option<String>> = table.key_indexes().iter().map(|&i| text_of(&old[i])).collect();
                     if compact {
                         let all: Vec<usize> = (0..table.columns.len()).collect();
-                        if !run.as_ref().is_some_and(|r| r.fits(RunKind::Upsert, table, &all, &key)) {
+                        if !run.as_ref().is_some_and(|r| r.fits(RunKind::Upsert, table, &all, &key, None)) {
                             self.flush(run.take()).await?;
                         }
                         run.get_or_insert_with(|| Run::new(RunKind::Upsert, table, all, true)).delete(key);
                         continue;
                     }
-                    (RunKind::Delete, table, Vec::new(), key.clone(), key)
+                    (RunKind::Delete, table, Vec::new(), key.clone(), None, key)
                 }
             };
-            if !run.as_ref().is_some_and(|r| r.fits(kind, table, &columns, &key)) {
+            if !run.as_ref().is_some_and(|r| r.fits(kind, table, &columns, &key, new_key.as_ref())) {
                 self.flush(run.take()).await?;
                 run = Some(Run::new(kind, table, columns, compact));
             }
             if let Some(run) = run.as_mut() {
-                run.push(values.into_iter(), key);
+                run.push(values.into_iter(), key, new_key);
             }
         }
         self.flush(run).await
@@ -429,8 +431,12 @@ fn has_no_equality(type_name: &str) -> bool {
         || type_name.ends_with("json[]")
 }
 
-/// One change as a run sees it: kind, table, columns written, key, parameter values.
-type Planned<'a> = (RunKind, &'a Arc<TableSchema>, Vec<usize>, Vec<Option<String>>, Vec<Option<String>>);
+/// A key's column values as text.
+type Key = Vec<Option<String>>;
+
+/// One change as a run sees it: kind, table, columns written, the key of the row it
+/// matches, the key an update moves that row to, parameter values.
+type Planned<'a> = (RunKind, &'a Arc<TableSchema>, Vec<usize>, Key, Option<Key>, Vec<Option<String>>);
 
 /// Whether an apply error is PostgreSQL's unique_violation.
 fn is_unique_violation(error: &anyhow::Error) -> bool {
@@ -472,8 +478,8 @@ struct Run {
     columns: Vec<usize>,
     sql: String,
     params: Vec<Vec<Option<String>>>,
-    /// Row index of each key in the arrays.
-    keys: HashMap<Vec<Option<String>>, usize>,
+    /// Row index of each key in the arrays; for `Update`, also the keys rows move to.
+    keys: HashMap<Key, usize>,
     /// Rows still to write (an `Upsert` row dropped by a later delete is not).
     live: Vec<bool>,
     /// Key columns of the rows an `Upsert` run deletes first, one array per key column.
@@ -506,20 +512,26 @@ impl Run {
         }
     }
 
-    fn fits(&self, kind: RunKind, table: &TableSchema, columns: &[usize], key: &[Option<String>]) -> bool {
+    fn fits(&self, kind: RunKind, table: &TableSchema, columns: &[usize], key: &Key, moved_to: Option<&Key>) -> bool {
         self.kind == kind
             && self.table == table.name
             && self.columns == columns
-            // UPDATE … FROM may touch a row once per statement, and so may INSERT … ON
-            // CONFLICT unless the run collapses repeated keys; deletes may repeat.
+            // One statement sees the table as it was before the statement: an UPDATE … FROM
+            // row matching a key that an earlier row of the run moved there (1 → 2, 2 → 3),
+            // or moving a row onto a key the run has yet to move away, would not see the
+            // earlier row's effect. So every key, old or new, appears once per `Update` run.
+            // INSERT … ON CONFLICT may touch a row once per statement unless the run
+            // collapses repeated keys; deletes may repeat.
             && match kind {
-                RunKind::Update => !self.keys.contains_key(key),
+                RunKind::Update => {
+                    !self.keys.contains_key(key) && moved_to.is_none_or(|to| !self.keys.contains_key(to))
+                }
                 RunKind::Upsert => self.compact || !self.keys.contains_key(key),
                 RunKind::Insert | RunKind::Delete => true,
             }
     }
 
-    fn push(&mut self, values: impl Iterator<Item = Option<String>>, key: Vec<Option<String>>) {
+    fn push(&mut self, values: impl Iterator<Item = Option<String>>, key: Key, moved_to: Option<Key>) {
         if self.kind == RunKind::Upsert {
             if let Some(&row) = self.keys.get(&key) {
                 // The later whole-row image of the same key wins.
@@ -533,13 +545,16 @@ impl Run {
             param.push(value);
         }
         if self.kind == RunKind::Upsert || self.kind == RunKind::Update {
+            if let Some(to) = moved_to {
+                self.keys.insert(to, self.live.len());
+            }
             self.keys.insert(key, self.live.len());
         }
         self.live.push(true);
     }
 
     /// A delete taken into a compacting `Upsert` run.
-    fn delete(&mut self, key: Vec<Option<String>>) {
+    fn delete(&mut self, key: Key) {
         if let Some(row) = self.keys.remove(&key) {
             self.live[row] = false;
         }
@@ -779,6 +794,8 @@ impl Sink for PostgresSink {
                     .batch_execute("ROLLBACK TO SAVEPOINT cutover_batch")
                     .await
                     .context("rolling back a batch")?;
+                // The rollback also undid any column the batch added: read them again.
+                self.columns.clear();
                 let in_order: Vec<&Change> = changes.iter().collect();
                 self.apply_in_order(&in_order, false).await?;
             }

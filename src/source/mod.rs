@@ -12,6 +12,7 @@ pub mod sqlite;
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -78,6 +79,14 @@ pub struct CopyStream {
     pub data: Pin<Box<dyn Stream<Item = anyhow::Result<Bytes>> + Send>>,
 }
 
+/// Where a source's change log ended at some moment, by the source's own clock.
+#[derive(Clone, Debug)]
+pub struct LogEnd {
+    /// Everything the source committed before `clock` lies before this position.
+    pub position: Position,
+    pub clock: SystemTime,
+}
+
 /// A change source.
 #[async_trait]
 pub trait Source: Send + Sync {
@@ -113,6 +122,20 @@ pub trait Source: Send + Sync {
     /// dropped. A source read without creating anything (a binlog, a change stream, a
     /// file) has nothing to drop.
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// Where the change log ends now, with the source's clock (a `stop_at` time is
+    /// reached once the stream has passed the log's end read after that time). `None`
+    /// for a source that cannot tell, the default: a replay to a time then ends only
+    /// at a transaction past it.
+    async fn log_end(&mut self) -> anyhow::Result<Option<LogEnd>> {
+        Ok(None)
+    }
+
+    /// What `cutover check` says of `[stream] skip` entries that name positions: each
+    /// must be where a transaction begins, or it never matches. Nothing by default.
+    async fn check_skip(&mut self, _entries: &[(String, Position)]) -> anyhow::Result<Vec<crate::preflight::Finding>> {
         Ok(Vec::new())
     }
 

@@ -289,6 +289,54 @@ pub async fn mysql_inserts(url: String) -> u64 {
     committed
 }
 
+/// A PostgreSQL table whose keys the workload below moves about, with a column stored out
+/// of line (TOAST) that most updates leave unchanged.
+pub const KEY_CHAIN_TABLE: &str = "CREATE TABLE chain (id int PRIMARY KEY, v text, big text);
+ALTER TABLE chain ALTER COLUMN big SET STORAGE EXTERNAL;
+INSERT INTO chain SELECT g, 'v' || g, (SELECT string_agg(md5(g || '-' || s), '') FROM generate_series(1, 300) s)
+FROM generate_series(1, 40) g;";
+
+/// Key changes chained inside one transaction (1 → 41 → 42), a swap through a temporary
+/// key, a key change then an update under the new key (unchanged TOAST both times), a delete
+/// and re-insert of one key, a key moved away and back, and quick successive transactions
+/// doing the same.
+pub const KEY_CHAIN_CHANGES: &str = "BEGIN;
+UPDATE chain SET id = 41 WHERE id = 1; UPDATE chain SET id = 42 WHERE id = 41;
+UPDATE chain SET id = -1 WHERE id = 10; UPDATE chain SET id = 10 WHERE id = 20;
+UPDATE chain SET id = 20 WHERE id = -1;
+UPDATE chain SET id = 45 WHERE id = 4; UPDATE chain SET v = 'moved and updated' WHERE id = 45;
+DELETE FROM chain WHERE id = 7; INSERT INTO chain VALUES (7, 'reborn', 'small');
+UPDATE chain SET id = 7000 WHERE id = 8; UPDATE chain SET id = 8 WHERE id = 7000;
+UPDATE chain SET v = 'same key twice' WHERE id = 8;
+COMMIT;
+UPDATE chain SET id = 50 WHERE id = 30;
+UPDATE chain SET id = 51 WHERE id = 50;
+UPDATE chain SET v = 'after two moves' WHERE id = 51;
+UPDATE chain SET id = 30 WHERE id = 31;
+UPDATE chain SET id = 31 WHERE id = 51;";
+
+/// A MariaDB database `shop` for the partial-row-image workload below.
+pub const PARTIAL_IMAGES_TABLES: &str = "CREATE DATABASE shop;
+CREATE TABLE shop.img (id int PRIMARY KEY, a int, b varchar(20), t text, d int DEFAULT 5);
+CREATE TABLE shop.marker (id int PRIMARY KEY);
+INSERT INTO shop.img SELECT seq, seq, CONCAT('b', seq), REPEAT('t', seq), seq FROM seq_1_to_40;";
+
+/// Sessions writing partial row images (`binlog_row_image` is a session variable):
+/// updates of some columns, of the key, deletes, under MINIMAL and NOBLOB; then marker 1.
+pub const PARTIAL_IMAGES_CHANGES: &str = "USE shop;
+SET SESSION binlog_row_image = 'MINIMAL';
+UPDATE img SET a = a + 100 WHERE id <= 5;
+UPDATE img SET b = NULL, t = 'minimal' WHERE id = 6;
+UPDATE img SET id = 1006 WHERE id = 7;
+DELETE FROM img WHERE id IN (8, 9);
+INSERT INTO img (id, a, b, t, d) VALUES (100, 1, 'all columns', 'named', 5);
+SET SESSION binlog_row_image = 'NOBLOB';
+UPDATE img SET b = 'noblob' WHERE id = 10;
+UPDATE img SET id = 1011 WHERE id = 11;
+DELETE FROM img WHERE id = 12;
+SET SESSION binlog_row_image = 'FULL';
+INSERT INTO marker VALUES (1);";
+
 /// A sandbox server of either dialect, as a pipeline's source or target. A MariaDB source
 /// is read from database `shop`, a MariaDB target written into `shop_copy`; PostgreSQL uses
 /// database `postgres` either way.

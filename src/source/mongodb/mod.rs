@@ -35,9 +35,9 @@ use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint,
 use crate::change::TableName;
 use crate::checkpoint::PipelineIdentity;
 use crate::config::{ConnUrl, Endpoint, MongoMapping, TableFilter};
-use crate::pipeline::ConnectionLost;
 use crate::position::Position;
 use crate::preflight::Finding;
+use crate::retry::ConnectionLost;
 use crate::schema::{push_copy_field, ColumnDefinition, SourceSchema, TableDefinition};
 use mapping::{id_text, Shape};
 

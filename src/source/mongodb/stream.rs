@@ -21,8 +21,8 @@ use super::mapping::{id_text, Shape};
 use super::{classify, error_code, position_token, token_position};
 use crate::change::{Change, Event, TableName, TableSchema, Value};
 use crate::config::{ConnUrl, TableFilter};
-use crate::pipeline::ConnectionLost;
 use crate::position::Position;
+use crate::retry::ConnectionLost;
 use crate::source::ChangeStream;
 
 /// MongoDB's `ChangeStreamHistoryLost`: the oplog no longer reaches back to the resume token.

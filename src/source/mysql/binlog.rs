@@ -31,10 +31,11 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use mysql_async::binlog::events::{Event as BinlogEvent, EventData, RowsEventData, TableMapEvent};
 use mysql_async::binlog::row::BinlogRow;
+use mysql_async::binlog::BinlogChecksumAlg;
 use mysql_async::{GnoInterval, Sid};
 
 use super::{catalog, MysqlParams, MysqlTable};
-use crate::change::{Change, Event, Row, TableName, TableSchema, Value};
+use crate::change::{Change, Event, Identity, Row, TableName, TableSchema, Value};
 use crate::position::{BinlogPosition, Gtid, GtidSet, Position};
 use crate::schema::mysql::encode_binlog;
 use crate::source::ChangeStream;
@@ -76,6 +77,15 @@ pub struct BinlogChangeStream<E = mysql_async::BinlogStream> {
     current_gtid: Option<Gtid>,
     /// Between a transaction's BEGIN (or MariaDB GTID event) and its COMMIT / XID.
     in_transaction: bool,
+    /// Where the GTID (or Anonymous_GTID) event of the transaction being read starts: the
+    /// transaction's position, as `mysqlbinlog` shows it (`# at N`), for `skip` and ordering.
+    gtid_event_at: Option<Position>,
+    /// A format description event has been read: from then on the decoder knows whether
+    /// events carry checksums, and cuts them.
+    format_known: bool,
+    /// The rotate event that opens a dump, read before the format description event
+    /// that says whether it ends in a checksum; its file name is read once that is known.
+    opening_rotate: Option<BinlogEvent>,
 }
 
 /// MariaDB's GTID event (type 162).
@@ -152,6 +162,9 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
             gtid_state: from.gtid.clone(),
             current_gtid: None,
             in_transaction: false,
+            gtid_event_at: None,
+            format_known: false,
+            opening_rotate: None,
         }
     }
 
@@ -194,6 +207,8 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
         end_pos: u32,
         time: SystemTime,
     ) -> anyhow::Result<()> {
+        // A transaction (or a statement that is one) begins at its GTID event, if it has one.
+        let start = self.gtid_event_at.take().unwrap_or(start);
         let start = self.begin_position(start);
         // Every statement but BEGIN ends a transaction (COMMIT) or is one (DDL).
         let end = if query.trim().eq_ignore_ascii_case("BEGIN") {
@@ -324,32 +339,172 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
         Ok(schema.clone())
     }
 
-    fn row(table: &MysqlTable, row: Option<BinlogRow>, at: &Position) -> anyhow::Result<Option<Row>> {
-        let Some(mut row) = row else { return Ok(None) };
-        let mut values = Vec::with_capacity(row.len());
-        for (i, encoding) in table.encodings.iter().enumerate().take(row.len()) {
-            values.push(match row.take(i) {
-                // Not in the row image (binlog_row_image = MINIMAL): the target keeps its value.
-                None => Value::Unchanged,
-                Some(value) => match encode_binlog(encoding, value).with_context(|| {
-                    format!("{}, column {} at {at}", table.schema.name, table.schema.columns[i].name)
-                })? {
-                    Some(text) => Value::Text(text),
-                    None => Value::Null,
-                },
-            });
+    /// A row image's values under the table's columns. An image holds the columns its
+    /// bitmap sets, packed in column order (`binlog_row_image` MINIMAL, NOBLOB and
+    /// FULL_NODUP leave columns out); a column it leaves out is `None`.
+    fn image(
+        table: &MysqlTable,
+        row: Option<BinlogRow>,
+        present: Option<&[bool]>,
+        columns: usize,
+        at: &Position,
+    ) -> anyhow::Result<Option<Vec<Option<Value>>>> {
+        let (Some(mut row), Some(present)) = (row, present) else { return Ok(None) };
+        let mut values = Vec::with_capacity(columns);
+        let mut packed = 0;
+        for i in 0..columns {
+            if !present.get(i).copied().unwrap_or(false) {
+                values.push(None);
+                continue;
+            }
+            let (Some(value), Some(encoding)) = (row.take(packed), table.encodings.get(i)) else {
+                anyhow::bail!(
+                    "a row image of {} at {at} holds fewer values than its column bitmap sets (protocol error)",
+                    table.schema.name
+                );
+            };
+            packed += 1;
+            let value = encode_binlog(encoding, value)
+                .with_context(|| format!("{}, column {} at {at}", table.schema.name, table.schema.columns[i].name))?;
+            values.push(Some(value.map_or(Value::Null, Value::Text)));
+        }
+        if packed != row.len() {
+            anyhow::bail!(
+                "a row image of {} at {at} holds more values than its column bitmap sets (protocol error)",
+                table.schema.name
+            );
         }
         Ok(Some(values))
     }
+
+    /// One row of a rows event as a change. Columns a partial image leaves out are
+    /// taken exactly or refused: an UPDATE's after image keeps what the before image
+    /// shows (or, for a table with a key, leaves the column as the target has it); a
+    /// row is found by a key the before image must hold; an INSERT must be whole
+    /// (the source filled the missing columns with defaults cutover cannot know).
+    fn change(
+        schema: &Arc<TableSchema>,
+        kind: RowsKind,
+        before: Option<Vec<Option<Value>>>,
+        after: Option<Vec<Option<Value>>>,
+        at: &Position,
+    ) -> anyhow::Result<Change> {
+        let partial = |what: &str, column: usize| {
+            anyhow::anyhow!(
+                "the binlog at {at} holds a partial row image of {}: the {what} lacks column {}. The source \
+                 session wrote it with binlog_row_image other than FULL, which cutover cannot apply exactly here; \
+                 cutover stopped at its last checkpoint. Set binlog_row_image = FULL for every session writing to \
+                 this table (SET GLOBAL binlog_row_image = 'FULL', and reconnect the application), then copy the \
+                 table again",
+                schema.name,
+                schema.columns.get(column).map_or("?", |c| c.name.as_str())
+            )
+        };
+        // Every column the change is matched by: the key, or the whole row without one.
+        let identifying = |column: usize| schema.identity != Identity::Key || schema.columns[column].is_key;
+        let identity_of = |image: Vec<Option<Value>>, what: &str| -> anyhow::Result<Row> {
+            image
+                .into_iter()
+                .enumerate()
+                .map(|(i, value)| match value {
+                    Some(value) => Ok(value),
+                    None if identifying(i) => Err(partial(what, i)),
+                    // Not needed to find the row.
+                    None => Ok(Value::Null),
+                })
+                .collect()
+        };
+        Ok(match (kind, before, after) {
+            (RowsKind::Write, _, Some(row)) => {
+                let row = row
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, value)| value.ok_or_else(|| partial("inserted row", i)))
+                    .collect::<anyhow::Result<Row>>()?;
+                Change::Insert { table: schema.clone(), row }
+            }
+            (RowsKind::Delete, Some(old), _) => {
+                Change::Delete { table: schema.clone(), old: identity_of(old, "before image")? }
+            }
+            (RowsKind::Update, Some(old), Some(new)) => {
+                let new = new
+                    .into_iter()
+                    .zip(&old)
+                    .enumerate()
+                    .map(|(i, (new, old))| match (new, old) {
+                        (Some(value), _) => Ok(value),
+                        // Left out of the after image: the update did not change it.
+                        (None, Some(value)) => Ok(value.clone()),
+                        (None, None) if schema.identity == Identity::Key && !schema.columns[i].is_key => {
+                            Ok(Value::Unchanged)
+                        }
+                        (None, None) => Err(partial("after image", i)),
+                    })
+                    .collect::<anyhow::Result<Row>>()?;
+                Change::Update { table: schema.clone(), old: Some(identity_of(old, "before image")?), new }
+            }
+            _ => anyhow::bail!("a rows event of {} at {at} has no row image", schema.name),
+        })
+    }
 }
 
-/// A binlog file name (`base.000042`) from a rotate event. The server's first,
-/// artificial rotate event arrives before the format description, so its body
-/// still carries the 4-byte checksum: keep the name up to its numeric suffix.
-fn binlog_file_name(raw: &str) -> String {
-    let Some(dot) = raw.rfind('.') else { return raw.to_string() };
-    let digits = raw[dot + 1..].bytes().take_while(u8::is_ascii_digit).count();
-    raw[..dot + 1 + digits].to_string()
+/// A rows event's column bitmap as one flag per column.
+fn bitmap<B: std::ops::Deref<Target = bool>>(bits: Option<impl IntoIterator<Item = B>>) -> Option<Vec<bool>> {
+    bits.map(|bits| bits.into_iter().map(|bit| *bit).collect())
+}
+
+/// What a rows event does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RowsKind {
+    Write,
+    Update,
+    Delete,
+}
+
+/// The binlog file a rotate event names. `trailing_crc32`: the event was read before the
+/// format description event, which said its binlog carries CRC32 checksums, so the
+/// decoder left the event's 4 checksum bytes at the end of the name: they are checked
+/// against the event and cut, exactly. A name that is still no binlog file name
+/// (`base.000042`) is an error, never a position.
+fn rotate_file_name(event: &BinlogEvent, trailing_crc32: bool) -> anyhow::Result<String> {
+    let header = event.header();
+    let at = header.log_pos();
+    let name = event.data().get(8..).with_context(|| format!("a rotate event (log_pos {at}) is too short"))?;
+    let name = if trailing_crc32 {
+        let split = name.len().checked_sub(4).with_context(|| format!("a rotate event (log_pos {at}) is too short"))?;
+        let (name, crc) = name.split_at(split);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header.timestamp().to_le_bytes());
+        hasher.update(&[header.event_type_raw()]);
+        hasher.update(&header.server_id().to_le_bytes());
+        hasher.update(&header.event_size().to_le_bytes());
+        hasher.update(&header.log_pos().to_le_bytes());
+        hasher.update(&header.flags_raw().to_le_bytes());
+        hasher.update(&event.data()[..8 + split]);
+        if hasher.finalize().to_le_bytes() != crc {
+            anyhow::bail!("the rotate event opening the binlog dump fails its CRC32 checksum (corrupt stream)");
+        }
+        name
+    } else {
+        name
+    };
+    let name = std::str::from_utf8(name).ok().filter(|n| is_binlog_file_name(n)).with_context(|| {
+        format!(
+            "a rotate event names binlog file {:?}, which is no binlog file name (base.NNNNNN); cutover stopped \
+             at its last checkpoint",
+            String::from_utf8_lossy(name)
+        )
+    })?;
+    Ok(name.to_string())
+}
+
+/// `base.000042`: printable ASCII without path separators, and a numeric extension.
+fn is_binlog_file_name(name: &str) -> bool {
+    let Some((base, number)) = name.rsplit_once('.') else { return false };
+    !base.is_empty()
+        && base.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\')
+        && !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[async_trait]
@@ -364,10 +519,7 @@ impl<E: BinlogEvents> ChangeStream for BinlogChangeStream<E> {
                 .next_event()
                 .await
                 .ok_or_else(|| {
-                    crate::pipeline::ConnectionLost(format!(
-                        "the MySQL server ended the binlog stream in {}",
-                        self.file
-                    ))
+                    crate::retry::ConnectionLost(format!("the MySQL server ended the binlog stream in {}", self.file))
                 })?
                 .with_context(|| format!("reading the binlog in {}", self.file))?;
             let header = event.header();
@@ -375,7 +527,24 @@ impl<E: BinlogEvents> ChangeStream for BinlogChangeStream<E> {
             let time = UNIX_EPOCH + Duration::from_secs(u64::from(header.timestamp()));
             let data = event.read_data().with_context(|| format!("decoding a binlog event at {start}"))?;
             match data {
-                Some(EventData::RotateEvent(rotate)) => self.file = binlog_file_name(&rotate.name()),
+                // Read before the format description event, the dump's first rotate event
+                // may end in a checksum the decoder did not know to cut: that event says.
+                Some(EventData::RotateEvent(_)) if !self.format_known => self.opening_rotate = Some(event),
+                Some(EventData::RotateEvent(_)) => self.file = rotate_file_name(&event, false)?,
+                Some(EventData::FormatDescriptionEvent(format)) => {
+                    self.format_known = true;
+                    if let Some(rotate) = self.opening_rotate.take() {
+                        let crc32 = matches!(
+                            format.footer().get_checksum_alg(),
+                            Ok(Some(BinlogChecksumAlg::BINLOG_CHECKSUM_ALG_CRC32))
+                        );
+                        self.file = rotate_file_name(&rotate, crc32)?;
+                    }
+                }
+                // Sent only while the dump waits at the end of the binlog.
+                Some(EventData::HeartbeatEvent) if !self.in_transaction => {
+                    return Ok(Event::Heartbeat { position: self.position(header.log_pos()) });
+                }
                 Some(EventData::QueryEvent(query)) => {
                     let (text, schema) = (query.query().into_owned(), query.schema().into_owned());
                     self.query(&text, &schema, start, header.log_pos(), time).await?;
@@ -390,11 +559,13 @@ impl<E: BinlogEvents> ChangeStream for BinlogChangeStream<E> {
                         .with_context(|| format!("a MariaDB GTID event at {start} is too short"))?;
                     self.current_gtid = Some(Gtid::MariaDb { domain, server: header.server_id(), seq });
                     // MariaDB's GTID event stands in for BEGIN; a standalone statement
-                    // (DDL) begins with its query event.
+                    // (DDL) begins with its query event, at this event's position.
                     if flags & GTID_STANDALONE == 0 {
                         self.in_transaction = true;
                         let position = self.begin_position(start);
                         self.pending.push_back(Event::Begin { position, commit_time: time });
+                    } else {
+                        self.gtid_event_at = Some(start);
                     }
                 }
                 // MySQL: the GTID comes first, then BEGIN (or the DDL statement).
@@ -406,15 +577,22 @@ impl<E: BinlogEvents> ChangeStream for BinlogChangeStream<E> {
                         );
                     }
                     self.current_gtid = Some(Gtid::Mysql { uuid: gtid.sid(), gno: gtid.gno() });
+                    self.gtid_event_at = Some(start);
                 }
-                Some(EventData::AnonymousGtidEvent(_)) => self.current_gtid = None,
+                Some(EventData::AnonymousGtidEvent(_)) => {
+                    self.current_gtid = None;
+                    self.gtid_event_at = Some(start);
+                }
                 Some(EventData::RowsEvent(rows_event)) => {
-                    if let RowsEventData::PartialUpdateRowsEvent(_) = rows_event {
-                        anyhow::bail!(
+                    let kind = match &rows_event {
+                        RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_) => RowsKind::Write,
+                        RowsEventData::UpdateRowsEvent(_) | RowsEventData::UpdateRowsEventV1(_) => RowsKind::Update,
+                        RowsEventData::DeleteRowsEvent(_) | RowsEventData::DeleteRowsEventV1(_) => RowsKind::Delete,
+                        RowsEventData::PartialUpdateRowsEvent(_) => anyhow::bail!(
                             "the update at {start} carries partial JSON (binlog_row_value_options = PARTIAL_JSON), \
                              which does not hold whole rows; set binlog_row_value_options = '' on the source"
-                        );
-                    }
+                        ),
+                    };
                     let Some(tme) = self.binlog.table_map(rows_event.table_id()) else {
                         anyhow::bail!("a rows event at {start} names a table the binlog never mapped")
                     };
@@ -425,27 +603,14 @@ impl<E: BinlogEvents> ChangeStream for BinlogChangeStream<E> {
                     let Some(table) = self.tables.get(&name).cloned() else { continue };
                     let columns = usize::try_from(tme.columns_count()).unwrap_or(usize::MAX);
                     let schema = self.as_of(&table, columns, &start)?;
-                    if let RowsEventData::PartialUpdateRowsEvent(_) = rows_event {
-                        anyhow::bail!(
-                            "the update at {start} carries partial JSON (binlog_row_value_options = PARTIAL_JSON), \
-                             which does not hold whole rows; set binlog_row_value_options = '' on the source"
-                        );
-                    }
+                    let (before_columns, after_columns) =
+                        (bitmap(rows_event.columns_before_image()), bitmap(rows_event.columns_after_image()));
                     let Some(tme) = self.binlog.table_map(rows_event.table_id()) else { continue };
                     for row in rows_event.rows(tme) {
                         let (before, after) = row.with_context(|| format!("decoding a row of {name} at {start}"))?;
-                        let before = Self::row(&table, before, &start)?;
-                        let after = Self::row(&table, after, &start)?;
-                        let change = match (&rows_event, before, after) {
-                            (RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_), _, Some(row)) => {
-                                Change::Insert { table: schema.clone(), row }
-                            }
-                            (RowsEventData::DeleteRowsEvent(_) | RowsEventData::DeleteRowsEventV1(_), Some(old), _) => {
-                                Change::Delete { table: schema.clone(), old }
-                            }
-                            (_, old, Some(new)) => Change::Update { table: schema.clone(), old, new },
-                            _ => anyhow::bail!("a rows event of {name} at {start} has no row image"),
-                        };
+                        let before = Self::image(&table, before, before_columns.as_deref(), columns, &start)?;
+                        let after = Self::image(&table, after, after_columns.as_deref(), columns, &start)?;
+                        let change = Self::change(&schema, kind, before, after, &start)?;
                         self.pending.push_back(Event::Change(change));
                     }
                 }
@@ -468,7 +633,7 @@ mod tests {
     use mysql_async::binlog::events::{Event as BinlogEvent, FormatDescriptionEvent, TableMapEvent};
     use mysql_async::binlog::BinlogVersion;
 
-    use super::{binlog_file_name, BinlogChangeStream, BinlogEvents};
+    use super::{BinlogChangeStream, BinlogEvents};
     use crate::change::{Change, Column, Event, Identity, TableName, TableSchema, Value};
     use crate::position::{BinlogPosition, GtidSet, Position};
     use crate::schema::mysql::Encoding;
@@ -508,6 +673,9 @@ mod tests {
             self.tables.get(&table_id)
         }
     }
+
+    /// One row image of `shop.items`: each column's value, or `None` where the image leaves it out.
+    type Image<'a> = (Option<i32>, Option<Option<&'a str>>);
 
     /// Builds a binlog from event bodies: headers with running `log_pos` offsets.
     struct Binlog {
@@ -574,23 +742,40 @@ mod tests {
             self.push(19, &body)
         }
 
-        /// A rows event: v2 (30 write, 31 update, 32 delete) or v1 (23, 24, 25).
+        /// A rows event with full images: v2 (30 write, 31 update, 32 delete) or v1 (23, 24, 25).
         fn rows(&mut self, event_type: u8, rows: &[&[(i32, Option<&str>)]]) -> u32 {
+            let rows: Vec<Vec<Image<'_>>> =
+                rows.iter().map(|images| images.iter().map(|&(id, name)| (Some(id), Some(name))).collect()).collect();
+            let rows: Vec<&[Image<'_>]> = rows.iter().map(Vec::as_slice).collect();
+            self.partial_rows(event_type, &rows)
+        }
+
+        /// A rows event whose images hold only the columns given (`None`: left out, as
+        /// `binlog_row_image = MINIMAL` does); each image's column bitmap says which.
+        /// The two images of an update share the event's two bitmaps, from its first row.
+        fn partial_rows(&mut self, event_type: u8, rows: &[&[Image<'_>]]) -> u32 {
             let mut body = TABLE_ID.to_le_bytes()[..6].to_vec();
             body.extend(1u16.to_le_bytes()); // STMT_END
             if event_type >= 30 {
                 body.extend(2u16.to_le_bytes()); // extra data: just its own length
             }
             body.push(2); // column count
-            body.push(0b11); // columns in the before (or only) image
-            if matches!(event_type, 24 | 31) {
-                body.push(0b11); // columns in the after image
+            let bits = |(id, name): &(Option<i32>, Option<Option<&str>>)| {
+                u8::from(id.is_some()) | u8::from(name.is_some()) << 1
+            };
+            let first = rows.first().copied().unwrap_or_default();
+            for image in first {
+                body.push(bits(image)); // columns in the before image, then the after image
             }
             for images in rows {
                 for (id, name) in images.iter() {
-                    body.push(if name.is_some() { 0 } else { 0b10 });
-                    body.extend(id.to_le_bytes());
-                    if let Some(name) = name {
+                    // The null bitmap counts only the columns present.
+                    let name_bit = if id.is_some() { 0b10 } else { 0b01 };
+                    body.push(if matches!(name, Some(None)) { name_bit } else { 0 });
+                    if let Some(id) = id {
+                        body.extend(id.to_le_bytes());
+                    }
+                    if let Some(Some(name)) = name {
                         body.push(name.len() as u8);
                         body.extend(name.as_bytes());
                     }
@@ -673,6 +858,7 @@ mod tests {
                     seen.push(format!("truncate {}", tables.iter().map(|t| t.name.to_string()).collect::<String>()))
                 }
                 Ok(Event::Change(Change::Relation(table))) => seen.push(format!("relation {}", table.name)),
+                Ok(Event::Heartbeat { position }) => seen.push(format!("heartbeat {position}")),
                 Err(e) => return (seen, Some(e)),
             }
         }
@@ -681,14 +867,16 @@ mod tests {
     #[tokio::test]
     async fn mysql_gtid_transactions_with_v1_and_v2_rows_events_decode() {
         let mut binlog = Binlog::new();
-        let first = binlog.gtid(77);
+        let first = 4; // the GTID event's own position, as mysqlbinlog prints it (`# at 4`)
+        binlog.gtid(77);
         binlog.query("", "BEGIN");
         binlog.table_map();
         binlog.rows(30, &[&[(1, Some("héllo 🎉"))], &[(2, None)]]);
         binlog.rows(24, &[&[(1, Some("héllo 🎉")), (1, Some("bye"))]]);
         binlog.rows(32, &[&[(2, None)]]);
         let commit = binlog.xid();
-        let ddl = binlog.gtid(78);
+        let ddl = commit;
+        binlog.gtid(78);
         let truncate = binlog.query("shop", "TRUNCATE TABLE items");
         binlog.gtid(79);
         binlog.query("", "BEGIN");
@@ -711,7 +899,7 @@ mod tests {
                 format!("begin binlog.000001:{ddl};gtid={UUID}:78"),
                 "truncate shop.items".to_string(),
                 format!("commit binlog.000001:{truncate};gtid={UUID}:1-78"),
-                format!("begin binlog.000001:{};gtid={UUID}:79", truncate + 19 + 42),
+                format!("begin binlog.000001:{truncate};gtid={UUID}:79"),
                 format!("insert {:?}", vec![text("3"), text("v1")]),
                 format!("commit binlog.000001:{last};gtid={UUID}:1-79"),
             ]
@@ -724,13 +912,13 @@ mod tests {
     #[tokio::test]
     async fn a_stream_started_at_an_offset_keeps_offsets_and_transaction_gtids() {
         let mut binlog = Binlog::new();
-        let first = binlog.gtid(5);
+        binlog.gtid(5);
         binlog.query("", "BEGIN");
         binlog.table_map();
         binlog.rows(30, &[&[(1, Some("a"))]]);
         let commit = binlog.xid();
         let (seen, _) = read_all(&mut binlog.stream("binlog.000001:4")).await;
-        assert_eq!(seen[0], format!("begin binlog.000001:{first};gtid={UUID}:5"));
+        assert_eq!(seen[0], format!("begin binlog.000001:4;gtid={UUID}:5"));
         // A set built from the middle of the history would resume from its start.
         assert_eq!(seen[2], format!("commit binlog.000001:{commit}"));
     }
@@ -794,9 +982,129 @@ mod tests {
         assert_eq!(super::decode_gtid_event(&body[..12]), None);
     }
 
-    #[test]
-    fn rotate_names_lose_a_trailing_checksum() {
-        assert_eq!(binlog_file_name("binlog.000001tlw\u{1}"), "binlog.000001");
-        assert_eq!(binlog_file_name("mysql-bin.000042"), "mysql-bin.000042");
+    #[tokio::test]
+    async fn partial_row_images_are_read_through_their_column_bitmaps() {
+        // binlog_row_image = MINIMAL: an update's before image holds the key, its after
+        // image the changed column; a delete's before image holds the key.
+        let mut binlog = Binlog::new();
+        binlog.gtid(1);
+        binlog.query("", "BEGIN");
+        binlog.table_map();
+        binlog.partial_rows(31, &[&[(Some(1), None), (None, Some(Some("bye")))]]);
+        binlog.partial_rows(31, &[&[(Some(2), None), (None, Some(None))]]);
+        // FULL_NODUP: the whole before image, and only what changed after it.
+        binlog.partial_rows(31, &[&[(Some(3), Some(Some("old"))), (Some(4), None)]]);
+        binlog.partial_rows(32, &[&[(Some(5), None)]]);
+        binlog.xid();
+        let (seen, _) = read_all(&mut binlog.stream("binlog.000001:4")).await;
+        let null = Value::Null;
+        assert_eq!(
+            seen[1..5],
+            [
+                format!("update {:?} {:?}", Some(vec![text("1"), null.clone()]), vec![text("1"), text("bye")]),
+                format!("update {:?} {:?}", Some(vec![text("2"), null.clone()]), vec![text("2"), null.clone()]),
+                format!("update {:?} {:?}", Some(vec![text("3"), text("old")]), vec![text("4"), text("old")]),
+                format!("delete {:?}", vec![text("5"), null]),
+            ]
+        );
+
+        // An insert without every column, or an update whose before image lacks the key,
+        // cannot be applied exactly: the stream stops and says why and where.
+        for (event_type, images) in
+            [(30u8, vec![(Some(7), None)]), (31, vec![(None, Some(Some("a"))), (None, Some(Some("b")))])]
+        {
+            let mut binlog = Binlog::new();
+            binlog.gtid(1);
+            binlog.query("", "BEGIN");
+            let rows_at = binlog.table_map();
+            binlog.partial_rows(event_type, &[&images]);
+            let (_, error) = read_all(&mut binlog.stream("binlog.000001:4")).await;
+            let error = error.map(|e| format!("{e:#}")).unwrap_or_default();
+            assert!(
+                error.contains("binlog_row_image")
+                    && error.contains("shop.items")
+                    && error.contains(&format!("binlog.000001:{rows_at}")),
+                "{error}"
+            );
+        }
+    }
+
+    /// The artificial rotate event a dump opens with: timestamp and log_pos 0, the
+    /// artificial flag, and (`crc32`) the 4-byte checksum the server appends.
+    fn opening_rotate(name: &[u8], position: u64, crc32: bool) -> Vec<u8> {
+        let size = 19 + 8 + name.len() as u32 + if crc32 { 4 } else { 0 };
+        let mut event = 0u32.to_le_bytes().to_vec();
+        event.push(4);
+        event.extend(1u32.to_le_bytes());
+        event.extend(size.to_le_bytes());
+        event.extend(0u32.to_le_bytes());
+        event.extend(0x20u16.to_le_bytes());
+        event.extend(position.to_le_bytes());
+        event.extend(name);
+        if crc32 {
+            let crc = crc32fast::hash(&event);
+            event.extend(crc.to_le_bytes());
+        }
+        event
+    }
+
+    /// A format description event as MariaDB 10.11 writes it, saying whether events carry CRC32.
+    fn format_description(crc32: bool) -> Vec<u8> {
+        let mut body = 4u16.to_le_bytes().to_vec();
+        let mut version = b"10.11.6-MariaDB-log".to_vec();
+        version.resize(50, 0);
+        body.extend(version);
+        body.extend(0u32.to_le_bytes());
+        body.push(19);
+        body.extend([0u8; 40]); // post-header lengths
+        body.push(u8::from(crc32));
+        body.extend([0u8; 4]); // its own checksum (not checked by the decoder)
+        let mut event = 0u32.to_le_bytes().to_vec();
+        event.push(15);
+        event.extend(1u32.to_le_bytes());
+        event.extend((19 + body.len() as u32).to_le_bytes());
+        event.extend(0u32.to_le_bytes());
+        event.extend(0u16.to_le_bytes());
+        event.extend(body);
+        event
+    }
+
+    async fn file_after(events: Vec<Vec<u8>>) -> anyhow::Result<String> {
+        let mut stream = Binlog { events: events.into(), offset: 4 }.stream("binlog.000001:4");
+        match stream.next().await {
+            Err(e) if format!("{e:#}").contains("ended the binlog stream") => Ok(stream.file),
+            Err(e) => Err(e),
+            Ok(event) => anyhow::bail!("unexpected {event:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn rotate_names_lose_exactly_their_checksum() {
+        // Checksums whose first byte is a digit or a dot: a name cut after its digits kept them.
+        for wanted in [b'0', b'7', b'.'] {
+            let checksum_starts_with = |p: u64| {
+                let event = opening_rotate(b"binlog.000007", p, true);
+                event[event.len() - 4] == wanted
+            };
+            let position = (4u64..).find(|&p| checksum_starts_with(p)).unwrap_or(4);
+            let event = opening_rotate(b"binlog.000007", position, true);
+            let file = file_after(vec![event, format_description(true)]).await;
+            assert_eq!(file.ok().as_deref(), Some("binlog.000007"), "checksum starting with {}", wanted as char);
+        }
+        // No checksums on this binlog: nothing is cut.
+        let file = file_after(vec![opening_rotate(b"mysql-bin.000042", 4, false), format_description(false)]).await;
+        assert_eq!(file.ok().as_deref(), Some("mysql-bin.000042"));
+        // A checksum that does not match, or a name that is no binlog file name: an error, not a position.
+        let mut corrupt = opening_rotate(b"binlog.000007", 4, true);
+        if let Some(last) = corrupt.last_mut() {
+            *last ^= 1;
+        }
+        for events in [
+            vec![corrupt, format_description(true)],
+            vec![opening_rotate(b"binlog.000007\x01", 4, true), format_description(true)],
+            vec![opening_rotate(b"binlog", 4, false), format_description(false)],
+        ] {
+            assert!(file_after(events).await.is_err());
+        }
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 mod binlog;
 mod catalog;
 
-use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint, Source, TableReader};
+use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, LogEnd, SnapshotPoint, Source, TableReader};
 use crate::change::{Identity, TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::{Endpoint, TableFilter};
@@ -330,6 +330,61 @@ impl Source for MysqlSource {
                 tracing::warn!("UNLOCK TABLES failed ({e}); the lock ends with the connection");
             }
         }
+    }
+
+    /// A positional skip entry names a transaction by where it begins: its GTID (or
+    /// Anonymous_GTID) event, `# at N` in `mysqlbinlog`; read the event at each such
+    /// position to tell.
+    async fn check_skip(&mut self, entries: &[(String, Position)]) -> anyhow::Result<Vec<Finding>> {
+        let mut findings = Vec::new();
+        for (entry, position) in entries {
+            let Position::Binlog(BinlogPosition { file, pos, .. }) = position else { continue };
+            if file.is_empty() {
+                continue; // names a GTID
+            }
+            // SHOW statements take no placeholders.
+            let sql =
+                format!("SHOW BINLOG EVENTS IN {} FROM {pos} LIMIT 1", crate::sql::SqlDialect::Mysql.literal(file));
+            let event: Result<Option<mysql_async::Row>, _> = self.conn.query_first(sql).await;
+            let event = event.ok().flatten();
+            let kind: Option<String> = event.as_ref().and_then(|e| e.get_opt(2)).and_then(Result::ok);
+            let info: String = event.as_ref().and_then(|e| e.get_opt(5)).and_then(Result::ok).unwrap_or_default();
+            let problem = match kind.as_deref() {
+                Some("Gtid" | "Anonymous_Gtid") => continue,
+                Some("Query") if info.trim().eq_ignore_ascii_case("BEGIN") => Some(
+                    "names a BEGIN; where a GTID event comes before it (MySQL 5.7+, MariaDB) the transaction begins at \
+                     that event"
+                        .to_string(),
+                ),
+                Some(kind) => Some(format!("names a {kind} event, not where a transaction begins")),
+                None => Some("names no event in the source's binlog (file purged, or not an event's position)".into()),
+            };
+            if let Some(problem) = problem {
+                findings.push(Finding::error(
+                    "source",
+                    format!("[stream] skip entry {entry} {problem}"),
+                    "the position of the transaction's GTID event",
+                    "take `# at N` of the transaction's GTID / Anonymous_GTID event from mysqlbinlog, or name its GTID \
+                     (gtid:…)"
+                        .into(),
+                ));
+            }
+        }
+        Ok(findings)
+    }
+
+    /// The end of the binlog (`SHOW MASTER STATUS`): a transaction is in the binlog
+    /// before its commit returns, so every one committed before `clock` lies before it.
+    async fn log_end(&mut self) -> anyhow::Result<Option<LogEnd>> {
+        // The clock first: what committed before it is in the binlog read after it.
+        let micros: Option<i64> = self
+            .conn
+            .query_first("SELECT CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)")
+            .await
+            .context("reading the source's clock")?;
+        let position = Position::Binlog(binlog_position(&mut self.conn).await?);
+        let micros = u64::try_from(micros.unwrap_or(0)).unwrap_or(0);
+        Ok(Some(LogEnd { position, clock: std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros) }))
     }
 
     fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk> {

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 use self::pgoutput::{Message, OldTuple, PG_EPOCH_OFFSET_MICROS};
 use self::replication::{ReplicationConnection, ReplicationMessage};
-use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint, Source, TableReader};
+use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, LogEnd, SnapshotPoint, Source, TableReader};
 use crate::change::{Change, Column, Event, Identity, TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::TableFilter;
@@ -339,6 +339,27 @@ impl Source for PostgresSource {
         Ok(dropped)
     }
 
+    /// The flushed WAL position: what the walsender can read, so a keepalive's `wal_end`
+    /// reaches it. A commit is flushed before it returns (asynchronous commits within
+    /// `wal_writer_delay`), so every transaction committed before `clock` lies before it.
+    async fn log_end(&mut self) -> anyhow::Result<Option<LogEnd>> {
+        // The clock first: what committed before it is flushed by the time the position is read.
+        let micros: i64 = self
+            .client
+            .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8", &[])
+            .await
+            .context("reading the source's clock")?
+            .get(0);
+        let lsn: String = self
+            .client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .context("reading the source's WAL position")?
+            .get(0);
+        let position = Position::Lsn(lsn.parse().with_context(|| format!("the source's WAL position {lsn}"))?);
+        Ok(Some(LogEnd { position, clock: UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0)) }))
+    }
+
     fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk> {
         let per_chunk = (table.pages / (workers as u64 * 2).max(1)).max(CHUNK_MIN_PAGES);
         if workers < 2 || table.pages < 2 * CHUNK_MIN_PAGES {
@@ -530,8 +551,8 @@ impl PostgresChangeStream {
         self.confirmed.borrow().lsn().unwrap_or_default()
     }
 
-    async fn send_status(&mut self, received: Lsn, flushed: Lsn) -> anyhow::Result<()> {
-        self.conn.send_status(received.max(flushed), flushed).await?;
+    async fn send_status(&mut self, received: Lsn, flushed: Lsn, reply: bool) -> anyhow::Result<()> {
+        self.conn.send_status(received.max(flushed), flushed, reply).await?;
         self.reported_flush = flushed;
         self.last_status = Instant::now();
         Ok(())
@@ -657,7 +678,12 @@ impl ChangeStream for PostgresChangeStream {
                         let flushed = if idle { confirmed.max(wal_end) } else { confirmed };
                         crate::metrics::METRICS.lag_bytes.set(i64::try_from(wal_end.0.saturating_sub(flushed.0)).unwrap_or(i64::MAX));
                         if reply_requested || flushed != self.reported_flush || self.last_status.elapsed() >= STATUS_INTERVAL {
-                            self.send_status(wal_end, flushed).await?;
+                            self.send_status(wal_end, flushed, false).await?;
+                        }
+                        // wal_end is where the walsender has read to: every transaction that
+                        // committed before it has been sent.
+                        if !self.in_transaction {
+                            return Ok(Event::Heartbeat { position: Position::Lsn(wal_end) });
                         }
                     }
                 },
@@ -665,7 +691,9 @@ impl ChangeStream for PostgresChangeStream {
                     self.last_housekeeping = Instant::now();
                     let confirmed = self.confirmed_lsn();
                     if confirmed > self.reported_flush || self.last_status.elapsed() >= STATUS_INTERVAL {
-                        self.send_status(self.last_commit_end, confirmed.max(self.reported_flush)).await?;
+                        // Asks for a keepalive back: an idle server sends none of its own while
+                        // it hears from us, and its wal_end is what a replay to a time waits for.
+                        self.send_status(self.last_commit_end, confirmed.max(self.reported_flush), true).await?;
                     }
                     self.watched.check(&self.catalog).await?;
                 }

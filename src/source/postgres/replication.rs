@@ -306,15 +306,16 @@ impl ReplicationConnection {
         }
     }
 
-    /// Standby status update: the server may release WAL up to `flushed`.
-    pub async fn send_status(&mut self, received: Lsn, flushed: Lsn) -> Result<(), PgError> {
+    /// Standby status update: the server may release WAL up to `flushed`; `reply` asks
+    /// it to answer with a keepalive at once.
+    pub async fn send_status(&mut self, received: Lsn, flushed: Lsn, reply: bool) -> Result<(), PgError> {
         let mut body = BytesMut::with_capacity(34);
         body.extend_from_slice(b"r");
         body.extend_from_slice(&received.0.to_be_bytes());
         body.extend_from_slice(&flushed.0.to_be_bytes());
         body.extend_from_slice(&flushed.0.to_be_bytes());
         body.extend_from_slice(&pg_now().to_be_bytes());
-        body.extend_from_slice(&[0]);
+        body.extend_from_slice(&[u8::from(reply)]);
         frontend::CopyData::new(body.freeze()).map_err(|e| PgError::Io(e.to_string()))?.write(&mut self.write);
         self.flush().await
     }
