@@ -53,16 +53,10 @@ const PATTERNS: &[(&str, &str)] = &[
 /// it trips a defect not fixed on main yet (a failing run found it; the same run with the
 /// pattern left out passes). Remove an entry once its fix is merged.
 const AVOID_BY_DEFAULT: &[(&str, &[&str])] = &[
-    // Known: key changes chaining inside one batch in the PostgreSQL sink (duplicate key on kc_pkey).
-    ("key_chains", &["pg-to-pg", "mariadb-to-pg"]),
-    // Known: partial row images mapped by position instead of by the column bitmaps.
-    ("partial_images", &["mariadb-to-pg", "mariadb-to-mariadb"]),
     // ERROR 1412 (table definition has changed) while copying: the daemon exits 2.
     ("truncate_in_snapshot", &["mariadb-to-pg"]),
     // MySQL sink: an update that changes nothing affects 0 rows, taken for drift: the daemon exits 2.
     ("noop_updates", &["pg-to-mariadb"]),
-    // MySQL sink: delete by the old key, then an update under the new key that finds no row: the row is lost.
-    ("toast_key_changes", &["pg-to-mariadb"]),
     // MySQL sink: keyless rows matched by collation (case- and trailing-blank-insensitive): wrong row changed.
     ("collation_twins", &["pg-to-mariadb", "mariadb-to-mariadb"]),
     // MariaDB TIMESTAMP → MariaDB: loaded as `…+00` text, refused (1265 Data truncated): the daemon exits 2.
