@@ -61,7 +61,7 @@ pub struct TableProgress {
     /// Rows copied.
     pub rows: u64,
     /// The source's count of changes its stream cannot carry for this table, as of
-    /// the copy ([`crate::source::SnapshotPoint::untracked`]).
+    /// the copy (the source's `SnapshotPoint::untracked`).
     #[serde(default)]
     pub untracked: Option<i64>,
 }

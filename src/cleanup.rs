@@ -10,8 +10,9 @@ use crate::config::Config;
 
 /// Runs the cleanup; `Ok(false)` when the user said no.
 pub async fn cleanup(config: &Config, yes: bool) -> anyhow::Result<bool> {
-    if tokio::net::UnixStream::connect(crate::status::socket_path(&config.state.dir)).await.is_ok() {
-        anyhow::bail!("cutover is running for pipeline {}: stop it first", config.name);
+    // The fallback stream after a switchover keeps its state inside this state dir.
+    if let Some(status) = crate::status::running(&config.state.dir).await? {
+        anyhow::bail!("cutover is running for pipeline {} (phase {}): stop it first", config.name, status.phase);
     }
     if !yes {
         print!(
@@ -28,7 +29,7 @@ pub async fn cleanup(config: &Config, yes: bool) -> anyhow::Result<bool> {
             return Ok(false);
         }
     }
-    let (mut source, mut sink) = crate::pipeline::connect(config).await?;
+    let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
     let mut dropped = source.cleanup().await?;
     dropped.extend(sink.cleanup().await?);
     if config.state.dir.exists() {

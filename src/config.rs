@@ -136,6 +136,20 @@ impl ConnUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// The URL as a driver should read it, password included (for connecting only): the user
+    /// and password percent-encoded, so that a `/`, `?`, `#` or `@` in them cannot move where
+    /// tokio-postgres (first `@`), mysql_async and the MongoDB driver (`/`, `?` end the
+    /// authority) look for the host.
+    pub fn for_driver(&self) -> String {
+        match UrlParts::split(&self.0) {
+            Some(parts) => parts.with_userinfo(&match &parts.password {
+                Some(password) => format!("{}:{}", percent_encode(&parts.user), percent_encode(password)),
+                None => percent_encode(&parts.user),
+            }),
+            None => self.0.clone(),
+        }
+    }
 }
 
 impl fmt::Debug for ConnUrl {
@@ -175,16 +189,119 @@ impl Endpoint<'_> {
     }
 }
 
-/// Replaces the password in `scheme://user:password@host/...` with `***`.
+/// Replaces the password in `scheme://user:password@host/...` (and a `password=` query
+/// parameter) with `***`.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_string() };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
-    match rest[..at].find(':') {
-        Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &rest[..colon], &rest[at..]),
-        None => url.to_string(),
+    let redacted = match UrlParts::split(url) {
+        Some(parts @ UrlParts { password: Some(_), .. }) => parts.with_userinfo(&format!("{}:***", parts.raw_user)),
+        Some(_) => url.to_string(),
+        // No host where one could be: hide everything before the last `@` that may be a password.
+        None => {
+            let authority = url.find("://").map_or(0, |i| i + 3);
+            let after_scheme = &url[authority..];
+            match after_scheme.rfind('@').and_then(|at| Some((after_scheme[..at].find(':')?, at))) {
+                Some((colon, at)) => format!("{}:***{}", &url[..authority + colon], &after_scheme[at..]),
+                None => url.to_string(),
+            }
+        }
+    };
+    redact_password_parameter(&redacted)
+}
+
+/// `…?password=secret&…` → `…?password=***&…` (libpq and tokio-postgres take a password there).
+fn redact_password_parameter(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else { return url.to_string() };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
+}
+
+/// A URL cut around its credentials: `scheme://` `user:password@` `host…`.
+///
+/// The credentials end at the last `@` that a host list follows (up to the next `/`, `?` or
+/// the end: letters, digits, `.-_:[],%`, or nothing before a `/`), as the URL standard reads
+/// `@` in the authority; unlike it, a `/`, `?` or `#` in a password does not end the
+/// authority. So a password may be written as it is or percent-encoded; an `@` in a query
+/// value right before a host-like word would have to be written `%40`.
+struct UrlParts<'a> {
+    /// `scheme://`
+    prefix: &'a str,
+    /// The user as written, percent-encoding included.
+    raw_user: &'a str,
+    /// The user and password, percent-decoded as the drivers do.
+    user: String,
+    password: Option<String>,
+    /// The host and everything after it.
+    rest: &'a str,
+}
+
+impl<'a> UrlParts<'a> {
+    /// `None` for a URL without `scheme://` or without credentials.
+    fn split(url: &'a str) -> Option<UrlParts<'a>> {
+        let authority = url.find("://")? + 3;
+        let after_scheme = &url[authority..];
+        let is_host_char = |c: char| c.is_ascii_alphanumeric() || ".-_:[],%".contains(c);
+        let at = after_scheme.rmatch_indices('@').map(|(i, _)| i).find(|&at| {
+            let tail = &after_scheme[at + 1..];
+            let host_end = tail.find(['/', '?']).unwrap_or(tail.len());
+            tail[..host_end].chars().all(is_host_char) && (host_end > 0 || tail.starts_with('/'))
+        })?;
+        let userinfo = &after_scheme[..at];
+        let (raw_user, password) = match userinfo.split_once(':') {
+            Some((user, password)) => (user, Some(percent_decode(password))),
+            None => (userinfo, None),
+        };
+        Some(UrlParts {
+            prefix: &url[..authority],
+            raw_user,
+            user: percent_decode(raw_user),
+            password,
+            rest: &after_scheme[at + 1..],
+        })
     }
+
+    /// The URL with `userinfo` in place of the credentials.
+    fn with_userinfo(&self, userinfo: &str) -> String {
+        format!("{}{userinfo}@{}", self.prefix, self.rest)
+    }
+}
+
+/// Every byte but the URL standard's unreserved characters as `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(char::from(byte)),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// `%2F` → `/`; a `%` not followed by two hex digits stays as written (as the drivers read it).
+pub fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `[switchover]`
@@ -628,5 +745,54 @@ mod tests {
         assert_eq!(redact_url("postgresql://a:b:c@h/d?x=@"), "postgresql://a:***@h/d?x=@");
         let config = Config::parse(MINIMAL, Path::new("p.toml")).expect("valid");
         assert!(!format!("{config:?}").contains("secret"));
+    }
+
+    /// A password with the characters that end a URL's parts, as written and percent-encoded.
+    const ODD: &str = "s3/cr?et@pw#x:y%z&w=v";
+    const ODD_ENCODED: &str = "s3%2Fcr%3Fet%40pw%23x%3Ay%25z%26w%3Dv";
+
+    #[test]
+    fn odd_passwords_are_redacted_in_every_url_kind() {
+        for scheme in ["postgresql", "postgres", "mysql", "mongodb", "mongodb+srv"] {
+            for password in [ODD, ODD_ENCODED] {
+                for rest in ["db.example.com:5432/shop?sslmode=require&x=@", "h1:1,h2:2/shop", "[::1]/shop", "h"] {
+                    let url = format!("{scheme}://app:{password}@{rest}");
+                    let redacted = redact_url(&url);
+                    assert_eq!(redacted, format!("{scheme}://app:***@{rest}"), "{url}");
+                    assert!(!ConnUrl::new(&url).to_string().contains("s3"), "{url}");
+                }
+            }
+        }
+        // A user name with an `@` (Azure's `user@server`), a password in the query.
+        assert_eq!(redact_url("postgresql://me@srv:pw/x@h/db"), "postgresql://me@srv:***@h/db");
+        assert_eq!(redact_url("postgresql://h/db?user=a&password=p/w@x"), "postgresql://h/db?user=a&password=***");
+        // Nothing after the last `@` looks like a host: still nothing of the password shows.
+        assert_eq!(redact_url("mysql://app:pw/x@"), "mysql://app:***@");
+        assert_eq!(redact_url("sqlite:///var/db/a@b.db"), "sqlite:///var/db/a@b.db");
+    }
+
+    #[test]
+    fn drivers_get_the_credentials_percent_encoded() {
+        for password in [ODD, ODD_ENCODED] {
+            let url = ConnUrl::new(format!("mysql://app:{password}@127.0.0.1:3306/shop?ssl-mode=DISABLED"));
+            assert_eq!(url.for_driver(), format!("mysql://app:{ODD_ENCODED}@127.0.0.1:3306/shop?ssl-mode=DISABLED"));
+            let postgres = ConnUrl::new(format!("postgres://app:{password}@127.0.0.1/shop"));
+            let config: tokio_postgres::Config = postgres.for_driver().parse().expect("tokio-postgres reads it");
+            assert_eq!(config.get_password(), Some(ODD.as_bytes()));
+            assert_eq!(config.get_user(), Some("app"));
+            assert_eq!(config.get_hosts(), &[tokio_postgres::config::Host::Tcp("127.0.0.1".into())]);
+        }
+        let opts = mysql_async::Opts::from_url(&ConnUrl::new(format!("mysql://app:{ODD}@h:3307/shop")).for_driver())
+            .expect("mysql_async reads it");
+        assert_eq!((opts.pass(), opts.ip_or_hostname(), opts.tcp_port()), (Some(ODD), "h", 3307));
+        let mongo = ConnUrl::new(format!("mongodb://app:{ODD}@h1:27017,h2/shop?replicaSet=rs0&authSource=admin"));
+        let parsed =
+            mongodb::options::ConnectionString::parse(mongo.for_driver()).expect("the MongoDB driver reads it");
+        let credential = parsed.credential.expect("a credential");
+        assert_eq!((credential.username.as_deref(), credential.password.as_deref()), (Some("app"), Some(ODD)));
+        assert_eq!(credential.source.as_deref(), Some("admin"));
+        let no_credentials = ConnUrl::new("sqlite:///tmp/x.db");
+        assert_eq!(no_credentials.for_driver(), "sqlite:///tmp/x.db");
+        assert_eq!(percent_decode("%2f%zz%+1%"), "/%zz%+1%");
     }
 }

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use tokio_postgres::config::Host;
 
 use crate::config::Endpoint;
-use crate::tls::{Dialect, PostgresTls, TlsSettings};
+use crate::tls::{Driver, PostgresTls, TlsSettings};
 
 /// Session settings every cutover connection uses, so that values print and
 /// parse the same way on both sides.
@@ -30,7 +30,7 @@ impl ConnectParams {
     /// Reads a `postgresql://` URL, with the password from the endpoint's file or
     /// environment variable when one is set.
     pub fn from_endpoint(endpoint: Endpoint<'_>) -> anyhow::Result<ConnectParams> {
-        let (url, tls) = TlsSettings::from_url(endpoint.url.expose(), Dialect::Postgres)
+        let (url, tls) = TlsSettings::from_url(&endpoint.url.for_driver(), Driver::Postgres)
             .with_context(|| format!("url {}", endpoint.url))?;
         let tls = PostgresTls::new(&tls).with_context(|| format!("url {}", endpoint.url))?;
         let mut config: tokio_postgres::Config =
@@ -101,4 +101,22 @@ pub enum PgError {
     /// The server said no.
     #[error("PostgreSQL error {code}: {message}")]
     Server { code: String, message: String },
+}
+
+/// Whether one error of an error chain is a PostgreSQL connection that broke or was
+/// refused: class 08 (connection exceptions), 57P01–57P03 (shutdown, crash, not yet
+/// accepting), a closed connection or an I/O error.
+pub fn is_transient(cause: &(dyn std::error::Error + 'static)) -> bool {
+    let transient_sqlstate = |code: &str| code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
+    if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
+        let code = e.code().map(|c| c.code());
+        return e.is_closed()
+            || code.is_some_and(transient_sqlstate)
+            || (code.is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()));
+    }
+    match cause.downcast_ref::<PgError>() {
+        Some(PgError::Server { code, .. }) => transient_sqlstate(code),
+        Some(PgError::Io(_)) => true,
+        _ => false,
+    }
 }

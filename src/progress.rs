@@ -6,11 +6,12 @@
 //! through [`LogWriter`], which lifts the bars, writes the line and redraws them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
 
 /// The bars' canvas, when stderr is a terminal showing text logs.
 static BARS: OnceLock<MultiProgress> = OnceLock::new();
@@ -107,7 +108,7 @@ impl Reporter {
     }
 
     /// Brings the display up to date (call often; the log reporter writes every 10 s).
-    pub fn tick(&mut self, progress: &crate::pipeline::CopyProgress) {
+    pub fn tick(&mut self, progress: &crate::progress::CopyProgress) {
         match self {
             Reporter::Log { last } => {
                 if last.elapsed() >= LOG_INTERVAL {
@@ -190,4 +191,118 @@ mod tests {
         table.finished.store(1234, Relaxed);
         assert_eq!(table.rows_so_far(), (1234, true));
     }
+}
+
+/// What the copy workers have moved so far.
+pub struct CopyProgress {
+    started: Instant,
+    /// Every table being copied.
+    tables: Vec<TableCopy>,
+    /// The tables' size on disk: the yardstick for the ETA.
+    estimated_bytes: u64,
+    /// Bytes streamed from source to target.
+    bytes: AtomicU64,
+    /// Rows in finished chunks.
+    rows: AtomicU64,
+    /// Tables whose every chunk is copied.
+    done: AtomicUsize,
+}
+
+/// The snapshot in progress, for `status`; `None` when no copy runs.
+pub static SNAPSHOT_PROGRESS: std::sync::Mutex<Option<Arc<CopyProgress>>> = std::sync::Mutex::new(None);
+
+impl CopyProgress {
+    /// A copy of `tables` starting now.
+    pub fn new(tables: Vec<TableCopy>) -> CopyProgress {
+        CopyProgress {
+            started: Instant::now(),
+            estimated_bytes: tables.iter().map(|t| t.estimated_bytes).sum(),
+            tables,
+            bytes: Default::default(),
+            rows: Default::default(),
+            done: Default::default(),
+        }
+    }
+
+    /// The tables' size on disk.
+    pub fn estimated_bytes(&self) -> u64 {
+        self.estimated_bytes
+    }
+
+    /// `bytes` more of table `index` moved from source to target.
+    pub fn moved(&self, index: usize, bytes: u64) {
+        self.bytes.fetch_add(bytes, Relaxed);
+        if let Some(table) = self.tables.get(index) {
+            table.bytes.fetch_add(bytes, Relaxed);
+        }
+    }
+
+    /// A chunk of table `index` landed with `rows` rows.
+    pub fn chunk_copied(&self, index: usize, rows: u64) {
+        self.rows.fetch_add(rows, Relaxed);
+        if let Some(table) = self.tables.get(index) {
+            table.rows.fetch_add(rows, Relaxed);
+        }
+    }
+
+    /// Table `index`'s last chunk landed: it holds `rows` rows.
+    pub fn table_copied(&self, index: usize, rows: u64) {
+        self.done.fetch_add(1, Relaxed);
+        if let Some(table) = self.tables.get(index) {
+            table.finished.store(rows, Relaxed);
+        }
+    }
+
+    /// Where the copy stands.
+    pub fn status(&self) -> SnapshotStatus {
+        let bytes = self.bytes.load(Relaxed);
+        let rate = bytes as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let remaining = self.estimated_bytes.saturating_sub(bytes) as f64;
+        SnapshotStatus {
+            tables_done: self.done.load(Relaxed),
+            tables_total: self.tables.len(),
+            rows: self.rows.load(Relaxed),
+            megabytes: bytes / 1_000_000,
+            megabytes_per_second: rate / 1e6,
+            eta_seconds: (rate > 0.0).then(|| (remaining / rate).round() as u64),
+            tables: self.tables.iter().map(|t| (t.name.clone(), t.rows.load(Relaxed), t.estimated_rows)).collect(),
+        }
+    }
+
+    /// Bytes streamed from source to target so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Relaxed)
+    }
+
+    /// The tables being copied, with their live counters.
+    pub fn tables(&self) -> &[TableCopy] {
+        &self.tables
+    }
+
+    /// One log line: tables, rows, bytes, rate and a rough ETA from the tables' on-disk size.
+    pub fn report(&self) {
+        let status = self.status();
+        tracing::info!(
+            tables_copied = format!("{}/{}", status.tables_done, status.tables_total),
+            rows = status.rows,
+            megabytes = status.megabytes,
+            megabytes_per_second = format!("{:.1}", status.megabytes_per_second),
+            eta_seconds = status.eta_seconds.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into()),
+            "snapshot in progress"
+        );
+    }
+}
+
+/// A snapshot copy in progress.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotStatus {
+    pub tables_done: usize,
+    pub tables_total: usize,
+    pub rows: u64,
+    pub megabytes: u64,
+    pub megabytes_per_second: f64,
+    /// Rough: from the tables' size on disk and the rate so far.
+    pub eta_seconds: Option<u64>,
+    /// `(table, rows copied, estimated rows)`.
+    pub tables: Vec<(String, u64, u64)>,
 }

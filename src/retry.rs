@@ -19,31 +19,12 @@ pub fn is_resume(error: &anyhow::Error) -> bool {
 }
 
 /// Whether an error is a lost or refused connection (retry) rather than a definite
-/// failure (stop and tell the user).
+/// failure (stop and tell the user). Each connection module says which of its driver's
+/// errors are transient.
 pub fn is_transient(error: &anyhow::Error) -> bool {
-    use crate::pgconn::PgError;
-    // Class 08: connection exceptions; 57P01-57P03: shutdown, crash, not yet accepting.
-    let transient_sqlstate = |code: &str| code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
     error.chain().any(|cause| {
-        if let Some(e) = cause.downcast_ref::<tokio_postgres::Error>() {
-            let code = e.code().map(|c| c.code());
-            return e.is_closed()
-                || code.is_some_and(transient_sqlstate)
-                || (code.is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()));
-        }
-        if let Some(PgError::Server { code, .. }) = cause.downcast_ref::<PgError>() {
-            return transient_sqlstate(code);
-        }
-        if let Some(e) = cause.downcast_ref::<mysql_async::Error>() {
-            return match e {
-                mysql_async::Error::Io(_) => true,
-                mysql_async::Error::Driver(mysql_async::DriverError::ConnectionClosed) => true,
-                // Server shutdown in progress, connection killed, lost connection.
-                mysql_async::Error::Server(server) => matches!(server.code, 1053 | 1927 | 2006 | 2013),
-                _ => false,
-            };
-        }
-        matches!(cause.downcast_ref::<PgError>(), Some(PgError::Io(_)))
+        crate::pgconn::is_transient(cause)
+            || crate::myconn::is_transient(cause)
             || cause.is::<ConnectionLost>()
             || cause.is::<std::io::Error>()
     })

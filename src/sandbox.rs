@@ -153,6 +153,21 @@ impl PostgresServer {
         format!("postgresql://cutover@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// Makes `user` log in over TCP with a password (SCRAM), for SQL and replication
+    /// connections alike; everyone else stays trusted. Takes effect once the server has
+    /// reloaded its configuration (a moment after this returns).
+    pub fn require_password(&self, user: &str) -> anyhow::Result<()> {
+        let hba = self.dir.join("data").join("pg_hba.conf");
+        let trusted = std::fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
+        // The first matching line decides.
+        let password_lines =
+            format!("host all {user} 127.0.0.1/32 scram-sha-256\nhost replication {user} 127.0.0.1/32 scram-sha-256\n");
+        std::fs::write(&hba, password_lines + &trusted).with_context(|| format!("writing {}", hba.display()))?;
+        let mut reload = server_command(&self.bin, "pg_ctl");
+        reload.arg("-D").arg(self.dir.join("data")).arg("reload");
+        run(reload, "pg_ctl reload")
+    }
+
     /// Restarts the server (`pg_ctl restart -m fast`): every client connection drops.
     pub fn restart(&self) -> anyhow::Result<()> {
         let mut restart = server_command(&self.bin, "pg_ctl");
@@ -211,6 +226,10 @@ impl MariaDbServer {
         run(install, "mariadb-install-db (apt-get install -y mariadb-server)")?;
         let port = free_port()?;
         let socket = dir.join("mariadb.sock");
+        // Its own temp dir: internal temporary tables in a shared /tmp were seen vanishing under a
+        // running server ("Error on delete of '/tmp/#sql-temptable-…'").
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&tmp)?;
         let mut server = Command::new("mariadbd");
         server
             .arg("--no-defaults")
@@ -220,6 +239,7 @@ impl MariaDbServer {
             .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
             .arg(format!("--log-error={}", dir.join("error.log").display()))
             .arg(format!("--log-bin={}", data.join("binlog").display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .args([
                 "--bind-address=127.0.0.1",
                 "--binlog-format=ROW",

@@ -67,7 +67,7 @@ impl SqlClient {
                 SqlClient::Postgres(crate::pgconn::ConnectParams::from_endpoint(endpoint)?.connect().await?)
             }
             SqlDialect::Mysql => {
-                let mut conn = crate::source::mysql::MysqlParams::from_endpoint(endpoint)?.connect().await?;
+                let mut conn = crate::myconn::MysqlParams::from_endpoint(endpoint)?.connect().await?;
                 conn.query_drop("SET SESSION sql_mode = REPLACE(@@sql_mode, 'NO_BACKSLASH_ESCAPES', '')")
                     .await
                     .context("setting up a MySQL session")?;

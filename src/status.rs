@@ -30,22 +30,8 @@ pub struct Status {
     /// Tables whose snapshot copy finished, with the rows copied.
     pub tables_copied: Vec<(String, u64)>,
     /// The snapshot copy in progress, if one runs.
-    pub snapshot: Option<SnapshotStatus>,
+    pub snapshot: Option<crate::progress::SnapshotStatus>,
     pub last_error: Option<String>,
-}
-
-/// A snapshot copy in progress.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct SnapshotStatus {
-    pub tables_done: usize,
-    pub tables_total: usize,
-    pub rows: u64,
-    pub megabytes: u64,
-    pub megabytes_per_second: f64,
-    /// Rough: from the tables' size on disk and the rate so far.
-    pub eta_seconds: Option<u64>,
-    /// `(table, rows copied, estimated rows)`.
-    pub tables: Vec<(String, u64, u64)>,
 }
 
 /// What the pipeline reports beyond its metrics.
@@ -82,7 +68,7 @@ fn live(store: &CheckpointStore) -> anyhow::Result<Status> {
     status.transactions_applied = METRICS.transactions_applied.get();
     status.changes_applied = METRICS.changes_applied_total();
     status.last_error = LAST_ERROR.lock().ok().and_then(|e| e.clone());
-    status.snapshot = crate::pipeline::SNAPSHOT_PROGRESS.lock().ok().and_then(|p| p.as_ref().map(|p| p.status()));
+    status.snapshot = crate::progress::SNAPSHOT_PROGRESS.lock().ok().and_then(|p| p.as_ref().map(|p| p.status()));
     Ok(status)
 }
 
@@ -153,16 +139,28 @@ pub async fn ask(state_dir: &Path, request: &Request) -> anyhow::Result<Option<S
     Ok(Some(serde_json::from_slice(&body).context("the daemon's answer on the control socket")?))
 }
 
+/// Where the fallback stream keeps its state, inside the forward pipeline's state dir.
+pub fn fallback_state_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("fallback")
+}
+
+/// The status of the daemon that runs for a state dir — the forward pipeline, or after a
+/// switchover with fallback the fallback stream (the same process, its own socket in
+/// [`fallback_state_dir`]); `None` when neither answers.
+pub async fn running(state_dir: &Path) -> anyhow::Result<Option<Status>> {
+    if let Some(status) = ask(state_dir, &Request::Status).await? {
+        return Ok(Some(status));
+    }
+    Ok(ask(&fallback_state_dir(state_dir), &Request::Status)
+        .await?
+        .map(|status| Status { phase: "fallback".into(), ..status }))
+}
+
 /// Asks the running daemon, or reads the checkpoint store when none runs.
 pub async fn query(state_dir: &Path) -> anyhow::Result<Status> {
     // A daemon that is starting holds the store before its socket listens: ask again.
     for _ in 0..50 {
-        if let Some(status) = ask(state_dir, &Request::Status).await? {
-            return Ok(status);
-        }
-        // After a switchover with fallback, the same daemon streams back from its own state dir.
-        if let Some(mut status) = ask(&state_dir.join("fallback"), &Request::Status).await? {
-            status.phase = "fallback".into();
+        if let Some(status) = running(state_dir).await? {
             return Ok(status);
         }
         if let Ok(store) = CheckpointStore::open(state_dir) {

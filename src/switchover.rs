@@ -5,15 +5,24 @@
 //! 2. fences the source — PostgreSQL: `default_transaction_read_only` on the
 //!    database and every other client session of it ended; MySQL: `read_only`
 //!    (and `super_read_only` where it exists) and the client sessions killed —
-//!    so from here on no write can land on the source;
-//! 3. reads the source's final position and waits until the target has it
-//!    (PostgreSQL: the slot's confirmed position; MySQL: the applied binlog position);
+//!    and waits until the ended sessions are gone (one inside its commit still
+//!    commits). It refuses while prepared transactions exist (they commit whenever
+//!    their coordinator says so, after any final position), and names who can still
+//!    write: background workers (PostgreSQL subscriptions, pg_cron), and on MariaDB,
+//!    which has no `super_read_only`, the accounts `read_only` does not hold back;
+//! 3. reads the source's final position after that (PostgreSQL:
+//!    `pg_current_wal_insert_lsn()`, which includes what is not written out yet) and
+//!    waits until the target has it (PostgreSQL: the slot's confirmed position; MySQL:
+//!    the applied binlog position);
 //! 4. sets the target's sequences to the source's values;
 //! 5. with `[switchover] fallback = true`, creates the fallback stream on the target
 //!    (publication and slot, `REPLICA IDENTITY FULL` for tables without a key)
 //!    before anything can write to it;
 //! 6. tells the daemon it is over: it stops, and with fallback streams target →
-//!    old source in the same process.
+//!    old source in the same process;
+//! 7. drops the forward stream's slot and publications on the old source: a slot
+//!    left there would keep every WAL byte written after it (the fallback's included)
+//!    forever.
 //!
 //! The write-blocked window (step 2 to 6) is what the application sees as downtime.
 
@@ -24,10 +33,10 @@ use mysql_async::prelude::Queryable;
 
 use crate::checkpoint::{CheckpointStore, SwitchoverRecord};
 use crate::config::{Config, SourceKind, TargetKind};
+use crate::finding::{Finding, Severity};
+use crate::myconn::MysqlParams;
 use crate::pgconn::ConnectParams;
 use crate::position::Position;
-use crate::preflight::{Finding, Severity};
-use crate::source::mysql::MysqlParams;
 use crate::status::{ask, Request};
 
 /// What a switchover did.
@@ -39,12 +48,30 @@ pub struct Summary {
     pub transactions_applied: u64,
     pub changes_applied: u64,
     pub sessions_ended: u64,
+    /// Who can still write to the old source after the fence, and how to stop them.
+    pub still_writing: Vec<String>,
     pub sequences_synced: usize,
     pub fallback: bool,
+    /// What was dropped of the forward stream on the old source, or why it is still there.
+    pub forward_stream_dropped: Result<Vec<String>, String>,
+}
+
+/// What fencing the source did.
+struct Fence {
+    /// The source's position once every ended session is gone.
+    final_position: Position,
+    sessions_ended: u64,
+    still_writing: Vec<String>,
 }
 
 /// How long each wait may take before the switchover gives up (the source stays fenced).
 const WAIT: Duration = Duration::from_secs(120);
+
+/// How long an ended session may take to be gone.
+const SESSION_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the daemon may take to let go of the forward stream's slot once told it is over.
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(30);
 
 /// Runs the switchover.
 pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
@@ -78,7 +105,7 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
 
     // 2. Fence the source; 3. its final position, and the target has it.
     let fenced = Instant::now();
-    let (final_position, sessions_ended) = match config.source.kind {
+    let fence = match config.source.kind {
         SourceKind::Postgres => {
             let params = ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
             fence_postgres(&params).await?
@@ -88,6 +115,7 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
             fence_mysql(&params).await?
         }
     };
+    let final_position = fence.final_position;
     let (reached, applied) = crate::pipeline::wait_until_applied(config, &final_position, WAIT).await?;
     if !reached {
         let undo = match config.source.kind {
@@ -104,7 +132,7 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
     let final_position = final_position.to_string();
 
     // 4. Sequences (and anything else the end of a snapshot sets) to the source's values.
-    let (mut source, mut sink) = crate::pipeline::connect(config).await?;
+    let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
     let schema = source.schema().await?;
     sink.finish_snapshot(&schema).await.context("syncing sequences on the target")?;
     let sequences_synced = schema.sequences.len();
@@ -119,48 +147,214 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
     let status = ask(&config.state.dir, &Request::SwitchedOver(record))
         .await?
         .context("the daemon went away before it was told the switchover is done; the source stays fenced")?;
+    let write_blocked = fenced.elapsed();
+
+    // 7. Nothing reads the forward stream any more (a MySQL binlog needs no slot). The
+    // switchover is done either way.
+    let forward_stream_dropped = match config.source.kind {
+        SourceKind::Postgres => drop_forward_stream(config).await.map_err(|e| {
+            let slot = crate::source::postgres::slot_name(&config.name);
+            format!(
+                "{e:#}; until it is dropped, the slot keeps the old source's WAL: on the old source, SELECT \
+                 pg_drop_replication_slot('{slot}'); DROP PUBLICATION IF EXISTS {slot}, {slot}_inserts;"
+            )
+        }),
+        _ => Ok(Vec::new()),
+    };
     Ok(Summary {
         final_position,
-        write_blocked: fenced.elapsed(),
+        write_blocked,
         transactions_applied: status.transactions_applied,
         changes_applied: status.changes_applied,
-        sessions_ended,
+        sessions_ended: fence.sessions_ended,
+        still_writing: fence.still_writing,
         sequences_synced,
         fallback: config.switchover.fallback,
+        forward_stream_dropped,
     })
 }
 
-/// Makes the source database refuse writes and ends the sessions that could still
-/// write; returns the WAL position after that and how many sessions were ended.
-async fn fence_postgres(params: &ConnectParams) -> anyhow::Result<(Position, u64)> {
+/// Drops the forward stream's objects on the old source (PostgreSQL: its slot and
+/// publications) once the daemon's stream has let go of them; returns what was dropped.
+async fn drop_forward_stream(config: &Config) -> anyhow::Result<Vec<String>> {
+    let mut source = crate::connect::source(config).await.context("connecting to the old source")?;
+    let started = Instant::now();
+    loop {
+        match source.cleanup().await {
+            Ok(dropped) => return Ok(dropped),
+            // The daemon's walsender holds the slot until the forward pipeline has wound down.
+            Err(_) if started.elapsed() < SLOT_RELEASE_WAIT => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Refuses to go on while prepared transactions exist: each commits whenever its
+/// coordinator says so, after the switchover's final position, so its writes would never
+/// reach the target. `transactions` describe them; `state` says what was fenced so far.
+fn refuse_prepared(transactions: &[String], state: &str, finish: &str) -> anyhow::Result<()> {
+    if transactions.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the source holds {} prepared transaction(s): {}. A prepared transaction commits whenever its coordinator \
+         says so — after the switchover's final position, so its writes would never reach the target; {state}. \
+         Finish them first ({finish}), then run switchover again",
+        transactions.len(),
+        transactions.join(", ")
+    )
+}
+
+/// The source database's prepared transactions (two-phase commit), described.
+async fn postgres_prepared(client: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT gid, owner::text, prepared::text FROM pg_prepared_xacts \
+             WHERE database = current_database() ORDER BY prepared",
+            &[],
+        )
+        .await
+        .context("reading the source's prepared transactions (pg_prepared_xacts)")?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} (prepared {} by {})",
+                crate::schema::quote_literal(r.get(0)),
+                r.get::<_, String>(2),
+                r.get::<_, String>(1)
+            )
+        })
+        .collect())
+}
+
+/// Background workers connected to the source database: they do not end with the
+/// client sessions and may write (a subscription's apply worker ignores read-only).
+async fn postgres_background_writers(client: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT a.pid, a.backend_type, s.subname::text FROM pg_stat_activity a \
+             LEFT JOIN pg_stat_subscription s ON s.pid = a.pid \
+             WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() \
+             AND a.backend_type NOT IN ('client backend', 'walsender', 'autovacuum worker', 'parallel worker') \
+             ORDER BY a.pid",
+            &[],
+        )
+        .await
+        .context("listing the source's background workers")?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let (pid, kind, subscription): (i32, String, Option<String>) = (row.get(0), row.get(1), row.get(2));
+            match subscription {
+                Some(name) => format!(
+                    "{kind} of subscription {name} (pid {pid}) applies another server's changes: ALTER SUBSCRIPTION {} DISABLE",
+                    crate::schema::quote_ident(&name)
+                ),
+                None if kind.contains("cron") => {
+                    format!("{kind} (pid {pid}) runs scheduled jobs: UPDATE cron.job SET active = false")
+                }
+                None => format!("{kind} (pid {pid}), a background worker, may write: stop what runs it"),
+            }
+        })
+        .collect())
+}
+
+/// Makes the source database refuse writes, ends the sessions that could still write
+/// and waits until they are gone, then reads the WAL position.
+async fn fence_postgres(params: &ConnectParams) -> anyhow::Result<Fence> {
     let client = params.connect().await?;
+    refuse_prepared(&postgres_prepared(&client).await?, "nothing was fenced", POSTGRES_FINISH_PREPARED)?;
     let database = crate::schema::quote_ident(&params.database);
+    let undo =
+        format!("the source stays read-only (ALTER DATABASE {database} RESET default_transaction_read_only to undo)");
     client
         .batch_execute(&format!("ALTER DATABASE {database} SET default_transaction_read_only = on"))
         .await
         .with_context(|| format!("making database {} read-only on the source", params.database))?;
     // Every client session of the database but cutover's own (its walsender is not a client backend).
-    let ended: i64 = client
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() \
+    let sessions: Vec<i32> = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
              AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND application_name <> 'cutover'",
             &[],
         )
         .await
-        .context("ending the source's client sessions")?
+        .context("listing the source's client sessions")?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    // With a timeout, pg_terminate_backend waits until the backend is gone (false: gone already, or
+    // not gone in time — asked below).
+    let timeout = i64::try_from(SESSION_EXIT_WAIT.as_millis()).unwrap_or(i64::MAX);
+    for pid in &sessions {
+        client
+            .query_one("SELECT pg_terminate_backend($1, $2)", &[pid, &timeout])
+            .await
+            .with_context(|| format!("ending session {pid} on the source"))?;
+    }
+    let left: Vec<i32> = client
+        .query("SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)", &[&sessions])
+        .await
+        .context("checking that the ended sessions are gone")?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    anyhow::ensure!(
+        left.is_empty(),
+        "sessions {left:?} of database {} were told to end but are still there after {} s; {undo}. \
+         See pg_stat_activity for what they do, then run switchover again",
+        params.database,
+        SESSION_EXIT_WAIT.as_secs()
+    );
+    // One may have been prepared by a session that has just ended.
+    refuse_prepared(&postgres_prepared(&client).await?, &undo, POSTGRES_FINISH_PREPARED)?;
+    let still_writing = postgres_background_writers(&client).await?;
+    // The insert position: a commit not yet written out of the WAL buffers is before it. (Should
+    // it sit right after a page header, the slot reaches it with the next record the server logs,
+    // at the latest its running-transactions snapshot within 15 s.)
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .context("reading the final LSN")?
         .get(0);
-    let lsn: String =
-        client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.context("reading the final LSN")?.get(0);
-    Ok((format!("lsn:{lsn}").parse()?, u64::try_from(ended).unwrap_or(0)))
+    Ok(Fence {
+        final_position: format!("lsn:{lsn}").parse()?,
+        sessions_ended: u64::try_from(sessions.len()).unwrap_or(u64::MAX),
+        still_writing,
+    })
 }
 
-/// `read_only` on (and `super_read_only` on MySQL), client sessions killed; returns the
-/// binlog position after that and how many sessions were killed.
-async fn fence_mysql(params: &MysqlParams) -> anyhow::Result<(Position, u64)> {
+const POSTGRES_FINISH_PREPARED: &str = "COMMIT PREPARED 'gid' or ROLLBACK PREPARED 'gid' in the source database";
+
+/// The source's prepared XA transactions, described.
+async fn mysql_prepared(conn: &mut mysql_async::Conn) -> anyhow::Result<Vec<String>> {
+    let rows: Vec<mysql_async::Row> = conn
+        .query("XA RECOVER")
+        .await
+        .context("XA RECOVER on the source, to find prepared transactions (needs SUPER or XA_RECOVER_ADMIN)")?;
+    // Columns: formatID, gtrid_length, bqual_length, data (the xid's bytes).
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let data: Vec<u8> = row.get_opt(3).and_then(Result::ok).unwrap_or_default();
+            format!("xid '{}'", String::from_utf8_lossy(&data))
+        })
+        .collect())
+}
+
+const MYSQL_FINISH_PREPARED: &str = "XA COMMIT 'xid' or XA ROLLBACK 'xid'";
+
+/// `read_only` on (and `super_read_only` on MySQL), client sessions killed and gone;
+/// returns the binlog position after that.
+async fn fence_mysql(params: &MysqlParams) -> anyhow::Result<Fence> {
     let mut conn = params.connect().await?;
+    refuse_prepared(&mysql_prepared(&mut conn).await?, "nothing was fenced", MYSQL_FINISH_PREPARED)?;
+    let undo = "the source stays read-only (SET GLOBAL read_only = OFF to undo)";
     conn.query_drop("SET GLOBAL read_only = ON").await.context("SET GLOBAL read_only = ON on the source")?;
     // MySQL only; MariaDB has no super_read_only.
-    let _ = conn.query_drop("SET GLOBAL super_read_only = ON").await;
+    let super_read_only = conn.query_drop("SET GLOBAL super_read_only = ON").await.is_ok();
+    // Every client session, those of accounts read_only does not hold back included.
     let sessions: Vec<u64> = conn
         .query(
             "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() \
@@ -168,19 +362,83 @@ async fn fence_mysql(params: &MysqlParams) -> anyhow::Result<(Position, u64)> {
         )
         .await
         .context("listing the source's sessions")?;
-    let mut ended = 0;
-    for id in sessions {
-        // A session that ended meanwhile is fine.
-        ended += u64::from(conn.query_drop(format!("KILL CONNECTION {id}")).await.is_ok());
+    for id in &sessions {
+        // A session that ended meanwhile is fine; one that did not end is found below.
+        let _ = conn.query_drop(format!("KILL CONNECTION {id}")).await;
     }
-    let position =
-        crate::source::mysql::binlog_position(&mut conn).await.context("reading the final binlog position")?;
-    Ok((Position::Binlog(position), ended))
+    // KILL only flags a session: it ends at its next check, a commit in progress first.
+    let started = Instant::now();
+    let left = loop {
+        let left: Vec<u64> = if sessions.is_empty() {
+            Vec::new()
+        } else {
+            conn.query(format!(
+                "SELECT ID FROM information_schema.PROCESSLIST WHERE ID IN ({})",
+                sessions.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            ))
+            .await
+            .context("checking that the killed sessions are gone")?
+        };
+        if left.is_empty() || started.elapsed() >= SESSION_EXIT_WAIT {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    anyhow::ensure!(
+        left.is_empty(),
+        "sessions {left:?} were killed but are still there after {} s; {undo}. See SHOW PROCESSLIST for what they \
+         do, then run switchover again",
+        SESSION_EXIT_WAIT.as_secs()
+    );
+    refuse_prepared(&mysql_prepared(&mut conn).await?, undo, MYSQL_FINISH_PREPARED)?;
+    let still_writing = mysql_writers(&mut conn, super_read_only).await?;
+    let position = crate::myconn::binlog_position(&mut conn).await.context("reading the final binlog position")?;
+    Ok(Fence {
+        final_position: Position::Binlog(position),
+        sessions_ended: u64::try_from(sessions.len()).unwrap_or(u64::MAX),
+        still_writing,
+    })
+}
+
+/// Who `read_only` does not hold back: without `super_read_only` (MariaDB), accounts with
+/// SUPER or READ_ONLY ADMIN, and enabled events (they run with their definer's rights).
+async fn mysql_writers(conn: &mut mysql_async::Conn, super_read_only: bool) -> anyhow::Result<Vec<String>> {
+    let mut writers = Vec::new();
+    if !super_read_only {
+        let accounts: Vec<String> = conn
+            .query(
+                "SELECT DISTINCT GRANTEE FROM information_schema.USER_PRIVILEGES \
+                 WHERE PRIVILEGE_TYPE IN ('SUPER', 'READ_ONLY ADMIN') ORDER BY GRANTEE",
+            )
+            .await
+            .context("listing the source's accounts with SUPER or READ_ONLY ADMIN")?;
+        if !accounts.is_empty() {
+            writers.push(format!(
+                "accounts {} still write despite read_only (this server has no super_read_only): their sessions were \
+                 ended, but a new one of theirs can write; keep applications off them (or REVOKE SUPER, READ_ONLY \
+                 ADMIN) while the old source must stay unchanged",
+                accounts.join(", ")
+            ));
+        }
+    }
+    let events: Option<i64> = conn
+        .query_first(
+            "SELECT COUNT(*) FROM information_schema.EVENTS WHERE STATUS = 'ENABLED' AND @@event_scheduler = 'ON'",
+        )
+        .await
+        .context("counting the source's enabled events")?;
+    if let Some(events) = events.filter(|&n| n > 0) {
+        writers.push(format!(
+            "{events} enabled event(s) run on the event scheduler with their definer's rights: SET GLOBAL \
+             event_scheduler = OFF"
+        ));
+    }
+    Ok(writers)
 }
 
 /// The fallback pipeline's config text: the same pipeline reversed (the new primary
 /// as source, the old source as target), streaming only (`mode = "never"`), the
-/// replicated tables named one by one, its state in `<state dir>/fallback`.
+/// replicated tables named one by one, its state in [`crate::status::fallback_state_dir`].
 fn fallback_config(config: &Config, tables: &[String]) -> anyhow::Result<String> {
     let source_kind = match config.target.kind {
         TargetKind::Postgres => "postgres",
@@ -216,7 +474,7 @@ fn fallback_config(config: &Config, tables: &[String]) -> anyhow::Result<String>
         "state".into(),
         toml::Value::from(toml::map::Map::from_iter([(
             "dir".to_string(),
-            toml::Value::from(config.state.dir.join("fallback").display().to_string()),
+            toml::Value::from(crate::status::fallback_state_dir(&config.state.dir).display().to_string()),
         )])),
     );
     document.insert(
@@ -271,7 +529,7 @@ fn write_fallback_config(config: &Config, schema: &crate::schema::SourceSchema) 
             TargetKind::Postgres => Ok(t.schema.name.to_string()),
             TargetKind::Mysql => Ok(format!(
                 "{}.{}",
-                crate::pipeline::target_database(config, &t.schema.name.schema)?,
+                crate::connect::target_database(config, &t.schema.name.schema)?,
                 t.schema.name.name
             )),
         })
@@ -295,11 +553,10 @@ fn write_fallback_config(config: &Config, schema: &crate::schema::SourceSchema) 
 /// anything is fenced, so a switchover never stops half-way for it. Returns the fallback
 /// stream's source, ready to be created once the old source is fenced.
 async fn check_fallback(config: &Config) -> anyhow::Result<Fallback> {
-    let schema = crate::pipeline::connect_source(config).await?.schema().await?;
+    let schema = crate::connect::source(config).await?.schema().await?;
     let fallback = write_fallback_config(config, &schema)?;
-    let mut new_primary = crate::pipeline::connect_source(&fallback)
-        .await
-        .context("connecting to the target as the fallback stream's source")?;
+    let mut new_primary =
+        crate::connect::source(&fallback).await.context("connecting to the target as the fallback stream's source")?;
     let fallback_schema = new_primary.schema().await?;
     let problems: Vec<Finding> =
         new_primary.preflight(&fallback_schema).await?.into_iter().filter(|f| f.severity == Severity::Error).collect();
@@ -349,14 +606,15 @@ async fn create_fallback(
 
 /// The summary for a terminal.
 pub fn render(summary: &Summary) -> String {
-    format!(
+    let mut out = format!(
         "switchover done: the target is the new primary\n\
          final source position:   {}\n\
          write-blocked window:    {} ms\n\
          transactions applied:    {} ({} row changes)\n\
          client sessions ended:   {}\n\
          sequences synced:        {}\n\
-         fallback:                {}\n",
+         fallback:                {}\n\
+         forward stream:          {}\n",
         summary.final_position,
         summary.write_blocked.as_millis(),
         summary.transactions_applied,
@@ -367,6 +625,18 @@ pub fn render(summary: &Summary) -> String {
             "streaming the new primary's writes back to the old source (cutover status shows phase fallback)"
         } else {
             "off ([switchover] fallback = true to keep the old source in step)"
+        },
+        match &summary.forward_stream_dropped {
+            Ok(dropped) if dropped.is_empty() => "nothing to drop on the old source".to_string(),
+            Ok(dropped) => format!("dropped {}", dropped.join(", ")),
+            Err(why) => format!("NOT dropped: {why}"),
         }
-    )
+    );
+    if !summary.still_writing.is_empty() {
+        out.push_str("can still write to the old source:\n");
+        for writer in &summary.still_writing {
+            out.push_str(&format!("  - {writer}\n"));
+        }
+    }
+    out
 }

@@ -47,19 +47,19 @@ pub struct TlsSettings {
     pub ca_file: Option<PathBuf>,
 }
 
-/// Which dialect's parameter names a URL uses.
+/// Which driver's parameter names a URL uses (libpq's `sslmode`, or MySQL's `ssl-mode`).
 #[derive(Clone, Copy)]
-pub enum Dialect {
+pub enum Driver {
     Postgres,
     Mysql,
 }
 
 impl TlsSettings {
     /// Takes the TLS parameters out of `url`: (the URL without them, the settings).
-    pub fn from_url(url: &str, dialect: Dialect) -> anyhow::Result<(String, TlsSettings)> {
-        let (mode_key, ca_key) = match dialect {
-            Dialect::Postgres => ("sslmode", "sslrootcert"),
-            Dialect::Mysql => ("ssl-mode", "ssl-ca"),
+    pub fn from_url(url: &str, driver: Driver) -> anyhow::Result<(String, TlsSettings)> {
+        let (mode_key, ca_key) = match driver {
+            Driver::Postgres => ("sslmode", "sslrootcert"),
+            Driver::Mysql => ("ssl-mode", "ssl-ca"),
         };
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut kept = Vec::new();
@@ -67,9 +67,9 @@ impl TlsSettings {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             if key == mode_key {
-                mode = Some(parse_mode(&percent_decode(value), dialect)?);
+                mode = Some(parse_mode(&crate::config::percent_decode(value), driver)?);
             } else if key == ca_key {
-                ca_file = Some(PathBuf::from(percent_decode(value)));
+                ca_file = Some(PathBuf::from(crate::config::percent_decode(value)));
             } else {
                 kept.push(pair);
             }
@@ -131,46 +131,25 @@ impl TlsSettings {
     }
 }
 
-fn parse_mode(value: &str, dialect: Dialect) -> anyhow::Result<TlsMode> {
-    Ok(match (dialect, value) {
-        (Dialect::Postgres, "disable") => TlsMode::Disable,
-        (Dialect::Postgres, "allow" | "prefer") => TlsMode::Prefer,
-        (Dialect::Postgres, "require") => TlsMode::Require,
-        (Dialect::Postgres, "verify-ca") => TlsMode::VerifyCa,
-        (Dialect::Postgres, "verify-full") => TlsMode::VerifyFull,
-        (Dialect::Postgres, other) => {
+fn parse_mode(value: &str, driver: Driver) -> anyhow::Result<TlsMode> {
+    Ok(match (driver, value) {
+        (Driver::Postgres, "disable") => TlsMode::Disable,
+        (Driver::Postgres, "allow" | "prefer") => TlsMode::Prefer,
+        (Driver::Postgres, "require") => TlsMode::Require,
+        (Driver::Postgres, "verify-ca") => TlsMode::VerifyCa,
+        (Driver::Postgres, "verify-full") => TlsMode::VerifyFull,
+        (Driver::Postgres, other) => {
             anyhow::bail!("sslmode={other} is not a mode: use disable, prefer, require, verify-ca or verify-full")
         }
-        (Dialect::Mysql, v) if v.eq_ignore_ascii_case("DISABLED") => TlsMode::Disable,
-        (Dialect::Mysql, v) if v.eq_ignore_ascii_case("PREFERRED") => TlsMode::Prefer,
-        (Dialect::Mysql, v) if v.eq_ignore_ascii_case("REQUIRED") => TlsMode::Require,
-        (Dialect::Mysql, v) if v.eq_ignore_ascii_case("VERIFY_CA") => TlsMode::VerifyCa,
-        (Dialect::Mysql, v) if v.eq_ignore_ascii_case("VERIFY_IDENTITY") => TlsMode::VerifyFull,
-        (Dialect::Mysql, other) => anyhow::bail!(
+        (Driver::Mysql, v) if v.eq_ignore_ascii_case("DISABLED") => TlsMode::Disable,
+        (Driver::Mysql, v) if v.eq_ignore_ascii_case("PREFERRED") => TlsMode::Prefer,
+        (Driver::Mysql, v) if v.eq_ignore_ascii_case("REQUIRED") => TlsMode::Require,
+        (Driver::Mysql, v) if v.eq_ignore_ascii_case("VERIFY_CA") => TlsMode::VerifyCa,
+        (Driver::Mysql, v) if v.eq_ignore_ascii_case("VERIFY_IDENTITY") => TlsMode::VerifyFull,
+        (Driver::Mysql, other) => anyhow::bail!(
             "ssl-mode={other} is not a mode: use DISABLED, PREFERRED, REQUIRED, VERIFY_CA or VERIFY_IDENTITY"
         ),
     })
-}
-
-/// `%2F` → `/`; anything malformed stays as written.
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The lenient modes' certificate check: `require` / `prefer` accept any
@@ -400,25 +379,25 @@ mod tests {
     #[test]
     fn settings_come_out_of_the_url() {
         let (url, tls) =
-            TlsSettings::from_url("postgresql://u@h/db?sslmode=verify-full&application_name=x", Dialect::Postgres)
+            TlsSettings::from_url("postgresql://u@h/db?sslmode=verify-full&application_name=x", Driver::Postgres)
                 .expect("valid");
         assert_eq!(
             (url.as_str(), tls.mode, tls.ca_file),
             ("postgresql://u@h/db?application_name=x", TlsMode::VerifyFull, None)
         );
         let (url, tls) =
-            TlsSettings::from_url("postgresql://u@h/db?sslmode=require&sslrootcert=%2Fetc%2Fca.pem", Dialect::Postgres)
+            TlsSettings::from_url("postgresql://u@h/db?sslmode=require&sslrootcert=%2Fetc%2Fca.pem", Driver::Postgres)
                 .expect("valid");
         assert_eq!(url, "postgresql://u@h/db");
         // As libpq: a CA file makes `require` verify the chain.
         assert_eq!((tls.mode, tls.ca_file), (TlsMode::VerifyCa, Some(PathBuf::from("/etc/ca.pem"))));
         let (url, tls) =
-            TlsSettings::from_url("mysql://u@h/shop?ssl-mode=verify_identity&ssl-ca=system", Dialect::Mysql)
+            TlsSettings::from_url("mysql://u@h/shop?ssl-mode=verify_identity&ssl-ca=system", Driver::Mysql)
                 .expect("valid");
         assert_eq!((url.as_str(), tls.mode, tls.ca_file), ("mysql://u@h/shop", TlsMode::VerifyFull, None));
-        let (_, tls) = TlsSettings::from_url("mysql://u@h/shop", Dialect::Mysql).expect("valid");
+        let (_, tls) = TlsSettings::from_url("mysql://u@h/shop", Driver::Mysql).expect("valid");
         assert_eq!(tls.mode, TlsMode::Prefer);
-        let error = TlsSettings::from_url("postgresql://u@h/db?sslmode=verify_full", Dialect::Postgres)
+        let error = TlsSettings::from_url("postgresql://u@h/db?sslmode=verify_full", Driver::Postgres)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

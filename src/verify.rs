@@ -333,7 +333,7 @@ impl TablePlan {
         };
         let target_schema = match config.target.kind {
             TargetKind::Postgres => name.schema.clone(),
-            TargetKind::Mysql => crate::pipeline::target_database(config, &name.schema)?,
+            TargetKind::Mysql => crate::connect::target_database(config, &name.schema)?,
         };
         let target_table = format!("{}.{}", target.ident(&target_schema), target.ident(&name.name));
         let columns: Vec<(String, ValueClass)> =
@@ -892,7 +892,7 @@ pub async fn verify(config: &Config) -> anyhow::Result<Verification> {
         client: SqlClient::open(target_dialect, config.target.endpoint()).await.context("[target]")?,
         name: "target",
     };
-    let schema = crate::pipeline::connect_source(config).await?.schema().await?;
+    let schema = crate::connect::source(config).await?.schema().await?;
     let live = crate::status::ask(&config.state.dir, &Request::Status).await.ok().flatten().is_some_and(|s| s.running);
 
     let mut checks = Vec::new();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{connect, count, kill9, stop, Pair};
+use common::{connect, count, cutover, kill9, output_text, stop, wait_for_exit, Pair};
 
 const STREAM_TABLES: &str = r#"
 CREATE TABLE toasty (id int PRIMARY KEY, counter int NOT NULL, body text);
@@ -210,14 +210,7 @@ async fn update_on_a_table_without_identity_stops_with_the_fix() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut child = pair.spawn();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "cutover did not stop:\n{}", pair.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = wait_for_exit(&mut child, Duration::from_secs(60), || pair.log()).await;
     assert!(!status.success());
     let log = pair.log();
     assert!(
@@ -225,6 +218,51 @@ async fn update_on_a_table_without_identity_stops_with_the_fix() {
             && log.contains("ALTER TABLE \"public\".\"audit_trail\" REPLICA IDENTITY FULL"),
         "{log}"
     );
+}
+
+/// The UPDATE/DELETE counters of a table without identity, once below the count taken at
+/// its copy (`pg_stat_reset()`, a crash), cannot tell whether it changed: an UPDATE after the
+/// reset leaves them below. cutover stops and says so — again after a restart, never taking
+/// the lower count as a new baseline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_below_their_baseline_stop_the_pipeline_as_unknown() {
+    let pair = Pair::start("statsreset", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE audit_trail (at timestamptz DEFAULT now(), what text);
+             INSERT INTO audit_trail (what) VALUES ('one'), ('two'), ('three');
+             CREATE TABLE keyed (id int PRIMARY KEY);",
+        )
+        .await
+        .expect("tables");
+    // Three UPDATEs before the copy: its baseline. A session flushes its statistics when it ends.
+    connect(&pair.source.url("postgres"))
+        .await
+        .batch_execute("UPDATE audit_trail SET what = what || '!'")
+        .await
+        .expect("update");
+    let updates = "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'audit_trail'";
+    while count(&source, updates).await < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+
+    connect(&pair.source.url("postgres"))
+        .await
+        .batch_execute("SELECT pg_stat_reset(); UPDATE audit_trail SET what = 'changed' WHERE what = 'one!'")
+        .await
+        .expect("reset and update");
+    let status = wait_for_exit(&mut child, Duration::from_secs(60), || pair.log()).await;
+    assert!(!status.success());
+    let log = pair.log();
+    assert!(log.contains("went back") && log.contains("public.audit_trail: 3 when copied"), "{log}");
+    assert!(log.contains("is unknown") && log.contains("REPLICA IDENTITY FULL"), "{log}");
+
+    let mut child = pair.spawn();
+    let status = wait_for_exit(&mut child, Duration::from_secs(60), || pair.log()).await;
+    assert!(!status.success() && pair.log().matches("went back").count() >= 2, "{}", pair.log());
 }
 
 /// The source and then the target server restart under a write load: cutover
@@ -569,7 +607,10 @@ async fn switchover_fences_the_source_syncs_sequences_and_falls_back() {
     let writer = tokio::spawn(async move {
         let mut committed = 0u64;
         loop {
-            let insert = "INSERT INTO orders (note) VALUES ('load'); INSERT INTO audit VALUES ('load')";
+            // Committed asynchronously: a commit may still sit in the WAL buffers when the fence
+            // reads the final position, which must include it.
+            let insert = "SET LOCAL synchronous_commit = off; INSERT INTO orders (note) VALUES ('load'); \
+                          INSERT INTO audit VALUES ('load')";
             match client.batch_execute(&format!("BEGIN; {insert}; COMMIT")).await {
                 Ok(()) => committed += 1,
                 Err(_) => return committed,
@@ -601,6 +642,12 @@ async fn switchover_fences_the_source_syncs_sequences_and_falls_back() {
     let fresh = connect(&pair.source_url).await;
     let refused = fresh.batch_execute("INSERT INTO orders (note) VALUES ('too late')").await;
     assert!(refused.is_err_and(|e| format!("{e:?}").contains("read-only")), "the source still takes writes");
+    // Nothing of the forward stream is left on the old source: a slot there would keep every WAL
+    // byte the fallback writes. (The fallback stream's slot and publications are on the new primary.)
+    let forward_objects = "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'cutover%') \
+                           + (SELECT count(*) FROM pg_publication WHERE pubname LIKE 'cutover%')";
+    assert_eq!(count(&fresh, forward_objects).await, 0, "{report}");
+    assert!(report.contains("forward stream:          dropped"), "{report}");
     let target = connect(&pair.target.url("postgres")).await;
     let load_rows = "SELECT count(*) FROM orders WHERE note = 'load'";
     assert_eq!(count(&target, load_rows).await, count(&fresh, load_rows).await);
@@ -635,6 +682,11 @@ async fn switchover_fences_the_source_syncs_sequences_and_falls_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status(&pair)["phase"], "fallback");
+    // The fallback stream keeps its state inside this pipeline's state dir: cleanup leaves it alone.
+    let refused = cleanup(&pair);
+    assert!(!refused.status.success() && output_text(&refused).contains("stop it first"), "{}", output_text(&refused));
+    let fallback_store = pair.dir.join("state").join("fallback").join("checkpoint").join("CURRENT");
+    assert!(fallback_store.exists(), "the fallback's state is gone");
     let (exit, _) = stop(&mut child);
     assert!(exit.success(), "{}", pair.log());
 
@@ -656,6 +708,71 @@ async fn switchover_fences_the_source_syncs_sequences_and_falls_back() {
     assert!(next > i64::from(id_after), "the restart moved the new primary's sequence back to {next}");
     assert!(pair.log().contains("this pipeline switched over"), "{}", pair.log());
     let (exit, _) = stop(&mut child);
+    assert!(exit.success(), "{}", pair.log());
+}
+
+/// The fence refuses while a prepared transaction waits — it would commit after the final
+/// position, its writes never on the target — and fences nothing. Once it is committed the
+/// switchover goes through, with its rows, and names the background worker that can still
+/// write into the old source: a subscription's apply worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_refuses_while_a_transaction_is_prepared_and_names_background_writers() {
+    let source = cutover::sandbox::PostgresServer::start(&[("max_prepared_transactions", "10")]).expect("source");
+    let target = cutover::sandbox::PostgresServer::start(&[]).expect("target");
+    let source_url = source.url("postgres");
+    let pair = Pair::from_servers("prepared", source, target, &source_url, "");
+    std::fs::write(
+        &pair.config_path,
+        format!(
+            "[source]\nkind = \"postgres\"\nurl = \"{source_url}\"\ntables = [\"public.*\"]\n[target]\nkind = \"postgres\"\n\
+             url = \"{}\"\n[state]\ndir = \"{}\"\n[metrics]\nlisten = \"off\"\n",
+            pair.target.url("postgres"),
+            pair.dir.join("state").display()
+        ),
+    )
+    .expect("config");
+    let source = connect(&source_url).await;
+    let target = connect(&pair.target.url("postgres")).await;
+    // Another server's changes flow into the source through a subscription (the target serves as
+    // that server, into a schema cutover does not replicate).
+    let feed = "CREATE SCHEMA feeds; CREATE TABLE feeds.feed (id int PRIMARY KEY);";
+    target.batch_execute(&format!("{feed} CREATE PUBLICATION feed FOR TABLE feeds.feed")).await.expect("publication");
+    source
+        .batch_execute(&format!("{feed} CREATE TABLE orders (id int PRIMARY KEY, note text);"))
+        .await
+        .expect("tables");
+    source
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION feed CONNECTION 'host=127.0.0.1 port={} user=cutover dbname=postgres' PUBLICATION feed",
+            pair.target.port()
+        ))
+        .await
+        .expect("subscription");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+
+    source
+        .batch_execute("BEGIN; INSERT INTO orders VALUES (1, 'paid?'); PREPARE TRANSACTION 'payment-42'")
+        .await
+        .expect("prepared transaction");
+    let refused = cutover("switchover", &pair.config_path, &[]);
+    let text = output_text(&refused);
+    assert!(!refused.status.success(), "{text}");
+    assert!(
+        text.contains("prepared transaction") && text.contains("'payment-42'") && text.contains("ROLLBACK PREPARED"),
+        "{text}"
+    );
+    assert!(text.contains("nothing was fenced"), "{text}");
+    let writer = connect(&source_url).await;
+    writer.batch_execute("INSERT INTO orders VALUES (2, 'still writable')").await.expect("the source takes writes");
+
+    source.batch_execute("COMMIT PREPARED 'payment-42'").await.expect("commit prepared");
+    let done = cutover("switchover", &pair.config_path, &[]);
+    let report = output_text(&done);
+    assert!(done.status.success(), "{report}\n{}", pair.log());
+    assert!(report.contains("subscription feed") && report.contains("ALTER SUBSCRIPTION \"feed\" DISABLE"), "{report}");
+    assert_eq!(count(&target, "SELECT count(*) FROM orders").await, 2, "{report}");
+    let exit = wait_for_exit(&mut child, Duration::from_secs(30), || pair.log()).await;
     assert!(exit.success(), "{}", pair.log());
 }
 

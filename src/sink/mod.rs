@@ -13,15 +13,29 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use crate::change::{Change, TableName};
+use crate::copy::{CopyFormat, CopyStream, SourceDialect};
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
-use crate::source::{CopyFormat, CopyStream, Dialect};
 
 /// A change sink.
+///
+/// The contract, as the pipeline drives it:
+/// - Snapshot: [`Sink::create_tables`], then [`Sink::table_writer`] once per copy worker
+///   (the writers run concurrently, each on its own connection), then
+///   [`Sink::finish_snapshot`], which must be safe to repeat (it adds only what is missing).
+/// - Streaming: [`Sink::begin`], any number of [`Sink::apply`] calls, then
+///   [`Sink::commit`]. A target transaction holds whole source transactions only; `apply`
+///   gets changes in source order and may be called several times per transaction (a
+///   batch flushed by size). `commit` records its position atomically with the rows, and
+///   [`Sink::applied_position`] reads that record back: a replay after a crash then starts
+///   exactly after what the target has. Changes must apply idempotently by key.
+/// - An instance is dropped after any error (an open transaction rolls back with it) and a
+///   new one connected: no method needs to recover from a failure of its own.
+/// - [`Sink::cleanup`] must be safe to repeat.
 #[async_trait]
 pub trait Sink: Send + Sync {
     /// The copy format this sink wants for a table coming from a `source` dialect.
-    fn copy_format(&self, table: &TableDefinition, source: Dialect) -> CopyFormat;
+    fn copy_format(&self, table: &TableDefinition, source: SourceDialect) -> CopyFormat;
 
     /// What the target must allow for the pipeline: one finding per problem.
     /// `schema` is what will be replicated; `copy_bytes` the size of the source tables
@@ -30,7 +44,7 @@ pub trait Sink: Send + Sync {
         &mut self,
         schema: &SourceSchema,
         copy_bytes: u64,
-    ) -> anyhow::Result<Vec<crate::preflight::Finding>>;
+    ) -> anyhow::Result<Vec<crate::finding::Finding>>;
 
     /// The position of the last source transaction committed here, as recorded
     /// in the same target transactions as the rows.

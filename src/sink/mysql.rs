@@ -25,12 +25,12 @@ use mysql_async::prelude::Queryable;
 
 use super::{Sink, TableWriter};
 use crate::change::{Change, Identity, TableName, TableSchema, Value};
+use crate::copy::{CopyFormat, CopyStream, SourceDialect};
+use crate::finding::Finding;
+use crate::myconn::MysqlParams;
 use crate::position::Position;
-use crate::preflight::Finding;
 use crate::schema::mysql_target::{map_type, quote_ident, shorten, Conversion, CopyToLoadData};
 use crate::schema::{SourceSchema, TableDefinition};
-use crate::source::mysql::MysqlParams;
-use crate::source::{CopyFormat, CopyStream, Dialect};
 
 /// Session settings for every target connection: UTC, strict (a value that does
 /// not fit is an error), explicit zeros kept in auto-increment columns.
@@ -530,7 +530,7 @@ fn create_table(schema: &SourceSchema, table: &TableDefinition, qualified: &str)
 
 #[async_trait]
 impl Sink for MysqlSink {
-    fn copy_format(&self, _table: &TableDefinition, _source: Dialect) -> CopyFormat {
+    fn copy_format(&self, _table: &TableDefinition, _source: SourceDialect) -> CopyFormat {
         CopyFormat::PostgresText
     }
 
@@ -581,7 +581,7 @@ impl Sink for MysqlSink {
                 "free disk space cannot be read through MySQL".into(),
                 &format!(
                     "about {} free for the snapshot (tables, indexes, redo and binlog)",
-                    crate::preflight::human_bytes(copy_bytes.saturating_mul(2))
+                    crate::finding::human_bytes(copy_bytes.saturating_mul(2))
                 ),
                 "check the free space on the target's datadir volume by hand".into(),
             ));

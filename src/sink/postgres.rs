@@ -23,12 +23,12 @@ use tokio_postgres::{Client, Statement};
 
 use super::{Sink, TableWriter};
 use crate::change::{Change, Identity, TableName, TableSchema, Value};
+use crate::copy::{CopyFormat, CopyStream, SourceDialect};
+use crate::finding::Finding;
 use crate::pgconn::ConnectParams;
 use crate::position::{Lsn, Position};
-use crate::preflight::Finding;
 use crate::schema::postgres::{self as ddl, PostDataObject};
 use crate::schema::{quote_ident, quote_literal, quote_table, SourceSchema, TableDefinition};
-use crate::source::{CopyFormat, CopyStream, Dialect};
 
 /// A PostgreSQL database as the target.
 pub struct PostgresSink {
@@ -48,7 +48,7 @@ impl PostgresSink {
     /// Free space on the volume of the target's data directory against what the
     /// snapshot will write: the tables' size, and about as much again for indexes and WAL.
     async fn free_space_finding(&mut self, copy_bytes: u64) -> Option<Finding> {
-        use crate::preflight::human_bytes;
+        use crate::finding::human_bytes;
         let need = human_bytes(copy_bytes);
         match self.free_bytes().await {
             Ok(free) if free < copy_bytes => Some(Finding::error(
@@ -626,12 +626,16 @@ fn run_sql(kind: RunKind, table: &TableSchema, columns: &[usize], key: &[usize])
 
 #[async_trait]
 impl Sink for PostgresSink {
-    fn copy_format(&self, table: &TableDefinition, source: Dialect) -> CopyFormat {
+    fn copy_format(&self, table: &TableDefinition, source: SourceDialect) -> CopyFormat {
         // Binary is the fastest path, but carries type OIDs (user types differ between
         // databases) and is documented as less portable across major versions.
         match source {
-            Dialect::Postgres { major } if major == self.major && !table.has_user_types => CopyFormat::PostgresBinary,
-            Dialect::Postgres { .. } | Dialect::Mysql | Dialect::Sqlite | Dialect::Mongodb => CopyFormat::PostgresText,
+            SourceDialect::Postgres { major } if major == self.major && !table.has_user_types => {
+                CopyFormat::PostgresBinary
+            }
+            SourceDialect::Postgres { .. } | SourceDialect::Mysql | SourceDialect::Sqlite | SourceDialect::Mongodb => {
+                CopyFormat::PostgresText
+            }
         }
     }
 

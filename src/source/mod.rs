@@ -11,32 +11,16 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures_util::Stream;
 use tokio::sync::watch;
 
 use crate::change::Event;
 use crate::checkpoint::PipelineIdentity;
+use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
-
-/// Which database and version the data comes from; sinks pick copy formats by it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dialect {
-    Postgres {
-        major: u32,
-    },
-    /// MySQL or MariaDB: values in MySQL's text form, rewritten for the target.
-    Mysql,
-    /// SQLite: values checked against their declared types on the way.
-    Sqlite,
-    /// MongoDB: documents mapped to rows in PostgreSQL's text form.
-    Mongodb,
-}
 
 /// A pinned snapshot: its rows are the source exactly as of `position`.
 #[derive(Clone, Debug)]
@@ -50,35 +34,6 @@ pub struct SnapshotPoint {
     pub untracked: HashMap<String, i64>,
 }
 
-/// The part of a table one copy reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Chunk {
-    Whole,
-    /// PostgreSQL heap pages `[start, end)`, read by a TID range scan.
-    Pages {
-        start: u32,
-        end: u32,
-    },
-    /// Rows whose integer primary key is in `[start, end)`; `None` is unbounded.
-    KeyRange {
-        start: Option<i64>,
-        end: Option<i64>,
-    },
-}
-
-/// The byte format of a copy stream, understood by both ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CopyFormat {
-    PostgresBinary,
-    PostgresText,
-}
-
-/// Table rows on their way from source to sink, never parsed on the way.
-pub struct CopyStream {
-    pub format: CopyFormat,
-    pub data: Pin<Box<dyn Stream<Item = anyhow::Result<Bytes>> + Send>>,
-}
-
 /// Where a source's change log ended at some moment, by the source's own clock.
 #[derive(Clone, Debug)]
 pub struct LogEnd {
@@ -88,16 +43,30 @@ pub struct LogEnd {
 }
 
 /// A change source.
+///
+/// The contract, as the pipeline drives it:
+/// - Call order per attempt: [`Source::schema`], then on the first run
+///   [`Source::create_stream`] (which pins a snapshot where the stream begins) or on later
+///   runs [`Source::resume_stream`] (and [`Source::new_snapshot`] for tables still to
+///   copy); [`Source::snapshot_reader`] once per copy worker; [`Source::release_snapshot`]
+///   once every reader has opened; then [`Source::start_stream`]. While the stream runs the
+///   pipeline may still call [`Source::log_end`].
+/// - An instance is dropped after any error, and a new one connected for the next
+///   attempt: no method needs to recover from a failure of its own.
+/// - [`Source::create_stream`] and [`Source::resume_stream`] must be safe to repeat after a
+///   crash between them and the first checkpoint; [`Source::cleanup`] must be safe to repeat.
+/// - Readers ([`TableReader`]) run concurrently, each on its own connection, all inside
+///   the same pinned snapshot.
 #[async_trait]
 pub trait Source: Send + Sync {
-    fn dialect(&self) -> Dialect;
+    fn dialect(&self) -> SourceDialect;
 
     /// The tables to replicate, with everything needed to recreate them.
     async fn schema(&mut self) -> anyhow::Result<SourceSchema>;
 
     /// What the source must allow for the pipeline (settings, privileges, tables
     /// without a key): one finding per problem.
-    async fn preflight(&mut self, schema: &SourceSchema) -> anyhow::Result<Vec<crate::preflight::Finding>>;
+    async fn preflight(&mut self, schema: &SourceSchema) -> anyhow::Result<Vec<crate::finding::Finding>>;
 
     /// Sets up the change stream for these tables the first time (PostgreSQL:
     /// publications and slot) and pins a snapshot where the stream begins.
@@ -133,9 +102,16 @@ pub trait Source: Send + Sync {
         Ok(None)
     }
 
+    /// The position up to which the source itself records the target as having applied
+    /// (PostgreSQL: the slot's `confirmed_flush_lsn`); `None` where it keeps no such record,
+    /// the default (then the running daemon says).
+    async fn confirmed_position(&mut self) -> anyhow::Result<Option<Position>> {
+        Ok(None)
+    }
+
     /// What `cutover check` says of `[stream] skip` entries that name positions: each
     /// must be where a transaction begins, or it never matches. Nothing by default.
-    async fn check_skip(&mut self, _entries: &[(String, Position)]) -> anyhow::Result<Vec<crate::preflight::Finding>> {
+    async fn check_skip(&mut self, _entries: &[(String, Position)]) -> anyhow::Result<Vec<crate::finding::Finding>> {
         Ok(Vec::new())
     }
 
@@ -163,6 +139,16 @@ pub trait TableReader: Send {
 }
 
 /// A source's committed transactions, in commit order.
+///
+/// The contract: every change of a transaction comes between its `Begin` and its
+/// `Commit`, in the order the source made them; transactions come in commit order, never
+/// interleaved; positions never go backwards (a `Begin` orders its transaction against
+/// snapshot positions, a `Commit` is where a restart resumes after it); a `Heartbeat`
+/// comes only between transactions and promises that everything before its position has
+/// been sent. The stream runs on a task of its own that the pipeline aborts when it stops,
+/// at any await point: nothing it holds may need a clean shutdown to stay correct (the
+/// source releases its log only up to what the `confirmed` channel of
+/// [`Source::start_stream`] says).
 #[async_trait]
 pub trait ChangeStream: Send {
     /// The next event. Errors when the stream breaks or sends something bad;

@@ -21,12 +21,13 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, watch};
 
-use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint, Source, TableReader};
+use super::{ChangeStream, SnapshotPoint, Source, TableReader};
 use crate::change::{Column, Identity, TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::{OnTypeMismatch, TableFilter};
+use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
+use crate::finding::Finding;
 use crate::position::Position;
-use crate::preflight::Finding;
 use crate::schema::sqlite::{encode, map_declared, SqliteType, Stored};
 use crate::schema::{push_copy_field, quote_ident, quote_table, ColumnDefinition, SourceSchema, TableDefinition};
 
@@ -307,8 +308,8 @@ const SNAPSHOT_ONLY: &str = "a SQLite source is copied once (snapshot only): it 
 
 #[async_trait]
 impl Source for SqliteSource {
-    fn dialect(&self) -> Dialect {
-        Dialect::Sqlite
+    fn dialect(&self) -> SourceDialect {
+        SourceDialect::Sqlite
     }
 
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {

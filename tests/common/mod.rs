@@ -148,6 +148,22 @@ pub fn spawn_run(config: &std::path::Path, log: &std::path::Path, env: &[(&str, 
         .expect("cutover starts")
 }
 
+/// Runs `cutover <command> --config <config> <args>` to its end.
+pub fn cutover(command: &str, config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .arg(command)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cutover {command} does not run: {e}"))
+}
+
+/// A command's stdout and stderr, one after the other.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
 pub async fn connect(url: &str) -> tokio_postgres::Client {
     let url = ConnUrl::new(url);
     let params = ConnectParams::from_endpoint(Endpoint { url: &url, password_file: None, password_env: None })
@@ -165,6 +181,18 @@ pub async fn master_status(conn: &mut mysql_async::Conn) -> String {
     use mysql_async::prelude::Queryable;
     let row: mysql_async::Row = conn.query_first("SHOW MASTER STATUS").await.expect("status").expect("row");
     format!("{}:{}", row.get::<String, _>(0).expect("file"), row.get::<u64, _>(1).expect("pos"))
+}
+
+/// Waits until `child` exits on its own: its exit status. Fails with `log()` after `within`.
+pub async fn wait_for_exit(child: &mut Child, within: Duration, log: impl Fn() -> String) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(started.elapsed() < within, "cutover did not stop within {} s:\n{}", within.as_secs(), log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 pub fn kill9(child: &mut Child) {

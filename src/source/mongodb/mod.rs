@@ -31,12 +31,13 @@ use mongodb::error::ErrorKind;
 use mongodb::options::ClientOptions;
 use tokio::sync::{mpsc, watch};
 
-use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, SnapshotPoint, Source, TableReader};
+use super::{ChangeStream, SnapshotPoint, Source, TableReader};
 use crate::change::TableName;
 use crate::checkpoint::PipelineIdentity;
 use crate::config::{ConnUrl, Endpoint, MongoMapping, TableFilter};
+use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
+use crate::finding::Finding;
 use crate::position::Position;
-use crate::preflight::Finding;
 use crate::retry::ConnectionLost;
 use crate::schema::{push_copy_field, ColumnDefinition, SourceSchema, TableDefinition};
 use mapping::{id_text, Shape};
@@ -57,7 +58,7 @@ impl MongoSource {
     /// Connects to the server the URL names; the URL's path is the replicated database.
     pub async fn connect(endpoint: Endpoint<'_>, filter: TableFilter, mapping: MongoMapping) -> anyhow::Result<Self> {
         let url = endpoint.url.clone();
-        let mut options = ClientOptions::parse(url.expose())
+        let mut options = ClientOptions::parse(url.for_driver())
             .await
             .map_err(|e| anyhow::anyhow!("url {url} is not a MongoDB URL: {}", e.kind))?;
         let database = options.default_database.clone().with_context(|| {
@@ -163,8 +164,8 @@ fn error_code(error: &mongodb::error::Error) -> Option<i32> {
 
 #[async_trait]
 impl Source for MongoSource {
-    fn dialect(&self) -> Dialect {
-        Dialect::Mongodb
+    fn dialect(&self) -> SourceDialect {
+        SourceDialect::Mongodb
     }
 
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {

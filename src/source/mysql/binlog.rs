@@ -34,8 +34,9 @@ use mysql_async::binlog::row::BinlogRow;
 use mysql_async::binlog::BinlogChecksumAlg;
 use mysql_async::{GnoInterval, Sid};
 
-use super::{catalog, MysqlParams, MysqlTable};
+use super::{catalog, MysqlTable};
 use crate::change::{Change, Event, Identity, Row, TableName, TableSchema, Value};
+use crate::myconn::MysqlParams;
 use crate::position::{BinlogPosition, Gtid, GtidSet, Position};
 use crate::schema::mysql::encode_binlog;
 use crate::source::ChangeStream;
@@ -635,9 +636,10 @@ mod tests {
 
     use super::{BinlogChangeStream, BinlogEvents};
     use crate::change::{Change, Column, Event, Identity, TableName, TableSchema, Value};
+    use crate::myconn::MysqlParams;
     use crate::position::{BinlogPosition, GtidSet, Position};
     use crate::schema::mysql::Encoding;
-    use crate::source::mysql::{MysqlParams, MysqlTable};
+    use crate::source::mysql::MysqlTable;
     use crate::source::ChangeStream;
 
     const UUID: &str = "3e11fa47-71ca-11e1-9e33-c80aa9429562";
@@ -809,13 +811,7 @@ mod tests {
     }
 
     fn params() -> MysqlParams {
-        MysqlParams {
-            opts: mysql_async::Opts::default(),
-            database: "shop".into(),
-            endpoint: "fixture".into(),
-            tls_optional: true,
-            tls_refused: Default::default(),
-        }
+        MysqlParams::unconnected("shop")
     }
 
     fn tables() -> HashMap<TableName, MysqlTable> {

@@ -31,13 +31,14 @@ use tokio::sync::watch;
 
 use self::pgoutput::{Message, OldTuple, PG_EPOCH_OFFSET_MICROS};
 use self::replication::{ReplicationConnection, ReplicationMessage};
-use super::{ChangeStream, Chunk, CopyFormat, CopyStream, Dialect, LogEnd, SnapshotPoint, Source, TableReader};
+use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader};
 use crate::change::{Change, Column, Event, Identity, TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::TableFilter;
+use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
+use crate::finding::Finding;
 use crate::pgconn::ConnectParams;
 use crate::position::{Lsn, Position};
-use crate::preflight::Finding;
 use crate::schema::{quote_ident, quote_literal, quote_table, SourceSchema, TableDefinition};
 
 /// Tables larger than this many 8 kB pages are copied in page ranges by several workers.
@@ -183,8 +184,8 @@ impl PostgresSource {
 
 #[async_trait]
 impl Source for PostgresSource {
-    fn dialect(&self) -> Dialect {
-        Dialect::Postgres { major: self.major }
+    fn dialect(&self) -> SourceDialect {
+        SourceDialect::Postgres { major: self.major }
     }
 
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {
@@ -301,6 +302,11 @@ impl Source for PostgresSource {
     }
 
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+        // A source fenced by a switchover is read-only by default; cutover's own objects still go.
+        self.client
+            .batch_execute("SET default_transaction_read_only = off")
+            .await
+            .context("making cutover's session on the source read-write")?;
         let mut dropped = Vec::new();
         let active: Option<bool> = self
             .client
@@ -337,6 +343,19 @@ impl Source for PostgresSource {
             }
         }
         Ok(dropped)
+    }
+
+    async fn confirmed_position(&mut self) -> anyhow::Result<Option<Position>> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT 'lsn:' || confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .context("reading the slot's confirmed position")?;
+        let confirmed: Option<String> = row.and_then(|row| row.get(0));
+        confirmed.map(|text| text.parse().with_context(|| format!("the slot's confirmed position {text}"))).transpose()
     }
 
     /// The flushed WAL position: what the walsender can read, so a keepalive's `wal_end`
@@ -471,13 +490,28 @@ async fn untracked_changes(
     Ok(counts)
 }
 
+/// When the source database's statistics were last reset (`pg_stat_reset()`, or one
+/// table's counters): `None` if never.
+async fn stats_reset(client: &tokio_postgres::Client) -> anyhow::Result<Option<String>> {
+    Ok(client
+        .query_opt("SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database()", &[])
+        .await
+        .context("reading when the source's statistics were last reset")?
+        .and_then(|row| row.get(0)))
+}
+
 /// Tables whose UPDATEs and DELETEs cannot replicate: their counters are watched
 /// against the counts taken when each was copied, and the first such change
 /// stops the pipeline instead of being lost silently — also one made while
-/// cutover was not running.
+/// cutover was not running. Counters that went back (`pg_stat_reset()`, a crash)
+/// can no longer tell: that stops the pipeline too, and is never taken as a new
+/// baseline, so a restart stops again.
 struct InsertOnlyWatch {
     tables: Vec<TableName>,
     baselines: HashMap<String, i64>,
+    /// As read when the watch started: a reset since then makes a table's counters
+    /// unknown even where they climbed back to their baseline.
+    stats_reset: Option<String>,
 }
 
 impl InsertOnlyWatch {
@@ -487,41 +521,65 @@ impl InsertOnlyWatch {
         tables: &[TableName],
         stored: &HashMap<String, i64>,
     ) -> anyhow::Result<InsertOnlyWatch> {
+        // Read before the counts: a reset in between makes the watch stricter, never blind.
+        let stats_reset = stats_reset(client).await?;
         let mut baselines = untracked_changes(client, tables).await?;
         for (table, count) in &mut baselines {
             if let Some(&at_copy) = stored.get(table) {
                 *count = at_copy;
             }
         }
-        Ok(InsertOnlyWatch { tables: tables.to_vec(), baselines })
+        Ok(InsertOnlyWatch { tables: tables.to_vec(), baselines, stats_reset })
     }
 
     async fn check(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
         if self.tables.is_empty() {
             return Ok(());
         }
+        let reset_since_start = stats_reset(client).await? != self.stats_reset;
         let counts = untracked_changes(client, &self.tables).await?;
-        let changed: Vec<&TableName> = self
-            .tables
-            .iter()
-            .filter(|t| {
-                let name = t.to_string();
-                counts.get(&name).copied().unwrap_or(0) > self.baselines.get(&name).copied().unwrap_or(0)
-            })
-            .collect();
-        if changed.is_empty() {
-            return Ok(());
+        let mut changed = Vec::new();
+        let mut unknown = Vec::new();
+        for table in &self.tables {
+            let name = table.to_string();
+            let count = counts.get(&name).copied().unwrap_or(0);
+            let baseline = self.baselines.get(&name).copied().unwrap_or(0);
+            if count > baseline {
+                changed.push(table);
+            } else if count < baseline || (reset_since_start && baseline > 0) {
+                unknown.push((table, format!("{name}: {baseline} when copied, {count} now")));
+            }
         }
-        let names: Vec<String> = changed.iter().map(|t| t.to_string()).collect();
-        let fixes: Vec<String> =
-            changed.iter().map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(t))).collect();
-        anyhow::bail!(
-            "an UPDATE or DELETE ran on the source on a table without primary key or replica identity ({}); \
-             it cannot be replicated, so cutover stopped at its last checkpoint. Fix: {} then re-copy the table \
-             (remove it from the target and start over with a new state dir)",
-            names.join(", "),
-            fixes.join(" ")
-        )
+        let recopy = |tables: &[&TableName]| {
+            let fixes: Vec<String> =
+                tables.iter().map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(t))).collect();
+            format!(
+                "Fix: {} then re-copy the table (remove it from the target and start over with a new state dir)",
+                fixes.join(" ")
+            )
+        };
+        if !changed.is_empty() {
+            let names: Vec<String> = changed.iter().map(|t| t.to_string()).collect();
+            anyhow::bail!(
+                "an UPDATE or DELETE ran on the source on a table without primary key or replica identity ({}); \
+                 it cannot be replicated, so cutover stopped at its last checkpoint. {}",
+                names.join(", "),
+                recopy(&changed)
+            )
+        }
+        if !unknown.is_empty() {
+            let tables: Vec<&TableName> = unknown.iter().map(|(t, _)| *t).collect();
+            let counters: Vec<&str> = unknown.iter().map(|(_, counters)| counters.as_str()).collect();
+            anyhow::bail!(
+                "the UPDATE/DELETE counters of tables without primary key or replica identity went back on the source \
+                 ({}{}): pg_stat_reset() or a crash reset them, so whether an UPDATE or DELETE ran on these tables \
+                 since is unknown, and cutover stopped at its last checkpoint rather than guess. {}",
+                counters.join("; "),
+                if reset_since_start { "; statistics reset while streaming" } else { "" },
+                recopy(&tables)
+            )
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,258 @@
+//! The pipeline: snapshot, then stream, with checkpoints.
+//!
+//! It knows no database by name: it drives a [`Source`] and a [`Sink`].
+//!
+//! Order of work, and why it is safe:
+//! 1. The target's own record of the last applied position wins over RocksDB's.
+//! 2. The first run sets up the change stream and pins a snapshot at the point
+//!    the stream begins; tables are copied inside it. A later run copies the
+//!    tables it does not have yet under a new snapshot, and each table
+//!    remembers the position of the snapshot it was copied under.
+//! 3. Streaming applies a change to a table only if its transaction is ordered
+//!    at or after the table's copy position, and skips transactions the target
+//!    already has. Whole source transactions are grouped into target
+//!    transactions that carry their end position; after each commit the
+//!    position goes to RocksDB and back to the source as confirmed.
+//!
+//! Its parts: [`snapshot`] copies tables, [`apply`] streams changes; this module runs
+//! them and retries what is transient.
+
+mod apply;
+mod snapshot;
+
+pub use snapshot::{copy_tables, CopySummary, LAST_COPY};
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::checkpoint::CheckpointStore;
+use crate::config::{Config, SnapshotMode};
+use crate::metrics::METRICS;
+use crate::position::Position;
+use crate::retry::{is_resume, is_transient};
+
+/// Where the source's change log is now.
+pub async fn source_position(config: &Config) -> anyhow::Result<Position> {
+    let mut source = crate::connect::source(config).await?;
+    match source.log_end().await? {
+        Some(end) => Ok(end.position),
+        None => anyhow::bail!("a {:?} source has no change log position", config.source.kind),
+    }
+}
+
+/// Waits until the target holds everything the source wrote before `position`
+/// (or `timeout` passes): whether it does, and the position last seen applied.
+/// The position the source has confirmed (PostgreSQL: the slot's, which keepalives move
+/// across idle stretches), else the running daemon's applied position.
+pub async fn wait_until_applied(
+    config: &Config,
+    position: &Position,
+    timeout: Duration,
+) -> anyhow::Result<(bool, Option<String>)> {
+    let started = Instant::now();
+    let mut source = crate::connect::source(config).await?;
+    loop {
+        let applied = match source.confirmed_position().await? {
+            Some(confirmed) => Some(confirmed.to_string()),
+            None => crate::status::daemon_status(&config.state.dir).await?.applied_position,
+        };
+        if applied.as_deref().and_then(|p| p.parse::<Position>().ok()).is_some_and(|a| position.is_reached_by(&a)) {
+            return Ok((true, applied));
+        }
+        if started.elapsed() >= timeout {
+            return Ok((false, applied));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs the pipeline until `shutdown` resolves (or, with `mode = "only"`, until the copy
+/// is done). A lost connection to either server is retried with exponential backoff
+/// (capped at 30 s) from the last checkpoint, for up to `[pipeline] max_retry_time`.
+pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    // `cutover status` on a stopped pipeline holds the store for a moment: wait it out.
+    let mut attempts = 0;
+    let store = loop {
+        match CheckpointStore::open(&config.state.dir) {
+            Ok(store) => break Arc::new(store),
+            Err(_) if attempts < 20 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    // After a switchover the old source is no source any more (with fallback it is the
+    // fallback stream's target): starting the forward stream again would apply the fallback's
+    // writes back and reset the new primary's sequences to the old source's values.
+    if let Some(record) = store.switchover()? {
+        tracing::info!(final_position = %record.final_position, "this pipeline switched over: the forward stream is over");
+        METRICS.set_phase("switched-over");
+        return Ok(());
+    }
+    let metrics_server = config.metrics.address().map(|listen| tokio::spawn(crate::metrics::serve(listen)));
+    let (stop_tx, mut stop) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let control = crate::status::serve(&config.state.dir, store.clone(), stop_tx.clone()).await?;
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        crate::notify::notify("STOPPING=1");
+        let _ = stop_tx.send(true);
+    });
+    let mut delay = Duration::from_secs(1);
+    let mut failing_since: Option<Instant> = None;
+    let result = loop {
+        let attempt = Instant::now();
+        let error = match run_once(config, &store, stop.clone()).await {
+            Ok(()) => break Ok(()),
+            Err(e) if is_resume(&e) => {
+                tracing::info!(reason = format!("{e:#}"), "resuming from the last checkpoint");
+                continue;
+            }
+            Err(e) if is_transient(&e) => e,
+            Err(e) => {
+                METRICS.errors.with_label_values(&["fatal"]).inc();
+                break Err(e);
+            }
+        };
+        METRICS.errors.with_label_values(&["connection"]).inc();
+        METRICS.set_healthy(false);
+        crate::status::set_last_error(Some(format!("{error:#}")));
+        // An attempt that ran for a while was a recovery: the retry budget starts over.
+        if attempt.elapsed() > Duration::from_secs(60) {
+            failing_since = None;
+            delay = Duration::from_secs(1);
+        }
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= config.pipeline.max_retry_time() {
+            break Err(error.context(format!(
+                "gave up after retrying for {} s ([pipeline] max_retry_time)",
+                since.elapsed().as_secs()
+            )));
+        }
+        tracing::warn!(
+            error = format!("{error:#}"),
+            retry_in_seconds = delay.as_secs(),
+            "connection lost; resuming from the last checkpoint"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stopped(&mut stop) => break Ok(()),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+        // Which server went away, as far as the error says.
+        let side = if format!("{error:#}").contains("target") { "target" } else { "source" };
+        METRICS.reconnects.with_label_values(&[side]).inc();
+    };
+    signal.abort();
+    control.abort();
+    let _ = std::fs::remove_file(crate::status::socket_path(&config.state.dir));
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
+    METRICS.set_phase(if store.switchover()?.is_some() { "switched-over" } else { "stopped" });
+    METRICS.set_healthy(result.is_ok());
+    result
+}
+
+/// Resolves once the pipeline is told to stop.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens once it has said stop.
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// One attempt: connect, copy what is missing, stream until stopped or broken.
+async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let store = store.clone();
+    let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
+    METRICS.set_healthy(true);
+    crate::notify::notify("READY=1\nSTATUS=connected to source and target");
+    let schema = source.schema().await?;
+    if schema.tables.is_empty() {
+        anyhow::bail!("[source] tables / exclude select no table on the source: nothing to replicate");
+    }
+    let workers = config.snapshot.workers;
+
+    if config.snapshot.mode == SnapshotMode::Only {
+        let pending = snapshot::pending_tables(&store, &schema)?;
+        if !pending.is_empty() {
+            let fresh = store.tables()?.is_empty();
+            sink.create_tables(&schema, &pending, fresh).await?;
+            let snapshot = source.new_snapshot().await?;
+            let summary =
+                copy_tables(source.as_mut(), sink.as_ref(), &store, &snapshot, &pending, workers, !fresh).await?;
+            snapshot::log_copy(&summary);
+        }
+        // Also when every table was copied before a restart: the process may have died before this.
+        sink.finish_snapshot(&schema).await?;
+        tracing::info!("snapshot complete (mode = \"only\"): exiting");
+        return Ok(());
+    }
+
+    let (identity, first_snapshot) = match store.identity()? {
+        Some(identity) => {
+            source.resume_stream(&identity, &schema.tables).await?;
+            (identity, None)
+        }
+        None => {
+            let (identity, snapshot) = source.create_stream(&schema.tables).await?;
+            store.save_identity(&identity)?;
+            (identity, Some(snapshot))
+        }
+    };
+
+    let pending = match config.snapshot.mode {
+        SnapshotMode::Initial => snapshot::pending_tables(&store, &schema)?,
+        SnapshotMode::Never | SnapshotMode::Only => Vec::new(),
+    };
+    if pending.is_empty() {
+        source.release_snapshot().await;
+        // Every table was copied, but the process may have died before the foreign keys and
+        // sequence values went in; finish_snapshot adds only what is missing. Tables copied at
+        // different snapshots may not satisfy a key until the stream catches up: say so, stream on.
+        if config.snapshot.mode == SnapshotMode::Initial {
+            if let Err(e) = sink.finish_snapshot(&schema).await {
+                tracing::warn!(
+                    "foreign keys or sequence values not set on the target yet ({e:#}); the next start tries again"
+                );
+            }
+        }
+    } else {
+        let fresh = first_snapshot.is_some();
+        sink.create_tables(&schema, &pending, fresh).await?;
+        let snapshot = match first_snapshot {
+            Some(snapshot) => snapshot,
+            None => source.new_snapshot().await?,
+        };
+        let summary = copy_tables(source.as_mut(), sink.as_ref(), &store, &snapshot, &pending, workers, !fresh).await?;
+        sink.finish_snapshot(&schema).await?;
+        snapshot::log_copy(&summary);
+    }
+
+    let start = match (sink.applied_position().await?, store.position()?) {
+        (Some(target), checkpoint) => {
+            if checkpoint.as_ref() != Some(&target) {
+                tracing::info!(%target, "the target is ahead of the checkpoint store: taking the target's position");
+                store.save_position(&target)?;
+            }
+            target
+        }
+        (None, Some(checkpoint)) => checkpoint,
+        (None, None) => config.stream.start().unwrap_or_else(|| identity.consistent_point.clone()),
+    };
+    let mut copied_at = HashMap::new();
+    let mut untracked = HashMap::new();
+    for (name, progress) in store.tables()? {
+        if let Some(count) = progress.untracked {
+            untracked.insert(name.clone(), count);
+        }
+        copied_at.insert(name, progress.copied_at);
+    }
+    let (confirmed, confirmed_rx) = watch::channel(start.clone());
+    let changes = source.start_stream(&start, confirmed_rx, &untracked).await?;
+    apply::stream(changes, source.as_mut(), sink.as_mut(), &store, start, confirmed, copied_at, config, stop).await
+}

@@ -1,0 +1,212 @@
+//! The snapshot copy: tables read inside a pinned snapshot by parallel workers,
+//! largest first and big ones in chunks, each table's keys and indexes built as soon as
+//! its last chunk lands; per-table progress checkpointed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::change::TableName;
+use crate::checkpoint::{CheckpointStore, TableProgress};
+use crate::copy::Chunk;
+use crate::metrics::METRICS;
+use crate::progress::{CopyProgress, Reporter, TableCopy, SNAPSHOT_PROGRESS};
+use crate::schema::{SourceSchema, TableDefinition};
+use crate::sink::Sink;
+use crate::source::{SnapshotPoint, Source};
+
+/// What a finished snapshot copied.
+#[derive(Clone, Debug, Default)]
+pub struct CopySummary {
+    pub tables: usize,
+    pub rows: u64,
+    pub elapsed: Duration,
+}
+
+/// The last snapshot this process copied (for the demo's figures).
+pub static LAST_COPY: std::sync::Mutex<Option<CopySummary>> = std::sync::Mutex::new(None);
+
+pub(super) fn log_copy(summary: &CopySummary) {
+    if let Ok(mut last) = LAST_COPY.lock() {
+        *last = Some(summary.clone());
+    }
+    let secs = summary.elapsed.as_secs_f64().max(0.001);
+    tracing::info!(
+        tables = summary.tables,
+        rows = summary.rows,
+        seconds = format!("{secs:.1}"),
+        rows_per_second = (summary.rows as f64 / secs) as u64,
+        "snapshot copied"
+    );
+}
+
+/// Tables whose copy has not finished.
+pub(super) fn pending_tables<'a>(
+    store: &CheckpointStore,
+    schema: &'a SourceSchema,
+) -> anyhow::Result<Vec<&'a TableDefinition>> {
+    let mut pending = Vec::new();
+    for table in &schema.tables {
+        if store.table(&table.schema.name)?.is_none() {
+            pending.push(table);
+        }
+    }
+    Ok(pending)
+}
+
+/// Copies tables inside `snapshot` with `workers` connections on each side,
+/// largest first and big ones in chunks, building each table's keys and indexes
+/// on a connection of its own as soon as its last chunk lands.
+pub async fn copy_tables(
+    source: &mut dyn Source,
+    sink: &dyn Sink,
+    store: &Arc<CheckpointStore>,
+    snapshot: &SnapshotPoint,
+    tables: &[&TableDefinition],
+    workers: usize,
+    truncate_first: bool,
+) -> anyhow::Result<CopySummary> {
+    let started = Instant::now();
+    let mut readers = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        readers.push(source.snapshot_reader(snapshot).await?);
+    }
+    // Every reader holds the snapshot now; the exporting session may go.
+    source.release_snapshot().await;
+
+    let mut sorted: Vec<Arc<TableDefinition>> = tables.iter().map(|t| Arc::new((*t).clone())).collect();
+    sorted.sort_by_key(|t| std::cmp::Reverse(t.pages));
+    if truncate_first {
+        let mut writer = sink.table_writer().await?;
+        for table in &sorted {
+            writer.truncate(&table.schema.name).await?;
+        }
+    }
+    METRICS.set_phase("snapshot");
+    METRICS.snapshot_tables.with_label_values(&["pending"]).add(sorted.len() as i64);
+    let dialect = source.dialect();
+    let mut queue = VecDeque::new();
+    let mut remaining = HashMap::new();
+    for table in &sorted {
+        let chunks = source.chunks(table, workers);
+        remaining.insert(table.schema.name.clone(), (chunks.len(), 0u64));
+        let format = sink.copy_format(table, dialect);
+        queue.extend(chunks.into_iter().map(|chunk| (table.clone(), chunk, format)));
+    }
+    let queue = Arc::new(Mutex::new(queue));
+    let remaining = Arc::new(Mutex::new(remaining));
+
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Arc<TableDefinition>, u64)>();
+    let mut index_writer = sink.table_writer().await?;
+    let index_store = store.clone();
+    let position = snapshot.position.clone();
+    let untracked = snapshot.untracked.clone();
+    let indexer = tokio::spawn(async move {
+        let mut total = 0u64;
+        while let Some((table, rows)) = done_rx.recv().await {
+            let started = Instant::now();
+            index_writer.build_indexes(&table).await?;
+            let progress = TableProgress {
+                copied_at: position.clone(),
+                rows,
+                untracked: untracked.get(&table.schema.name.to_string()).copied(),
+            };
+            index_store.save_table(&table.schema.name, &progress)?;
+            METRICS.snapshot_tables.with_label_values(&["pending"]).dec();
+            METRICS.snapshot_tables.with_label_values(&["done"]).inc();
+            tracing::info!(table = %table.schema.name, rows, index_seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "table copied");
+            total += rows;
+        }
+        anyhow::Ok(total)
+    });
+
+    crate::notify::notify(&format!("STATUS=snapshot: copying {} table(s)", sorted.len()));
+    let progress = Arc::new(CopyProgress::new(
+        sorted
+            .iter()
+            .map(|t| TableCopy::new(t.schema.name.to_string(), t.estimated_rows, t.pages.saturating_mul(8192)))
+            .collect(),
+    ));
+    let table_index: Arc<HashMap<TableName, usize>> =
+        Arc::new(sorted.iter().enumerate().map(|(i, t)| (t.schema.name.clone(), i)).collect());
+    if let Ok(mut current) = SNAPSHOT_PROGRESS.lock() {
+        *current = Some(progress.clone());
+    }
+    let mut tasks = JoinSet::new();
+    for mut reader in readers {
+        let mut writer = sink.table_writer().await?;
+        let queue = queue.clone();
+        let remaining = remaining.clone();
+        let done_tx = done_tx.clone();
+        let progress = progress.clone();
+        let table_index = table_index.clone();
+        tasks.spawn(async move {
+            loop {
+                let next = queue.lock().map_err(|_| anyhow::anyhow!("copy queue poisoned"))?.pop_front();
+                let Some((table, chunk, format)) = next else { return anyhow::Ok(()) };
+                let index = table_index.get(&table.schema.name).copied().unwrap_or_default();
+                let mut rows = reader.read(&table, chunk, format).await?;
+                let counter = progress.clone();
+                rows.data = Box::pin(futures_util::TryStreamExt::inspect_ok(rows.data, move |bytes| {
+                    counter.moved(index, bytes.len() as u64);
+                }));
+                let copied = writer.write(&table, rows).await?;
+                progress.chunk_copied(index, copied);
+                METRICS.snapshot_rows.with_label_values(&[&table.schema.name.to_string()]).inc_by(copied);
+                if chunk != Chunk::Whole {
+                    tracing::debug!(table = %table.schema.name, ?chunk, rows = copied, "chunk copied");
+                }
+                let finished = {
+                    let mut remaining = remaining.lock().map_err(|_| anyhow::anyhow!("copy progress poisoned"))?;
+                    let entry = remaining.entry(table.schema.name.clone()).or_insert((1, 0));
+                    entry.0 -= 1;
+                    entry.1 += copied;
+                    (entry.0 == 0).then_some(entry.1)
+                };
+                if let Some(rows) = finished {
+                    // The indexer only stops when every sender is gone.
+                    progress.table_copied(index, rows);
+                    let _ = done_tx.send((table, rows));
+                }
+            }
+        });
+    }
+    drop(done_tx);
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+    let mut display = tokio::time::interval(Duration::from_millis(250));
+    let mut reporter = Reporter::new(progress.estimated_bytes());
+    loop {
+        let result = tokio::select! {
+            result = tasks.join_next() => match result {
+                Some(result) => result,
+                None => break,
+            },
+            // The coordinator is alive while it waits on the workers.
+            _ = heartbeat.tick() => {
+                crate::notify::notify("WATCHDOG=1");
+                continue;
+            }
+            _ = display.tick() => {
+                reporter.tick(&progress);
+                continue;
+            }
+        };
+        if let Err(e) = result.context("a copy worker panicked").and_then(|r| r) {
+            reporter.finish();
+            tasks.abort_all();
+            indexer.abort();
+            return Err(e);
+        }
+    }
+    reporter.tick(&progress);
+    reporter.finish();
+    let rows = indexer.await.context("the index builder panicked")??;
+    if let Ok(mut current) = SNAPSHOT_PROGRESS.lock() {
+        *current = None;
+    }
+    Ok(CopySummary { tables: sorted.len(), rows, elapsed: started.elapsed() })
+}
