@@ -544,7 +544,7 @@ INSERT INTO filler SELECT seq, seq, MD5(seq) FROM seq_1_to_100000;
 /// A table's rows read on one side: (key, values) by key, or the sorted rows of a keyless one.
 type Read = Vec<(String, Vec<Option<String>>)>;
 
-async fn read_table(client: &mut SqlClient, namespace: &str, table: &Table) -> Read {
+async fn read_table(client: &mut SqlClient, namespace: &str, table: &Table) -> Result<Read, String> {
     let dialect = client.dialect();
     let select: Vec<String> = table
         .columns
@@ -556,7 +556,7 @@ async fn read_table(client: &mut SqlClient, namespace: &str, table: &Table) -> R
         })
         .collect();
     let sql = format!("SELECT {} FROM {}.{}", select.join(", "), dialect.ident(namespace), dialect.ident(table.name));
-    let rows = client.run(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e:#}"));
+    let rows = client.run(&sql).await.map_err(|e| format!("{sql}: {e:#}"))?;
     let mut read: Read = rows
         .into_iter()
         .map(|row| {
@@ -583,7 +583,7 @@ async fn read_table(client: &mut SqlClient, namespace: &str, table: &Table) -> R
         let numbers = |k: &str| k.split(',').map(|n| n.parse::<i64>().unwrap_or(i64::MIN)).collect::<Vec<_>>();
         numbers(&a.0).cmp(&numbers(&b.0)).then_with(|| a.1.cmp(&b.1))
     });
-    read
+    Ok(read)
 }
 
 fn shown(values: &[Option<String>]) -> String {
@@ -668,20 +668,36 @@ fn diff_table(table: &Table, source: &Read, target: &Read) -> Vec<String> {
     out
 }
 
-/// Every table, source against target: the differences (empty when all match) and the
-/// source's row counts.
+/// Every table, source against target: the differences (empty when all match; a table
+/// that cannot be read is one) and the source's row counts.
 async fn compare_all(config: &Config, pipeline: Pipeline) -> (Vec<String>, String) {
-    let mut source = SqlClient::open(SqlDialect::of_source(config, "torture").unwrap(), config.source.endpoint())
-        .await
-        .expect("source connection");
-    let mut target =
-        SqlClient::open(SqlDialect::of_target(config), config.target.endpoint()).await.expect("target connection");
+    let source = SqlClient::open(SqlDialect::of_source(config, "torture").unwrap(), config.source.endpoint()).await;
+    let target = SqlClient::open(SqlDialect::of_target(config), config.target.endpoint()).await;
+    let (mut source, mut target) = match (source, target) {
+        (Ok(s), Ok(t)) => (s, t),
+        (s, t) => {
+            let errors = [s.err().map(|e| format!("source: {e:#}")), t.err().map(|e| format!("target: {e:#}"))];
+            return (
+                vec![format!("cannot connect: {:?}", errors.into_iter().flatten().collect::<Vec<_>>())],
+                String::new(),
+            );
+        }
+    };
     let (mut out, mut counts) = (Vec::new(), Vec::new());
     for table in TABLES {
         let s = read_table(&mut source, pipeline.namespace(true), table).await;
         let t = read_table(&mut target, pipeline.namespace(false), table).await;
-        out.extend(diff_table(table, &s, &t));
-        counts.push(format!("{}={}", table.name, s.len()));
+        match (s, t) {
+            (Ok(s), Ok(t)) => {
+                out.extend(diff_table(table, &s, &t));
+                counts.push(format!("{}={}", table.name, s.len()));
+            }
+            (s, t) => {
+                for e in [s.err(), t.err()].into_iter().flatten() {
+                    out.push(format!("{}: cannot read: {e}", table.name));
+                }
+            }
+        }
     }
     (out, counts.join(" "))
 }
@@ -1763,6 +1779,8 @@ struct Daemon {
 struct Kills {
     sigkill: u32,
     sigterm: u32,
+    /// SIGTERM to a process that did not handle it yet (just started).
+    sigterm_before_handler: u32,
     during_snapshot: u32,
     rotations_before: u32,
 }
@@ -1852,14 +1870,26 @@ impl Daemon {
                 kills.sigkill += 1;
             }
             _ => {
+                // Before the process installs its handler, SIGTERM ends it as SIGKILL would.
+                let handled = catches_sigterm(child.id());
                 let (status, took) = tokio::task::block_in_place(|| common::stop(&mut child));
-                if !status.success() || took > Duration::from_secs(15) {
+                if handled && (!status.success() || took > Duration::from_secs(15)) {
                     self.fail(format!("SIGTERM: the daemon exited with {status} after {took:?}")).await;
                 }
-                kills.sigterm += 1;
+                match handled {
+                    true => kills.sigterm += 1,
+                    false => kills.sigterm_before_handler += 1,
+                }
             }
         }
     }
+}
+
+/// Whether process `pid` has a handler for SIGTERM (`SigCgt` in /proc/<pid>/status).
+fn catches_sigterm(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).map(str::trim).unwrap_or("0");
+    u64::from_str_radix(caught, 16).is_ok_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
 }
 
 impl Drop for Daemon {
@@ -2064,6 +2094,7 @@ async fn torture(pipeline: Pipeline, ci_seed: u64) {
         pairs.statements
     );
     assert!(kills.sigkill + kills.sigterm > 0, "{tag}: no kill landed within {} s", settings.seconds);
+    assert!(last.sigterm == 1, "{tag}: the last SIGTERM found no handler");
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
