@@ -65,6 +65,13 @@ impl MysqlParams {
         MysqlParams { opts: opts.into(), ..self.clone() }
     }
 
+    /// The same server, reporting the rows a statement matched rather than those it changed
+    /// (`CLIENT_FOUND_ROWS`): an update that sets the values a row already has still found it.
+    pub fn counting_matched_rows(&self) -> MysqlParams {
+        let opts = mysql_async::OptsBuilder::from_opts(self.opts.clone()).client_found_rows(true);
+        MysqlParams { opts: opts.into(), ..self.clone() }
+    }
+
     /// A connection in UTC with utf8mb4, as every cutover session uses.
     pub async fn connect(&self) -> anyhow::Result<mysql_async::Conn> {
         use std::sync::atomic::Ordering;

@@ -72,7 +72,9 @@ impl MysqlSink {
     pub async fn connect(params: MysqlParams, pipeline: &str, home_schema: &str) -> anyhow::Result<MysqlSink> {
         // Every statement names its database: connect to the server, and create the
         // URL's database when it is missing.
-        let params = params.server_only();
+        // Matched rows are counted: a row of a table without a key, updated to the values it
+        // has, is still found (else it would read as drift).
+        let params = params.server_only().counting_matched_rows();
         let mut conn = params.connect().await.context("[target]")?;
         conn.query_drop(SESSION).await.context("setting up the target session")?;
         conn.query_drop(format!(

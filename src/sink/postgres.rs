@@ -523,8 +523,14 @@ impl Run {
             // INSERT … ON CONFLICT may touch a row once per statement unless the run
             // collapses repeated keys; deletes may repeat.
             && match kind {
+                // UPDATE … FROM visits its rows in whatever order the join gives, and each row's
+                // unique checks see the rows updated before it: in source order (not compacting),
+                // an update is a statement of its own, so a secondary unique value moved from row
+                // to row (through NULL) is never taken before it is free.
                 RunKind::Update => {
-                    !self.keys.contains_key(key) && moved_to.is_none_or(|to| !self.keys.contains_key(to))
+                    (self.compact || self.live.is_empty())
+                        && !self.keys.contains_key(key)
+                        && moved_to.is_none_or(|to| !self.keys.contains_key(to))
                 }
                 RunKind::Upsert => self.compact || !self.keys.contains_key(key),
                 RunKind::Insert | RunKind::Delete => true,
