@@ -64,6 +64,10 @@ struct TargetTable {
     /// The source's column count this was built for (a Relation may add columns).
     columns: usize,
     conversions: Vec<Conversion>,
+    /// Per column: text, whose collation would match `'dup'` to `'Dup'` and `'dup '`, so
+    /// a row found by its values compares it byte for byte (not `char`: stored without the
+    /// trailing blanks a PostgreSQL `char(n)` sends).
+    text: Vec<bool>,
 }
 
 impl MysqlSink {
@@ -127,8 +131,20 @@ impl MysqlSink {
                 Conversion::between(&c.type_name, target)
             })
             .collect();
-        let target =
-            Arc::new(TargetTable { qualified: self.qualified(&table.name), columns: table.columns.len(), conversions });
+        let text = table
+            .columns
+            .iter()
+            .map(|c| {
+                let target = types.get(&c.name).map(String::as_str).unwrap_or("longtext");
+                matches!(target, "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" | "enum" | "set")
+            })
+            .collect();
+        let target = Arc::new(TargetTable {
+            qualified: self.qualified(&table.name),
+            columns: table.columns.len(),
+            conversions,
+            text,
+        });
         self.tables.insert(table.name.clone(), target.clone());
         Ok(target)
     }
@@ -290,7 +306,8 @@ impl MysqlSink {
         let mut predicates = Vec::new();
         for (i, (column, value)) in table.columns.iter().zip(old).enumerate() {
             if value != &Value::Unchanged {
-                predicates.push(format!("{} <=> ?", quote_ident(&column.name)));
+                let binary = if target.text.get(i).copied().unwrap_or(false) { "BINARY " } else { "" };
+                predicates.push(format!("{binary}{} <=> ?", quote_ident(&column.name)));
                 params.push(param(table, &target, i, value)?);
             }
         }
