@@ -29,7 +29,7 @@ demo: deps
 	cargo run --quiet -- demo
 
 test: deps
-	cargo test --no-fail-fast -- --test-threads=2
+	CUTOVER_TEST_TIMEOUT_SECONDS=1200 cargo test --no-fail-fast -- --test-threads=2
 
 # The randomized differential torture test (tests/torture.rs), longer than its CI run:
 # make torture SEED=1234 MINUTES=30 (SEED: a number, or random; MINUTES of writing per pipeline).

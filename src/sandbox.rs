@@ -1,6 +1,7 @@
 //! Throwaway PostgreSQL servers for the demo and the tests: `initdb` in a temp
 //! dir, `wal_level = logical`, a free loopback port, stopped and removed on drop.
 
+use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,9 +69,57 @@ fn server_command(bin: &Path, program: &str) -> Command {
     }
 }
 
+/// With `CUTOVER_TEST_TIMEOUT_SECONDS` set (`make test` sets it), a process that starts
+/// sandbox servers ends itself that many seconds after the first: a test that hangs fails
+/// its test binary with a message, and the other binaries still run, instead of the
+/// whole suite waiting until CI gives up on it.
+fn watch_for_hangs() {
+    static WATCH: std::sync::Once = std::sync::Once::new();
+    WATCH.call_once(|| {
+        let Some(limit) = std::env::var("CUTOVER_TEST_TIMEOUT_SECONDS").ok().and_then(|s| s.parse::<u64>().ok()) else {
+            return;
+        };
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(limit));
+            // Past the test harness's output capture, which a spawned thread inherits.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{} still runs {limit} s after it started its first sandbox server (CUTOVER_TEST_TIMEOUT_SECONDS): a test \
+                 hangs — the ones cargo printed as running for over 60 seconds; stopping it and its child processes",
+                std::env::args().next().unwrap_or_default()
+            );
+            kill_descendants(std::process::id());
+            std::process::exit(101);
+        });
+    });
+}
+
+/// SIGKILLs every process below `pid` (servers, `cutover` children), deepest first.
+fn kill_descendants(pid: u32) {
+    let children: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            // The parent pid is the second field after the parenthesised command name.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .collect();
+    for child in children {
+        kill_descendants(child);
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child as i32, libc::SIGKILL) };
+    }
+}
+
 /// Starts a sandbox server, up to three times: the free port it picked can be taken
 /// by someone else before the server binds it.
 fn retry_start<T>(mut start: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    watch_for_hangs();
     let mut attempt = 1;
     loop {
         match start() {

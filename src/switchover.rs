@@ -1,7 +1,8 @@
 //! `cutover switchover`: end a migration with the target as the new primary.
 //!
 //! Runs beside `cutover run` (same config) and talks to it over its control socket:
-//! 1. waits until the daemon streams with less than a second of lag;
+//! 1. waits until the target has what the source's log holds within a second of its
+//!    being read (positions, not the lag gauge);
 //! 2. fences the source — PostgreSQL: `default_transaction_read_only` on the
 //!    database and every other client session of it ended; MySQL: `read_only`
 //!    (and `super_read_only` where it exists) and the client sessions killed —
@@ -67,6 +68,10 @@ struct Fence {
 /// How long each wait may take before the switchover gives up (the source stays fenced).
 const WAIT: Duration = Duration::from_secs(120);
 
+/// How soon the target must have what the source's log held when read, for the pipeline
+/// to count as caught up: about what the write-blocked window waits for it.
+const CAUGHT_UP: Duration = Duration::from_secs(1);
+
 /// How long an ended session may take to be gone.
 const SESSION_EXIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -81,19 +86,30 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
             config.source.kind
         );
     }
-    // 1. Caught up.
+    // 1. Caught up: what the source's log holds when read, the target has within CAUGHT_UP.
+    // Decided by positions, not by the lag gauge: a steady writer keeps the daemon from
+    // ever idling, and a wedged daemon's last lag reading stays small.
     let started = Instant::now();
     loop {
         let status = crate::status::daemon_status(&config.state.dir).await?;
-        if status.phase == "streaming" && status.lag_seconds < 1.0 {
-            break;
+        let mut applied = status.applied_position.clone();
+        if matches!(status.phase.as_str(), "catch-up" | "streaming") {
+            let end = crate::pipeline::source_position(config).await?;
+            let (reached, seen) = crate::pipeline::wait_until_applied(config, &end, CAUGHT_UP).await?;
+            if reached {
+                break;
+            }
+            applied = seen;
         }
         anyhow::ensure!(
             started.elapsed() < WAIT,
-            "the pipeline is not streaming with less than 1 s of lag after {} s (phase {}, lag {:.1} s); nothing was fenced",
+            "the target never had what the source's log held within {} s of reading it, in {} s of trying (phase {}, \
+             lag {:.1} s, applied {}); nothing was fenced — see `cutover status`",
+            CAUGHT_UP.as_secs(),
             WAIT.as_secs(),
             status.phase,
-            status.lag_seconds
+            status.lag_seconds,
+            applied.as_deref().unwrap_or("none")
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

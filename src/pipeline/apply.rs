@@ -285,6 +285,11 @@ impl<'a> Applier<'a> {
 /// passes alone): with `[pipeline] max_batch_bytes`, what bounds streaming's memory.
 const CHANNEL_BYTES: usize = 64 << 20;
 
+/// How recent (by commit time) the last applied transaction must be for the stream to
+/// count as caught up while the source keeps writing: MySQL stamps commits in whole
+/// seconds, so one second would miss most of them.
+const CAUGHT_UP_LAG: Duration = Duration::from_secs(2);
+
 /// How far past a `stop_at` time the source's clock must be before its log's end is
 /// read: a commit stamped before the time is flushed by then (asynchronous commits
 /// within a few `wal_writer_delay`s).
@@ -356,10 +361,15 @@ pub(super) async fn stream(
         let deadline = drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = idle_check.tick() => {
-                // Nothing received and nothing open: caught up.
-                let caught_up = rx.is_empty() && applier.current.is_none() && applier.ended.is_none();
-                if caught_up {
+                // Caught up: nothing received and nothing open, or (a steady writer never
+                // lets the stream idle) the last transaction applied is a recent one.
+                let idle = rx.is_empty() && applier.current.is_none() && applier.ended.is_none();
+                let recent = applier.last_commit_time.and_then(|t| t.elapsed().ok()).is_some_and(|lag| lag < CAUGHT_UP_LAG);
+                if idle {
                     METRICS.lag_seconds.set(0.0);
+                }
+                let caught_up = idle || recent;
+                if caught_up {
                     METRICS.set_phase("streaming");
                 }
                 // Sent from the apply loop itself: if it wedges, systemd restarts the daemon.

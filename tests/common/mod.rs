@@ -303,6 +303,11 @@ pub async fn switchover_under_writes(
     .await
     .expect("join")
     .expect("switchover runs");
+    // The fence ends the writer's session; a switchover that failed before fencing did not.
+    if !output.status.success() {
+        writer.abort();
+        return (output, 0);
+    }
     (output, writer.await.expect("writer"))
 }
 
