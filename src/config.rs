@@ -65,6 +65,17 @@ pub enum OnTypeMismatch {
     Text,
 }
 
+/// `[target] partitions`: what a PostgreSQL partitioned table becomes on the target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Partitions {
+    /// The same partitioned table with the same partitions (PostgreSQL targets).
+    #[default]
+    Keep,
+    /// One plain table holding every partition's rows (what a MySQL target always gets).
+    Flatten,
+}
+
 /// Which kind of database the target is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -100,6 +111,18 @@ pub struct TargetConfig {
     pub url: ConnUrl,
     pub password_file: Option<PathBuf>,
     pub password_env: Option<String>,
+    /// PostgreSQL targets; a MySQL target always flattens.
+    pub partitions: Option<Partitions>,
+}
+
+impl TargetConfig {
+    /// What partitioned tables become on this target.
+    pub fn partitions(&self) -> Partitions {
+        match self.kind {
+            TargetKind::Postgres => self.partitions.unwrap_or_default(),
+            TargetKind::Mysql => Partitions::Flatten,
+        }
+    }
 }
 
 impl SourceConfig {
@@ -550,6 +573,13 @@ impl Config {
         }
         if config.source.on_type_mismatch.is_some() && config.source.kind != SourceKind::Sqlite {
             return Err(invalid("[source] on_type_mismatch: only for kind = \"sqlite\"".into()));
+        }
+        if config.target.partitions == Some(Partitions::Keep) && config.target.kind == TargetKind::Mysql {
+            return Err(invalid(
+                "[target] partitions = \"keep\": a MySQL target takes a partitioned table as one plain table \
+                 (\"flatten\", its default)"
+                    .into(),
+            ));
         }
         if config.source.mapping.is_some() && config.source.kind != SourceKind::Mongodb {
             return Err(invalid("[source] mapping: only for kind = \"mongodb\"".into()));

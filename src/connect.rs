@@ -50,7 +50,7 @@ pub async fn sink(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match config.target.kind {
         TargetKind::Postgres => {
             let params = ConnectParams::from_endpoint(config.target.endpoint()).context("[target] url")?;
-            Box::new(PostgresSink::connect(params, &config.name).await?)
+            Box::new(PostgresSink::connect(params, &config.name, config.target.partitions()).await?)
         }
         TargetKind::Mysql => {
             let params = MysqlParams::from_endpoint(config.target.endpoint()).context("[target] url")?;

@@ -35,6 +35,9 @@ pub enum Chunk {
         start: Option<i64>,
         end: Option<i64>,
     },
+    /// One partition of a partitioned table: the `n`th of its
+    /// [`row_holders`](crate::schema::TableDefinition::row_holders).
+    Partition(usize),
 }
 
 /// The byte format of a copy stream, understood by both ends.

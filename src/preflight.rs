@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 
 use crate::change::Identity;
+use crate::config::{Partitions, TargetConfig, TargetKind};
 use crate::finding::{Finding, Severity};
+use crate::schema::mysql_target::mysql_expression;
 use crate::schema::SourceSchema;
 
 /// The findings, worst first, for a terminal.
@@ -21,7 +23,8 @@ pub fn render_findings(findings: &[Finding]) -> String {
 
 /// The plan: each table with its estimated rows and key, and each column whose type
 /// changes on the way with what the change can lose.
-pub fn render_plan(schema: &SourceSchema) -> String {
+pub fn render_plan(schema: &SourceSchema, target: &TargetConfig) -> String {
+    let partitions = target.partitions();
     let mut out = String::new();
     for table in &schema.tables {
         let key: Vec<&str> = table.schema.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()).collect();
@@ -31,6 +34,31 @@ pub fn render_plan(schema: &SourceSchema) -> String {
             _ => "no key and no replica identity: INSERT and TRUNCATE only".to_string(),
         };
         let _ = writeln!(out, "{}  ~{} rows  {key}", table.schema.name, table.estimated_rows);
+        if let Some(partitioning) = &table.partitioning {
+            let names: Vec<String> = partitioning.partitions.iter().map(|p| p.name.to_string()).collect();
+            let becomes = match partitions {
+                Partitions::Keep => "the same partitioned table with the same partitions",
+                Partitions::Flatten => "one plain table",
+            };
+            let _ = writeln!(
+                out,
+                "    partitioned by {} into {} partition(s) ({}): becomes {becomes}; each partition that holds rows \
+                 is copied as a chunk of its own",
+                partitioning.key,
+                names.len(),
+                names.join(", ")
+            );
+        }
+        for generated in &table.generated {
+            let becomes = match (target.kind, mysql_expression(&generated.expression, &table.column_names())) {
+                (TargetKind::Postgres, _) => "computed on the target too".to_string(),
+                (TargetKind::Mysql, Some(expression)) => format!("computed on the target as {expression}"),
+                (TargetKind::Mysql, None) => {
+                    "NOT created on the target: MySQL has no form of this expression (create it there by hand)".into()
+                }
+            };
+            let _ = writeln!(out, "    {:<24} generated as {}: {becomes}", generated.name, generated.expression);
+        }
         for (column, definition) in table.schema.columns.iter().zip(&table.columns) {
             if let Some(source_type) = &definition.source_type {
                 let loss = definition.loss.map(|l| format!("  (can lose: {l})")).unwrap_or_default();
@@ -53,7 +81,7 @@ pub async fn check(config: &crate::config::Config) -> anyhow::Result<bool> {
     };
     findings.extend(sink.preflight(&schema, copy_bytes).await?);
     println!("plan for pipeline {}: {} table(s)\n", config.name, schema.tables.len());
-    print!("{}", render_plan(&schema));
+    print!("{}", render_plan(&schema, &config.target));
     println!();
     if findings.is_empty() {
         println!("preflight: source and target are ready");

@@ -178,7 +178,11 @@ impl Streaming {
     }
 
     fn spawn(&self) -> std::process::Child {
-        common::spawn_run(&self.config, &self.log, &[])
+        self.spawn_with_env(&[])
+    }
+
+    fn spawn_with_env(&self, env: &[(&str, &std::path::Path)]) -> std::process::Child {
+        common::spawn_run(&self.config, &self.log, env)
     }
 
     fn log(&self) -> String {
@@ -706,5 +710,76 @@ async fn check_says_which_skip_positions_name_no_transaction() {
     assert!(!said.contains(&format!("skip entry {file}:{gtid} ")), "{said}");
     assert!(said.contains(&format!("skip entry {file}:{inside} names a")), "{said}");
     assert!(said.contains(&format!("skip entry {file}:{} names no event", gtid + 1)), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A table truncated after the snapshot was pinned but before its copy read it fails the
+/// read (ER_TABLE_DEF_CHANGED): it is copied again under a new snapshot, its changes
+/// applied from that snapshot's position on, and the target ends as a fresh copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_truncated_while_the_snapshot_is_copied_is_copied_again() {
+    let (source, target, mut conn, dir) = start_with("truncated", common::PARTIAL_IMAGES_TABLES).await;
+    conn.query_drop("CREATE TABLE shop.bag (v int, note varchar(20)); INSERT INTO shop.bag SELECT seq % 7, CONCAT('n', seq) FROM seq_1_to_300")
+        .await
+        .expect("keyless table");
+    let pipeline = Streaming::new(&source, &target, &dir);
+    let streamed = pg(&target.url("postgres")).await;
+    let mut child = pipeline.spawn_with_env(&[("CUTOVER_FAILPOINT", std::path::Path::new("snapshot-pinned:sleep=4"))]);
+    let started = std::time::Instant::now();
+    while !pipeline.log().contains("failpoint snapshot-pinned") {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the copy never paused:\n{}", pipeline.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    conn.query_drop(
+        "USE shop; UPDATE img SET a = -a WHERE id <= 10; UPDATE bag SET note = 'changed' WHERE v = 3;
+         TRUNCATE img; TRUNCATE bag;
+         INSERT INTO img (id, a, b, t, d) VALUES (1, 1, 'after', 'x', 1), (900, 2, 'after', 'y', 2);
+         INSERT INTO bag VALUES (1, 'after'), (1, 'after'), (2, 'after'); UPDATE bag SET note = 'twice' WHERE v = 2;
+         INSERT INTO marker VALUES (1);",
+    )
+    .await
+    .expect("truncate");
+    wait_for_marker(&streamed, 1, &mut child, &pipeline.log).await;
+    assert!(pipeline.log().contains("copying them again under a new snapshot"), "{}", pipeline.log());
+    pipeline.assert_tables_match_fresh_copy(&source, &target, &dir, 3).await;
+    signal(&mut child, libc::SIGTERM);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// VIRTUAL and PERSISTENT (STORED) generated columns become plain columns on the target,
+/// filled with the source's values by the copy and by the stream alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_columns_arrive_as_the_sources_values() {
+    let (source, target, mut conn, dir) = start_with(
+        "generated",
+        "CREATE DATABASE shop; CREATE TABLE shop.priced (id int PRIMARY KEY, price decimal(10,2), qty int,
+             total decimal(12,2) AS (price * qty) PERSISTENT, label varchar(20) AS (CONCAT('#', id)) VIRTUAL, note text);
+         CREATE TABLE shop.marker (id int PRIMARY KEY);
+         INSERT INTO shop.priced (id, price, qty, note) SELECT seq, seq / 4, seq % 5, 'n' FROM seq_1_to_200;",
+    )
+    .await;
+    let pipeline = Streaming::new(&source, &target, &dir);
+    let streamed = pg(&target.url("postgres")).await;
+    let mut child = pipeline.spawn();
+    conn.query_drop("INSERT INTO shop.marker VALUES (0)").await.expect("marker");
+    wait_for_marker(&streamed, 0, &mut child, &pipeline.log).await;
+    conn.query_drop(
+        "USE shop; INSERT INTO priced (id, price, qty, note) VALUES (500, 2.5, 4, 'streamed');
+         UPDATE priced SET qty = qty + 1 WHERE id % 3 = 0; UPDATE priced SET id = id + 1000 WHERE id % 11 = 0;
+         DELETE FROM priced WHERE id % 7 = 0; INSERT INTO marker VALUES (1);",
+    )
+    .await
+    .expect("changes");
+    wait_for_marker(&streamed, 1, &mut child, &pipeline.log).await;
+    let rows: Vec<String> = streamed
+        .query("SELECT id || '|' || total || '|' || label FROM shop.priced WHERE id IN (500, 1011, 3) ORDER BY id", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, ["3|3.00|#3", "500|10.00|#500", "1011|2.75|#1011"], "{}", pipeline.log());
+    pipeline.assert_tables_match_fresh_copy(&source, &target, &dir, 2).await;
+    signal(&mut child, libc::SIGTERM);
     let _ = std::fs::remove_dir_all(&dir);
 }

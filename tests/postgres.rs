@@ -884,3 +884,211 @@ async fn stop_at_a_past_time_waits_for_a_decoder_that_is_behind() {
         assert_eq!(got, expected, "batch {batch}:\n{}", String::from_utf8_lossy(&output.stderr));
     }
 }
+
+/// TRUNCATE is not MVCC-safe: a table truncated after the snapshot was pinned but before
+/// its copy reads it reads as empty, while the stream still carries the changes made to
+/// its old rows before the TRUNCATE. Such a table is copied again under a new snapshot;
+/// the target ends as the source, keyed and keyless tables alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_truncated_while_the_snapshot_is_copied_is_copied_again() {
+    let pair = Pair::start("truncated", "[snapshot]\nworkers = 2\n");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, v text);
+             CREATE TABLE bag (v int, note text); ALTER TABLE bag REPLICA IDENTITY FULL;
+             CREATE TABLE other (id int PRIMARY KEY);
+             INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 500) g;
+             INSERT INTO bag SELECT g % 7, 'n' || g FROM generate_series(1, 500) g;
+             INSERT INTO other SELECT generate_series(1, 50);",
+        )
+        .await
+        .expect("tables");
+    let mut child = pair.spawn_with_env(&[("CUTOVER_FAILPOINT", std::path::Path::new("snapshot-pinned:sleep=4"))]);
+    let started = std::time::Instant::now();
+    while !pair.log().contains("failpoint snapshot-pinned") {
+        assert!(started.elapsed() < Duration::from_secs(60), "the copy never paused:\n{}", pair.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // After the snapshot, before any table is read: changes to old rows, then TRUNCATE, then new rows.
+    source
+        .batch_execute(
+            "UPDATE items SET v = 'changed' WHERE id <= 10; UPDATE bag SET note = 'changed' WHERE v = 3;
+             DELETE FROM bag WHERE v = 4;
+             TRUNCATE items, bag;
+             INSERT INTO items VALUES (1, 'after'), (600, 'after');
+             INSERT INTO bag VALUES (1, 'after'), (1, 'after'), (2, 'after');
+             UPDATE bag SET note = 'twice' WHERE v = 2;
+             INSERT INTO other VALUES (51);",
+        )
+        .await
+        .expect("truncate");
+    pair.wait_caught_up(&mut child).await;
+    assert!(pair.log().contains("copying them again under a new snapshot"), "{}", pair.log());
+    for query in [
+        "SELECT id || '|' || v FROM items ORDER BY id",
+        "SELECT v || '|' || note FROM bag ORDER BY 1",
+        "SELECT id::text FROM other ORDER BY id",
+    ] {
+        let target = connect(&pair.target.url("postgres")).await;
+        assert_eq!(rows_text(&target, query).await, rows_text(&source, query).await, "{query}\n{}", pair.log());
+    }
+    pair.assert_identical().await;
+    stop(&mut child);
+}
+
+/// Range, list and hash partitioning, a sub-partitioned partition and default partitions:
+/// kept as the same partitioned tables on one target database and flattened into plain
+/// tables on another (`[target] partitions = "flatten"`), both from one source, while
+/// rows stream into every partition and move between partitions and sub-partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_tables_are_kept_or_flattened_and_stream() {
+    let pair = Pair::start("partitions", "[snapshot]\nworkers = 2\n");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE orders (id int, created date NOT NULL, region text NOT NULL, total numeric(10,2), note text,
+                                  PRIMARY KEY (id, created, region)) PARTITION BY RANGE (created);
+             CREATE TABLE orders_2026_01 PARTITION OF orders FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+             CREATE TABLE orders_2026_02 PARTITION OF orders FOR VALUES FROM ('2026-02-01') TO ('2026-03-01')
+                 PARTITION BY LIST (region);
+             CREATE TABLE orders_2026_02_eu PARTITION OF orders_2026_02 FOR VALUES IN ('eu');
+             CREATE TABLE orders_2026_02_rest PARTITION OF orders_2026_02 DEFAULT;
+             CREATE TABLE orders_default PARTITION OF orders DEFAULT;
+             CREATE INDEX orders_region ON orders (region);
+             CREATE TABLE events (id int PRIMARY KEY, kind int) PARTITION BY HASH (id);
+             CREATE TABLE events_0 PARTITION OF events FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+             CREATE TABLE events_1 PARTITION OF events FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+             INSERT INTO orders SELECT g, date '2025-12-15' + (g % 90), (ARRAY['eu', 'us', 'apac'])[1 + g % 3], g, 'n' || g
+                 FROM generate_series(1, 3000) g;
+             INSERT INTO events SELECT g, g % 5 FROM generate_series(1, 1000) g;
+             CREATE TABLE logs (at date, msg text) PARTITION BY RANGE (at);
+             CREATE TABLE logs_a PARTITION OF logs FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+             CREATE TABLE logs_b PARTITION OF logs FOR VALUES FROM ('2026-02-01') TO ('2026-03-01');
+             ALTER TABLE logs REPLICA IDENTITY FULL; ALTER TABLE logs_a REPLICA IDENTITY FULL;
+             ALTER TABLE logs_b REPLICA IDENTITY FULL;
+             INSERT INTO logs VALUES ('2026-01-05', 'a1'), ('2026-02-05', 'b1'), ('2026-01-06', 'a2'), ('2026-02-06', 'b2');",
+        )
+        .await
+        .expect("partitioned tables");
+    let check = cutover("check", &pair.config_path, &[]);
+    let plan = output_text(&check);
+    assert!(
+        plan.contains("partitioned by RANGE (created) into 5 partition(s)")
+            && plan.contains("is partitioned: needs no TRUNCATE of a single partition")
+            && plan.contains("partitioned by HASH (id) into 2 partition(s)")
+            && plan.contains("becomes the same partitioned table"),
+        "{plan}"
+    );
+
+    // A second pipeline from the same source into database `flat`, flattening.
+    let target = connect(&pair.target.url("postgres")).await;
+    target.batch_execute("CREATE DATABASE flat").await.expect("flat database");
+    let flat_config = pair.config_path.with_file_name("flat.toml");
+    let text = std::fs::read_to_string(&pair.config_path).expect("config");
+    let text = text
+        .replace("[target]\n", "[target]\npartitions = \"flatten\"\n")
+        .replace(&pair.target.url("postgres"), &pair.target.url("flat"))
+        .replace("/state", "/flat-state");
+    std::fs::write(&flat_config, text).expect("flat config");
+    let mut child = pair.spawn();
+    let mut flat_child = common::spawn_run(&flat_config, &pair.dir.join("flat.log"), &[]);
+    pair.wait_caught_up(&mut child).await;
+    source
+        .batch_execute(
+            "INSERT INTO orders VALUES (5001, '2026-01-10', 'eu', 1, 'streamed'), (5002, '2026-02-10', 'eu', 2, 'streamed'),
+                                       (5003, '2026-02-11', 'us', 3, 'streamed'), (5004, '2027-05-01', 'us', 4, 'default');
+             UPDATE orders SET created = '2026-02-20' WHERE id = 5001;
+             UPDATE orders SET region = 'us' WHERE id = 5002;
+             UPDATE orders SET created = '2030-01-01', note = 'to default' WHERE id BETWEEN 100 AND 120;
+             UPDATE orders SET note = 'updated' WHERE id % 10 = 0;
+             DELETE FROM orders WHERE id % 7 = 0;
+             UPDATE events SET id = id + 5000 WHERE id <= 20;
+             DELETE FROM events WHERE kind = 3;
+             UPDATE logs SET msg = 'b1 changed' WHERE msg = 'b1';
+             DELETE FROM logs WHERE msg = 'b2';
+             UPDATE logs SET at = '2026-02-10' WHERE msg = 'a2';",
+        )
+        .await
+        .expect("changes");
+    pair.wait_caught_up(&mut child).await;
+
+    // Kept: the same tree, the same bounds, every row in the same partition.
+    let tree = "SELECT t.relid::text || '|' || coalesce(t.parentrelid::text, '-') || '|' || t.level || '|' || \
+                coalesce(pg_get_expr(c.relpartbound, c.oid), '') FROM pg_partition_tree('orders') t \
+                JOIN pg_class c ON c.oid = t.relid UNION ALL \
+                SELECT t.relid::text FROM pg_partition_tree('events') t ORDER BY 1";
+    assert_eq!(rows_text(&target, tree).await, rows_text(&source, tree).await, "{}", pair.log());
+    let orders = "SELECT tableoid::regclass::text || '|' || id || '|' || created || '|' || region || '|' || total || '|' || note \
+                  FROM orders ORDER BY id, created";
+    let events = "SELECT tableoid::regclass::text || '|' || id || '|' || kind FROM events ORDER BY id";
+    // Keyless: rows of different partitions share ctids.
+    let logs = "SELECT tableoid::regclass::text || '|' || at || '|' || msg FROM logs ORDER BY msg";
+    assert_eq!(rows_text(&target, logs).await, rows_text(&source, logs).await, "{}", pair.log());
+    assert_eq!(rows_text(&target, orders).await, rows_text(&source, orders).await, "{}", pair.log());
+    assert_eq!(rows_text(&target, events).await, rows_text(&source, events).await, "{}", pair.log());
+    pair.assert_identical().await;
+
+    // Flattened: plain tables holding every row.
+    let flat = connect(&pair.target.url("flat")).await;
+    let kinds =
+        "SELECT relname::text || '|' || relkind::text FROM pg_class WHERE relname IN ('orders', 'events') ORDER BY 1";
+    let kinds = kinds.replace("('orders', 'events')", "('orders', 'events', 'logs')");
+    assert_eq!(rows_text(&flat, &kinds).await, vec!["events|r", "logs|r", "orders|r"]);
+    let flat_orders =
+        "SELECT id || '|' || created || '|' || region || '|' || total || '|' || note FROM orders ORDER BY id, created";
+    let flat_events = "SELECT id || '|' || kind FROM events ORDER BY id";
+    let started = std::time::Instant::now();
+    loop {
+        let same = rows_text(&flat, flat_orders).await == rows_text(&source, flat_orders).await
+            && rows_text(&flat, flat_events).await == rows_text(&source, flat_events).await;
+        if same {
+            break;
+        }
+        let log = || std::fs::read_to_string(pair.dir.join("flat.log")).unwrap_or_default();
+        assert!(flat_child.try_wait().expect("flat pipeline").is_none(), "the flattening pipeline exited:\n{}", log());
+        assert!(started.elapsed() < Duration::from_secs(120), "the flat target never matched:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop(&mut flat_child);
+    stop(&mut child);
+}
+
+/// A STORED generated column is created as one on the target, in its place, and computed
+/// there (never copied or streamed); an identity column copies and streams its values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_and_identity_columns_are_computed_on_the_target() {
+    let pair = Pair::start("generated", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE lines (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, price numeric(10,2), qty int,
+                                 total numeric GENERATED ALWAYS AS (price * qty) STORED, note text);
+             INSERT INTO lines (price, qty, note) SELECT g * 1.5, g % 4, 'n' || g FROM generate_series(1, 200) g;",
+        )
+        .await
+        .expect("table");
+    let plan = output_text(&cutover("check", &pair.config_path, &[]));
+    assert!(plan.contains("generated as (price * (qty)::numeric): computed on the target too"), "{plan}");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    source
+        .batch_execute(
+            "INSERT INTO lines (price, qty, note) VALUES (9.99, 3, 'streamed');
+             UPDATE lines SET qty = qty + 1 WHERE id % 3 = 0;
+             UPDATE lines SET price = NULL WHERE id = 7;
+             DELETE FROM lines WHERE id % 5 = 0;",
+        )
+        .await
+        .expect("changes");
+    pair.wait_caught_up(&mut child).await;
+    let target = connect(&pair.target.url("postgres")).await;
+    let columns = "SELECT column_name || '|' || is_generated || '|' || coalesce(generation_expression, '') || '|' || is_identity \
+                   FROM information_schema.columns WHERE table_name = 'lines' ORDER BY ordinal_position";
+    assert_eq!(rows_text(&target, columns).await, rows_text(&source, columns).await);
+    let rows = "SELECT id || '|' || coalesce(price::text, '-') || '|' || qty || '|' || coalesce(total::text, '-') || '|' || note \
+                FROM lines ORDER BY id";
+    assert_eq!(rows_text(&target, rows).await, rows_text(&source, rows).await, "{}", pair.log());
+    pair.assert_identical().await;
+    stop(&mut child);
+}

@@ -53,14 +53,7 @@ const PATTERNS: &[(&str, &str)] = &[
 /// Left out unless `CUTOVER_TORTURE_AVOID` says otherwise: each pattern in the pipelines where
 /// it trips a defect not fixed on main yet (a failing run found it; the same run with the
 /// pattern left out passes). Remove an entry once its fix is merged.
-const AVOID_BY_DEFAULT: &[(&str, &[&str])] = &[
-    // MariaDB → PostgreSQL: ERROR 1412 (table definition has changed) while copying, the daemon exits 2.
-    // PostgreSQL: TRUNCATE is not MVCC-safe, the copy reads the table empty, and then a streamed update
-    // of a keyless row that was there is not found: the daemon exits 2.
-    ("truncate_in_snapshot", &["pg-to-pg", "mariadb-to-pg", "pg-to-mariadb"]),
-    // MariaDB TIMESTAMP → MariaDB: loaded as `…+00` text, refused (1265 Data truncated): the daemon exits 2.
-    ("timestamp_columns", &["mariadb-to-mariadb"]),
-];
+const AVOID_BY_DEFAULT: &[(&str, &[&str])] = &[];
 
 /// Default seconds of writing per pipeline.
 const CI_SECONDS: u64 = 20;

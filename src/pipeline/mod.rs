@@ -20,7 +20,7 @@
 mod apply;
 mod snapshot;
 
-pub use snapshot::{copy_tables, CopySummary, LAST_COPY};
+pub use snapshot::{copy_consistently, CopySummary, LAST_COPY};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -184,7 +184,7 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
             sink.create_tables(&schema, &pending, fresh).await?;
             let snapshot = source.new_snapshot().await?;
             let summary =
-                copy_tables(source.as_mut(), sink.as_ref(), &store, &snapshot, &pending, workers, !fresh).await?;
+                copy_consistently(source.as_mut(), sink.as_ref(), &store, snapshot, &pending, workers, !fresh).await?;
             snapshot::log_copy(&summary);
         }
         // Also when every table was copied before a restart: the process may have died before this.
@@ -228,7 +228,8 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
             Some(snapshot) => snapshot,
             None => source.new_snapshot().await?,
         };
-        let summary = copy_tables(source.as_mut(), sink.as_ref(), &store, &snapshot, &pending, workers, !fresh).await?;
+        let summary =
+            copy_consistently(source.as_mut(), sink.as_ref(), &store, snapshot, &pending, workers, !fresh).await?;
         sink.finish_snapshot(&schema).await?;
         snapshot::log_copy(&summary);
     }

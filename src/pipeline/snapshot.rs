@@ -2,7 +2,7 @@
 //! largest first and big ones in chunks, each table's keys and indexes built as soon as
 //! its last chunk lands; per-table progress checkpointed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use crate::metrics::METRICS;
 use crate::progress::{CopyProgress, Reporter, TableCopy, SNAPSHOT_PROGRESS};
 use crate::schema::{SourceSchema, TableDefinition};
 use crate::sink::Sink;
-use crate::source::{SnapshotPoint, Source};
+use crate::source::{SnapshotPoint, Source, TableRewritten};
 
 /// What a finished snapshot copied.
 #[derive(Clone, Debug, Default)]
@@ -25,6 +25,8 @@ pub struct CopySummary {
     pub tables: usize,
     pub rows: u64,
     pub elapsed: Duration,
+    /// Tables not copied: they changed under the snapshot ([`TableRewritten`]).
+    pub rewritten: HashSet<TableName>,
 }
 
 /// The last snapshot this process copied (for the demo's figures).
@@ -58,10 +60,54 @@ pub(super) fn pending_tables<'a>(
     Ok(pending)
 }
 
+/// How many snapshots [`copy_consistently`] takes at most before it gives up on tables
+/// that are truncated again during each copy.
+const COPY_ROUNDS: usize = 5;
+
+/// [`copy_tables`], then, each under a new snapshot, the tables that changed under the
+/// snapshot before (a TRUNCATE while the copy ran), until none did. Each table's copy
+/// position is the snapshot it was copied under.
+pub async fn copy_consistently(
+    source: &mut dyn Source,
+    sink: &dyn Sink,
+    store: &Arc<CheckpointStore>,
+    snapshot: SnapshotPoint,
+    tables: &[&TableDefinition],
+    workers: usize,
+    truncate_first: bool,
+) -> anyhow::Result<CopySummary> {
+    let mut summary = copy_tables(source, sink, store, &snapshot, tables, workers, truncate_first).await?;
+    for round in 2.. {
+        if summary.rewritten.is_empty() {
+            break;
+        }
+        let mut names: Vec<String> = summary.rewritten.iter().map(ToString::to_string).collect();
+        names.sort();
+        let names = names.join(", ");
+        anyhow::ensure!(
+            round <= COPY_ROUNDS,
+            "{names}: truncated or rewritten on the source during each of {COPY_ROUNDS} snapshot copies; nothing of \
+             them is marked copied — run cutover again once that stops"
+        );
+        tracing::warn!(tables = %names, "truncated or rewritten on the source after the snapshot was pinned: copying them again under a new snapshot");
+        let again: Vec<&TableDefinition> =
+            tables.iter().copied().filter(|t| summary.rewritten.contains(&t.schema.name)).collect();
+        let snapshot = source.new_snapshot().await?;
+        let next = copy_tables(source, sink, store, &snapshot, &again, workers, true).await?;
+        summary = CopySummary {
+            tables: summary.tables + next.tables,
+            rows: summary.rows + next.rows,
+            elapsed: summary.elapsed + next.elapsed,
+            rewritten: next.rewritten,
+        };
+    }
+    Ok(summary)
+}
+
 /// Copies tables inside `snapshot` with `workers` connections on each side,
 /// largest first and big ones in chunks, building each table's keys and indexes
 /// on a connection of its own as soon as its last chunk lands.
-pub async fn copy_tables(
+async fn copy_tables(
     source: &mut dyn Source,
     sink: &dyn Sink,
     store: &Arc<CheckpointStore>,
@@ -77,6 +123,7 @@ pub async fn copy_tables(
     }
     // Every reader holds the snapshot now; the exporting session may go.
     source.release_snapshot().await;
+    crate::failpoint::hit("snapshot-pinned");
 
     let mut sorted: Vec<Arc<TableDefinition>> = tables.iter().map(|t| Arc::new((*t).clone())).collect();
     sorted.sort_by_key(|t| std::cmp::Reverse(t.pages));
@@ -136,6 +183,8 @@ pub async fn copy_tables(
     if let Ok(mut current) = SNAPSHOT_PROGRESS.lock() {
         *current = Some(progress.clone());
     }
+    // Tables that changed under the snapshot: the caller copies them again.
+    let rewritten: Arc<Mutex<HashSet<TableName>>> = Arc::default();
     let mut tasks = JoinSet::new();
     for mut reader in readers {
         let mut writer = sink.table_writer().await?;
@@ -144,12 +193,30 @@ pub async fn copy_tables(
         let done_tx = done_tx.clone();
         let progress = progress.clone();
         let table_index = table_index.clone();
+        let rewritten = rewritten.clone();
         tasks.spawn(async move {
             loop {
                 let next = queue.lock().map_err(|_| anyhow::anyhow!("copy queue poisoned"))?.pop_front();
                 let Some((table, chunk, format)) = next else { return anyhow::Ok(()) };
                 let index = table_index.get(&table.schema.name).copied().unwrap_or_default();
-                let mut rows = reader.read(&table, chunk, format).await?;
+                let skip =
+                    rewritten.lock().map_err(|_| anyhow::anyhow!("copy state poisoned"))?.contains(&table.schema.name);
+                let read = match skip {
+                    true => None,
+                    false => match reader.read(&table, chunk, format).await {
+                        Err(e) if e.downcast_ref::<TableRewritten>().is_some() => None,
+                        read => Some(read?),
+                    },
+                };
+                let Some(mut rows) = read else {
+                    rewritten
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("copy state poisoned"))?
+                        .insert(table.schema.name.clone());
+                    let mut remaining = remaining.lock().map_err(|_| anyhow::anyhow!("copy progress poisoned"))?;
+                    remaining.entry(table.schema.name.clone()).or_insert((1, 0)).0 -= 1;
+                    continue;
+                };
                 let counter = progress.clone();
                 rows.data = Box::pin(futures_util::TryStreamExt::inspect_ok(rows.data, move |bytes| {
                     counter.moved(index, bytes.len() as u64);
@@ -165,7 +232,8 @@ pub async fn copy_tables(
                     let entry = remaining.entry(table.schema.name.clone()).or_insert((1, 0));
                     entry.0 -= 1;
                     entry.1 += copied;
-                    (entry.0 == 0).then_some(entry.1)
+                    let rewritten = rewritten.lock().map_err(|_| anyhow::anyhow!("copy state poisoned"))?;
+                    (entry.0 == 0 && !rewritten.contains(&table.schema.name)).then_some(entry.1)
                 };
                 if let Some(rows) = finished {
                     // The indexer only stops when every sender is gone.
@@ -208,5 +276,6 @@ pub async fn copy_tables(
     if let Ok(mut current) = SNAPSHOT_PROGRESS.lock() {
         *current = None;
     }
-    Ok(CopySummary { tables: sorted.len(), rows, elapsed: started.elapsed() })
+    let rewritten = std::mem::take(&mut *rewritten.lock().map_err(|_| anyhow::anyhow!("copy state poisoned"))?);
+    Ok(CopySummary { tables: sorted.len() - rewritten.len(), rows, elapsed: started.elapsed(), rewritten })
 }

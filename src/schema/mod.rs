@@ -69,6 +69,59 @@ pub struct TableDefinition {
     /// Some column's type (or its element type) is user-defined: its binary form
     /// carries OIDs that differ on the target, so the copy goes as text.
     pub has_user_types: bool,
+    /// Set for a PostgreSQL partitioned table: its rows live in its partitions.
+    pub partitioning: Option<Partitioning>,
+    /// Columns the source computes: not in `schema.columns`, never copied or streamed.
+    pub generated: Vec<GeneratedColumn>,
+}
+
+/// A column the database computes from the row's other columns (PostgreSQL
+/// `GENERATED ALWAYS AS (…) STORED`): the target computes it too.
+#[derive(Clone, Debug)]
+pub struct GeneratedColumn {
+    pub name: String,
+    pub type_name: String,
+    /// As `pg_get_expr` prints it.
+    pub expression: String,
+    /// Its place among all the table's columns, data and generated.
+    pub position: usize,
+}
+
+/// How a partitioned table splits its rows, and its partitions.
+#[derive(Clone, Debug)]
+pub struct Partitioning {
+    /// As `pg_get_partkeydef` prints it: `RANGE (created_at)`, `LIST (region)`, `HASH (id)`.
+    pub key: String,
+    /// Every partition below the table, each parent before its own partitions.
+    pub partitions: Vec<Partition>,
+}
+
+/// One partition of a partitioned table.
+#[derive(Clone, Debug)]
+pub struct Partition {
+    pub name: TableName,
+    pub parent: TableName,
+    /// As `pg_get_expr(relpartbound)` prints it: `FOR VALUES FROM (…) TO (…)`, `DEFAULT`.
+    pub bound: String,
+    /// Its own partition key when it is partitioned in turn; `None` for a partition that holds rows.
+    pub key: Option<String>,
+}
+
+impl TableDefinition {
+    /// The names of every column, data and generated.
+    pub fn column_names(&self) -> Vec<&str> {
+        let data = self.schema.columns.iter().map(|c| c.name.as_str());
+        data.chain(self.generated.iter().map(|g| g.name.as_str())).collect()
+    }
+
+    /// The tables that hold this table's rows: its partitions that hold rows (for a
+    /// partitioned table), else the table itself.
+    pub fn row_holders(&self) -> Vec<&TableName> {
+        match &self.partitioning {
+            Some(partitioning) => partitioning.partitions.iter().filter(|p| p.key.is_none()).map(|p| &p.name).collect(),
+            None => vec![&self.schema.name],
+        }
+    }
 }
 
 /// A column's DDL beyond name and type.

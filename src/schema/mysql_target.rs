@@ -73,6 +73,63 @@ fn split_modifier(pg_type: &str) -> (String, &str) {
     }
 }
 
+/// A PostgreSQL generation expression in MySQL's syntax, when it is `+ - * %` over the
+/// table's `columns` and numbers with functions both dialects read the same; `None`
+/// otherwise (`/`, which divides integers differently, casts other than to `numeric`,
+/// string literals, `||`, keywords, other functions).
+pub fn mysql_expression(pg: &str, columns: &[&str]) -> Option<String> {
+    const SAME_IN_BOTH: [&str; 6] = ["abs", "coalesce", "greatest", "least", "lower", "upper"];
+    let bytes = pg.as_bytes();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'"' => {
+                let end = i + 1 + pg[i + 1..].find('"')?;
+                let name = &pg[i + 1..end];
+                if !columns.contains(&name) {
+                    return None;
+                }
+                out.push_str(&quote_ident(name));
+                i = end + 1;
+            }
+            b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
+                let end = pg[i..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(pg.len(), |n| i + n);
+                let word = &pg[i..end];
+                if pg[end..].trim_start().starts_with('(') {
+                    if !SAME_IN_BOTH.contains(&word.to_ascii_lowercase().as_str()) {
+                        return None;
+                    }
+                    out.push_str(word);
+                } else if columns.contains(&word) {
+                    out.push_str(&quote_ident(word));
+                } else {
+                    return None;
+                }
+                i = end;
+            }
+            // PostgreSQL's cast of an integer operand to numeric: MySQL mixes them so itself.
+            b':' if pg[i..].starts_with("::numeric")
+                && !pg[i + 9..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '(') =>
+            {
+                i += "::numeric".len();
+            }
+            b'0'..=b'9' | b'.' | b'(' | b')' | b'+' | b'*' | b'%' | b',' | b' ' => {
+                out.push(b as char);
+                i += 1;
+            }
+            // A minus, but not `--` (a comment).
+            b'-' if bytes.get(i + 1) != Some(&b'-') => {
+                out.push('-');
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
 /// `'text'` for MySQL (standard quotes doubled, backslashes doubled).
 pub fn quote_string(text: &str) -> String {
     format!("'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
@@ -122,10 +179,11 @@ impl Conversion {
             };
         }
         match (split_modifier(pg).0.as_str(), my.as_str()) {
-            ("boolean", _) => Conversion::Boolean,
+            // The spellings `map_type` takes: a MySQL source names its TIMESTAMP `timestamptz(n)`.
+            ("boolean" | "bool", _) => Conversion::Boolean,
             ("bytea", _) => Conversion::Bytes,
-            ("timestamp with time zone", _) => Conversion::UtcTimestamp,
-            ("bit varying" | "bit", "bit") => Conversion::Bits,
+            ("timestamp with time zone" | "timestamptz", _) => Conversion::UtcTimestamp,
+            ("bit varying" | "varbit" | "bit", "bit") => Conversion::Bits,
             _ => Conversion::Same,
         }
     }
@@ -408,6 +466,19 @@ mod tests {
         assert_eq!(Conversion::between("bit varying(12)", "bit"), Conversion::Bits);
         assert_eq!(Conversion::between("integer", "int"), Conversion::Same);
         assert_eq!(Conversion::between("timestamp(3) with time zone", "datetime"), Conversion::UtcTimestamp);
+        let columns = ["price", "qty", "Net", "a"];
+        assert_eq!(mysql_expression("(price * qty)", &columns).as_deref(), Some("(`price` * `qty`)"));
+        assert_eq!(mysql_expression("abs(\"Net\" - 1.5)", &columns).as_deref(), Some("abs(`Net` - 1.5)"));
+        assert_eq!(mysql_expression("(price * (qty)::numeric)", &columns).as_deref(), Some("(`price` * (`qty`))"));
+        assert_eq!(mysql_expression("(price * (qty)::numeric(5,1))", &columns), None);
+        assert_eq!(mysql_expression("(qty / 2)", &columns), None);
+        assert_eq!(mysql_expression("(a || 'x')", &columns), None);
+        assert_eq!(mysql_expression("md5(a)", &columns), None);
+        assert_eq!(mysql_expression("coalesce(a, NULL)", &columns), None);
+        assert_eq!(mysql_expression("(a -- 1\n)", &columns), None);
+        // What a MySQL source calls its TIMESTAMP columns.
+        assert_eq!(Conversion::between("timestamptz(6)", "timestamp"), Conversion::UtcTimestamp);
+        assert_eq!(Conversion::between("bool", "tinyint"), Conversion::Boolean);
     }
 
     #[test]

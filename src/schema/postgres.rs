@@ -5,11 +5,15 @@
 //! orders a restore. Every statement is safe to run again.
 
 use super::{quote_ident, quote_literal, quote_table, EnumType, Sequence, SourceSchema, TableDefinition};
+use crate::config::Partitions;
 
 /// Schemas, enum types and sequences the tables need: run before `create_table`.
 pub fn prerequisites(schema: &SourceSchema) -> Vec<String> {
     let mut statements = Vec::new();
     let mut schemas: Vec<&str> = schema.tables.iter().map(|t| t.schema.name.schema.as_str()).collect();
+    schemas.extend(
+        schema.tables.iter().flat_map(|t| &t.partitioning).flat_map(|p| &p.partitions).map(|p| p.name.schema.as_str()),
+    );
     schemas.extend(schema.enums.iter().map(|e| e.name.schema.as_str()));
     schemas.sort_unstable();
     schemas.dedup();
@@ -45,9 +49,31 @@ fn create_sequence(s: &Sequence) -> String {
     )
 }
 
-/// `CREATE TABLE` with columns only.
-pub fn create_table(table: &TableDefinition) -> String {
-    let columns: Vec<String> = table
+/// `CREATE TABLE` with columns only; for a partitioned table kept as one, its
+/// partitions after it, each parent before its own partitions.
+pub fn create_table(table: &TableDefinition, partitions: Partitions) -> Vec<String> {
+    let create = create_columns(table);
+    match (&table.partitioning, partitions) {
+        (Some(partitioning), Partitions::Keep) => {
+            let mut statements = vec![format!("{create} PARTITION BY {}", partitioning.key)];
+            statements.extend(partitioning.partitions.iter().map(|p| {
+                let sub = p.key.as_ref().map(|key| format!(" PARTITION BY {key}")).unwrap_or_default();
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} {}{sub}",
+                    quote_table(&p.name),
+                    quote_table(&p.parent),
+                    p.bound
+                )
+            }));
+            statements
+        }
+        _ => vec![create],
+    }
+}
+
+/// `CREATE TABLE` with the table's columns.
+fn create_columns(table: &TableDefinition) -> String {
+    let mut columns: Vec<String> = table
         .schema
         .columns
         .iter()
@@ -69,6 +95,16 @@ pub fn create_table(table: &TableDefinition) -> String {
             sql
         })
         .collect();
+    // Computed on the target as on the source, in the same place among the columns.
+    for generated in &table.generated {
+        let sql = format!(
+            "{} {} GENERATED ALWAYS AS ({}) STORED",
+            quote_ident(&generated.name),
+            generated.type_name,
+            generated.expression
+        );
+        columns.insert(generated.position.min(columns.len()), sql);
+    }
     format!("CREATE TABLE IF NOT EXISTS {} ({})", quote_table(&table.schema.name), columns.join(", "))
 }
 
@@ -94,7 +130,9 @@ pub fn post_data(table: &TableDefinition) -> Vec<PostDataObject> {
             .and_then(|(_, rest)| rest.split_once(" ON "))
             .map(|(name, _)| name.trim_matches('"').to_string())
             .unwrap_or_default();
-        objects.push(PostDataObject { name, sql: index.replacen(" INDEX ", " INDEX IF NOT EXISTS ", 1) });
+        // A partitioned table's index prints `ON ONLY`, which would leave its partitions without it.
+        let sql = index.replacen(" INDEX ", " INDEX IF NOT EXISTS ", 1).replacen(" ON ONLY ", " ON ", 1);
+        objects.push(PostDataObject { name, sql });
     }
     objects
 }

@@ -29,7 +29,7 @@ use crate::copy::{CopyFormat, CopyStream, SourceDialect};
 use crate::finding::Finding;
 use crate::myconn::MysqlParams;
 use crate::position::Position;
-use crate::schema::mysql_target::{map_type, quote_ident, shorten, Conversion, CopyToLoadData};
+use crate::schema::mysql_target::{map_type, mysql_expression, quote_ident, shorten, Conversion, CopyToLoadData};
 use crate::schema::{SourceSchema, TableDefinition};
 
 /// Session settings for every target connection: UTC, strict (a value that does
@@ -541,6 +541,15 @@ fn create_table(schema: &SourceSchema, table: &TableDefinition, qualified: &str)
             )
         })
         .collect();
+    // Generated columns whose expression MySQL reads the same, in their place; the plan
+    // names the others, which are left out.
+    for generated in &table.generated {
+        if let Some(expression) = mysql_expression(&generated.expression, &table.column_names()) {
+            let (mapped, _) = map_type(&generated.type_name, enum_labels(schema, &generated.type_name));
+            let sql = format!("{} {mapped} GENERATED ALWAYS AS ({expression}) STORED", quote_ident(&generated.name));
+            lines.insert(generated.position.min(lines.len()), sql);
+        }
+    }
     if !key.is_empty() {
         lines.push(format!("PRIMARY KEY ({})", key.join(", ")));
     }

@@ -23,6 +23,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::{Sink, TableWriter};
 use crate::change::{Change, Identity, TableName, TableSchema, Value};
+use crate::config::Partitions;
 use crate::copy::{CopyFormat, CopyStream, SourceDialect};
 use crate::finding::Finding;
 use crate::pgconn::ConnectParams;
@@ -42,6 +43,8 @@ pub struct PostgresSink {
     columns: HashMap<TableName, Vec<(String, String)>>,
     /// The apply session is bound to the origin.
     session_ready: bool,
+    /// What partitioned tables become here.
+    partitions: Partitions,
 }
 
 impl PostgresSink {
@@ -104,7 +107,11 @@ impl PostgresSink {
         Ok(available.saturating_mul(1024))
     }
 
-    pub async fn connect(params: ConnectParams, pipeline: &str) -> anyhow::Result<PostgresSink> {
+    pub async fn connect(
+        params: ConnectParams,
+        pipeline: &str,
+        partitions: Partitions,
+    ) -> anyhow::Result<PostgresSink> {
         let client = params.connect().await?;
         // After a switchover the old source is read-only by default for every session;
         // the fallback stream applying into it lifts that for itself only.
@@ -122,6 +129,7 @@ impl PostgresSink {
             statements: HashMap::new(),
             columns: HashMap::new(),
             session_ready: false,
+            partitions,
         };
         Ok(sink)
     }
@@ -387,7 +395,12 @@ impl PostgresSink {
             }
         }
         let qualified = quote_table(&table.name);
-        let locate = format!("ctid = (SELECT ctid FROM {qualified} WHERE {} LIMIT 1)", predicates.join(" AND "));
+        // A row of a partitioned table is named by its partition and its ctid (a ctid is
+        // only unique within one partition); still a TID scan.
+        let locate = format!(
+            "(tableoid, ctid) = (SELECT tableoid, ctid FROM {qualified} WHERE {} LIMIT 1)",
+            predicates.join(" AND ")
+        );
         let sql = match new {
             None => format!("DELETE FROM {qualified} WHERE {locate}"),
             Some(new) => {
@@ -727,7 +740,7 @@ impl Sink for PostgresSink {
                     );
                 }
             }
-            sql.push(ddl::create_table(table));
+            sql.extend(ddl::create_table(table, self.partitions));
         }
         let script = format!("BEGIN; {}; COMMIT", sql.join(";\n"));
         self.client

@@ -135,8 +135,19 @@ pub trait Source: Send + Sync {
 /// Reads tables inside a pinned snapshot.
 #[async_trait]
 pub trait TableReader: Send {
+    /// A stream of the chunk's rows; [`TableRewritten`] (before any row) when the table
+    /// changed under the snapshot in a way the snapshot cannot see past.
     async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream>;
 }
+
+/// The table was emptied or rewritten after the snapshot was pinned (PostgreSQL: TRUNCATE
+/// or a rewriting ALTER TABLE, which are not MVCC-safe; MySQL: ER_TABLE_DEF_CHANGED), so
+/// the snapshot cannot read it as it was at its position; or such a statement waits for
+/// the table, and reading it would wait behind that statement, which waits for the copy.
+/// The pipeline copies such a table again under a new snapshot.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} was truncated or rewritten on the source after the snapshot was pinned, or a TRUNCATE waits for it")]
+pub struct TableRewritten(pub crate::change::TableName);
 
 /// A source's committed transactions, in commit order.
 ///

@@ -208,6 +208,8 @@ impl SqliteSource {
                 estimated_rows: u64::try_from(rows).unwrap_or(0),
                 pages: sizes.get(name).copied().unwrap_or(0) / 8192,
                 has_user_types: false,
+                partitioning: None,
+                generated: Vec::new(),
             });
         }
         // Foreign keys to tables that are copied too; the parent's key when the column is implicit.

@@ -223,6 +223,8 @@ impl Source for MongoSource {
                 estimated_rows: documents,
                 pages: bytes / 8192,
                 has_user_types: false,
+                partitioning: None,
+                generated: Vec::new(),
             });
             self.shapes.insert(name, shape);
         }

@@ -173,11 +173,19 @@ pub async fn read_tables(
                 is_key: key_columns.contains(column),
                 default: literal_default(default.as_deref()),
             });
+            // VIRTUAL / STORED (PERSISTENT) columns: the binlog carries their values like any
+            // other column's, and MySQL's expressions are not PostgreSQL's.
+            let generated = extra.to_ascii_uppercase().contains("GENERATED");
             definitions.push(ColumnDefinition {
                 not_null: nullable == "NO",
                 identity: auto.then_some('d'),
                 source_type: Some(column_type.clone()),
-                loss: mapping.loss,
+                loss: match generated {
+                    true => {
+                        Some("generated on the source: a plain column on the target, filled with the source's values")
+                    }
+                    false => mapping.loss,
+                },
             });
             encodings.push(mapping.encoding);
         }
@@ -207,6 +215,8 @@ pub async fn read_tables(
             estimated_rows: rows.unwrap_or(0),
             pages: bytes.unwrap_or(0) / 8192,
             has_user_types: false,
+            partitioning: None,
+            generated: Vec::new(),
         });
     }
     if !unsupported.is_empty() {

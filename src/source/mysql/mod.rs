@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 mod binlog;
 mod catalog;
 
-use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader};
+use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader, TableRewritten};
 use crate::change::{Identity, TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::TableFilter;
@@ -224,6 +224,12 @@ impl Source for MysqlSource {
 
     async fn snapshot_reader(&self, _snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>> {
         let mut conn = self.params.connect().await?;
+        // A TRUNCATE waiting for a table another reader holds makes this reader's read of it
+        // wait behind it (metadata locks queue), and the TRUNCATE waits for the copy: give up
+        // on the table soon and copy it again under the next snapshot instead.
+        conn.query_drop(format!("SET SESSION lock_wait_timeout = {}", READ_LOCK_WAIT.as_secs()))
+            .await
+            .context("setting lock_wait_timeout on a copy connection")?;
         conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             .await
             .context("opening a consistent-snapshot transaction on the source")?;
@@ -376,13 +382,34 @@ impl TableReader for MysqlTableReader {
         let key = table.schema.key_indexes();
         let mut conn = self.conn.clone().lock_owned().await;
         let (tx, mut rx) = mpsc::channel::<anyhow::Result<Bytes>>(8);
+        // Whether the read started, told by its first row (or its end): a table truncated or
+        // altered after the snapshot was pinned fails right there (ER_TABLE_DEF_CHANGED); so
+        // does one that a TRUNCATE is waiting for (ER_LOCK_WAIT_TIMEOUT).
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
         tokio::spawn(async move {
             let result: anyhow::Result<()> = async {
-                let mut rows = conn.query_iter(sql).await.with_context(|| format!("reading {name} from the source"))?;
+                let first = match conn.query_iter(sql).await {
+                    Ok(mut rows) => rows.next().await.map(|first| (rows, first)),
+                    Err(e) => Err(e),
+                };
+                let (mut rows, mut next) = match first {
+                    Ok(started) => {
+                        let _ = started_tx.send(Ok(()));
+                        started
+                    }
+                    Err(mysql_async::Error::Server(e)) if [ER_TABLE_DEF_CHANGED, ER_LOCK_WAIT_TIMEOUT].contains(&e.code) => {
+                        let _ = started_tx.send(Err(TableRewritten(name.clone()).into()));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(anyhow::Error::new(e).context(format!("reading {name} from the source"))));
+                        return Ok(());
+                    }
+                };
                 let mut buffer = BytesMut::with_capacity(COPY_CHUNK);
                 let mut line = Vec::new();
                 let mut zero_dates = 0u64;
-                while let Some(row) = rows.next().await.with_context(|| format!("reading {name} from the source"))? {
+                while let Some(row) = next.take() {
                     line.clear();
                     for (i, encoding) in encodings.iter().enumerate() {
                         if i > 0 {
@@ -419,6 +446,7 @@ impl TableReader for MysqlTableReader {
                     if buffer.len() >= COPY_CHUNK && tx.send(Ok(buffer.split().freeze())).await.is_err() {
                         return Ok(());
                     }
+                    next = rows.next().await.with_context(|| format!("reading {name} from the source"))?;
                 }
                 if !buffer.is_empty() {
                     let _ = tx.send(Ok(buffer.freeze())).await;
@@ -433,7 +461,19 @@ impl TableReader for MysqlTableReader {
                 let _ = tx.send(Err(e)).await;
             }
         });
+        started_rx.await.context("the copy task ended before its query started")??;
         let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Ok(CopyStream { format, data: Box::pin(stream) })
     }
 }
+
+/// "Table definition has changed, please retry transaction": the table was truncated or
+/// altered after this transaction's consistent snapshot was taken.
+const ER_TABLE_DEF_CHANGED: u16 = 1412;
+
+/// "Lock wait timeout exceeded": a consistent read takes no row locks, so this is the
+/// table's metadata lock, which a waiting TRUNCATE or ALTER holds up.
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+
+/// How long a copy connection waits for a table's metadata lock.
+const READ_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

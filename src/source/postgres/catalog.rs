@@ -5,7 +5,9 @@ use anyhow::Context as _;
 use tokio_postgres::GenericClient;
 
 use crate::change::{Column, Identity, TableName, TableSchema};
-use crate::schema::{ColumnDefinition, EnumType, Sequence, SourceSchema, TableDefinition};
+use crate::schema::{
+    ColumnDefinition, EnumType, GeneratedColumn, Partition, Partitioning, Sequence, SourceSchema, TableDefinition,
+};
 
 /// First OID a user object can have; types below it are built in.
 const FIRST_NORMAL_OID: u32 = 16384;
@@ -16,14 +18,26 @@ const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schem
 /// Reads every selected table (`include` decides on `schema.table`).
 pub async fn read_schema(client: &impl GenericClient, include: impl Fn(&str) -> bool) -> anyhow::Result<SourceSchema> {
     let mut schema = SourceSchema::default();
+    // Plain and partitioned tables, partitions included: a partition is a table of its own
+    // when the selection matches it but none of its ancestors. Sizes of a partitioned table
+    // are its partitions' (it holds no rows itself; a plain table has no partition tree).
     let rows = client
         .query(
             &format!(
                 "SELECT c.oid, n.nspname, c.relname, c.relreplident::text, \
-                        greatest(c.reltuples, 0)::int8, \
-                        pg_relation_size(c.oid) / current_setting('block_size')::int8 \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relkind = 'r' AND NOT c.relispartition AND {SYSTEM_SCHEMAS} \
+                        coalesce(CASE WHEN c.relkind = 'p' THEN s.tuples ELSE greatest(c.reltuples, 0) END, 0)::int8, \
+                        coalesce(CASE WHEN c.relkind = 'p' THEN s.pages \
+                                 ELSE pg_relation_size(c.oid) / current_setting('block_size')::int8 END, 0)::int8, \
+                        ARRAY(SELECT an.nspname || '.' || ac.relname FROM pg_partition_ancestors(c.oid) a \
+                              JOIN pg_class ac ON ac.oid = a.relid JOIN pg_namespace an ON an.oid = ac.relnamespace \
+                              WHERE a.relid <> c.oid), \
+                        c.relkind = 'p' \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, \
+                 LATERAL (SELECT sum(greatest(pc.reltuples, 0)) AS tuples, \
+                                 sum(pg_relation_size(pc.oid) / current_setting('block_size')::int8) AS pages \
+                          FROM pg_partition_tree(c.oid) t JOIN pg_class pc ON pc.oid = t.relid \
+                          WHERE t.isleaf AND c.relkind = 'p') s \
+                 WHERE c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMAS} \
                  ORDER BY n.nspname, c.relname"
             ),
             &[],
@@ -32,12 +46,16 @@ pub async fn read_schema(client: &impl GenericClient, include: impl Fn(&str) -> 
         .context("reading the source's tables")?;
     for row in rows {
         let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
-        if !include(&name.to_string()) {
+        let ancestors: Vec<String> = row.get(6);
+        if !include(&name.to_string()) || ancestors.iter().any(|a| include(a)) {
             continue;
         }
         let oid: u32 = row.get(0);
         let replident: String = row.get(3);
-        let table = read_table(client, oid, name, &replident, row.get::<_, i64>(4), row.get::<_, i64>(5)).await?;
+        let mut table = read_table(client, oid, name, &replident, row.get::<_, i64>(4), row.get::<_, i64>(5)).await?;
+        if row.get::<_, bool>(7) {
+            table.partitioning = Some(read_partitioning(client, oid, &table.schema.name).await?);
+        }
         schema.tables.push(table);
     }
     schema.enums = read_enums(client).await?;
@@ -59,12 +77,12 @@ async fn read_table(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, a.attnotnull, \
                     pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, \
                     (a.atttypid >= $2 OR t.typelem >= $2), \
-                    coalesce(a.attnum = ANY(i.indkey), false) \
+                    coalesce(a.attnum = ANY(i.indkey), false), a.attgenerated::text \
              FROM pg_attribute a \
              JOIN pg_type t ON t.oid = a.atttypid \
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
              ORDER BY a.attnum",
             &[&oid, &FIRST_NORMAL_OID],
         )
@@ -74,7 +92,17 @@ async fn read_table(
     let mut definitions = Vec::new();
     let mut has_user_types = false;
     let mut has_primary_key = false;
-    for row in &column_rows {
+    let mut generated = Vec::new();
+    for (position, row) in column_rows.iter().enumerate() {
+        if row.get::<_, &str>(8) == "s" {
+            generated.push(GeneratedColumn {
+                name: row.get(0),
+                type_name: row.get(1),
+                expression: row.get::<_, Option<String>>(4).unwrap_or_default(),
+                position,
+            });
+            continue;
+        }
         let in_primary_key: bool = row.get(7);
         has_primary_key |= in_primary_key;
         has_user_types |= row.get::<_, bool>(6);
@@ -153,7 +181,39 @@ async fn read_table(
         estimated_rows: u64::try_from(estimated_rows).unwrap_or(0),
         pages: u64::try_from(pages).unwrap_or(0),
         has_user_types,
+        partitioning: None,
+        generated,
     })
+}
+
+/// A partitioned table's key and its partitions, parents before their own partitions.
+async fn read_partitioning(client: &impl GenericClient, oid: u32, name: &TableName) -> anyhow::Result<Partitioning> {
+    let context = || format!("reading the partitions of {name}");
+    let key: String =
+        client.query_one("SELECT pg_get_partkeydef($1::oid)", &[&oid]).await.with_context(context)?.get(0);
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, pn.nspname::text, pc.relname::text, \
+                    pg_get_expr(c.relpartbound, c.oid), \
+                    CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END \
+             FROM pg_partition_tree($1::oid::regclass) t \
+             JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_class pc ON pc.oid = t.parentrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace \
+             WHERE t.level > 0 ORDER BY t.level, n.nspname, c.relname",
+            &[&oid],
+        )
+        .await
+        .with_context(context)?;
+    let partitions = rows
+        .iter()
+        .map(|r| Partition {
+            name: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            parent: TableName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
+            bound: r.get(4),
+            key: r.get(5),
+        })
+        .collect();
+    Ok(Partitioning { key, partitions })
 }
 
 async fn read_enums(client: &impl GenericClient) -> anyhow::Result<Vec<EnumType>> {

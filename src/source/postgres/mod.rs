@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 use self::pgoutput::{Message, OldTuple, PG_EPOCH_OFFSET_MICROS};
 use self::replication::{ReplicationConnection, ReplicationMessage};
-use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader};
+use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader, TableRewritten};
 use crate::change::{Change, Column, Event, Identity, TableName, TableSchema};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::TableFilter;
@@ -120,13 +120,22 @@ impl PostgresSource {
                 .context("reading the source's publications")?
                 .is_some();
             let sql = match (exists, list.is_empty()) {
-                (false, true) => format!("CREATE PUBLICATION {} WITH (publish = '{publish}')", quote_ident(&name)),
+                // Via the partition root: a partitioned table's changes arrive as its own,
+                // whichever partition they hit (a row moved between partitions included).
+                (false, true) => format!(
+                    "CREATE PUBLICATION {} WITH (publish = '{publish}', publish_via_partition_root = true)",
+                    quote_ident(&name)
+                ),
                 (false, false) => format!(
-                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = '{publish}')",
+                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = '{publish}', publish_via_partition_root = true)",
                     quote_ident(&name),
                     list.join(", ")
                 ),
-                (true, false) => format!("ALTER PUBLICATION {} SET TABLE {}", quote_ident(&name), list.join(", ")),
+                (true, false) => format!(
+                    "ALTER PUBLICATION {0} SET TABLE {1}; ALTER PUBLICATION {0} SET (publish_via_partition_root = true)",
+                    quote_ident(&name),
+                    list.join(", ")
+                ),
                 (true, true) => {
                     let current = self
                         .client
@@ -246,6 +255,21 @@ impl Source for PostgresSource {
                 format!("table {} has no primary key and no replica identity", table.schema.name),
                 "REPLICA IDENTITY FULL to replicate its UPDATEs and DELETEs (until then an UPDATE or DELETE on it stops the pipeline)",
                 format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(&table.schema.name)),
+            ));
+        }
+        // Published via the root, a partition's own TRUNCATE is not sent (PostgreSQL's rule),
+        // and ATTACH / DETACH move rows in or out of the table without any change in the log.
+        for table in schema.tables.iter().filter(|t| t.partitioning.is_some()) {
+            findings.push(Finding::warning(
+                "source",
+                format!("table {} is partitioned", table.schema.name),
+                "no TRUNCATE of a single partition, no ATTACH / DETACH PARTITION and no new partition while the \
+                 pipeline runs (the change log carries none of them as changes to the table)",
+                format!(
+                    "TRUNCATE {} itself, or DELETE from the partition; create partitions ahead of time, or create \
+                     them on the target too before rows reach them",
+                    quote_table(&table.schema.name)
+                ),
             ));
         }
         Ok(findings)
@@ -380,6 +404,11 @@ impl Source for PostgresSource {
     }
 
     fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk> {
+        // A partitioned table: a chunk per partition that holds rows (none: the table, empty).
+        if table.partitioning.is_some() {
+            let holders = table.row_holders().len();
+            return if holders == 0 { vec![Chunk::Whole] } else { (0..holders).map(Chunk::Partition).collect() };
+        }
         let per_chunk = (table.pages / (workers as u64 * 2).max(1)).max(CHUNK_MIN_PAGES);
         if workers < 2 || table.pages < 2 * CHUNK_MIN_PAGES {
             return vec![Chunk::Whole];
@@ -417,6 +446,8 @@ impl Source for PostgresSource {
             conn,
             catalog,
             relations: HashMap::new(),
+            unannounced: Default::default(),
+            queued: Default::default(),
             type_names: HashMap::new(),
             confirmed,
             last_commit_end: from,
@@ -438,9 +469,24 @@ struct PostgresTableReader {
 impl TableReader for PostgresTableReader {
     async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
         let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let qualified = quote_table(&table.schema.name);
+        // The table that holds the chunk's rows: a partition, or the table itself.
+        let name = match chunk {
+            Chunk::Partition(n) => table
+                .row_holders()
+                .get(n)
+                .map(|&p| p.clone())
+                .with_context(|| format!("{} has no partition {n} that holds rows", table.schema.name))?,
+            _ => table.schema.name.clone(),
+        };
+        let qualified = quote_table(&name);
         let source = match chunk {
-            Chunk::Whole | Chunk::KeyRange { .. } => format!("{qualified} ({})", columns.join(", ")),
+            // A partitioned table without partitions: COPY reads no partitioned table itself.
+            Chunk::Whole if table.partitioning.is_some() => {
+                format!("(SELECT {} FROM {qualified})", columns.join(", "))
+            }
+            Chunk::Whole | Chunk::KeyRange { .. } | Chunk::Partition(_) => {
+                format!("{qualified} ({})", columns.join(", "))
+            }
             Chunk::Pages { start, end } => {
                 let upper = if end == u32::MAX { String::new() } else { format!(" AND ctid < '({end},0)'::tid") };
                 format!("(SELECT {} FROM {qualified} WHERE ctid >= '({start},0)'::tid{upper})", columns.join(", "))
@@ -450,7 +496,35 @@ impl TableReader for PostgresTableReader {
             CopyFormat::PostgresBinary => "FORMAT binary",
             CopyFormat::PostgresText => "FORMAT text",
         };
-        let name = table.schema.name.clone();
+        // Lock the table (its read would, until this transaction ends), then compare the
+        // file the snapshot's catalog names with the table's file now: TRUNCATE swaps the
+        // file, and the snapshot would read the new one (empty of what it can see). Without
+        // waiting: a TRUNCATE queued for a table another reader holds would make this one
+        // wait behind it, and the TRUNCATE waits for the copy to end. (A failed statement
+        // ends a transaction: inside a savepoint.)
+        let checking = || format!("checking that {name} was not truncated since the snapshot");
+        self.client.batch_execute("SAVEPOINT cutover_lock").await.with_context(checking)?;
+        match self.client.batch_execute(&format!("LOCK TABLE ONLY {qualified} IN ACCESS SHARE MODE NOWAIT")).await {
+            Ok(()) => self.client.batch_execute("RELEASE SAVEPOINT cutover_lock").await.with_context(checking)?,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                self.client.batch_execute("ROLLBACK TO SAVEPOINT cutover_lock").await.with_context(checking)?;
+                return Err(TableRewritten(name).into());
+            }
+            Err(e) => return Err(e).with_context(checking),
+        }
+        let rewritten = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_class c WHERE c.oid = $1::text::regclass \
+                 AND pg_relation_filenode(c.oid) IS NOT DISTINCT FROM nullif(c.relfilenode, 0)",
+                &[&qualified],
+            )
+            .await
+            .with_context(checking)?
+            .is_none();
+        if rewritten {
+            return Err(TableRewritten(name).into());
+        }
         let stream = self
             .client
             .copy_out(&format!("COPY {source} TO STDOUT ({options})"))
@@ -473,9 +547,12 @@ async fn untracked_changes(
     let names: Vec<String> = tables.iter().map(quote_table).collect();
     let rows = client
         .query(
-            "SELECT n.ord::int4, coalesce(s.n_tup_upd + s.n_tup_del, 0)::int8 \
+            // Summed over the partitions of a partitioned table (a plain table has no tree).
+            "SELECT n.ord::int4, coalesce(sum(s.n_tup_upd + s.n_tup_del), 0)::int8 \
              FROM unnest($1::text[]) WITH ORDINALITY AS n(name, ord) \
-             LEFT JOIN pg_stat_user_tables s ON s.relid = n.name::regclass",
+             LEFT JOIN pg_stat_user_tables s ON s.relid = n.name::regclass \
+                  OR s.relid IN (SELECT t.relid FROM pg_partition_tree(n.name::regclass) t) \
+             GROUP BY n.ord",
             &[&names],
         )
         .await
@@ -588,6 +665,12 @@ struct PostgresChangeStream {
     conn: ReplicationConnection,
     catalog: tokio_postgres::Client,
     relations: HashMap<u32, Arc<TableSchema>>,
+    /// Relations described but not passed on yet: one goes out right before the first
+    /// change that uses it. (Published via the partition root, pgoutput also describes
+    /// the partition a change hit, which no change then names.)
+    unannounced: std::collections::HashSet<u32>,
+    /// Events decoded from one message and not returned yet.
+    queued: std::collections::VecDeque<Event>,
     type_names: HashMap<(u32, i32), String>,
     confirmed: watch::Receiver<Position>,
     last_commit_end: Lsn,
@@ -695,29 +778,53 @@ impl PostgresChangeStream {
                 self.last_commit_end = Lsn(end_lsn);
                 Event::Commit { position: Position::Lsn(Lsn(end_lsn)), commit_time: pg_time(commit_time) }
             }
-            Message::Relation(rel) => Event::Change(Change::Relation(self.relation(rel).await?)),
-            Message::Insert { relid, new } => Event::Change(Change::Insert { table: self.table(relid, at)?, row: new }),
+            Message::Relation(rel) => {
+                let relid = rel.relid;
+                self.relation(rel).await?;
+                self.unannounced.insert(relid);
+                return Ok(None);
+            }
+            Message::Insert { relid, new } => {
+                self.announce(&[relid], at)?;
+                Event::Change(Change::Insert { table: self.table(relid, at)?, row: new })
+            }
             Message::Update { relid, old, new } => {
+                self.announce(&[relid], at)?;
                 let old = old.map(|o| match o {
                     OldTuple::Key(row) | OldTuple::Full(row) => row,
                 });
                 Event::Change(Change::Update { table: self.table(relid, at)?, old, new })
             }
             Message::Delete { relid, old: OldTuple::Key(old) | OldTuple::Full(old) } => {
+                self.announce(&[relid], at)?;
                 Event::Change(Change::Delete { table: self.table(relid, at)?, old })
             }
             Message::Truncate { relids, cascade, restart_identity } => {
+                self.announce(&relids, at)?;
                 let tables = relids.iter().map(|&r| self.table(r, at)).collect::<anyhow::Result<_>>()?;
                 Event::Change(Change::Truncate { tables, cascade, restart_identity })
             }
             Message::Type { .. } | Message::Origin { .. } | Message::Message { .. } => return Ok(None),
         }))
     }
+
+    /// Queues a `Relation` event for each of `relids` not passed on since it was described.
+    fn announce(&mut self, relids: &[u32], at: Lsn) -> anyhow::Result<()> {
+        for &relid in relids {
+            if self.unannounced.remove(&relid) {
+                self.queued.push_back(Event::Change(Change::Relation(self.table(relid, at)?)));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl ChangeStream for PostgresChangeStream {
     async fn next(&mut self) -> anyhow::Result<Event> {
+        if let Some(event) = self.queued.pop_front() {
+            return Ok(event);
+        }
         loop {
             let housekeeping = tokio::time::sleep_until((self.last_housekeeping + HOUSEKEEPING_INTERVAL).into());
             tokio::select! {
@@ -726,7 +833,9 @@ impl ChangeStream for PostgresChangeStream {
                         let decoded = pgoutput::decode(&data)
                             .with_context(|| format!("decoding the replication stream at {wal_start}"))?;
                         if let Some(event) = self.event(decoded, wal_start).await? {
-                            return Ok(event);
+                            // The relations it uses first.
+                            self.queued.push_back(event);
+                            return self.queued.pop_front().context("an event was just queued");
                         }
                     }
                     ReplicationMessage::Keepalive { wal_end, reply_requested } => {
