@@ -7,7 +7,7 @@ use crate::change::Identity;
 use crate::config::{Partitions, TargetConfig, TargetKind};
 use crate::finding::{Finding, Severity};
 use crate::schema::mysql_target::mysql_expression;
-use crate::schema::SourceSchema;
+use crate::schema::{SourceSchema, UserTypeKind};
 
 /// The findings, worst first, for a terminal.
 pub fn render_findings(findings: &[Finding]) -> String {
@@ -26,6 +26,24 @@ pub fn render_findings(findings: &[Finding]) -> String {
 pub fn render_plan(schema: &SourceSchema, target: &TargetConfig) -> String {
     let partitions = target.partitions();
     let mut out = String::new();
+    for extension in &schema.extensions {
+        let used = match extension.needed_by.is_empty() {
+            true => String::new(),
+            false => format!(" (types of {})", extension.needed_by.join(", ")),
+        };
+        let _ = writeln!(out, "extension {} in schema {}{used}", extension.name, extension.schema);
+    }
+    for user_type in &schema.types {
+        let kind = match user_type.kind {
+            UserTypeKind::Domain { .. } => "domain",
+            UserTypeKind::Composite { .. } => "composite type",
+            UserTypeKind::Range { .. } => "range type",
+        };
+        let _ = writeln!(out, "{kind} {}", user_type.name);
+    }
+    if !schema.extensions.is_empty() || !schema.types.is_empty() {
+        out.push('\n');
+    }
     for table in &schema.tables {
         let key: Vec<&str> = table.schema.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()).collect();
         let key = match (table.schema.identity, key.is_empty()) {

@@ -484,7 +484,11 @@ const TABLES: &[Table] = &[
         ],
         key: 1,
     },
-    Table { name: "kc", columns: &[("id", Kind::Plain), ("v", Kind::Plain), ("note", Kind::Text)], key: 1 },
+    Table {
+        name: "kc",
+        columns: &[("id", Kind::Plain), ("v", Kind::Plain), ("note", Kind::Text), ("v2", Kind::Plain)],
+        key: 1,
+    },
     Table {
         name: "docs",
         columns: &[
@@ -506,11 +510,19 @@ const FILLER_ROWS: i64 = 100_000;
 const PG_SCHEMA: &str = "
 CREATE TABLE items (id integer PRIMARY KEY, code varchar(20) UNIQUE, label text, qty bigint, price numeric(30,10),
     ratio double precision, flag boolean, at timestamp(6), at_tz timestamptz, raw bytea, note varchar(200));
-CREATE TABLE kc (id integer PRIMARY KEY, v integer NOT NULL, note text);
+CREATE TABLE kc (id integer PRIMARY KEY, v integer NOT NULL, note text, v2 bigint GENERATED ALWAYS AS (v::bigint * 2) STORED)
+    PARTITION BY HASH (id);
+CREATE TABLE kc_0 PARTITION OF kc FOR VALUES WITH (MODULUS 3, REMAINDER 0);
+CREATE TABLE kc_1 PARTITION OF kc FOR VALUES WITH (MODULUS 3, REMAINDER 1);
+CREATE TABLE kc_2 PARTITION OF kc FOR VALUES WITH (MODULUS 3, REMAINDER 2);
 CREATE TABLE docs (id integer PRIMARY KEY, rev integer NOT NULL, title text, body text, attachment bytea);
 ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
-CREATE TABLE bag (a integer, b text, c numeric(12,2));
+CREATE TABLE bag (a integer, b text, c numeric(12,2)) PARTITION BY RANGE (a);
+CREATE TABLE bag_negative PARTITION OF bag FOR VALUES FROM (MINVALUE) TO (0);
+CREATE TABLE bag_rest PARTITION OF bag DEFAULT;
 ALTER TABLE bag REPLICA IDENTITY FULL;
+ALTER TABLE bag_negative REPLICA IDENTITY FULL;
+ALTER TABLE bag_rest REPLICA IDENTITY FULL;
 CREATE TABLE pairs (a integer, b integer, v text, PRIMARY KEY (a, b));
 CREATE TABLE filler (id integer PRIMARY KEY, n integer NOT NULL, pad text);
 INSERT INTO filler SELECT g, g, md5(g::text) FROM generate_series(1, 100000) g;
@@ -519,7 +531,7 @@ INSERT INTO filler SELECT g, g, md5(g::text) FROM generate_series(1, 100000) g;
 const MARIADB_SCHEMA: &str = "
 CREATE TABLE items (id int PRIMARY KEY, code varchar(20) UNIQUE, label text, qty bigint, price decimal(30,10),
     ratio double, flag tinyint(1), at datetime(6), at_tz timestamp(6) NULL DEFAULT NULL, raw varbinary(255), note varchar(200));
-CREATE TABLE kc (id int PRIMARY KEY, v int NOT NULL, note text);
+CREATE TABLE kc (id int PRIMARY KEY, v int NOT NULL, note text, v2 bigint AS (v * 2) PERSISTENT);
 CREATE TABLE docs (id int PRIMARY KEY, rev int NOT NULL, title text, body longtext, attachment longblob);
 CREATE TABLE bag (a int, b text, c decimal(12,2));
 CREATE TABLE pairs (a int, b int, v text, PRIMARY KEY (a, b));
@@ -1305,7 +1317,8 @@ impl Workload {
         let predicate = self.bag_match(row);
         match self.dialect {
             Dialect::Postgres => {
-                format!("{set_or_delete} WHERE ctid = (SELECT ctid FROM bag WHERE {predicate} LIMIT 1)")
+                // A ctid is unique within one partition only.
+                format!("{set_or_delete} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM bag WHERE {predicate} LIMIT 1)")
             }
             Dialect::Mariadb => format!("{set_or_delete} WHERE {predicate} LIMIT 1"),
         }

@@ -47,8 +47,48 @@ pub fn push_copy_field(row: &mut Vec<u8>, value: Option<&str>) {
 #[derive(Clone, Debug, Default)]
 pub struct SourceSchema {
     pub enums: Vec<EnumType>,
+    /// Domains, composite and range types the tables' columns use, each after the types
+    /// it is made of.
+    pub types: Vec<UserType>,
+    /// Extensions whose types the tables' columns use, or that the source database has.
+    pub extensions: Vec<Extension>,
     pub sequences: Vec<Sequence>,
     pub tables: Vec<TableDefinition>,
+}
+
+/// A user-defined type other than an enum.
+#[derive(Clone, Debug)]
+pub struct UserType {
+    pub name: TableName,
+    pub kind: UserTypeKind,
+}
+
+/// What a [`UserType`] is made of; type names as `format_type` prints them.
+#[derive(Clone, Debug)]
+pub enum UserTypeKind {
+    Domain {
+        base: String,
+        not_null: bool,
+        default: Option<String>,
+        /// `(name, CHECK (…))` as `pg_get_constraintdef` prints them.
+        checks: Vec<(String, String)>,
+    },
+    Composite {
+        attributes: Vec<(String, String)>,
+    },
+    Range {
+        subtype: String,
+    },
+}
+
+/// An extension of the source database.
+#[derive(Clone, Debug)]
+pub struct Extension {
+    pub name: String,
+    /// The schema its objects live in.
+    pub schema: String,
+    /// Columns (`schema.table.column`) whose type it provides: it must exist on the target.
+    pub needed_by: Vec<String>,
 }
 
 /// A table with everything needed to recreate it.

@@ -83,6 +83,12 @@ pub fn mysql_expression(pg: &str, columns: &[&str]) -> Option<String> {
     let mut out = String::new();
     let mut i = 0;
     while i < bytes.len() {
+        // Casts MySQL makes itself: an integer operand to numeric (it mixes them so), an
+        // integer to bigint (its integer arithmetic is 64-bit).
+        if let Some(cast) = widening_cast(&pg[i..]) {
+            i += cast;
+            continue;
+        }
         let b = bytes[i];
         match b {
             b'"' => {
@@ -109,12 +115,6 @@ pub fn mysql_expression(pg: &str, columns: &[&str]) -> Option<String> {
                 }
                 i = end;
             }
-            // PostgreSQL's cast of an integer operand to numeric: MySQL mixes them so itself.
-            b':' if pg[i..].starts_with("::numeric")
-                && !pg[i + 9..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '(') =>
-            {
-                i += "::numeric".len();
-            }
             b'0'..=b'9' | b'.' | b'(' | b')' | b'+' | b'*' | b'%' | b',' | b' ' => {
                 out.push(b as char);
                 i += 1;
@@ -128,6 +128,14 @@ pub fn mysql_expression(pg: &str, columns: &[&str]) -> Option<String> {
         }
     }
     Some(out)
+}
+
+/// The length of the `::numeric` or `::bigint` cast `text` starts with.
+fn widening_cast(text: &str) -> Option<usize> {
+    ["::numeric", "::bigint"].into_iter().find_map(|cast| {
+        let rest = text.strip_prefix(cast)?;
+        (!rest.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '(')).then_some(cast.len())
+    })
 }
 
 /// `'text'` for MySQL (standard quotes doubled, backslashes doubled).
@@ -472,6 +480,8 @@ mod tests {
         assert_eq!(mysql_expression("(price * (qty)::numeric)", &columns).as_deref(), Some("(`price` * (`qty`))"));
         assert_eq!(mysql_expression("(price * (qty)::numeric(5,1))", &columns), None);
         assert_eq!(mysql_expression("(qty / 2)", &columns), None);
+        assert_eq!(mysql_expression("((qty)::bigint * 2)", &columns).as_deref(), Some("((`qty`) * 2)"));
+        assert_eq!(mysql_expression("((qty)::bigint2 * 2)", &columns), None);
         assert_eq!(mysql_expression("(a || 'x')", &columns), None);
         assert_eq!(mysql_expression("md5(a)", &columns), None);
         assert_eq!(mysql_expression("coalesce(a, NULL)", &columns), None);

@@ -4,7 +4,9 @@
 //! indexes come after their data, foreign keys after all tables, as pg_dump
 //! orders a restore. Every statement is safe to run again.
 
-use super::{quote_ident, quote_literal, quote_table, EnumType, Sequence, SourceSchema, TableDefinition};
+use super::{
+    quote_ident, quote_literal, quote_table, EnumType, Sequence, SourceSchema, TableDefinition, UserType, UserTypeKind,
+};
 use crate::config::Partitions;
 
 /// Schemas, enum types and sequences the tables need: run before `create_table`.
@@ -15,24 +17,65 @@ pub fn prerequisites(schema: &SourceSchema) -> Vec<String> {
         schema.tables.iter().flat_map(|t| &t.partitioning).flat_map(|p| &p.partitions).map(|p| p.name.schema.as_str()),
     );
     schemas.extend(schema.enums.iter().map(|e| e.name.schema.as_str()));
+    schemas.extend(schema.types.iter().map(|t| t.name.schema.as_str()));
+    schemas.extend(schema.extensions.iter().map(|e| e.schema.as_str()));
     schemas.sort_unstable();
     schemas.dedup();
     for name in schemas {
         statements.push(format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(name)));
     }
+    // One a column needs must be there (`check` says so first); another (an operator class
+    // of an index, a function) is created where the target has it, else left to the user.
+    statements.extend(schema.extensions.iter().map(|e| {
+        let create =
+            format!("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}", quote_ident(&e.name), quote_ident(&e.schema));
+        match e.needed_by.is_empty() {
+            false => create,
+            true => format!(
+                "DO $cutover$ BEGIN {create}; EXCEPTION WHEN OTHERS THEN RAISE WARNING 'extension % not created on the \
+                 target: %', {}, SQLERRM; END $cutover$",
+                quote_literal(&e.name)
+            ),
+        }
+    }));
     statements.extend(schema.enums.iter().map(create_enum));
+    statements.extend(schema.types.iter().map(create_type));
     statements.extend(schema.sequences.iter().filter(|s| !s.identity).map(create_sequence));
     statements
 }
 
 fn create_enum(e: &EnumType) -> String {
     let labels: Vec<String> = e.labels.iter().map(|l| quote_literal(l)).collect();
-    // CREATE TYPE has no IF NOT EXISTS.
-    format!(
-        "DO $cutover$ BEGIN CREATE TYPE {} AS ENUM ({}); EXCEPTION WHEN duplicate_object THEN NULL; END $cutover$",
-        quote_table(&e.name),
-        labels.join(", ")
-    )
+    unless_it_exists(&format!("CREATE TYPE {} AS ENUM ({})", quote_table(&e.name), labels.join(", ")))
+}
+
+fn create_type(t: &UserType) -> String {
+    let name = quote_table(&t.name);
+    unless_it_exists(&match &t.kind {
+        UserTypeKind::Domain { base, not_null, default, checks } => {
+            let mut sql = format!("CREATE DOMAIN {name} AS {base}");
+            if let Some(default) = default {
+                sql.push_str(&format!(" DEFAULT {default}"));
+            }
+            if *not_null {
+                sql.push_str(" NOT NULL");
+            }
+            for (check, definition) in checks {
+                sql.push_str(&format!(" CONSTRAINT {} {definition}", quote_ident(check)));
+            }
+            sql
+        }
+        UserTypeKind::Composite { attributes } => {
+            let attributes: Vec<String> = attributes.iter().map(|(a, t)| format!("{} {t}", quote_ident(a))).collect();
+            format!("CREATE TYPE {name} AS ({})", attributes.join(", "))
+        }
+        UserTypeKind::Range { subtype } => format!("CREATE TYPE {name} AS RANGE (SUBTYPE = {subtype})"),
+    })
+}
+
+/// `CREATE TYPE` and `CREATE DOMAIN` have no IF NOT EXISTS.
+fn unless_it_exists(create: &str) -> String {
+    format!("DO $cutover$ BEGIN {create}; EXCEPTION WHEN duplicate_object THEN NULL; END $cutover$")
 }
 
 fn create_sequence(s: &Sequence) -> String {

@@ -686,7 +686,7 @@ impl Sink for PostgresSink {
             .transpose()
     }
 
-    async fn preflight(&mut self, _schema: &SourceSchema, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
+    async fn preflight(&mut self, schema: &SourceSchema, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
         let row = self
             .client
             .query_one("SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
@@ -704,6 +704,34 @@ impl Sink for PostgresSink {
         }
         if copy_bytes > 0 {
             findings.extend(self.free_space_finding(copy_bytes).await);
+        }
+        let available: Vec<String> = self
+            .client
+            .query("SELECT name::text FROM pg_available_extensions", &[])
+            .await
+            .context("reading the target's available extensions")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for extension in schema.extensions.iter().filter(|e| !available.contains(&e.name)) {
+            let what = format!("extension {} is not available on the target", extension.name);
+            let fix = "install the package that provides it on the target's server (for contrib extensions: \
+                       postgresql-contrib), or leave out the tables that use it ([source] exclude)"
+                .to_string();
+            findings.push(match extension.needed_by.is_empty() {
+                false => Finding::error(
+                    "target",
+                    what,
+                    &format!("{} for columns {}", extension.name, extension.needed_by.join(", ")),
+                    fix,
+                ),
+                true => Finding::warning(
+                    "target",
+                    what,
+                    "it for what the source uses it for (an index's operator class, a function)",
+                    fix,
+                ),
+            });
         }
         Ok(findings)
     }

@@ -1,12 +1,15 @@
 //! Reads the source's catalog: the tables to replicate with their columns,
 //! identity, constraints and indexes, plus enum types and sequences.
 
+use std::collections::HashMap;
+
 use anyhow::Context as _;
 use tokio_postgres::GenericClient;
 
 use crate::change::{Column, Identity, TableName, TableSchema};
 use crate::schema::{
-    ColumnDefinition, EnumType, GeneratedColumn, Partition, Partitioning, Sequence, SourceSchema, TableDefinition,
+    quote_table, ColumnDefinition, EnumType, Extension, GeneratedColumn, Partition, Partitioning, Sequence,
+    SourceSchema, TableDefinition, UserType, UserTypeKind,
 };
 
 /// First OID a user object can have; types below it are built in.
@@ -59,6 +62,7 @@ pub async fn read_schema(client: &impl GenericClient, include: impl Fn(&str) -> 
         schema.tables.push(table);
     }
     schema.enums = read_enums(client).await?;
+    (schema.types, schema.extensions) = read_types(client, &schema.tables).await?;
     schema.sequences = read_sequences(client, &schema.tables).await?;
     Ok(schema)
 }
@@ -214,6 +218,163 @@ async fn read_partitioning(client: &impl GenericClient, oid: u32, name: &TableNa
         })
         .collect();
     Ok(Partitioning { key, partitions })
+}
+
+/// The domains, composite and range types the tables' columns use (through arrays,
+/// domains, composites and ranges, to any depth), each after the types it is made of; and
+/// the source database's extensions, each with the columns whose types it provides.
+async fn read_types(
+    client: &impl GenericClient,
+    tables: &[TableDefinition],
+) -> anyhow::Result<(Vec<UserType>, Vec<Extension>)> {
+    let names: Vec<String> = tables.iter().map(|t| quote_table(&t.schema.name)).collect();
+    let context = || "reading the source's user-defined types";
+    // Every type reachable from the columns, with the types each is made of.
+    let rows = client
+        .query(
+            "WITH RECURSIVE reach(oid, used_by) AS ( \
+                 SELECT a.atttypid, cn.nspname || '.' || c.relname || '.' || a.attname \
+                 FROM unnest($1::text[]) AS n(name) JOIN pg_class c ON c.oid = n.name::regclass \
+                 JOIN pg_namespace cn ON cn.oid = c.relnamespace \
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+               UNION \
+                 SELECT d.part, r.used_by FROM reach r JOIN pg_type t ON t.oid = r.oid, \
+                 LATERAL (SELECT t.typelem AS part WHERE t.typelem <> 0 \
+                          UNION ALL SELECT t.typbasetype WHERE t.typbasetype <> 0 \
+                          UNION ALL SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = t.typrelid \
+                                AND t.typtype = 'c' AND a.attnum > 0 AND NOT a.attisdropped \
+                          UNION ALL SELECT g.rngsubtype FROM pg_range g WHERE g.rngtypid = t.oid) d \
+             ) \
+             SELECT t.oid, n.nspname::text, t.typname::text, t.typtype::text, t.typcategory = 'A', \
+                    min(r.used_by), \
+                    (SELECT e.extname::text FROM pg_depend dep JOIN pg_extension e ON e.oid = dep.refobjid \
+                     WHERE dep.classid = 'pg_type'::regclass AND dep.objid = t.oid AND dep.deptype = 'e'), \
+                    ARRAY(SELECT x FROM (SELECT t.typelem UNION ALL SELECT t.typbasetype \
+                          UNION ALL SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = t.typrelid \
+                                AND t.typtype = 'c' AND a.attnum > 0 AND NOT a.attisdropped \
+                          UNION ALL SELECT g.rngsubtype FROM pg_range g WHERE g.rngtypid = t.oid) parts(x) WHERE x <> 0) \
+             FROM reach r JOIN pg_type t ON t.oid = r.oid JOIN pg_namespace n ON n.oid = t.typnamespace \
+             WHERE t.oid >= $2 GROUP BY t.oid, n.nspname, t.typname ORDER BY t.oid",
+            &[&names, &FIRST_NORMAL_OID],
+        )
+        .await
+        .with_context(context)?;
+    let mut extension_users: HashMap<String, Vec<String>> = HashMap::new();
+    let mut parts: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut pending: Vec<(u32, TableName, String)> = Vec::new();
+    for row in &rows {
+        let oid: u32 = row.get(0);
+        let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
+        let used_by: String = row.get(5);
+        parts.insert(oid, row.get(7));
+        if let Some(extension) = row.get::<_, Option<String>>(6) {
+            extension_users.entry(extension).or_default().push(used_by);
+            continue;
+        }
+        match (row.get::<_, &str>(3), row.get::<_, bool>(4)) {
+            // Arrays come with their element type; enums are read on their own.
+            (_, true) | ("e", _) => {}
+            (kind @ ("d" | "c" | "r"), _) => pending.push((oid, name, kind.to_string())),
+            (kind, _) => anyhow::bail!(
+                "column {used_by} uses type {name} (typtype {kind}), which cutover cannot create on the target: \
+                 create it there first, or leave the table out ([source] exclude)"
+            ),
+        }
+    }
+    // Each type after the types it is made of (an array stands for its element).
+    let element: HashMap<u32, u32> = rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(4))
+        .filter_map(|r| Some((r.get(0), r.get::<_, Vec<u32>>(7).first().copied()?)))
+        .collect();
+    let mut ordered: Vec<(u32, TableName, String)> = Vec::new();
+    while !pending.is_empty() {
+        let placed: Vec<u32> = ordered.iter().map(|(oid, ..)| *oid).collect();
+        let waiting: Vec<u32> = pending.iter().map(|(oid, ..)| *oid).collect();
+        let ready = pending.iter().position(|(oid, ..)| {
+            parts
+                .get(oid)
+                .into_iter()
+                .flatten()
+                .map(|p| element.get(p).unwrap_or(p))
+                .all(|p| !waiting.contains(p) || placed.contains(p))
+        });
+        let Some(ready) = ready else {
+            anyhow::bail!("the source's types {waiting:?} are made of each other: cutover cannot order their creation");
+        };
+        ordered.push(pending.remove(ready));
+    }
+    let mut types = Vec::with_capacity(ordered.len());
+    for (oid, name, kind) in ordered {
+        types.push(UserType { kind: read_type_kind(client, oid, &kind, &name).await?, name });
+    }
+    let extensions = client
+        .query(
+            "SELECT e.extname::text, n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
+             WHERE e.extname <> 'plpgsql' ORDER BY e.oid",
+            &[],
+        )
+        .await
+        .context("reading the source's extensions")?
+        .iter()
+        .map(|r| {
+            let name: String = r.get(0);
+            let needed_by = extension_users.remove(&name).unwrap_or_default();
+            Extension { name, schema: r.get(1), needed_by }
+        })
+        .collect();
+    Ok((types, extensions))
+}
+
+/// What a domain (`d`), composite (`c`) or range (`r`) type is made of.
+async fn read_type_kind(
+    client: &impl GenericClient,
+    oid: u32,
+    kind: &str,
+    name: &TableName,
+) -> anyhow::Result<UserTypeKind> {
+    let context = || format!("reading the definition of type {name}");
+    Ok(match kind {
+        "d" => {
+            let row = client
+                .query_one(
+                    "SELECT format_type(t.typbasetype, t.typtypmod), t.typnotnull, t.typdefault, \
+                            ARRAY(SELECT c.conname::text FROM pg_constraint c WHERE c.contypid = t.oid AND c.contype = 'c' ORDER BY c.conname), \
+                            ARRAY(SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c WHERE c.contypid = t.oid AND c.contype = 'c' ORDER BY c.conname) \
+                     FROM pg_type t WHERE t.oid = $1",
+                    &[&oid],
+                )
+                .await
+                .with_context(context)?;
+            let names: Vec<String> = row.get(3);
+            let definitions: Vec<String> = row.get(4);
+            UserTypeKind::Domain {
+                base: row.get(0),
+                not_null: row.get(1),
+                default: row.get(2),
+                checks: names.into_iter().zip(definitions).collect(),
+            }
+        }
+        "c" => {
+            let rows = client
+                .query(
+                    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_type t \
+                     JOIN pg_attribute a ON a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped \
+                     WHERE t.oid = $1 ORDER BY a.attnum",
+                    &[&oid],
+                )
+                .await
+                .with_context(context)?;
+            UserTypeKind::Composite { attributes: rows.iter().map(|r| (r.get(0), r.get(1))).collect() }
+        }
+        _ => {
+            let row = client
+                .query_one("SELECT format_type(rngsubtype, NULL) FROM pg_range WHERE rngtypid = $1", &[&oid])
+                .await
+                .with_context(context)?;
+            UserTypeKind::Range { subtype: row.get(0) }
+        }
+    })
 }
 
 async fn read_enums(client: &impl GenericClient) -> anyhow::Result<Vec<EnumType>> {

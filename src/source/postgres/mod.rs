@@ -257,6 +257,38 @@ impl Source for PostgresSource {
                 format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(&table.schema.name)),
             ));
         }
+        // Table-like relations the selection matches that no publication can carry.
+        let others = self
+            .client
+            .query(
+                "SELECT n.nspname::text, c.relname::text, CASE c.relkind WHEN 'm' THEN 'materialized view' \
+                        ELSE 'foreign table' END \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('m', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .context("reading the source's materialized views and foreign tables")?;
+        for row in others {
+            let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+            if !self.filter.includes(&name.to_string()) {
+                continue;
+            }
+            let kind: String = row.get(2);
+            findings.push(Finding::warning(
+                "source",
+                format!("{kind} {name} is matched by [source] tables but is not copied or streamed"),
+                "it on the target by other means",
+                match kind.as_str() {
+                    "materialized view" => format!(
+                        "create it on the target (CREATE MATERIALIZED VIEW …, then REFRESH MATERIALIZED VIEW {}), or exclude it",
+                        quote_table(&name)
+                    ),
+                    _ => "create the foreign table and its server on the target, or exclude it".to_string(),
+                },
+            ));
+        }
         // Published via the root, a partition's own TRUNCATE is not sent (PostgreSQL's rule),
         // and ATTACH / DETACH move rows in or out of the table without any change in the log.
         for table in schema.tables.iter().filter(|t| t.partitioning.is_some()) {
