@@ -1155,3 +1155,91 @@ async fn user_defined_and_extension_types_are_created_on_the_target() {
     pair.assert_identical().await;
     stop(&mut child);
 }
+
+/// A managed service's setup: the source role has REPLICATION and owns its tables, the
+/// target role is a plain login role with CREATE on the database and its schema only (no
+/// replication origin functions, no session_replication_role). `check` passes, naming the
+/// GRANTs that would help; parent and child rows changed in one source transaction (a
+/// parent deleted after its children), which grouping by table reorders, land exactly (foreign keys deferred to
+/// commit), and a kill -9 mid-stream doubles nothing (positions in cutover.progress).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_role_that_is_no_superuser_replicates_exactly() {
+    let source = cutover::sandbox::PostgresServer::start(&[]).expect("source");
+    let target = cutover::sandbox::PostgresServer::start(&[]).expect("target");
+    connect(&source.url("postgres"))
+        .await
+        .batch_execute("CREATE ROLE owner LOGIN REPLICATION; GRANT CREATE ON DATABASE postgres TO owner; GRANT CREATE ON SCHEMA public TO owner;")
+        .await
+        .expect("source role");
+    connect(&target.url("postgres"))
+        .await
+        .batch_execute(
+            "CREATE ROLE app LOGIN; GRANT CREATE ON DATABASE postgres TO app; GRANT CREATE ON SCHEMA public TO app;",
+        )
+        .await
+        .expect("target role");
+    let source_url = source.url("postgres").replace("cutover@", "owner@");
+    let owner = connect(&source_url).await;
+    owner
+        .batch_execute(
+            "CREATE TABLE parent (id int PRIMARY KEY, name text);
+             CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id), note text);
+             INSERT INTO parent SELECT g, 'p' || g FROM generate_series(1, 200) g;
+             INSERT INTO child SELECT g, 1 + g % 200, 'c' || g FROM generate_series(1, 1000) g;",
+        )
+        .await
+        .expect("tables");
+    let pair = Pair::from_servers("managed", source, target, &source_url, "");
+    let superuser_target = pair.target.url("postgres");
+    let config = std::fs::read_to_string(&pair.config_path).expect("config");
+    std::fs::write(&pair.config_path, config.replace(&superuser_target, &superuser_target.replace("cutover@", "app@")))
+        .expect("config");
+    let check = cutover("check", &pair.config_path, &[]);
+    let report = output_text(&check);
+    assert!(check.status.success(), "{report}");
+    assert!(
+        report.contains("GRANT SET ON PARAMETER session_replication_role TO \"app\";")
+            && report.contains("GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text)"),
+        "{report}"
+    );
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    let burst = |round: i32| {
+        format!(
+            "BEGIN;
+             INSERT INTO parent VALUES ({p}, 'new {round}');
+             INSERT INTO child VALUES ({c1}, {p}, 'child of a new parent');
+             DELETE FROM child WHERE parent_id = {old};
+             DELETE FROM parent WHERE id = {old};
+             UPDATE child SET parent_id = {p} WHERE parent_id = {moved};
+             DELETE FROM parent WHERE id = {moved};
+             COMMIT;",
+            c1 = 10_000 + round,
+            p = 1000 + round,
+            old = 1 + 2 * round,
+            moved = 2 + 2 * round
+        )
+    };
+    for round in 0..40 {
+        owner.batch_execute(&burst(round)).await.expect("burst");
+        if round == 20 {
+            kill9(&mut child);
+            child = pair.spawn();
+        }
+    }
+    pair.wait_caught_up(&mut child).await;
+    let target = connect(&superuser_target).await;
+    for query in [
+        "SELECT id || '|' || name FROM parent ORDER BY id",
+        "SELECT id || '|' || parent_id || '|' || note FROM child ORDER BY id",
+    ] {
+        assert_eq!(rows_text(&target, query).await, rows_text(&owner, query).await, "{query}\n{}", pair.log());
+    }
+    let deferrable =
+        "SELECT conname || '|' || condeferrable || '|' || condeferred FROM pg_constraint WHERE contype = 'f'";
+    assert_eq!(rows_text(&target, deferrable).await, ["child_parent_id_fkey|true|false"]);
+    assert_eq!(count(&target, "SELECT count(*) FROM pg_replication_origin").await, 0);
+    assert_eq!(count(&target, "SELECT count(*) FROM cutover.progress").await, 1);
+    pair.assert_identical().await;
+    stop(&mut child);
+}

@@ -180,15 +180,22 @@ pub fn post_data(table: &TableDefinition) -> Vec<PostDataObject> {
     objects
 }
 
-/// Foreign keys: after every table has its data and keys.
-pub fn foreign_keys(table: &TableDefinition) -> Vec<PostDataObject> {
+/// Foreign keys: after every table has its data and keys. With `deferrable`, each is made
+/// DEFERRABLE (still INITIALLY IMMEDIATE for the applications) where the source's is not.
+pub fn foreign_keys(table: &TableDefinition, deferrable: bool) -> Vec<PostDataObject> {
     let qualified = quote_table(&table.schema.name);
     table
         .foreign_keys
         .iter()
-        .map(|(name, definition)| PostDataObject {
-            name: name.clone(),
-            sql: format!("ALTER TABLE {qualified} ADD CONSTRAINT {} {definition}", quote_ident(name)),
+        .map(|(name, definition)| {
+            let defer = match deferrable && !definition.contains(" DEFERRABLE") {
+                true => " DEFERRABLE",
+                false => "",
+            };
+            PostDataObject {
+                name: name.clone(),
+                sql: format!("ALTER TABLE {qualified} ADD CONSTRAINT {} {definition}{defer}", quote_ident(name)),
+            }
         })
         .collect()
 }

@@ -45,6 +45,50 @@ pub struct PostgresSink {
     session_ready: bool,
     /// What partitioned tables become here.
     partitions: Partitions,
+    /// What the target role may do beyond writing its tables.
+    powers: Powers,
+}
+
+/// What the target role may do beyond writing its own tables; a managed service's
+/// role (RDS, Cloud SQL, Azure, Supabase, Neon) is no superuser.
+#[derive(Clone, Copy, Debug)]
+struct Powers {
+    /// Superuser, or EXECUTE on the `pg_replication_origin_*` functions: the position is
+    /// recorded in the replication origin; else in `cutover.progress`, in the same
+    /// transaction as the rows either way.
+    origins: bool,
+    /// Superuser, or (PostgreSQL 15+) `GRANT SET ON PARAMETER session_replication_role`:
+    /// triggers and foreign keys rest while changes are applied; else foreign keys are
+    /// created DEFERRABLE and deferred to the end of each target transaction, which ends
+    /// on a source transaction boundary, where the source had them satisfied.
+    replica_role: bool,
+}
+
+/// The replication origin functions the sink calls, as `has_function_privilege` names them.
+const ORIGIN_FUNCTIONS: [&str; 5] = [
+    "pg_replication_origin_create(text)",
+    "pg_replication_origin_session_setup(text)",
+    "pg_replication_origin_xact_setup(pg_lsn, timestamp with time zone)",
+    "pg_replication_origin_progress(text, boolean)",
+    "pg_replication_origin_drop(text)",
+];
+
+impl Powers {
+    async fn read(client: &Client, major: u32) -> anyhow::Result<Powers> {
+        let origins = ORIGIN_FUNCTIONS.map(|f| format!("has_function_privilege('{f}', 'EXECUTE')")).join(" AND ");
+        let replica_role = match major >= 15 {
+            true => "has_parameter_privilege('session_replication_role', 'SET')",
+            false => "false",
+        };
+        let row = client
+            .query_one(
+                &format!("SELECT {origins}, rolsuper OR {replica_role} FROM pg_roles WHERE rolname = current_user"),
+                &[],
+            )
+            .await
+            .context("reading what the target role may do")?;
+        Ok(Powers { origins: row.get(0), replica_role: row.get(1) })
+    }
 }
 
 impl PostgresSink {
@@ -121,6 +165,7 @@ impl PostgresSink {
             .context("setting up the target session")?;
         let major = crate::pgconn::server_major(&client, "target").await?;
         let origin = format!("cutover_{pipeline}");
+        let powers = Powers::read(&client, major).await?;
         let sink = PostgresSink {
             major,
             params,
@@ -130,6 +175,7 @@ impl PostgresSink {
             columns: HashMap::new(),
             session_ready: false,
             partitions,
+            powers,
         };
         Ok(sink)
     }
@@ -137,16 +183,20 @@ impl PostgresSink {
     /// Before the first apply: binds this session to the replication origin (created if
     /// needed) and, as PostgreSQL's own subscriber does, turns off triggers and
     /// foreign-key checks (the source checked them), which also lets a batch group its
-    /// changes by table.
+    /// changes by table — each as far as the role may ([`Powers`]).
     async fn prepare_session(&mut self) -> anyhow::Result<()> {
         if self.session_ready {
             return Ok(());
         }
-        self.setup_origin().await?;
-        self.client
-            .batch_execute("SET session_replication_role = replica")
-            .await
-            .context("setting session_replication_role = replica on the target (needs superuser)")?;
+        if self.powers.origins {
+            self.setup_origin().await?;
+        }
+        if self.powers.replica_role {
+            self.client
+                .batch_execute("SET session_replication_role = replica")
+                .await
+                .context("setting session_replication_role = replica on the target")?;
+        }
         self.session_ready = true;
         Ok(())
     }
@@ -659,14 +709,17 @@ impl Sink for PostgresSink {
     }
 
     async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {
+        // A function the role may not execute fails the query even where CASE skips it.
+        let origin = match self.powers.origins {
+            true => {
+                "CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1) \
+                     THEN pg_replication_origin_progress($1, true)::text END"
+            }
+            false => "CASE WHEN $1::text IS NULL THEN NULL END::text",
+        };
         let row = self
             .client
-            .query_one(
-                "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1) \
-                        THEN pg_replication_origin_progress($1, true)::text END, \
-                        to_regclass('cutover.progress') IS NOT NULL",
-                &[&self.origin],
-            )
+            .query_one(&format!("SELECT {origin}, to_regclass('cutover.progress') IS NOT NULL"), &[&self.origin])
             .await
             .context("reading the replication origin's progress on the target")?;
         let lsn: Option<String> = row.get(0);
@@ -693,13 +746,49 @@ impl Sink for PostgresSink {
             .await
             .context("reading the target role")?;
         let (user, superuser): (String, bool) = (row.get(0), row.get(1));
+        let role = quote_ident(&user);
         let mut findings = Vec::new();
-        if !superuser {
+        let database: String = self
+            .client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .context("reading the target database")?
+            .get(0);
+        let may_create: bool = self
+            .client
+            .query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[])
+            .await
+            .context("reading the target role's privileges")?
+            .get(0);
+        if !may_create {
             findings.push(Finding::error(
                 "target",
-                format!("role {user} is not a superuser"),
-                "superuser (replication origins, session_replication_role)",
-                format!("ALTER ROLE {} SUPERUSER;", quote_ident(&user)),
+                format!("role {user} may not create schemas in database {database}"),
+                "CREATE on the database (cutover creates the source's schemas and its own `cutover` schema)",
+                format!("GRANT CREATE ON DATABASE {} TO {role};", quote_ident(&database)),
+            ));
+        }
+        if !superuser && !self.powers.origins {
+            let functions = ORIGIN_FUNCTIONS.join(", ");
+            findings.push(Finding::warning(
+                "target",
+                format!("role {user} may not use replication origins"),
+                "EXECUTE on the replication origin functions, to record positions as PostgreSQL's own subscriber \
+                 does (without it they go into cutover.progress, in the same transaction as the rows)",
+                format!("GRANT EXECUTE ON FUNCTION {functions} TO {role};"),
+            ));
+        }
+        if !self.powers.replica_role {
+            let grant = match self.major >= 15 {
+                true => format!("GRANT SET ON PARAMETER session_replication_role TO {role};"),
+                false => format!("ALTER ROLE {role} SUPERUSER; (before PostgreSQL 15 only a superuser may)"),
+            };
+            findings.push(Finding::warning(
+                "target",
+                format!("role {user} may not set session_replication_role"),
+                "it to apply with triggers and foreign keys at rest (without it, foreign keys are created \
+                 DEFERRABLE and checked at the end of each target transaction, and the target's own triggers fire)",
+                grant,
             ));
         }
         if copy_bytes > 0 {
@@ -790,7 +879,7 @@ impl Sink for PostgresSink {
 
     async fn finish_snapshot(&mut self, schema: &SourceSchema) -> anyhow::Result<()> {
         for table in &schema.tables {
-            create_missing(&self.client, table, ddl::foreign_keys(table)).await?;
+            create_missing(&self.client, table, ddl::foreign_keys(table, !self.powers.replica_role)).await?;
         }
         for sql in ddl::sequence_values(schema) {
             self.client.batch_execute(&sql).await.with_context(|| format!("setting sequences on the target: {sql}"))?;
@@ -829,7 +918,10 @@ impl Sink for PostgresSink {
 
     async fn begin(&mut self) -> anyhow::Result<()> {
         self.prepare_session().await?;
-        self.client.batch_execute("BEGIN").await.context("opening a target transaction")
+        // Without session_replication_role, foreign keys (created DEFERRABLE) are checked
+        // at commit, on a source transaction boundary.
+        let begin = if self.powers.replica_role { "BEGIN" } else { "BEGIN; SET CONSTRAINTS ALL DEFERRED" };
+        self.client.batch_execute(begin).await.context("opening a target transaction")
     }
 
     async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
@@ -863,7 +955,7 @@ impl Sink for PostgresSink {
         let seconds = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
         // An LSN goes into the replication origin, as PostgreSQL's own subscriber keeps it;
         // other sources' positions into cutover.progress, in the same transaction.
-        let record = match position.lsn() {
+        let record = match position.lsn().filter(|_| self.powers.origins) {
             Some(lsn) => format!("SELECT pg_replication_origin_xact_setup('{lsn}', to_timestamp({seconds}))"),
             None => format!(
                 "CREATE SCHEMA IF NOT EXISTS cutover; \
@@ -886,7 +978,7 @@ impl Sink for PostgresSink {
 /// The changes with those between barriers grouped by table, each table's in
 /// their original order, so runs grow long. Safe because the final state of a row
 /// depends only on the order of its own table's changes, and foreign keys are not
-/// checked while applying. Truncates, column additions and row-matched changes of
+/// checked while applying (session_replication_role) or only at commit (deferred). Truncates, column additions and row-matched changes of
 /// tables without key stay where they are.
 fn group_by_table(changes: &[Change]) -> Vec<&Change> {
     let is_barrier = |change: &Change| match change {
