@@ -135,6 +135,17 @@ impl CheckpointStore {
         self.put(&format!("{TABLE_PREFIX}{table}"), progress)
     }
 
+    /// Forgets that a table (`schema.table`, as [`TableName`] prints it) was copied: the
+    /// next start copies it again. Whether it was.
+    pub fn forget_table(&self, table: &str) -> anyhow::Result<bool> {
+        let key = format!("{TABLE_PREFIX}{table}");
+        let known = self.db.get(&key).with_context(|| format!("checkpoint store: reading {key}"))?.is_some();
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db.delete_opt(&key, &options).with_context(|| format!("checkpoint store: deleting {key}"))?;
+        Ok(known)
+    }
+
     /// Every table whose copy finished, with its progress.
     pub fn tables(&self) -> anyhow::Result<Vec<(String, TableProgress)>> {
         let mut tables = Vec::new();

@@ -49,6 +49,14 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Copy tables again under a fresh snapshot (the running daemon does it at once; else the next run).
+    Resync {
+        #[arg(long)]
+        config: PathBuf,
+        /// A table to copy again, as `schema.table` (repeatable).
+        #[arg(long = "table", required = true)]
+        tables: Vec<String>,
+    },
     /// Compare source and target: row counts and checksums per table; exit 1 on a difference.
     Verify {
         #[arg(long)]

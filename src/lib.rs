@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod position;
 pub mod preflight;
 pub mod progress;
+pub mod resync;
 pub mod retry;
 pub mod sandbox;
 pub mod schema;

@@ -91,6 +91,11 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
             let done = cutover::cleanup::cleanup(&config, yes).await?;
             Ok(if done { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Resync { config, tables } => {
+            let config = Config::load(&config)?;
+            print!("{}", cutover::resync::resync(&config, &tables).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify { config } => {
             let config = Config::load(&config)?;
             let verification = cutover::verify::verify(&config).await?;

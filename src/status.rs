@@ -80,6 +80,11 @@ pub enum Request {
     /// The switchover is done: record how it ended and stop (the fallback stream,
     /// when there is one, takes over in the same process).
     SwitchedOver(SwitchoverRecord),
+    /// Copy these tables (`schema.table`) again: their copies are forgotten and the
+    /// pipeline resumes from its checkpoint, which copies what it has not.
+    Resync {
+        tables: Vec<String>,
+    },
 }
 
 /// Answers requests on the control socket until the task is aborted; `stop` ends
@@ -88,6 +93,7 @@ pub async fn serve(
     state_dir: &Path,
     store: Arc<CheckpointStore>,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
+    resync: Arc<tokio::sync::watch::Sender<u64>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let path = socket_path(state_dir);
     // A socket left by a killed predecessor; the RocksDB lock proves it is gone.
@@ -101,14 +107,28 @@ pub async fn serve(
             let Ok((mut socket, _)) = listener.accept().await else { continue };
             let mut request = Vec::new();
             let read = tokio::time::timeout(std::time::Duration::from_secs(1), socket.read_to_end(&mut request)).await;
-            if let (Ok(Ok(_)), Ok(Request::SwitchedOver(record))) = (read, serde_json::from_slice::<Request>(&request))
-            {
-                if let Err(e) = store.save_switchover(&record) {
-                    tracing::error!("recording the switchover: {e:#}");
+            match (read, serde_json::from_slice::<Request>(&request)) {
+                (Ok(Ok(_)), Ok(Request::SwitchedOver(record))) => {
+                    if let Err(e) = store.save_switchover(&record) {
+                        tracing::error!("recording the switchover: {e:#}");
+                    }
+                    METRICS.set_phase("switched-over");
+                    tracing::info!(final_position = record.final_position, fallback = record.fallback, "switched over");
+                    let _ = stop.send(true);
                 }
-                METRICS.set_phase("switched-over");
-                tracing::info!(final_position = record.final_position, fallback = record.fallback, "switched over");
-                let _ = stop.send(true);
+                (Ok(Ok(_)), Ok(Request::Resync { tables })) => {
+                    for table in &tables {
+                        if let Err(e) = store.forget_table(table) {
+                            tracing::error!("forgetting the copy of {table}: {e:#}");
+                        }
+                    }
+                    tracing::info!(
+                        tables = tables.join(", "),
+                        "asked to copy again: resuming from the checkpoint to copy them"
+                    );
+                    resync.send_modify(|generation| *generation += 1);
+                }
+                _ => {}
             }
             let body = match live(&store).and_then(|s| Ok(serde_json::to_vec(&s)?)) {
                 Ok(body) => body,

@@ -1243,3 +1243,70 @@ async fn a_target_role_that_is_no_superuser_replicates_exactly() {
     pair.assert_identical().await;
     stop(&mut child);
 }
+
+/// `cutover resync` on a running pipeline under writes: target tables damaged by hand are
+/// emptied and copied again under a new snapshot while the source keeps writing, and
+/// every table ends as the source. A table that a foreign key references is refused alone
+/// and taken with the table referencing it. With no daemon running, the next run copies
+/// the table again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_copies_tables_again_while_the_pipeline_runs() {
+    let pair = Pair::start("resync", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE parent (id int PRIMARY KEY, v text);
+             CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent (id), v text);
+             CREATE TABLE other (id int PRIMARY KEY, n int);
+             INSERT INTO parent SELECT g, 'p' || g FROM generate_series(1, 500) g;
+             INSERT INTO child SELECT g, 1 + g % 500, 'c' || g FROM generate_series(1, 5000) g;
+             INSERT INTO other SELECT g, 0 FROM generate_series(1, 100) g;",
+        )
+        .await
+        .expect("tables");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    let target = connect(&pair.target.url("postgres")).await;
+    target
+        .batch_execute("DELETE FROM child WHERE id % 3 = 0; UPDATE parent SET v = 'damaged' WHERE id < 100;")
+        .await
+        .expect("damage");
+    let url = pair.source.url("postgres");
+    let writer = tokio::spawn(async move {
+        let source = connect(&url).await;
+        for round in 0..200 {
+            source
+                .batch_execute(&format!(
+                    "UPDATE other SET n = n + 1 WHERE id = {id}; UPDATE child SET v = 'w{round}' WHERE id = {c};
+                     INSERT INTO parent VALUES ({p}, 'new'); INSERT INTO child VALUES ({p}, {p}, 'new');",
+                    id = 1 + round % 100,
+                    c = 1 + round * 7,
+                    p = 10_000 + round
+                ))
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let alone = cutover("resync", &pair.config_path, &["--table", "public.parent"]);
+    assert!(!alone.status.success() && output_text(&alone).contains("public.child"), "{}", output_text(&alone));
+    let both = cutover("resync", &pair.config_path, &["--table", "public.parent", "--table", "public.child"]);
+    assert!(both.status.success() && output_text(&both).contains("copying again now"), "{}", output_text(&both));
+    writer.await.expect("writer");
+    pair.wait_caught_up(&mut child).await;
+    assert!(pair.log().contains("asked to copy again"), "{}", pair.log());
+    pair.assert_identical().await;
+
+    stop(&mut child);
+    target.batch_execute("UPDATE other SET n = -1").await.expect("damage");
+    let offline = cutover("resync", &pair.config_path, &["--table", "public.other"]);
+    assert!(
+        offline.status.success() && output_text(&offline).contains("next `cutover run`"),
+        "{}",
+        output_text(&offline)
+    );
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    pair.assert_identical().await;
+    stop(&mut child);
+}

@@ -15,7 +15,7 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::position::{Position, StopAt};
-use crate::retry::{is_resume, is_transient};
+use crate::retry::{is_resume, is_transient, ResumeFromCheckpoint};
 use crate::sink::Sink;
 use crate::source::{ChangeStream, Source};
 
@@ -312,6 +312,13 @@ async fn log_end_after(source: &mut dyn Source, time: SystemTime) -> anyhow::Res
     }
 }
 
+/// What tells the stream to end: `stop` for good, a new `resync` generation to drain and
+/// resume from the checkpoint (tables to copy again were forgotten).
+pub(super) struct Signals {
+    pub stop: watch::Receiver<bool>,
+    pub resync: watch::Receiver<u64>,
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn stream(
     mut changes: Box<dyn ChangeStream>,
@@ -322,8 +329,9 @@ pub(super) async fn stream(
     confirmed: watch::Sender<Position>,
     copied_at: HashMap<String, Position>,
     config: &Config,
-    mut stop: watch::Receiver<bool>,
+    signals: Signals,
 ) -> anyhow::Result<()> {
+    let Signals { mut stop, mut resync } = signals;
     tracing::info!(from = %start, "streaming changes");
     let (tx, mut rx) = mpsc::channel::<(Event, OwnedSemaphorePermit)>(8192);
     // Decoding runs beside applying; the channel, bounded by events and by bytes, is the backpressure.
@@ -356,6 +364,7 @@ pub(super) async fn stream(
     // DRAIN_TIMEOUT), commits, and returns; past the deadline the open target
     // transaction is rolled back, which loses nothing: a restart resumes before it.
     let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let (mut resyncing, mut resync_closed) = (false, false);
     let mut idle_check = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         let deadline = drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -425,6 +434,18 @@ pub(super) async fn stream(
                 }
                 drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
             }
+            changed = resync.changed(), if drain_deadline.is_none() && !resync_closed => {
+                // The sender lives as long as the pipeline; gone, nothing can ask any more.
+                if changed.is_err() {
+                    resync_closed = true;
+                    continue;
+                }
+                resyncing = true;
+                if applier.current.is_none() {
+                    break applier.commit().await;
+                }
+                drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+            }
             _ = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => {
                 tracing::warn!("the source transaction in progress did not end in time; it is rolled back on the target and re-read at the next start");
                 break Ok(());
@@ -432,6 +453,11 @@ pub(super) async fn stream(
         }
     };
     reader.abort();
+    // Drained for `cutover resync` (and not told to stop meanwhile): resume, copying again.
+    let result = match result {
+        Ok(()) if resyncing && !*stop.borrow() => Err(ResumeFromCheckpoint("asked to copy tables again".into()).into()),
+        other => other,
+    };
     // A skip entry that named nothing is said whenever the daemon stops, for any reason
     // (not when it only resumes from its checkpoint).
     if result.as_ref().err().is_none_or(|e| !is_transient(e) && !is_resume(e)) {

@@ -97,7 +97,9 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
     let metrics_server = config.metrics.address().map(|listen| tokio::spawn(crate::metrics::serve(listen)));
     let (stop_tx, mut stop) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
-    let control = crate::status::serve(&config.state.dir, store.clone(), stop_tx.clone()).await?;
+    // Bumped by `cutover resync`: the stream drains and the pipeline resumes, copying again.
+    let (resync_tx, mut resync) = watch::channel(0u64);
+    let control = crate::status::serve(&config.state.dir, store.clone(), stop_tx.clone(), Arc::new(resync_tx)).await?;
     let signal = tokio::spawn(async move {
         shutdown.await;
         crate::notify::notify("STOPPING=1");
@@ -107,7 +109,9 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
     let mut failing_since: Option<Instant> = None;
     let result = loop {
         let attempt = Instant::now();
-        let error = match run_once(config, &store, stop.clone()).await {
+        // A request made before this attempt is served by it: its copies are already forgotten.
+        resync.borrow_and_update();
+        let error = match run_once(config, &store, stop.clone(), resync.clone()).await {
             Ok(()) => break Ok(()),
             Err(e) if is_resume(&e) => {
                 tracing::info!(reason = format!("{e:#}"), "resuming from the last checkpoint");
@@ -166,7 +170,12 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// One attempt: connect, copy what is missing, stream until stopped or broken.
-async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn run_once(
+    config: &Config,
+    store: &Arc<CheckpointStore>,
+    stop: watch::Receiver<bool>,
+    resync: watch::Receiver<u64>,
+) -> anyhow::Result<()> {
     let store = store.clone();
     let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
     METRICS.set_healthy(true);
@@ -255,5 +264,6 @@ async fn run_once(config: &Config, store: &Arc<CheckpointStore>, stop: watch::Re
     }
     let (confirmed, confirmed_rx) = watch::channel(start.clone());
     let changes = source.start_stream(&start, confirmed_rx, &untracked).await?;
-    apply::stream(changes, source.as_mut(), sink.as_mut(), &store, start, confirmed, copied_at, config, stop).await
+    let signals = apply::Signals { stop, resync };
+    apply::stream(changes, source.as_mut(), sink.as_mut(), &store, start, confirmed, copied_at, config, signals).await
 }

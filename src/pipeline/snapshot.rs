@@ -128,10 +128,8 @@ async fn copy_tables(
     let mut sorted: Vec<Arc<TableDefinition>> = tables.iter().map(|t| Arc::new((*t).clone())).collect();
     sorted.sort_by_key(|t| std::cmp::Reverse(t.pages));
     if truncate_first {
-        let mut writer = sink.table_writer().await?;
-        for table in &sorted {
-            writer.truncate(&table.schema.name).await?;
-        }
+        let names: Vec<TableName> = sorted.iter().map(|t| t.schema.name.clone()).collect();
+        sink.table_writer().await?.truncate(&names).await?;
     }
     METRICS.set_phase("snapshot");
     METRICS.snapshot_tables.with_label_values(&["pending"]).add(sorted.len() as i64);

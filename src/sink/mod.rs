@@ -65,6 +65,13 @@ pub trait Sink: Send + Sync {
     /// Foreign keys and sequence values, once every table holds its rows.
     async fn finish_snapshot(&mut self, schema: &SourceSchema) -> anyhow::Result<()>;
 
+    /// The tables on the target whose foreign keys reference one of `tables` and are not
+    /// among them: [`TableWriter::truncate`] cannot empty `tables` without them. None by
+    /// default (a target that empties tables without checking foreign keys).
+    async fn referencing_tables(&mut self, _tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
+        Ok(Vec::new())
+    }
+
     /// Drops what the pipeline created on the target besides the replicated tables
     /// (its exactly-once markers); returns what it dropped.
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>>;
@@ -82,8 +89,9 @@ pub trait Sink: Send + Sync {
 /// Bulk loading on a connection of its own.
 #[async_trait]
 pub trait TableWriter: Send {
-    /// Empties a table before it is copied (again).
-    async fn truncate(&mut self, table: &TableName) -> anyhow::Result<()>;
+    /// Empties tables before they are copied (again), together: a table a foreign key
+    /// references can be emptied with the tables that reference it.
+    async fn truncate(&mut self, tables: &[TableName]) -> anyhow::Result<()>;
 
     /// Loads a copy stream; returns the rows loaded.
     async fn write(&mut self, table: &TableDefinition, rows: CopyStream) -> anyhow::Result<u64>;

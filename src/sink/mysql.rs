@@ -780,10 +780,14 @@ struct MysqlTableWriter {
 
 #[async_trait]
 impl TableWriter for MysqlTableWriter {
-    async fn truncate(&mut self, table: &TableName) -> anyhow::Result<()> {
-        let database = database_for(&self.url_database, &self.home_schema, &table.schema);
-        let sql = format!("TRUNCATE TABLE {}.{}", quote_ident(&database), quote_ident(&table.name));
-        self.conn.query_drop(&sql).await.with_context(|| format!("emptying {table} on the target"))
+    async fn truncate(&mut self, tables: &[TableName]) -> anyhow::Result<()> {
+        // One at a time: this session does not check foreign keys.
+        for table in tables {
+            let database = database_for(&self.url_database, &self.home_schema, &table.schema);
+            let sql = format!("TRUNCATE TABLE {}.{}", quote_ident(&database), quote_ident(&table.name));
+            self.conn.query_drop(&sql).await.with_context(|| format!("emptying {table} on the target"))?;
+        }
+        Ok(())
     }
 
     async fn write(&mut self, table: &TableDefinition, mut rows: CopyStream) -> anyhow::Result<u64> {

@@ -916,6 +916,23 @@ impl Sink for PostgresSink {
         Ok(dropped)
     }
 
+    async fn referencing_tables(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
+        let names: Vec<String> = tables.iter().map(quote_table).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT DISTINCT n.nspname::text, c.relname::text FROM pg_constraint f \
+                 JOIN pg_class c ON c.oid = f.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE f.contype = 'f' AND f.confrelid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) t) \
+                   AND f.conrelid <> ALL (SELECT coalesce(to_regclass(t), 0) FROM unnest($1::text[]) t) \
+                 ORDER BY 1, 2",
+                &[&names],
+            )
+            .await
+            .context("reading the target's foreign keys")?;
+        Ok(rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+    }
+
     async fn begin(&mut self) -> anyhow::Result<()> {
         self.prepare_session().await?;
         // Without session_replication_role, foreign keys (created DEFERRABLE) are checked
@@ -1008,11 +1025,15 @@ struct PostgresTableWriter {
 
 #[async_trait]
 impl TableWriter for PostgresTableWriter {
-    async fn truncate(&mut self, table: &TableName) -> anyhow::Result<()> {
-        self.client
-            .batch_execute(&format!("TRUNCATE {}", quote_table(table)))
-            .await
-            .with_context(|| format!("emptying {table} on the target before copying it again"))
+    async fn truncate(&mut self, tables: &[TableName]) -> anyhow::Result<()> {
+        let list: Vec<String> = tables.iter().map(quote_table).collect();
+        self.client.batch_execute(&format!("TRUNCATE {}", list.join(", "))).await.with_context(|| {
+            format!(
+                "emptying {} on the target before copying again (a table that foreign keys reference is emptied \
+                 only with the tables that reference it: copy those again too)",
+                list.join(", ")
+            )
+        })
     }
 
     async fn write(&mut self, table: &TableDefinition, mut rows: CopyStream) -> anyhow::Result<u64> {
