@@ -1310,3 +1310,55 @@ async fn resync_copies_tables_again_while_the_pipeline_runs() {
     pair.assert_identical().await;
     stop(&mut child);
 }
+
+/// A column renamed on the source while streaming (then one dropped) is not split in two on
+/// the target: the pipeline stops, naming the columns and `cutover resync`, with nothing of
+/// the change applied; the resync creates the table again with the source's columns and
+/// copies it, and the target ends as the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_renamed_or_dropped_on_the_source_stops_and_resync_recreates_the_table() {
+    let pair = Pair::start("renamed", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE people (id int PRIMARY KEY, name text, age int);
+             CREATE TABLE other (id int PRIMARY KEY, n int);
+             INSERT INTO people SELECT g, 'p' || g, g FROM generate_series(1, 300) g;
+             INSERT INTO other SELECT g, g FROM generate_series(1, 10) g;",
+        )
+        .await
+        .expect("tables");
+    let people = "SELECT string_agg(column_name, ',' ORDER BY ordinal_position) FROM information_schema.columns \
+                  WHERE table_name = 'people'";
+    for (change, moved) in [
+        ("ALTER TABLE people RENAME COLUMN name TO full_name", "id < 10"),
+        ("ALTER TABLE people DROP COLUMN age", "id BETWEEN 10 AND 19"),
+    ] {
+        let mut child = pair.spawn();
+        pair.wait_caught_up(&mut child).await;
+        source
+            .batch_execute(&format!(
+                "{change}; UPDATE people SET id = id + 1000 WHERE {moved}; INSERT INTO other VALUES (100 + (SELECT count(*) FROM other), 0);"
+            ))
+            .await
+            .expect("change");
+        let status = wait_for_exit(&mut child, Duration::from_secs(60), || pair.log()).await;
+        let log = pair.log();
+        assert!(
+            !status.success()
+                && log.contains("are no longer in the source's description")
+                && log.contains("cutover resync"),
+            "{log}"
+        );
+        let resync = cutover("resync", &pair.config_path, &["--table", "public.people"]);
+        assert!(resync.status.success(), "{}", output_text(&resync));
+        let mut child = pair.spawn();
+        pair.wait_caught_up(&mut child).await;
+        let target = connect(&pair.target.url("postgres")).await;
+        assert_eq!(rows_text(&target, people).await, rows_text(&source, people).await, "{}", pair.log());
+        let rows = "SELECT p::text FROM people p ORDER BY id";
+        assert_eq!(rows_text(&target, rows).await, rows_text(&source, rows).await, "{}", pair.log());
+        pair.assert_identical().await;
+        stop(&mut child);
+    }
+}

@@ -239,8 +239,20 @@ async fn run_once(
         };
         let summary =
             copy_consistently(source.as_mut(), sink.as_ref(), &store, snapshot, &pending, workers, !fresh).await?;
-        sink.finish_snapshot(&schema).await?;
         snapshot::log_copy(&summary);
+        match fresh {
+            true => sink.finish_snapshot(&schema).await?,
+            // Copied under a later snapshot than the tables around them, these may not satisfy
+            // a foreign key until the stream catches up: say so, stream on.
+            false => {
+                if let Err(e) = sink.finish_snapshot(&schema).await {
+                    tracing::warn!(
+                        "foreign keys or sequence values not set on the target yet ({e:#}); the next start and the \
+                         switchover try again"
+                    );
+                }
+            }
+        }
     }
 
     let start = match (sink.applied_position().await?, store.position()?) {

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-use crate::change::{Change, TableName};
+use crate::change::{Change, TableName, TableSchema};
 use crate::copy::{CopyFormat, CopyStream, SourceDialect};
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
@@ -84,6 +84,39 @@ pub trait Sink: Send + Sync {
 
     /// Commits the open transaction, recording `position` in it.
     async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()>;
+}
+
+/// A column the target holds data in (`target_columns`, generated ones left out) that the
+/// source's description of the table no longer has was dropped or renamed on the source,
+/// and the change log does not say which: adding the new name and keeping the old would
+/// split the column's values silently. The error says how to go on.
+pub fn check_no_column_gone(table: &TableSchema, target_columns: &[String]) -> anyhow::Result<()> {
+    let gone: Vec<&str> = target_columns
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !table.columns.iter().any(|c| c.name == *name))
+        .collect();
+    if gone.is_empty() {
+        return Ok(());
+    }
+    let new: Vec<&str> = table
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|name| !target_columns.iter().any(|t| t == name))
+        .collect();
+    anyhow::bail!(
+        "column(s) {} of {} are no longer in the source's description of the table{}: dropped or renamed on the \
+         source (the change log does not say which). Nothing of it was applied. Run `cutover resync --config … \
+         --table {}`: the table is created again with the source's columns and copied again",
+        gone.join(", "),
+        table.name,
+        match new.is_empty() {
+            true => String::new(),
+            false => format!(", which now has {}", new.join(", ")),
+        },
+        table.name
+    )
 }
 
 /// Bulk loading on a connection of its own.

@@ -161,6 +161,7 @@ impl MysqlSink {
     /// default either way.
     async fn add_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
         let database = self.database(&table.name.schema);
+        super::check_no_column_gone(table, &data_columns(&mut self.conn, &database, &table.name.name).await?)?;
         let existing = column_types(&mut self.conn, &database, &table.name.name).await?;
         let missing: Vec<String> = table
             .columns
@@ -391,6 +392,17 @@ async fn column_types(
         .await
         .with_context(|| format!("reading the columns of {database}.{table} on the target"))?;
     Ok(rows.into_iter().collect())
+}
+
+/// The table's columns on the target that hold data (not generated ones), by name.
+async fn data_columns(conn: &mut mysql_async::Conn, database: &str, table: &str) -> anyhow::Result<Vec<String>> {
+    conn.exec(
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? \
+         AND EXTRA NOT LIKE '%GENERATED%' ORDER BY COLUMN_NAME",
+        (database, table),
+    )
+    .await
+    .with_context(|| format!("reading the columns of {database}.{table} on the target"))
 }
 
 /// The names inside the first parentheses of a definition (`UNIQUE ("a", b)`),
@@ -654,6 +666,23 @@ impl Sink for MysqlSink {
                         "table {qualified} already holds rows on the target, and cutover never overwrites data it did not \
                          write: empty or drop it, or set [snapshot] mode = \"never\" if the target already has the data"
                     );
+                }
+            }
+            // Copied again (a restart in the middle of the snapshot, `cutover resync`) with other
+            // columns than the source has now (one dropped or renamed there): created again.
+            if !fresh {
+                let columns = data_columns(&mut self.conn, &database, &table.schema.name.name).await?;
+                let mut wanted: Vec<String> = table.schema.columns.iter().map(|c| c.name.clone()).collect();
+                wanted.sort();
+                if !columns.is_empty() && columns != wanted {
+                    tracing::warn!(table = %table.schema.name, "the target's table has other columns than the source's: dropped and created again");
+                    // A foreign key that references it is not checked again when it is back.
+                    self.conn
+                        .query_drop(format!(
+                            "SET foreign_key_checks = 0; DROP TABLE {qualified}; SET foreign_key_checks = 1"
+                        ))
+                        .await
+                        .with_context(|| format!("dropping {qualified} on the target to create it again"))?;
                 }
             }
             let sql = create_table(schema, table, &qualified);

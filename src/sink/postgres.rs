@@ -243,6 +243,24 @@ impl PostgresSink {
         Ok(statement)
     }
 
+    /// Stops at a description of the table that lacks a column the target holds data in
+    /// ([`super::check_no_column_gone`]).
+    async fn check_relation(&mut self, table: &TableSchema) -> anyhow::Result<()> {
+        let target: Vec<String> = self
+            .client
+            .query(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 \
+                 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+                &[&quote_table(&table.name)],
+            )
+            .await
+            .with_context(|| format!("reading the columns of {} on the target", table.name))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        super::check_no_column_gone(table, &target)
+    }
+
     async fn ensure_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
         if !self.columns.contains_key(&table.name) {
             let existing: Vec<(String, String)> = self
@@ -338,6 +356,7 @@ impl PostgresSink {
             let (kind, table, columns, key, new_key, values): Planned<'_> = match change {
                 Change::Relation(table) => {
                     self.flush(run.take()).await?;
+                    self.check_relation(table).await?;
                     self.ensure_columns(table).await?;
                     continue;
                 }
@@ -842,6 +861,32 @@ impl Sink for PostgresSink {
                 .await
                 .context("looking for existing tables on the target")?
                 .is_some();
+            // Copied again (a restart in the middle of the snapshot, `cutover resync`) with other
+            // columns than the source has now (one dropped or renamed there): created again.
+            if exists && !fresh {
+                let columns: Vec<String> = self
+                    .client
+                    .query(
+                        "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 \
+                         AND NOT attisdropped ORDER BY attname",
+                        &[&quote_table(&table.schema.name)],
+                    )
+                    .await
+                    .with_context(|| format!("reading the columns of {} on the target", table.schema.name))?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let mut wanted: Vec<String> = table.column_names().iter().map(|c| c.to_string()).collect();
+                wanted.sort();
+                if columns != wanted {
+                    tracing::warn!(
+                        table = %table.schema.name,
+                        "the target's table has other columns than the source's: dropped (with what depends on it: \
+                         views, foreign keys, which come back with the keys after the copy) and created again"
+                    );
+                    sql.push(format!("DROP TABLE {} CASCADE", quote_table(&table.schema.name)));
+                }
+            }
             if exists && fresh {
                 let has_rows = self
                     .client
@@ -995,8 +1040,9 @@ impl Sink for PostgresSink {
 /// The changes with those between barriers grouped by table, each table's in
 /// their original order, so runs grow long. Safe because the final state of a row
 /// depends only on the order of its own table's changes, and foreign keys are not
-/// checked while applying (session_replication_role) or only at commit (deferred). Truncates, column additions and row-matched changes of
-/// tables without key stay where they are.
+/// checked while applying (session_replication_role) or only at commit (deferred).
+/// Truncates, column additions and row-matched changes of tables without key stay
+/// where they are.
 fn group_by_table(changes: &[Change]) -> Vec<&Change> {
     let is_barrier = |change: &Change| match change {
         Change::Relation(_) | Change::Truncate { .. } => true,
