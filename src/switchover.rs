@@ -30,14 +30,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use mysql_async::prelude::Queryable;
 
 use crate::checkpoint::{CheckpointStore, SwitchoverRecord};
 use crate::config::{Config, SourceKind, TargetKind};
 use crate::finding::{Finding, Severity};
-use crate::myconn::MysqlParams;
 use crate::pgconn::ConnectParams;
-use crate::position::Position;
 use crate::status::{ask, Request};
 
 /// What a switchover did.
@@ -57,23 +54,12 @@ pub struct Summary {
     pub forward_stream_dropped: Result<Vec<String>, String>,
 }
 
-/// What fencing the source did.
-struct Fence {
-    /// The source's position once every ended session is gone.
-    final_position: Position,
-    sessions_ended: u64,
-    still_writing: Vec<String>,
-}
-
 /// How long each wait may take before the switchover gives up (the source stays fenced).
 const WAIT: Duration = Duration::from_secs(120);
 
 /// How soon the target must have what the source's log held when read, for the pipeline
 /// to count as caught up: about what the write-blocked window waits for it.
 const CAUGHT_UP: Duration = Duration::from_secs(1);
-
-/// How long an ended session may take to be gone.
-const SESSION_EXIT_WAIT: Duration = Duration::from_secs(5);
 
 /// How long the daemon may take to let go of the forward stream's slot once told it is over.
 const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(30);
@@ -121,16 +107,7 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
 
     // 2. Fence the source; 3. its final position, and the target has it.
     let fenced = Instant::now();
-    let fence = match config.source.kind {
-        SourceKind::Postgres => {
-            let params = ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
-            fence_postgres(&params).await?
-        }
-        _ => {
-            let params = MysqlParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
-            fence_mysql(&params).await?
-        }
-    };
+    let fence = crate::connect::source(config).await?.fence().await?;
     let final_position = fence.final_position;
     let (reached, applied) = crate::pipeline::wait_until_applied(config, &final_position, WAIT).await?;
     if !reached {
@@ -203,253 +180,6 @@ async fn drop_forward_stream(config: &Config) -> anyhow::Result<Vec<String>> {
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Refuses to go on while prepared transactions exist: each commits whenever its
-/// coordinator says so, after the switchover's final position, so its writes would never
-/// reach the target. `transactions` describe them; `state` says what was fenced so far.
-fn refuse_prepared(transactions: &[String], state: &str, finish: &str) -> anyhow::Result<()> {
-    if transactions.is_empty() {
-        return Ok(());
-    }
-    anyhow::bail!(
-        "the source holds {} prepared transaction(s): {}. A prepared transaction commits whenever its coordinator \
-         says so — after the switchover's final position, so its writes would never reach the target; {state}. \
-         Finish them first ({finish}), then run switchover again",
-        transactions.len(),
-        transactions.join(", ")
-    )
-}
-
-/// The source database's prepared transactions (two-phase commit), described.
-async fn postgres_prepared(client: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
-    let rows = client
-        .query(
-            "SELECT gid, owner::text, prepared::text FROM pg_prepared_xacts \
-             WHERE database = current_database() ORDER BY prepared",
-            &[],
-        )
-        .await
-        .context("reading the source's prepared transactions (pg_prepared_xacts)")?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            format!(
-                "{} (prepared {} by {})",
-                crate::schema::quote_literal(r.get(0)),
-                r.get::<_, String>(2),
-                r.get::<_, String>(1)
-            )
-        })
-        .collect())
-}
-
-/// Background workers connected to the source database: they do not end with the
-/// client sessions and may write (a subscription's apply worker ignores read-only).
-async fn postgres_background_writers(client: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
-    let rows = client
-        .query(
-            "SELECT a.pid, a.backend_type, s.subname::text FROM pg_stat_activity a \
-             LEFT JOIN pg_stat_subscription s ON s.pid = a.pid \
-             WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() \
-             AND a.backend_type NOT IN ('client backend', 'walsender', 'autovacuum worker', 'parallel worker') \
-             ORDER BY a.pid",
-            &[],
-        )
-        .await
-        .context("listing the source's background workers")?;
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let (pid, kind, subscription): (i32, String, Option<String>) = (row.get(0), row.get(1), row.get(2));
-            match subscription {
-                Some(name) => format!(
-                    "{kind} of subscription {name} (pid {pid}) applies another server's changes: ALTER SUBSCRIPTION {} DISABLE",
-                    crate::schema::quote_ident(&name)
-                ),
-                None if kind.contains("cron") => {
-                    format!("{kind} (pid {pid}) runs scheduled jobs: UPDATE cron.job SET active = false")
-                }
-                None => format!("{kind} (pid {pid}), a background worker, may write: stop what runs it"),
-            }
-        })
-        .collect())
-}
-
-/// Makes the source database refuse writes, ends the sessions that could still write
-/// and waits until they are gone, then reads the WAL position.
-async fn fence_postgres(params: &ConnectParams) -> anyhow::Result<Fence> {
-    let client = params.connect().await?;
-    refuse_prepared(&postgres_prepared(&client).await?, "nothing was fenced", POSTGRES_FINISH_PREPARED)?;
-    let database = crate::schema::quote_ident(&params.database);
-    let undo =
-        format!("the source stays read-only (ALTER DATABASE {database} RESET default_transaction_read_only to undo)");
-    client
-        .batch_execute(&format!("ALTER DATABASE {database} SET default_transaction_read_only = on"))
-        .await
-        .with_context(|| format!("making database {} read-only on the source", params.database))?;
-    // Every client session of the database but cutover's own (its walsender is not a client backend).
-    let sessions: Vec<i32> = client
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-             AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND application_name <> 'cutover'",
-            &[],
-        )
-        .await
-        .context("listing the source's client sessions")?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    // With a timeout, pg_terminate_backend waits until the backend is gone (false: gone already, or
-    // not gone in time — asked below).
-    let timeout = i64::try_from(SESSION_EXIT_WAIT.as_millis()).unwrap_or(i64::MAX);
-    for pid in &sessions {
-        client
-            .query_one("SELECT pg_terminate_backend($1, $2)", &[pid, &timeout])
-            .await
-            .with_context(|| format!("ending session {pid} on the source"))?;
-    }
-    let left: Vec<i32> = client
-        .query("SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)", &[&sessions])
-        .await
-        .context("checking that the ended sessions are gone")?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    anyhow::ensure!(
-        left.is_empty(),
-        "sessions {left:?} of database {} were told to end but are still there after {} s; {undo}. \
-         See pg_stat_activity for what they do, then run switchover again",
-        params.database,
-        SESSION_EXIT_WAIT.as_secs()
-    );
-    // One may have been prepared by a session that has just ended.
-    refuse_prepared(&postgres_prepared(&client).await?, &undo, POSTGRES_FINISH_PREPARED)?;
-    let still_writing = postgres_background_writers(&client).await?;
-    // The insert position: a commit not yet written out of the WAL buffers is before it. (Should
-    // it sit right after a page header, the slot reaches it with the next record the server logs,
-    // at the latest its running-transactions snapshot within 15 s.)
-    let lsn: String = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .context("reading the final LSN")?
-        .get(0);
-    Ok(Fence {
-        final_position: format!("lsn:{lsn}").parse()?,
-        sessions_ended: u64::try_from(sessions.len()).unwrap_or(u64::MAX),
-        still_writing,
-    })
-}
-
-const POSTGRES_FINISH_PREPARED: &str = "COMMIT PREPARED 'gid' or ROLLBACK PREPARED 'gid' in the source database";
-
-/// The source's prepared XA transactions, described.
-async fn mysql_prepared(conn: &mut mysql_async::Conn) -> anyhow::Result<Vec<String>> {
-    let rows: Vec<mysql_async::Row> = conn
-        .query("XA RECOVER")
-        .await
-        .context("XA RECOVER on the source, to find prepared transactions (needs SUPER or XA_RECOVER_ADMIN)")?;
-    // Columns: formatID, gtrid_length, bqual_length, data (the xid's bytes).
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let data: Vec<u8> = row.get_opt(3).and_then(Result::ok).unwrap_or_default();
-            format!("xid '{}'", String::from_utf8_lossy(&data))
-        })
-        .collect())
-}
-
-const MYSQL_FINISH_PREPARED: &str = "XA COMMIT 'xid' or XA ROLLBACK 'xid'";
-
-/// `read_only` on (and `super_read_only` on MySQL), client sessions killed and gone;
-/// returns the binlog position after that.
-async fn fence_mysql(params: &MysqlParams) -> anyhow::Result<Fence> {
-    let mut conn = params.connect().await?;
-    refuse_prepared(&mysql_prepared(&mut conn).await?, "nothing was fenced", MYSQL_FINISH_PREPARED)?;
-    let undo = "the source stays read-only (SET GLOBAL read_only = OFF to undo)";
-    conn.query_drop("SET GLOBAL read_only = ON").await.context("SET GLOBAL read_only = ON on the source")?;
-    // MySQL only; MariaDB has no super_read_only.
-    let super_read_only = conn.query_drop("SET GLOBAL super_read_only = ON").await.is_ok();
-    // Every client session, those of accounts read_only does not hold back included.
-    let sessions: Vec<u64> = conn
-        .query(
-            "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() \
-             AND COMMAND NOT IN ('Binlog Dump', 'Binlog Dump GTID', 'Daemon') AND USER NOT IN ('system user', 'event_scheduler')",
-        )
-        .await
-        .context("listing the source's sessions")?;
-    for id in &sessions {
-        // A session that ended meanwhile is fine; one that did not end is found below.
-        let _ = conn.query_drop(format!("KILL CONNECTION {id}")).await;
-    }
-    // KILL only flags a session: it ends at its next check, a commit in progress first.
-    let started = Instant::now();
-    let left = loop {
-        let left: Vec<u64> = if sessions.is_empty() {
-            Vec::new()
-        } else {
-            conn.query(format!(
-                "SELECT ID FROM information_schema.PROCESSLIST WHERE ID IN ({})",
-                sessions.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
-            ))
-            .await
-            .context("checking that the killed sessions are gone")?
-        };
-        if left.is_empty() || started.elapsed() >= SESSION_EXIT_WAIT {
-            break left;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    anyhow::ensure!(
-        left.is_empty(),
-        "sessions {left:?} were killed but are still there after {} s; {undo}. See SHOW PROCESSLIST for what they \
-         do, then run switchover again",
-        SESSION_EXIT_WAIT.as_secs()
-    );
-    refuse_prepared(&mysql_prepared(&mut conn).await?, undo, MYSQL_FINISH_PREPARED)?;
-    let still_writing = mysql_writers(&mut conn, super_read_only).await?;
-    let position = crate::myconn::binlog_position(&mut conn).await.context("reading the final binlog position")?;
-    Ok(Fence {
-        final_position: Position::Binlog(position),
-        sessions_ended: u64::try_from(sessions.len()).unwrap_or(u64::MAX),
-        still_writing,
-    })
-}
-
-/// Who `read_only` does not hold back: without `super_read_only` (MariaDB), accounts with
-/// SUPER or READ_ONLY ADMIN, and enabled events (they run with their definer's rights).
-async fn mysql_writers(conn: &mut mysql_async::Conn, super_read_only: bool) -> anyhow::Result<Vec<String>> {
-    let mut writers = Vec::new();
-    if !super_read_only {
-        let accounts: Vec<String> = conn
-            .query(
-                "SELECT DISTINCT GRANTEE FROM information_schema.USER_PRIVILEGES \
-                 WHERE PRIVILEGE_TYPE IN ('SUPER', 'READ_ONLY ADMIN') ORDER BY GRANTEE",
-            )
-            .await
-            .context("listing the source's accounts with SUPER or READ_ONLY ADMIN")?;
-        if !accounts.is_empty() {
-            writers.push(format!(
-                "accounts {} still write despite read_only (this server has no super_read_only): their sessions were \
-                 ended, but a new one of theirs can write; keep applications off them (or REVOKE SUPER, READ_ONLY \
-                 ADMIN) while the old source must stay unchanged",
-                accounts.join(", ")
-            ));
-        }
-    }
-    let events: Option<i64> = conn
-        .query_first(
-            "SELECT COUNT(*) FROM information_schema.EVENTS WHERE STATUS = 'ENABLED' AND @@event_scheduler = 'ON'",
-        )
-        .await
-        .context("counting the source's enabled events")?;
-    if let Some(events) = events.filter(|&n| n > 0) {
-        writers.push(format!(
-            "{events} enabled event(s) run on the event scheduler with their definer's rights: SET GLOBAL \
-             event_scheduler = OFF"
-        ));
-    }
-    Ok(writers)
 }
 
 /// The fallback pipeline's config text: the same pipeline reversed (the new primary

@@ -5,6 +5,7 @@
 //! committed transaction from a position on. The pipeline drives these traits
 //! and knows no database by name.
 
+pub mod fence;
 pub mod mongodb;
 pub mod mysql;
 pub mod postgres;
@@ -100,6 +101,14 @@ pub trait Source: Send + Sync {
     /// at a transaction past it.
     async fn log_end(&mut self) -> anyhow::Result<Option<LogEnd>> {
         Ok(None)
+    }
+
+    /// Makes the source refuse writes for a switchover — read-only, every other client
+    /// session ended and waited for until gone — and returns its log's position after
+    /// that. Refuses, fencing nothing, while prepared transactions exist (they commit
+    /// whenever their coordinator says so). Not supported by default.
+    async fn fence(&mut self) -> anyhow::Result<fence::Fence> {
+        anyhow::bail!("this source takes no writes to fence for a switchover")
     }
 
     /// The position up to which the source itself records the target as having applied

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 mod binlog;
 mod catalog;
+mod fence;
 
 use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader, TableRewritten};
 use crate::change::{Identity, TableName, TableSchema};
@@ -288,6 +289,12 @@ impl Source for MysqlSource {
 
     /// The end of the binlog (`SHOW MASTER STATUS`): a transaction is in the binlog
     /// before its commit returns, so every one committed before `clock` lies before it.
+    /// `read_only` (and `super_read_only` where it exists), client sessions killed and
+    /// waited for, who can still write named, then the binlog position.
+    async fn fence(&mut self) -> anyhow::Result<super::fence::Fence> {
+        fence::fence(&self.params).await
+    }
+
     async fn log_end(&mut self) -> anyhow::Result<Option<LogEnd>> {
         // The clock first: what committed before it is in the binlog read after it.
         let micros: Option<i64> = self

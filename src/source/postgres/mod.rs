@@ -17,6 +17,7 @@
 //!   database never makes the slot hold WAL.
 
 mod catalog;
+mod fence;
 pub mod pgoutput;
 mod replication;
 
@@ -399,6 +400,12 @@ impl Source for PostgresSource {
             }
         }
         Ok(dropped)
+    }
+
+    /// `default_transaction_read_only` on the database, every other client session ended
+    /// (and waited for), background writers named, then the insert LSN.
+    async fn fence(&mut self) -> anyhow::Result<super::fence::Fence> {
+        fence::fence(&self.params).await
     }
 
     async fn confirmed_position(&mut self) -> anyhow::Result<Option<Position>> {
