@@ -1,0 +1,562 @@
+//! Batches of changes → multi-row statements over `unnest` of text arrays, grouped by
+//! table and compacted per key, never two updates touching one key in one statement.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Statement;
+
+use super::PostgresSink;
+use crate::change::{Change, Identity, TableName, TableSchema, Value};
+use crate::schema::{quote_ident, quote_table};
+
+impl PostgresSink {
+    async fn statement(&mut self, sql: &str, params: usize) -> anyhow::Result<Statement> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let types = vec![Type::TEXT_ARRAY; params];
+        let statement =
+            self.client.prepare_typed(sql, &types).await.with_context(|| format!("preparing on the target: {sql}"))?;
+        self.statements.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    /// Stops at a description of the table that lacks a column the target holds data in
+    /// ([`super::check_no_column_gone`]).
+    async fn check_relation(&mut self, table: &TableSchema) -> anyhow::Result<()> {
+        let target: Vec<String> = self
+            .client
+            .query(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 \
+                 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+                &[&quote_table(&table.name)],
+            )
+            .await
+            .with_context(|| format!("reading the columns of {} on the target", table.name))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        crate::sink::check_no_column_gone(table, &target)
+    }
+
+    async fn ensure_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
+        if !self.columns.contains_key(&table.name) {
+            let existing: Vec<(String, String)> = self
+                .client
+                .query(
+                    "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+                     WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+                    &[&quote_table(&table.name)],
+                )
+                .await
+                .with_context(|| format!("reading the columns of {} on the target", table.name))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            self.columns.insert(table.name.clone(), existing);
+        }
+        let known = self.columns.get(&table.name).cloned().unwrap_or_default();
+        // A source without a fixed schema (MongoDB) widens a column whose values disagree in type to jsonb.
+        for (name, _) in known.iter().filter(|(name, known_type)| {
+            known_type != "jsonb" && table.columns.iter().any(|c| &c.name == name && c.type_name == "jsonb")
+        }) {
+            let sql = format!(
+                "ALTER TABLE {} ALTER COLUMN {column} TYPE jsonb USING to_jsonb({column})",
+                quote_table(&table.name),
+                column = quote_ident(name)
+            );
+            self.client
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("changing column {name} of {} to jsonb on the target", table.name))?;
+            tracing::info!(table = %table.name, column = %name, "changed a column to jsonb: the source's values differ in type");
+            if let Some(entry) = self.columns.get_mut(&table.name).and_then(|c| c.iter_mut().find(|(n, _)| n == name)) {
+                entry.1 = "jsonb".into();
+            }
+        }
+        for column in table.columns.iter().filter(|c| !known.iter().any(|(name, _)| name == &c.name)) {
+            let default = column.default.as_ref().map(|d| format!(" DEFAULT {d}")).unwrap_or_default();
+            let sql = format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}{default}",
+                quote_table(&table.name),
+                quote_ident(&column.name),
+                column.type_name
+            );
+            self.client
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("adding column {} to {} on the target", column.name, table.name))?;
+            tracing::info!(table = %table.name, column = %column.name, "added a column the source added");
+            self.columns.entry(table.name.clone()).or_default().push((column.name.clone(), column.type_name.clone()));
+        }
+        Ok(())
+    }
+
+    async fn execute_arrays(
+        &mut self,
+        sql: &str,
+        params: &[Vec<Option<String>>],
+        table: &TableName,
+    ) -> anyhow::Result<()> {
+        let statement = self.statement(sql, params.len()).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let rows = params.first().map_or(0, Vec::len);
+        self.client.execute(&statement, &refs).await.map_err(|e| {
+            anyhow::Error::new(e).context(format!("applying {rows} row(s) to {table} on the target (statement: {sql})"))
+        })?;
+        Ok(())
+    }
+
+    async fn flush(&mut self, run: Option<Run>) -> anyhow::Result<()> {
+        let Some(run) = run else { return Ok(()) };
+        if run.deletes.first().is_some_and(|d| !d.is_empty()) {
+            self.execute_arrays(&run.delete_sql, &run.deletes, &run.table).await?;
+        }
+        if !run.live.iter().any(|&live| live) {
+            return Ok(());
+        }
+        let params: Vec<Vec<Option<String>>> = if run.live.iter().all(|&live| live) {
+            run.params
+        } else {
+            run.params
+                .into_iter()
+                .map(|column| column.into_iter().zip(&run.live).filter(|(_, &live)| live).map(|(v, _)| v).collect())
+                .collect()
+        };
+        self.execute_arrays(&run.sql, &params, &run.table).await
+    }
+
+    /// Applies changes in the given order; `compact` lets a table's upserts and
+    /// deletes merge into one run (see [`Run`]).
+    pub(super) async fn apply_in_order(&mut self, changes: &[&Change], compact: bool) -> anyhow::Result<()> {
+        let mut run: Option<Run> = None;
+        for &change in changes {
+            let (kind, table, columns, key, new_key, values): Planned<'_> = match change {
+                Change::Relation(table) => {
+                    self.flush(run.take()).await?;
+                    self.check_relation(table).await?;
+                    self.ensure_columns(table).await?;
+                    continue;
+                }
+                Change::Truncate { tables, cascade, restart_identity } => {
+                    self.flush(run.take()).await?;
+                    let names: Vec<String> = tables.iter().map(|t| quote_table(&t.name)).collect();
+                    let sql = format!(
+                        "TRUNCATE {}{}{}",
+                        names.join(", "),
+                        if *restart_identity { " RESTART IDENTITY" } else { "" },
+                        if *cascade { " CASCADE" } else { "" }
+                    );
+                    self.client.batch_execute(&sql).await.with_context(|| format!("applying {sql} on the target"))?;
+                    continue;
+                }
+                Change::Insert { table, row } => {
+                    let all: Vec<usize> = (0..row.len()).collect();
+                    let kind = if table.identity == Identity::Key { RunKind::Upsert } else { RunKind::Insert };
+                    let key = table.key_indexes().iter().map(|&i| text_of(&row[i])).collect();
+                    (kind, table, all, key, None, row.iter().map(text_of).collect())
+                }
+                Change::Update { table, old, new } => {
+                    if table.identity != Identity::Key {
+                        self.flush(run.take()).await?;
+                        let old = old.as_deref().with_context(|| {
+                            format!(
+                                "an UPDATE of {} came without its old row; the table needs REPLICA IDENTITY FULL",
+                                table.name
+                            )
+                        })?;
+                        self.apply_by_full_row(table, old, Some(new)).await?;
+                        continue;
+                    }
+                    let key_indexes = table.key_indexes();
+                    let new_key: Vec<Option<String>> = key_indexes.iter().map(|&i| text_of(&new[i])).collect();
+                    let old_key: Vec<Option<String>> = match old {
+                        Some(old) => key_indexes.iter().map(|&i| text_of(&old[i])).collect(),
+                        None => new_key.clone(),
+                    };
+                    let partial = new.contains(&Value::Unchanged);
+                    if !partial && old_key == new_key {
+                        let values = new.iter().map(text_of).collect();
+                        (RunKind::Upsert, table, (0..new.len()).collect(), new_key, None, values)
+                    } else {
+                        let present: Vec<usize> = (0..new.len()).filter(|&i| new[i] != Value::Unchanged).collect();
+                        let mut values: Vec<Option<String>> = present.iter().map(|&i| text_of(&new[i])).collect();
+                        values.extend(old_key.iter().cloned());
+                        let moved_to = (old_key != new_key).then_some(new_key);
+                        (RunKind::Update, table, present, old_key, moved_to, values)
+                    }
+                }
+                Change::Delete { table, old } => {
+                    if table.identity != Identity::Key {
+                        self.flush(run.take()).await?;
+                        self.apply_by_full_row(table, old, None).await?;
+                        continue;
+                    }
+                    let key: Vec<Option<String>> = table.key_indexes().iter().map(|&i| text_of(&old[i])).collect();
+                    if compact {
+                        let all: Vec<usize> = (0..table.columns.len()).collect();
+                        if !run.as_ref().is_some_and(|r| r.fits(RunKind::Upsert, table, &all, &key, None)) {
+                            self.flush(run.take()).await?;
+                        }
+                        run.get_or_insert_with(|| Run::new(RunKind::Upsert, table, all, true)).delete(key);
+                        continue;
+                    }
+                    (RunKind::Delete, table, Vec::new(), key.clone(), None, key)
+                }
+            };
+            if !run.as_ref().is_some_and(|r| r.fits(kind, table, &columns, &key, new_key.as_ref())) {
+                self.flush(run.take()).await?;
+                run = Some(Run::new(kind, table, columns, compact));
+            }
+            if let Some(run) = run.as_mut() {
+                run.push(values.into_iter(), key, new_key);
+            }
+        }
+        self.flush(run).await
+    }
+
+    /// Updates or deletes one row matched on all its old values (no key).
+    async fn apply_by_full_row(
+        &mut self,
+        table: &TableSchema,
+        old: &[Value],
+        new: Option<&[Value]>,
+    ) -> anyhow::Result<()> {
+        let mut params: Vec<Option<String>> = Vec::new();
+        let mut predicates = Vec::new();
+        for (column, value) in table.columns.iter().zip(old) {
+            let name = quote_ident(&column.name);
+            match value {
+                Value::Unchanged => continue,
+                Value::Null => predicates.push(format!("{name} IS NULL")),
+                Value::Text(text) => {
+                    params.push(Some(text.clone()));
+                    // Compared as values of the column's type (so `…00:00.000000` finds
+                    // `…00:00`); types without equality are compared as text.
+                    predicates.push(if has_no_equality(&column.type_name) {
+                        format!("{name}::text = ${}", params.len())
+                    } else {
+                        format!("{name} = ${}::{}", params.len(), column.type_name)
+                    });
+                }
+            }
+        }
+        let qualified = quote_table(&table.name);
+        // A row of a partitioned table is named by its partition and its ctid (a ctid is
+        // only unique within one partition); still a TID scan.
+        let locate = format!(
+            "(tableoid, ctid) = (SELECT tableoid, ctid FROM {qualified} WHERE {} LIMIT 1)",
+            predicates.join(" AND ")
+        );
+        let sql = match new {
+            None => format!("DELETE FROM {qualified} WHERE {locate}"),
+            Some(new) => {
+                let mut sets = Vec::new();
+                for (column, value) in table.columns.iter().zip(new) {
+                    if *value == Value::Unchanged {
+                        continue;
+                    }
+                    params.push(text_of(value));
+                    sets.push(format!("{} = ${}::{}", quote_ident(&column.name), params.len(), column.type_name));
+                }
+                format!("UPDATE {qualified} SET {} WHERE {locate}", sets.join(", "))
+            }
+        };
+        let types = vec![Type::TEXT; params.len()];
+        let statement = self.client.prepare_typed(&sql, &types).await.with_context(|| format!("preparing {sql}"))?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let touched = self
+            .client
+            .execute(&statement, &refs)
+            .await
+            .with_context(|| format!("applying a change to {} on the target", table.name))?;
+        if touched == 0 {
+            // Replays cannot cause this (the target records what it applied), so the
+            // target has drifted from the source: stop rather than drift further.
+            anyhow::bail!(
+                "a row of {} to {} by its old values is not on the target, so the target differs from the source; \
+                 cutover stopped at its last checkpoint. Compare the table (cutover verify) and copy it again",
+                table.name,
+                if new.is_some() { "update" } else { "delete" }
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Types PostgreSQL has no `=` for.
+fn has_no_equality(type_name: &str) -> bool {
+    let base = type_name.split('(').next().unwrap_or(type_name).trim_end_matches("[]");
+    matches!(base, "json" | "xml" | "point" | "line" | "lseg" | "box" | "path" | "polygon" | "circle")
+        || type_name.ends_with("json[]")
+}
+
+/// A key's column values as text.
+type Key = Vec<Option<String>>;
+
+/// One change as a run sees it: kind, table, columns written, the key of the row it
+/// matches, the key an update moves that row to, parameter values.
+type Planned<'a> = (RunKind, &'a Arc<TableSchema>, Vec<usize>, Key, Option<Key>, Vec<Option<String>>);
+
+/// Whether an apply error is PostgreSQL's unique_violation.
+pub(super) fn is_unique_violation(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<tokio_postgres::Error>())
+        .any(|e| e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
+}
+
+fn text_of(value: &Value) -> Option<String> {
+    match value {
+        Value::Text(text) => Some(text.clone()),
+        Value::Null | Value::Unchanged => None,
+    }
+}
+
+/// What a run of changes does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RunKind {
+    /// Insert, or update of the whole row: `INSERT … ON CONFLICT (key) DO UPDATE`.
+    Upsert,
+    /// Plain insert (table without key).
+    Insert,
+    /// Update of some columns (unchanged TOAST left out) or of the key, by the old key.
+    Update,
+    Delete,
+}
+
+/// Consecutive changes of one shape, gathered into one statement's arrays.
+///
+/// Compacting (the default), an `Upsert` run of a table with a key also takes
+/// that table's deletes: a later whole-row image of a key replaces the earlier
+/// one, a delete drops the key's pending row, and at flush the deletes run
+/// before the upserts. Each key ends as its last change left it.
+struct Run {
+    kind: RunKind,
+    table: TableName,
+    /// The columns written (for `Update`: the ones present), by index.
+    columns: Vec<usize>,
+    sql: String,
+    params: Vec<Vec<Option<String>>>,
+    /// Row index of each key in the arrays; for `Update`, also the keys rows move to.
+    keys: HashMap<Key, usize>,
+    /// Rows still to write (an `Upsert` row dropped by a later delete is not).
+    live: Vec<bool>,
+    /// Key columns of the rows an `Upsert` run deletes first, one array per key column.
+    deletes: Vec<Vec<Option<String>>>,
+    delete_sql: String,
+    /// Whether a repeated key collapses into one row (else it starts a new run).
+    compact: bool,
+}
+
+impl Run {
+    fn new(kind: RunKind, table: &TableSchema, columns: Vec<usize>, compact: bool) -> Run {
+        let key = table.key_indexes();
+        let sql = run_sql(kind, table, &columns, &key);
+        let params = match kind {
+            RunKind::Upsert | RunKind::Insert => columns.len(),
+            RunKind::Update => columns.len() + key.len(),
+            RunKind::Delete => key.len(),
+        };
+        Run {
+            kind,
+            table: table.name.clone(),
+            columns,
+            sql,
+            params: vec![Vec::new(); params],
+            keys: HashMap::new(),
+            live: Vec::new(),
+            deletes: vec![Vec::new(); key.len()],
+            delete_sql: run_sql(RunKind::Delete, table, &[], &key),
+            compact,
+        }
+    }
+
+    fn fits(&self, kind: RunKind, table: &TableSchema, columns: &[usize], key: &Key, moved_to: Option<&Key>) -> bool {
+        self.kind == kind
+            && self.table == table.name
+            && self.columns == columns
+            // One statement sees the table as it was before the statement: an UPDATE … FROM
+            // row matching a key that an earlier row of the run moved there (1 → 2, 2 → 3),
+            // or moving a row onto a key the run has yet to move away, would not see the
+            // earlier row's effect. So every key, old or new, appears once per `Update` run.
+            // INSERT … ON CONFLICT may touch a row once per statement unless the run
+            // collapses repeated keys; deletes may repeat.
+            && match kind {
+                // UPDATE … FROM visits its rows in whatever order the join gives, and each row's
+                // unique checks see the rows updated before it: in source order (not compacting),
+                // an update is a statement of its own, so a secondary unique value moved from row
+                // to row (through NULL) is never taken before it is free.
+                RunKind::Update => {
+                    (self.compact || self.live.is_empty())
+                        && !self.keys.contains_key(key)
+                        && moved_to.is_none_or(|to| !self.keys.contains_key(to))
+                }
+                RunKind::Upsert => self.compact || !self.keys.contains_key(key),
+                RunKind::Insert | RunKind::Delete => true,
+            }
+    }
+
+    fn push(&mut self, values: impl Iterator<Item = Option<String>>, key: Key, moved_to: Option<Key>) {
+        if self.kind == RunKind::Upsert {
+            if let Some(&row) = self.keys.get(&key) {
+                // The later whole-row image of the same key wins.
+                for (param, value) in self.params.iter_mut().zip(values) {
+                    param[row] = value;
+                }
+                return;
+            }
+        }
+        for (param, value) in self.params.iter_mut().zip(values) {
+            param.push(value);
+        }
+        if self.kind == RunKind::Upsert || self.kind == RunKind::Update {
+            if let Some(to) = moved_to {
+                self.keys.insert(to, self.live.len());
+            }
+            self.keys.insert(key, self.live.len());
+        }
+        self.live.push(true);
+    }
+
+    /// A delete taken into a compacting `Upsert` run.
+    fn delete(&mut self, key: Key) {
+        if let Some(row) = self.keys.remove(&key) {
+            self.live[row] = false;
+        }
+        for (column, value) in self.deletes.iter_mut().zip(key) {
+            column.push(value);
+        }
+    }
+}
+
+/// The statement for a run: arrays of text, one per parameter, unnested into rows.
+fn run_sql(kind: RunKind, table: &TableSchema, columns: &[usize], key: &[usize]) -> String {
+    let qualified = quote_table(&table.name);
+    let cast = |alias: &str, i: usize| format!("{alias}::{}", table.columns[i].type_name);
+    let name = |i: usize| quote_ident(&table.columns[i].name);
+    let aliases: Vec<String> = (1..=columns.len()).map(|n| format!("a{n}")).collect();
+    let key_aliases: Vec<String> = (1..=key.len()).map(|n| format!("k{n}")).collect();
+    let unnest = |names: &[String]| {
+        let arrays: Vec<String> = (1..=names.len()).map(|n| format!("${n}::text[]")).collect();
+        format!("unnest({}) AS v({})", arrays.join(", "), names.join(", "))
+    };
+    let key_match = key
+        .iter()
+        .zip(&key_aliases)
+        .map(|(&i, alias)| format!("t.{} = {}", name(i), cast(&format!("v.{alias}"), i)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    match kind {
+        RunKind::Upsert | RunKind::Insert => {
+            let names: Vec<String> = columns.iter().map(|&i| name(i)).collect();
+            let values: Vec<String> = columns.iter().zip(&aliases).map(|(&i, a)| cast(&format!("v.{a}"), i)).collect();
+            let mut sql = format!(
+                "INSERT INTO {qualified} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}",
+                names.join(", "),
+                values.join(", "),
+                unnest(&aliases)
+            );
+            if kind == RunKind::Upsert {
+                let key_names: Vec<String> = key.iter().map(|&i| name(i)).collect();
+                let updates: Vec<String> = columns
+                    .iter()
+                    .filter(|i| !key.contains(i))
+                    .map(|&i| format!("{} = EXCLUDED.{}", name(i), name(i)))
+                    .collect();
+                if updates.is_empty() {
+                    sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", key_names.join(", ")));
+                } else {
+                    sql.push_str(&format!(
+                        " ON CONFLICT ({}) DO UPDATE SET {}",
+                        key_names.join(", "),
+                        updates.join(", ")
+                    ));
+                }
+            }
+            sql
+        }
+        RunKind::Update => {
+            let sets: Vec<String> = columns
+                .iter()
+                .zip(&aliases)
+                .map(|(&i, a)| format!("{} = {}", name(i), cast(&format!("v.{a}"), i)))
+                .collect();
+            let mut all = aliases.clone();
+            all.extend(key_aliases.iter().cloned());
+            format!("UPDATE {qualified} AS t SET {} FROM {} WHERE {}", sets.join(", "), unnest(&all), key_match)
+        }
+        RunKind::Delete => format!("DELETE FROM {qualified} AS t USING {} WHERE {}", unnest(&key_aliases), key_match),
+    }
+}
+
+/// The changes with those between barriers grouped by table, each table's in
+/// their original order, so runs grow long. Safe because the final state of a row
+/// depends only on the order of its own table's changes, and foreign keys are not
+/// checked while applying (session_replication_role) or only at commit (deferred).
+/// Truncates, column additions and row-matched changes of tables without key stay
+/// where they are.
+pub(super) fn group_by_table(changes: &[Change]) -> Vec<&Change> {
+    let is_barrier = |change: &Change| match change {
+        Change::Relation(_) | Change::Truncate { .. } => true,
+        Change::Update { table, .. } | Change::Delete { table, .. } => table.identity != Identity::Key,
+        Change::Insert { .. } => false,
+    };
+    let mut ordered: Vec<&Change> = Vec::with_capacity(changes.len());
+    let mut segment_start = 0;
+    for change in changes {
+        if is_barrier(change) {
+            ordered[segment_start..].sort_by(|a, b| a.table().cmp(&b.table()));
+            ordered.push(change);
+            segment_start = ordered.len();
+        } else {
+            ordered.push(change);
+        }
+    }
+    ordered[segment_start..].sort_by(|a, b| a.table().cmp(&b.table()));
+    ordered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::Column;
+
+    fn table() -> TableSchema {
+        let column = |name: &str, type_name: &str, is_key| Column {
+            name: name.into(),
+            type_name: type_name.into(),
+            type_oid: 0,
+            is_key,
+            default: None,
+        };
+        TableSchema {
+            name: TableName::new("public", "Order Lines"),
+            columns: vec![column("id", "integer", true), column("note", "text", false)],
+            identity: Identity::Key,
+        }
+    }
+
+    #[test]
+    fn statements_unnest_text_arrays_and_cast() {
+        let t = table();
+        assert_eq!(
+            run_sql(RunKind::Upsert, &t, &[0, 1], &[0]),
+            "INSERT INTO \"public\".\"Order Lines\" (\"id\", \"note\") OVERRIDING SYSTEM VALUE \
+             SELECT v.a1::integer, v.a2::text FROM unnest($1::text[], $2::text[]) AS v(a1, a2) \
+             ON CONFLICT (\"id\") DO UPDATE SET \"note\" = EXCLUDED.\"note\""
+        );
+        assert_eq!(
+            run_sql(RunKind::Delete, &t, &[], &[0]),
+            "DELETE FROM \"public\".\"Order Lines\" AS t USING unnest($1::text[]) AS v(k1) WHERE t.\"id\" = v.k1::integer"
+        );
+        assert_eq!(
+            run_sql(RunKind::Update, &t, &[1], &[0]),
+            "UPDATE \"public\".\"Order Lines\" AS t SET \"note\" = v.a1::text FROM unnest($1::text[], $2::text[]) AS v(a1, k1) \
+             WHERE t.\"id\" = v.k1::integer"
+        );
+    }
+}

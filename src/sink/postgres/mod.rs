@@ -1,0 +1,588 @@
+//! PostgreSQL sink.
+//!
+//! Why replay is safe and nothing doubles: every target transaction ends on a
+//! source transaction boundary and records the source position it reaches with
+//! `pg_replication_origin_xact_setup`, as PostgreSQL's own subscriber does. The
+//! origin's progress commits atomically with the rows, so after a crash the
+//! target itself says which transactions it has, and the pipeline resumes after
+//! them — even for tables without a key, where an upsert could not absorb a replay.
+//!
+//! Changes are applied as multi-row statements over `unnest` of text arrays
+//! (one prepared statement per table and shape, any batch size); values travel
+//! in PostgreSQL's text form and are cast to the column type on the server.
+//!
+//! Its parts: this module connects, checks the role, creates tables and commits;
+//! [`apply`] turns batches into statements; [`copy`] bulk-loads the snapshot.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use tokio_postgres::{Client, Statement};
+
+mod apply;
+mod copy;
+
+use self::apply::{group_by_table, is_unique_violation};
+use self::copy::PostgresTableWriter;
+use super::{Sink, TableWriter};
+use crate::change::{Change, TableName};
+use crate::config::Partitions;
+use crate::copy::{CopyFormat, SourceDialect};
+use crate::finding::Finding;
+use crate::pgconn::ConnectParams;
+use crate::position::{Lsn, Position};
+use crate::schema::postgres::{self as ddl, PostDataObject};
+use crate::schema::{quote_ident, quote_literal, quote_table, SourceSchema, TableDefinition};
+
+/// A PostgreSQL database as the target.
+pub struct PostgresSink {
+    params: ConnectParams,
+    client: Client,
+    origin: String,
+    major: u32,
+    statements: HashMap<String, Statement>,
+    /// Target columns per table, to notice columns added on the source.
+    /// Each table's columns on the target: (name, type as `format_type` prints it).
+    columns: HashMap<TableName, Vec<(String, String)>>,
+    /// The apply session is bound to the origin.
+    session_ready: bool,
+    /// What partitioned tables become here.
+    partitions: Partitions,
+    /// What the target role may do beyond writing its tables.
+    powers: Powers,
+}
+
+/// What the target role may do beyond writing its own tables; a managed service's
+/// role (RDS, Cloud SQL, Azure, Supabase, Neon) is no superuser.
+#[derive(Clone, Copy, Debug)]
+struct Powers {
+    /// Superuser, or EXECUTE on the `pg_replication_origin_*` functions: the position is
+    /// recorded in the replication origin; else in `cutover.progress`, in the same
+    /// transaction as the rows either way.
+    origins: bool,
+    /// Superuser, or (PostgreSQL 15+) `GRANT SET ON PARAMETER session_replication_role`:
+    /// triggers and foreign keys rest while changes are applied; else foreign keys are
+    /// created DEFERRABLE and deferred to the end of each target transaction, which ends
+    /// on a source transaction boundary, where the source had them satisfied.
+    replica_role: bool,
+}
+
+/// The replication origin functions the sink calls, as `has_function_privilege` names them.
+const ORIGIN_FUNCTIONS: [&str; 5] = [
+    "pg_replication_origin_create(text)",
+    "pg_replication_origin_session_setup(text)",
+    "pg_replication_origin_xact_setup(pg_lsn, timestamp with time zone)",
+    "pg_replication_origin_progress(text, boolean)",
+    "pg_replication_origin_drop(text)",
+];
+
+impl Powers {
+    async fn read(client: &Client, major: u32) -> anyhow::Result<Powers> {
+        let origins = ORIGIN_FUNCTIONS.map(|f| format!("has_function_privilege('{f}', 'EXECUTE')")).join(" AND ");
+        let replica_role = match major >= 15 {
+            true => "has_parameter_privilege('session_replication_role', 'SET')",
+            false => "false",
+        };
+        let row = client
+            .query_one(
+                &format!("SELECT {origins}, rolsuper OR {replica_role} FROM pg_roles WHERE rolname = current_user"),
+                &[],
+            )
+            .await
+            .context("reading what the target role may do")?;
+        Ok(Powers { origins: row.get(0), replica_role: row.get(1) })
+    }
+}
+
+impl PostgresSink {
+    /// Free space on the volume of the target's data directory against what the
+    /// snapshot will write: the tables' size, and about as much again for indexes and WAL.
+    async fn free_space_finding(&mut self, copy_bytes: u64) -> Option<Finding> {
+        use crate::finding::human_bytes;
+        let need = human_bytes(copy_bytes);
+        match self.free_bytes().await {
+            Ok(free) if free < copy_bytes => Some(Finding::error(
+                "target",
+                format!("{} free on the volume of the target's data directory", human_bytes(free)),
+                &format!("at least {need} for the source tables, about twice that with indexes and WAL"),
+                "free or grow that volume, or copy fewer tables ([source] tables / exclude)".into(),
+            )),
+            Ok(free) if free < copy_bytes.saturating_mul(2) => Some(Finding::warning(
+                "target",
+                format!("{} free on the volume of the target's data directory", human_bytes(free)),
+                &format!(
+                    "about {} (the source tables take {need}; indexes and WAL need room too)",
+                    human_bytes(copy_bytes.saturating_mul(2))
+                ),
+                "watch the target's disk during the snapshot, or grow the volume first".into(),
+            )),
+            Ok(_) => None,
+            Err(e) => Some(Finding::warning(
+                "target",
+                format!("free disk space unknown ({e:#})"),
+                &format!("about {} free for the snapshot", human_bytes(copy_bytes.saturating_mul(2))),
+                "check the free space on the target's data directory volume by hand".into(),
+            )),
+        }
+    }
+
+    /// Bytes free on the data directory's volume, read with `df` through
+    /// `COPY FROM PROGRAM` (superuser; a managed service may not allow it).
+    async fn free_bytes(&mut self) -> anyhow::Result<u64> {
+        let dir: String = self
+            .client
+            .query_one("SELECT current_setting('data_directory')", &[])
+            .await
+            .context("reading data_directory")?
+            .get(0);
+        let program = format!("df -Pk -- '{}'", dir.replace('\'', "'\\''"));
+        let transaction = self.client.transaction().await.context("opening a transaction")?;
+        transaction
+            .batch_execute(&format!(
+                "CREATE TEMP TABLE cutover_df (line text) ON COMMIT DROP; COPY cutover_df FROM PROGRAM {}",
+                quote_literal(&program)
+            ))
+            .await
+            .context("running df on the target server")?;
+        let lines = transaction.query("SELECT line FROM cutover_df", &[]).await.context("reading df's output")?;
+        let available = lines
+            .get(1)
+            .and_then(|row| row.get::<_, Option<String>>(0))
+            .and_then(|line| line.split_whitespace().nth(3).and_then(|kb| kb.parse::<u64>().ok()))
+            .context("df printed no free space")?;
+        transaction.rollback().await.context("closing the transaction")?;
+        Ok(available.saturating_mul(1024))
+    }
+
+    pub async fn connect(
+        params: ConnectParams,
+        pipeline: &str,
+        partitions: Partitions,
+    ) -> anyhow::Result<PostgresSink> {
+        let client = params.connect().await?;
+        // After a switchover the old source is read-only by default for every session;
+        // the fallback stream applying into it lifts that for itself only.
+        client
+            .batch_execute("SET default_transaction_read_only = off")
+            .await
+            .context("setting up the target session")?;
+        let major = crate::pgconn::server_major(&client, "target").await?;
+        let origin = format!("cutover_{pipeline}");
+        let powers = Powers::read(&client, major).await?;
+        let sink = PostgresSink {
+            major,
+            params,
+            client,
+            origin,
+            statements: HashMap::new(),
+            columns: HashMap::new(),
+            session_ready: false,
+            partitions,
+            powers,
+        };
+        Ok(sink)
+    }
+
+    /// Before the first apply: binds this session to the replication origin (created if
+    /// needed) and, as PostgreSQL's own subscriber does, turns off triggers and
+    /// foreign-key checks (the source checked them), which also lets a batch group its
+    /// changes by table — each as far as the role may ([`Powers`]).
+    async fn prepare_session(&mut self) -> anyhow::Result<()> {
+        if self.session_ready {
+            return Ok(());
+        }
+        if self.powers.origins {
+            self.setup_origin().await?;
+        }
+        if self.powers.replica_role {
+            self.client
+                .batch_execute("SET session_replication_role = replica")
+                .await
+                .context("setting session_replication_role = replica on the target")?;
+        }
+        self.session_ready = true;
+        Ok(())
+    }
+
+    /// Creates the replication origin if needed and binds this session to it.
+    async fn setup_origin(&self) -> anyhow::Result<()> {
+        let needs_grant = "(needs superuser, or GRANT EXECUTE on the pg_replication_origin_* functions)";
+        self.client
+            .execute(
+                "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS \
+                 (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+                &[&self.origin],
+            )
+            .await
+            .with_context(|| format!("creating replication origin {} on the target {needs_grant}", self.origin))?;
+        // A killed predecessor's session may hold the origin until its backend notices.
+        let mut attempts = 0;
+        loop {
+            match self.client.execute("SELECT pg_replication_origin_session_setup($1)", &[&self.origin]).await {
+                Ok(_) => return Ok(()),
+                Err(e) if attempts < 50 && e.code().map(|c| c.code()) == Some("55006") => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "binding to replication origin {} on the target {needs_grant}; \
+                         is another cutover running this pipeline?",
+                        self.origin
+                    )))
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    fn copy_format(&self, table: &TableDefinition, source: SourceDialect) -> CopyFormat {
+        // Binary is the fastest path, but carries type OIDs (user types differ between
+        // databases) and is documented as less portable across major versions.
+        match source {
+            SourceDialect::Postgres { major } if major == self.major && !table.has_user_types => {
+                CopyFormat::PostgresBinary
+            }
+            SourceDialect::Postgres { .. } | SourceDialect::Mysql | SourceDialect::Sqlite | SourceDialect::Mongodb => {
+                CopyFormat::PostgresText
+            }
+        }
+    }
+
+    async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {
+        // A function the role may not execute fails the query even where CASE skips it.
+        let origin = match self.powers.origins {
+            true => {
+                "CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1) \
+                     THEN pg_replication_origin_progress($1, true)::text END"
+            }
+            false => "CASE WHEN $1::text IS NULL THEN NULL END::text",
+        };
+        let row = self
+            .client
+            .query_one(&format!("SELECT {origin}, to_regclass('cutover.progress') IS NOT NULL"), &[&self.origin])
+            .await
+            .context("reading the replication origin's progress on the target")?;
+        let lsn: Option<String> = row.get(0);
+        if let Some(text) = lsn.as_deref().filter(|t| *t != "0/0") {
+            return Ok(Some(Position::Lsn(text.parse::<Lsn>()?)));
+        }
+        if !row.get::<_, bool>(1) {
+            return Ok(None);
+        }
+        let recorded = self
+            .client
+            .query_opt("SELECT position FROM cutover.progress WHERE pipeline = $1", &[&self.origin])
+            .await
+            .context("reading cutover.progress on the target")?;
+        recorded
+            .map(|r| r.get::<_, String>(0).parse().context("cutover.progress holds a position cutover cannot read"))
+            .transpose()
+    }
+
+    async fn preflight(&mut self, schema: &SourceSchema, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
+        let row = self
+            .client
+            .query_one("SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+            .await
+            .context("reading the target role")?;
+        let (user, superuser): (String, bool) = (row.get(0), row.get(1));
+        let role = quote_ident(&user);
+        let mut findings = Vec::new();
+        let database: String = self
+            .client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .context("reading the target database")?
+            .get(0);
+        let may_create: bool = self
+            .client
+            .query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[])
+            .await
+            .context("reading the target role's privileges")?
+            .get(0);
+        if !may_create {
+            findings.push(Finding::error(
+                "target",
+                format!("role {user} may not create schemas in database {database}"),
+                "CREATE on the database (cutover creates the source's schemas and its own `cutover` schema)",
+                format!("GRANT CREATE ON DATABASE {} TO {role};", quote_ident(&database)),
+            ));
+        }
+        if !superuser && !self.powers.origins {
+            let functions = ORIGIN_FUNCTIONS.join(", ");
+            findings.push(Finding::warning(
+                "target",
+                format!("role {user} may not use replication origins"),
+                "EXECUTE on the replication origin functions, to record positions as PostgreSQL's own subscriber \
+                 does (without it they go into cutover.progress, in the same transaction as the rows)",
+                format!("GRANT EXECUTE ON FUNCTION {functions} TO {role};"),
+            ));
+        }
+        if !self.powers.replica_role {
+            let grant = match self.major >= 15 {
+                true => format!("GRANT SET ON PARAMETER session_replication_role TO {role};"),
+                false => format!("ALTER ROLE {role} SUPERUSER; (before PostgreSQL 15 only a superuser may)"),
+            };
+            findings.push(Finding::warning(
+                "target",
+                format!("role {user} may not set session_replication_role"),
+                "it to apply with triggers and foreign keys at rest (without it, foreign keys are created \
+                 DEFERRABLE and checked at the end of each target transaction, and the target's own triggers fire)",
+                grant,
+            ));
+        }
+        if copy_bytes > 0 {
+            findings.extend(self.free_space_finding(copy_bytes).await);
+        }
+        let available: Vec<String> = self
+            .client
+            .query("SELECT name::text FROM pg_available_extensions", &[])
+            .await
+            .context("reading the target's available extensions")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for extension in schema.extensions.iter().filter(|e| !available.contains(&e.name)) {
+            let what = format!("extension {} is not available on the target", extension.name);
+            let fix = "install the package that provides it on the target's server (for contrib extensions: \
+                       postgresql-contrib), or leave out the tables that use it ([source] exclude)"
+                .to_string();
+            findings.push(match extension.needed_by.is_empty() {
+                false => Finding::error(
+                    "target",
+                    what,
+                    &format!("{} for columns {}", extension.name, extension.needed_by.join(", ")),
+                    fix,
+                ),
+                true => Finding::warning(
+                    "target",
+                    what,
+                    "it for what the source uses it for (an index's operator class, a function)",
+                    fix,
+                ),
+            });
+        }
+        Ok(findings)
+    }
+
+    async fn create_tables(
+        &mut self,
+        schema: &SourceSchema,
+        tables: &[&TableDefinition],
+        fresh: bool,
+    ) -> anyhow::Result<()> {
+        let mut sql = ddl::prerequisites(schema);
+        for table in tables {
+            let exists = self
+                .client
+                .query_opt(
+                    "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
+                    &[&table.schema.name.schema, &table.schema.name.name],
+                )
+                .await
+                .context("looking for existing tables on the target")?
+                .is_some();
+            // Copied again (a restart in the middle of the snapshot, `cutover resync`) with other
+            // columns than the source has now (one dropped or renamed there): created again.
+            if exists && !fresh {
+                let columns: Vec<String> = self
+                    .client
+                    .query(
+                        "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 \
+                         AND NOT attisdropped ORDER BY attname",
+                        &[&quote_table(&table.schema.name)],
+                    )
+                    .await
+                    .with_context(|| format!("reading the columns of {} on the target", table.schema.name))?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let mut wanted: Vec<String> = table.column_names().iter().map(|c| c.to_string()).collect();
+                wanted.sort();
+                if columns != wanted {
+                    tracing::warn!(
+                        table = %table.schema.name,
+                        "the target's table has other columns than the source's: dropped (with what depends on it: \
+                         views, foreign keys, which come back with the keys after the copy) and created again"
+                    );
+                    sql.push(format!("DROP TABLE {} CASCADE", quote_table(&table.schema.name)));
+                }
+            }
+            if exists && fresh {
+                let has_rows = self
+                    .client
+                    .query_opt(&format!("SELECT 1 FROM {} LIMIT 1", quote_table(&table.schema.name)), &[])
+                    .await
+                    .with_context(|| format!("looking into {} on the target", table.schema.name))?
+                    .is_some();
+                if has_rows {
+                    anyhow::bail!(
+                        "table {} already holds rows on the target, and cutover never overwrites data it did not write: \
+                         empty or drop it, or set [snapshot] mode = \"never\" if the target already has the data",
+                        table.schema.name
+                    );
+                }
+            }
+            sql.extend(ddl::create_table(table, self.partitions));
+        }
+        let script = format!("BEGIN; {}; COMMIT", sql.join(";\n"));
+        self.client
+            .batch_execute(&script)
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("creating the schema on the target"))?;
+        Ok(())
+    }
+
+    async fn table_writer(&self) -> anyhow::Result<Box<dyn TableWriter>> {
+        let client = self.params.connect().await?;
+        // Index builds after the data go faster with room to sort in.
+        client
+            .batch_execute("SET maintenance_work_mem = '1GB'; SET synchronous_commit = off")
+            .await
+            .context("setting up a copy connection on the target")?;
+        Ok(Box::new(PostgresTableWriter { client }))
+    }
+
+    async fn finish_snapshot(&mut self, schema: &SourceSchema) -> anyhow::Result<()> {
+        for table in &schema.tables {
+            create_missing(&self.client, table, ddl::foreign_keys(table, !self.powers.replica_role)).await?;
+        }
+        for sql in ddl::sequence_values(schema) {
+            self.client.batch_execute(&sql).await.with_context(|| format!("setting sequences on the target: {sql}"))?;
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut dropped = Vec::new();
+        let exists = self
+            .client
+            .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&self.origin])
+            .await
+            .context("reading the target's replication origins")?
+            .is_some();
+        if exists {
+            self.client.execute("SELECT pg_replication_origin_drop($1)", &[&self.origin]).await.with_context(|| {
+                format!("dropping replication origin {} (is `cutover run` still running?)", self.origin)
+            })?;
+            dropped.push(format!("target: replication origin {}", self.origin));
+        }
+        let progress = self.client.execute("DELETE FROM cutover.progress WHERE pipeline = $1", &[&self.origin]).await;
+        if progress.is_ok_and(|rows| rows > 0) {
+            dropped.push(format!("target: row {} of cutover.progress", self.origin));
+            // The table and schema go with the last pipeline that used them.
+            self.client
+                .batch_execute(
+                    "DO $cutover$ BEGIN IF NOT EXISTS (SELECT 1 FROM cutover.progress) THEN \
+                     DROP TABLE cutover.progress; DROP SCHEMA IF EXISTS cutover; END IF; END $cutover$",
+                )
+                .await
+                .context("dropping cutover.progress")?;
+        }
+        Ok(dropped)
+    }
+
+    async fn referencing_tables(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
+        let names: Vec<String> = tables.iter().map(quote_table).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT DISTINCT n.nspname::text, c.relname::text FROM pg_constraint f \
+                 JOIN pg_class c ON c.oid = f.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE f.contype = 'f' AND f.confrelid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) t) \
+                   AND f.conrelid <> ALL (SELECT coalesce(to_regclass(t), 0) FROM unnest($1::text[]) t) \
+                 ORDER BY 1, 2",
+                &[&names],
+            )
+            .await
+            .context("reading the target's foreign keys")?;
+        Ok(rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+    }
+
+    async fn begin(&mut self) -> anyhow::Result<()> {
+        self.prepare_session().await?;
+        // Without session_replication_role, foreign keys (created DEFERRABLE) are checked
+        // at commit, on a source transaction boundary.
+        let begin = if self.powers.replica_role { "BEGIN" } else { "BEGIN; SET CONSTRAINTS ALL DEFERRED" };
+        self.client.batch_execute(begin).await.context("opening a target transaction")
+    }
+
+    async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+        // Grouped by table and compacted, a batch is a few statements. That reorders
+        // rows of a table, which a secondary unique constraint may object to in
+        // passing: then the batch runs again exactly in source order.
+        self.client.batch_execute("SAVEPOINT cutover_batch").await.context("opening a savepoint on the target")?;
+        match self.apply_in_order(&group_by_table(changes), true).await {
+            Ok(()) => {}
+            Err(e) if is_unique_violation(&e) => {
+                tracing::debug!("a reordered batch hit a unique constraint; applying it in source order");
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT cutover_batch")
+                    .await
+                    .context("rolling back a batch")?;
+                // The rollback also undid any column the batch added: read them again.
+                self.columns.clear();
+                let in_order: Vec<&Change> = changes.iter().collect();
+                self.apply_in_order(&in_order, false).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.client
+            .batch_execute("RELEASE SAVEPOINT cutover_batch")
+            .await
+            .context("releasing a savepoint on the target")
+    }
+
+    async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()> {
+        let micros = commit_time.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+        let seconds = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+        // An LSN goes into the replication origin, as PostgreSQL's own subscriber keeps it;
+        // other sources' positions into cutover.progress, in the same transaction.
+        let record = match position.lsn().filter(|_| self.powers.origins) {
+            Some(lsn) => format!("SELECT pg_replication_origin_xact_setup('{lsn}', to_timestamp({seconds}))"),
+            None => format!(
+                "CREATE SCHEMA IF NOT EXISTS cutover; \
+                 CREATE TABLE IF NOT EXISTS cutover.progress (pipeline text PRIMARY KEY, position text NOT NULL, \
+                     commit_time timestamptz, updated_at timestamptz NOT NULL DEFAULT now()); \
+                 INSERT INTO cutover.progress (pipeline, position, commit_time) VALUES ({}, {}, to_timestamp({seconds})) \
+                 ON CONFLICT (pipeline) DO UPDATE SET position = EXCLUDED.position, commit_time = EXCLUDED.commit_time, \
+                     updated_at = now()",
+                quote_literal(&self.origin),
+                quote_literal(&position.to_string())
+            ),
+        };
+        self.client
+            .batch_execute(&format!("{record}; COMMIT"))
+            .await
+            .with_context(|| format!("committing the target transaction that reaches {position}"))
+    }
+}
+
+/// Runs the statements for objects the table does not have yet (a restart may
+/// have built some already).
+async fn create_missing(client: &Client, table: &TableDefinition, objects: Vec<PostDataObject>) -> anyhow::Result<()> {
+    let name = &table.schema.name;
+    let existing: Vec<String> = client
+        .query(
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::text::regclass \
+             UNION SELECT relname::text FROM pg_class WHERE relnamespace = $2::text::regnamespace",
+            &[&quote_table(name), &quote_ident(&name.schema)],
+        )
+        .await
+        .with_context(|| format!("reading the constraints of {name} on the target"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for object in objects.into_iter().filter(|o| !existing.contains(&o.name)) {
+        client
+            .batch_execute(&object.sql)
+            .await
+            .with_context(|| format!("creating {} on {name} on the target: {}", object.name, object.sql))?;
+    }
+    Ok(())
+}
