@@ -66,6 +66,13 @@ pub struct TableProgress {
     pub untracked: Option<i64>,
 }
 
+/// Writes that are on disk when they return.
+fn synced() -> rocksdb::WriteOptions {
+    let mut options = rocksdb::WriteOptions::default();
+    options.set_sync(true);
+    options
+}
+
 /// The RocksDB-backed checkpoint store.
 pub struct CheckpointStore {
     db: rocksdb::DB,
@@ -96,9 +103,7 @@ impl CheckpointStore {
 
     fn put<T: Serialize>(&self, key: &str, value: &T) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec(value)?;
-        let mut options = rocksdb::WriteOptions::default();
-        options.set_sync(true);
-        self.db.put_opt(key, bytes, &options).with_context(|| format!("checkpoint store: writing {key}"))
+        self.db.put_opt(key, bytes, &synced()).with_context(|| format!("checkpoint store: writing {key}"))
     }
 
     pub fn identity(&self) -> anyhow::Result<Option<PipelineIdentity>> {
@@ -136,14 +141,10 @@ impl CheckpointStore {
     }
 
     /// Forgets that a table (`schema.table`, as [`TableName`] prints it) was copied: the
-    /// next start copies it again. Whether it was.
-    pub fn forget_table(&self, table: &str) -> anyhow::Result<bool> {
+    /// next start copies it again.
+    pub fn forget_table(&self, table: &str) -> anyhow::Result<()> {
         let key = format!("{TABLE_PREFIX}{table}");
-        let known = self.db.get(&key).with_context(|| format!("checkpoint store: reading {key}"))?.is_some();
-        let mut options = rocksdb::WriteOptions::default();
-        options.set_sync(true);
-        self.db.delete_opt(&key, &options).with_context(|| format!("checkpoint store: deleting {key}"))?;
-        Ok(known)
+        self.db.delete_opt(&key, &synced()).with_context(|| format!("checkpoint store: deleting {key}"))
     }
 
     /// Every table whose copy finished, with its progress.

@@ -18,18 +18,20 @@ use crate::status::{ask, Request};
 pub async fn resync(config: &Config, tables: &[String]) -> anyhow::Result<String> {
     anyhow::ensure!(!tables.is_empty(), "name the tables to copy again: --table schema.table (repeatable)");
     let mut source = crate::connect::source(config).await?;
-    let schema_names: Vec<TableName> = source.schema().await?.tables.into_iter().map(|t| t.schema.name).collect();
-    let known: Vec<String> = schema_names.iter().map(ToString::to_string).collect();
+    let known: Vec<TableName> = source.schema().await?.tables.into_iter().map(|t| t.schema.name).collect();
+    let mut names = Vec::with_capacity(tables.len());
     for table in tables {
-        anyhow::ensure!(
-            known.contains(table),
-            "{table} is not one of this pipeline's tables (those [source] tables / exclude select on the source: {})",
-            known.join(", ")
-        );
+        let Some(name) = known.iter().find(|k| &k.to_string() == table) else {
+            let known: Vec<String> = known.iter().map(ToString::to_string).collect();
+            anyhow::bail!(
+                "{table} is not one of this pipeline's tables (those [source] tables / exclude select on the source: {})",
+                known.join(", ")
+            );
+        };
+        names.push(name.clone());
     }
     let list = tables.join(", ");
     // Emptied together on the target, a table goes with those whose foreign keys point at it.
-    let names: Vec<TableName> = schema_names.iter().filter(|t| tables.contains(&t.to_string())).cloned().collect();
     let referencing = crate::connect::sink(config).await?.referencing_tables(&names).await?;
     if !referencing.is_empty() {
         let referencing: Vec<String> = referencing.iter().map(ToString::to_string).collect();

@@ -46,6 +46,11 @@ pub(super) fn log_copy(summary: &CopySummary) {
     );
 }
 
+/// The copy's shared state, locked; a poisoned lock (a worker panicked holding it) is an error.
+fn locked<'a, T>(mutex: &'a Mutex<T>, what: &str) -> anyhow::Result<std::sync::MutexGuard<'a, T>> {
+    mutex.lock().map_err(|_| anyhow::anyhow!("{what} poisoned"))
+}
+
 /// Tables whose copy has not finished.
 pub(super) fn pending_tables<'a>(
     store: &CheckpointStore,
@@ -194,11 +199,10 @@ async fn copy_tables(
         let rewritten = rewritten.clone();
         tasks.spawn(async move {
             loop {
-                let next = queue.lock().map_err(|_| anyhow::anyhow!("copy queue poisoned"))?.pop_front();
+                let next = locked(&queue, "copy queue")?.pop_front();
                 let Some((table, chunk, format)) = next else { return anyhow::Ok(()) };
                 let index = table_index.get(&table.schema.name).copied().unwrap_or_default();
-                let skip =
-                    rewritten.lock().map_err(|_| anyhow::anyhow!("copy state poisoned"))?.contains(&table.schema.name);
+                let skip = locked(&rewritten, "copy state")?.contains(&table.schema.name);
                 let read = match skip {
                     true => None,
                     false => match reader.read(&table, chunk, format).await {
@@ -206,31 +210,31 @@ async fn copy_tables(
                         read => Some(read?),
                     },
                 };
-                let Some(mut rows) = read else {
-                    rewritten
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("copy state poisoned"))?
-                        .insert(table.schema.name.clone());
-                    let mut remaining = remaining.lock().map_err(|_| anyhow::anyhow!("copy progress poisoned"))?;
-                    remaining.entry(table.schema.name.clone()).or_insert((1, 0)).0 -= 1;
-                    continue;
+                let copied = match read {
+                    Some(mut rows) => {
+                        let counter = progress.clone();
+                        rows.data = Box::pin(futures_util::TryStreamExt::inspect_ok(rows.data, move |bytes| {
+                            counter.moved(index, bytes.len() as u64);
+                        }));
+                        let copied = writer.write(&table, rows).await?;
+                        progress.chunk_copied(index, copied);
+                        METRICS.snapshot_rows.with_label_values(&[&table.schema.name.to_string()]).inc_by(copied);
+                        if chunk != Chunk::Whole {
+                            tracing::debug!(table = %table.schema.name, ?chunk, rows = copied, "chunk copied");
+                        }
+                        copied
+                    }
+                    None => {
+                        locked(&rewritten, "copy state")?.insert(table.schema.name.clone());
+                        0
+                    }
                 };
-                let counter = progress.clone();
-                rows.data = Box::pin(futures_util::TryStreamExt::inspect_ok(rows.data, move |bytes| {
-                    counter.moved(index, bytes.len() as u64);
-                }));
-                let copied = writer.write(&table, rows).await?;
-                progress.chunk_copied(index, copied);
-                METRICS.snapshot_rows.with_label_values(&[&table.schema.name.to_string()]).inc_by(copied);
-                if chunk != Chunk::Whole {
-                    tracing::debug!(table = %table.schema.name, ?chunk, rows = copied, "chunk copied");
-                }
                 let finished = {
-                    let mut remaining = remaining.lock().map_err(|_| anyhow::anyhow!("copy progress poisoned"))?;
+                    let mut remaining = locked(&remaining, "copy progress")?;
                     let entry = remaining.entry(table.schema.name.clone()).or_insert((1, 0));
                     entry.0 -= 1;
                     entry.1 += copied;
-                    let rewritten = rewritten.lock().map_err(|_| anyhow::anyhow!("copy state poisoned"))?;
+                    let rewritten = locked(&rewritten, "copy state")?;
                     (entry.0 == 0 && !rewritten.contains(&table.schema.name)).then_some(entry.1)
                 };
                 if let Some(rows) = finished {
@@ -274,6 +278,6 @@ async fn copy_tables(
     if let Ok(mut current) = SNAPSHOT_PROGRESS.lock() {
         *current = None;
     }
-    let rewritten = std::mem::take(&mut *rewritten.lock().map_err(|_| anyhow::anyhow!("copy state poisoned"))?);
+    let rewritten = std::mem::take(&mut *locked(&rewritten, "copy state")?);
     Ok(CopySummary { tables: sorted.len() - rewritten.len(), rows, elapsed: started.elapsed(), rewritten })
 }

@@ -86,25 +86,31 @@ pub trait Sink: Send + Sync {
     async fn commit(&mut self, position: &Position, commit_time: SystemTime) -> anyhow::Result<()>;
 }
 
-/// A column the target holds data in (`target_columns`, generated ones left out) that the
+/// A column of a table on the target, as the target's catalog describes it.
+#[derive(Clone, Debug)]
+pub struct TargetColumn {
+    pub name: String,
+    /// The type as the target names it (PostgreSQL: `format_type`; MySQL: `DATA_TYPE`).
+    pub type_name: String,
+    /// Computed by the target: no source describes it.
+    pub generated: bool,
+}
+
+/// A column the target holds data in (of `target`, generated ones left out) that the
 /// source's description of the table no longer has was dropped or renamed on the source,
 /// and the change log does not say which: adding the new name and keeping the old would
 /// split the column's values silently. The error says how to go on.
-pub fn check_no_column_gone(table: &TableSchema, target_columns: &[String]) -> anyhow::Result<()> {
-    let gone: Vec<&str> = target_columns
+pub fn check_no_column_gone(table: &TableSchema, target: &[TargetColumn]) -> anyhow::Result<()> {
+    let gone: Vec<&str> = target
         .iter()
-        .map(String::as_str)
-        .filter(|name| !table.columns.iter().any(|c| c.name == *name))
+        .filter(|t| !t.generated && !table.columns.iter().any(|c| c.name == t.name))
+        .map(|t| t.name.as_str())
         .collect();
     if gone.is_empty() {
         return Ok(());
     }
-    let new: Vec<&str> = table
-        .columns
-        .iter()
-        .map(|c| c.name.as_str())
-        .filter(|name| !target_columns.iter().any(|t| t == name))
-        .collect();
+    let new: Vec<&str> =
+        table.columns.iter().map(|c| c.name.as_str()).filter(|name| !target.iter().any(|t| t.name == *name)).collect();
     anyhow::bail!(
         "column(s) {} of {} are no longer in the source's description of the table{}: dropped or renamed on the \
          source (the change log does not say which). Nothing of it was applied. Run `cutover resync --config … \

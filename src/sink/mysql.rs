@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
 
-use super::{Sink, TableWriter};
+use super::{Sink, TableWriter, TargetColumn};
 use crate::change::{Change, Identity, TableName, TableSchema, Value};
 use crate::copy::{CopyFormat, CopyStream, SourceDialect};
 use crate::finding::Finding;
@@ -161,12 +161,12 @@ impl MysqlSink {
     /// default either way.
     async fn add_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
         let database = self.database(&table.name.schema);
-        super::check_no_column_gone(table, &data_columns(&mut self.conn, &database, &table.name.name).await?)?;
-        let existing = column_types(&mut self.conn, &database, &table.name.name).await?;
+        let existing = target_columns(&mut self.conn, &database, &table.name.name).await?;
+        super::check_no_column_gone(table, &existing)?;
         let missing: Vec<String> = table
             .columns
             .iter()
-            .filter(|c| !existing.contains_key(&c.name))
+            .filter(|c| !existing.iter().any(|e| e.name == c.name))
             .map(|c| format!("ADD COLUMN {} {}", quote_ident(&c.name), map_type(&c.type_name, None).0))
             .collect();
         if missing.is_empty() {
@@ -378,31 +378,37 @@ fn key_predicate(
     Ok((predicates.join(" AND "), params))
 }
 
+/// A target table's columns, in their order (`DATA_TYPE` as the type).
+async fn target_columns(
+    conn: &mut mysql_async::Conn,
+    database: &str,
+    table: &str,
+) -> anyhow::Result<Vec<TargetColumn>> {
+    let rows: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT COLUMN_NAME, DATA_TYPE, EXTRA FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? \
+             AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (database, table),
+        )
+        .await
+        .with_context(|| format!("reading the columns of {database}.{table} on the target"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, type_name, extra)| TargetColumn {
+            name,
+            type_name,
+            generated: extra.to_ascii_uppercase().contains("GENERATED"),
+        })
+        .collect())
+}
+
 /// `COLUMN_NAME` → `DATA_TYPE` of a target table.
 async fn column_types(
     conn: &mut mysql_async::Conn,
     database: &str,
     table: &str,
 ) -> anyhow::Result<HashMap<String, String>> {
-    let rows: Vec<(String, String)> = conn
-        .exec(
-            "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
-            (database, table),
-        )
-        .await
-        .with_context(|| format!("reading the columns of {database}.{table} on the target"))?;
-    Ok(rows.into_iter().collect())
-}
-
-/// The table's columns on the target that hold data (not generated ones), by name.
-async fn data_columns(conn: &mut mysql_async::Conn, database: &str, table: &str) -> anyhow::Result<Vec<String>> {
-    conn.exec(
-        "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? \
-         AND EXTRA NOT LIKE '%GENERATED%' ORDER BY COLUMN_NAME",
-        (database, table),
-    )
-    .await
-    .with_context(|| format!("reading the columns of {database}.{table} on the target"))
+    Ok(target_columns(conn, database, table).await?.into_iter().map(|c| (c.name, c.type_name)).collect())
 }
 
 /// The names inside the first parentheses of a definition (`UNIQUE ("a", b)`),
@@ -671,7 +677,13 @@ impl Sink for MysqlSink {
             // Copied again (a restart in the middle of the snapshot, `cutover resync`) with other
             // columns than the source has now (one dropped or renamed there): created again.
             if !fresh {
-                let columns = data_columns(&mut self.conn, &database, &table.schema.name.name).await?;
+                let mut columns: Vec<String> = target_columns(&mut self.conn, &database, &table.schema.name.name)
+                    .await?
+                    .into_iter()
+                    .filter(|c| !c.generated)
+                    .map(|c| c.name)
+                    .collect();
+                columns.sort();
                 let mut wanted: Vec<String> = table.schema.columns.iter().map(|c| c.name.clone()).collect();
                 wanted.sort();
                 if !columns.is_empty() && columns != wanted {

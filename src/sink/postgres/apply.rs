@@ -11,6 +11,7 @@ use tokio_postgres::Statement;
 use super::PostgresSink;
 use crate::change::{Change, Identity, TableName, TableSchema, Value};
 use crate::schema::{quote_ident, quote_table};
+use crate::sink::TargetColumn;
 
 impl PostgresSink {
     async fn statement(&mut self, sql: &str, params: usize) -> anyhow::Result<Statement> {
@@ -24,45 +25,24 @@ impl PostgresSink {
         Ok(statement)
     }
 
-    /// Stops at a description of the table that lacks a column the target holds data in
-    /// ([`super::check_no_column_gone`]).
-    async fn check_relation(&mut self, table: &TableSchema) -> anyhow::Result<()> {
-        let target: Vec<String> = self
-            .client
-            .query(
-                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 \
-                 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
-                &[&quote_table(&table.name)],
-            )
-            .await
-            .with_context(|| format!("reading the columns of {} on the target", table.name))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        crate::sink::check_no_column_gone(table, &target)
-    }
-
+    /// Follows the source's description of a table: stops when it lacks a column the target
+    /// holds data in ([`crate::sink::check_no_column_gone`]), widens a column to jsonb, adds
+    /// the columns the source added.
     async fn ensure_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
         if !self.columns.contains_key(&table.name) {
-            let existing: Vec<(String, String)> = self
-                .client
-                .query(
-                    "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
-                     WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
-                    &[&quote_table(&table.name)],
-                )
-                .await
-                .with_context(|| format!("reading the columns of {} on the target", table.name))?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
+            let existing = super::target_columns(&self.client, &table.name).await?;
             self.columns.insert(table.name.clone(), existing);
         }
         let known = self.columns.get(&table.name).cloned().unwrap_or_default();
+        crate::sink::check_no_column_gone(table, &known)?;
         // A source without a fixed schema (MongoDB) widens a column whose values disagree in type to jsonb.
-        for (name, _) in known.iter().filter(|(name, known_type)| {
-            known_type != "jsonb" && table.columns.iter().any(|c| &c.name == name && c.type_name == "jsonb")
-        }) {
+        for name in known
+            .iter()
+            .filter(|k| {
+                k.type_name != "jsonb" && table.columns.iter().any(|c| c.name == k.name && c.type_name == "jsonb")
+            })
+            .map(|k| &k.name)
+        {
             let sql = format!(
                 "ALTER TABLE {} ALTER COLUMN {column} TYPE jsonb USING to_jsonb({column})",
                 quote_table(&table.name),
@@ -73,11 +53,12 @@ impl PostgresSink {
                 .await
                 .with_context(|| format!("changing column {name} of {} to jsonb on the target", table.name))?;
             tracing::info!(table = %table.name, column = %name, "changed a column to jsonb: the source's values differ in type");
-            if let Some(entry) = self.columns.get_mut(&table.name).and_then(|c| c.iter_mut().find(|(n, _)| n == name)) {
-                entry.1 = "jsonb".into();
+            if let Some(entry) = self.columns.get_mut(&table.name).and_then(|c| c.iter_mut().find(|k| &k.name == name))
+            {
+                entry.type_name = "jsonb".into();
             }
         }
-        for column in table.columns.iter().filter(|c| !known.iter().any(|(name, _)| name == &c.name)) {
+        for column in table.columns.iter().filter(|c| !known.iter().any(|k| k.name == c.name)) {
             let default = column.default.as_ref().map(|d| format!(" DEFAULT {d}")).unwrap_or_default();
             let sql = format!(
                 "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}{default}",
@@ -90,7 +71,9 @@ impl PostgresSink {
                 .await
                 .with_context(|| format!("adding column {} to {} on the target", column.name, table.name))?;
             tracing::info!(table = %table.name, column = %column.name, "added a column the source added");
-            self.columns.entry(table.name.clone()).or_default().push((column.name.clone(), column.type_name.clone()));
+            let added =
+                TargetColumn { name: column.name.clone(), type_name: column.type_name.clone(), generated: false };
+            self.columns.entry(table.name.clone()).or_default().push(added);
         }
         Ok(())
     }
@@ -137,7 +120,6 @@ impl PostgresSink {
             let (kind, table, columns, key, new_key, values): Planned<'_> = match change {
                 Change::Relation(table) => {
                     self.flush(run.take()).await?;
-                    self.check_relation(table).await?;
                     self.ensure_columns(table).await?;
                     continue;
                 }

@@ -26,7 +26,7 @@ mod copy;
 
 use self::apply::{group_by_table, is_unique_violation};
 use self::copy::PostgresTableWriter;
-use super::{Sink, TableWriter};
+use super::{Sink, TableWriter, TargetColumn};
 use crate::change::{Change, TableName};
 use crate::config::Partitions;
 use crate::copy::{CopyFormat, SourceDialect};
@@ -45,7 +45,7 @@ pub struct PostgresSink {
     statements: HashMap<String, Statement>,
     /// Target columns per table, to notice columns added on the source.
     /// Each table's columns on the target: (name, type as `format_type` prints it).
-    columns: HashMap<TableName, Vec<(String, String)>>,
+    columns: HashMap<TableName, Vec<TargetColumn>>,
     /// The apply session is bound to the origin.
     session_ready: bool,
     /// What partitioned tables become here.
@@ -390,18 +390,9 @@ impl Sink for PostgresSink {
             // Copied again (a restart in the middle of the snapshot, `cutover resync`) with other
             // columns than the source has now (one dropped or renamed there): created again.
             if exists && !fresh {
-                let columns: Vec<String> = self
-                    .client
-                    .query(
-                        "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 \
-                         AND NOT attisdropped ORDER BY attname",
-                        &[&quote_table(&table.schema.name)],
-                    )
-                    .await
-                    .with_context(|| format!("reading the columns of {} on the target", table.schema.name))?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
+                let mut columns: Vec<String> =
+                    target_columns(&self.client, &table.schema.name).await?.into_iter().map(|c| c.name).collect();
+                columns.sort();
                 let mut wanted: Vec<String> = table.column_names().iter().map(|c| c.to_string()).collect();
                 wanted.sort();
                 if columns != wanted {
@@ -561,6 +552,19 @@ impl Sink for PostgresSink {
             .await
             .with_context(|| format!("committing the target transaction that reaches {position}"))
     }
+}
+
+/// The table's columns on the target, in their order.
+async fn target_columns(client: &Client, table: &TableName) -> anyhow::Result<Vec<TargetColumn>> {
+    let rows = client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod), attgenerated <> '' FROM pg_attribute \
+             WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&quote_table(table)],
+        )
+        .await
+        .with_context(|| format!("reading the columns of {table} on the target"))?;
+    Ok(rows.iter().map(|r| TargetColumn { name: r.get(0), type_name: r.get(1), generated: r.get(2) }).collect())
 }
 
 /// Runs the statements for objects the table does not have yet (a restart may

@@ -190,6 +190,24 @@ async fn read_table(
     })
 }
 
+/// Table-like relations no publication carries, so never copied or streamed: materialized
+/// views and foreign tables, each with what it is.
+pub(super) async fn uncopied_relations(client: &impl GenericClient) -> anyhow::Result<Vec<(TableName, String)>> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, CASE c.relkind WHEN 'm' THEN 'materialized view' \
+                        ELSE 'foreign table' END \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('m', 'f') AND {SYSTEM_SCHEMAS} ORDER BY 1, 2"
+            ),
+            &[],
+        )
+        .await
+        .context("reading the source's materialized views and foreign tables")?;
+    Ok(rows.iter().map(|r| (TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)), r.get(2))).collect())
+}
+
 /// A partitioned table's key and its partitions, parents before their own partitions.
 async fn read_partitioning(client: &impl GenericClient, oid: u32, name: &TableName) -> anyhow::Result<Partitioning> {
     let context = || format!("reading the partitions of {name}");

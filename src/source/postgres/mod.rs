@@ -259,24 +259,11 @@ impl Source for PostgresSource {
             ));
         }
         // Table-like relations the selection matches that no publication can carry.
-        let others = self
-            .client
-            .query(
-                "SELECT n.nspname::text, c.relname::text, CASE c.relkind WHEN 'm' THEN 'materialized view' \
-                        ELSE 'foreign table' END \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relkind IN ('m', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-                 ORDER BY 1, 2",
-                &[],
-            )
-            .await
-            .context("reading the source's materialized views and foreign tables")?;
-        for row in others {
-            let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let others = catalog::uncopied_relations(&self.client).await?;
+        for (name, kind) in others {
             if !self.filter.includes(&name.to_string()) {
                 continue;
             }
-            let kind: String = row.get(2);
             findings.push(Finding::warning(
                 "source",
                 format!("{kind} {name} is matched by [source] tables but is not copied or streamed"),
@@ -542,9 +529,11 @@ impl TableReader for PostgresTableReader {
         // wait behind it, and the TRUNCATE waits for the copy to end. (A failed statement
         // ends a transaction: inside a savepoint.)
         let checking = || format!("checking that {name} was not truncated since the snapshot");
-        self.client.batch_execute("SAVEPOINT cutover_lock").await.with_context(checking)?;
-        match self.client.batch_execute(&format!("LOCK TABLE ONLY {qualified} IN ACCESS SHARE MODE NOWAIT")).await {
-            Ok(()) => self.client.batch_execute("RELEASE SAVEPOINT cutover_lock").await.with_context(checking)?,
+        let lock = format!(
+            "SAVEPOINT cutover_lock; LOCK TABLE ONLY {qualified} IN ACCESS SHARE MODE NOWAIT; RELEASE SAVEPOINT cutover_lock"
+        );
+        match self.client.batch_execute(&lock).await {
+            Ok(()) => {}
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
                 self.client.batch_execute("ROLLBACK TO SAVEPOINT cutover_lock").await.with_context(checking)?;
                 return Err(TableRewritten(name).into());
