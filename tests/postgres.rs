@@ -1296,6 +1296,8 @@ async fn resync_copies_tables_again_while_the_pipeline_runs() {
     pair.wait_caught_up(&mut child).await;
     assert!(pair.log().contains("asked to copy again"), "{}", pair.log());
     pair.assert_identical().await;
+    // The foreign key went for the copy and is back.
+    assert_eq!(count(&target, "SELECT count(*) FROM pg_constraint WHERE conname = 'child_parent_id_fkey'").await, 1);
 
     stop(&mut child);
     target.batch_execute("UPDATE other SET n = -1").await.expect("damage");

@@ -377,6 +377,23 @@ impl Sink for PostgresSink {
         fresh: bool,
     ) -> anyhow::Result<()> {
         let mut sql = ddl::prerequisites(schema);
+        // Copied again, tables go without the foreign keys on them or pointing at them, as in a
+        // first copy (their rows land in any order); `finish_snapshot` adds the keys back.
+        if !fresh {
+            let names: Vec<String> = tables.iter().map(|t| quote_table(&t.schema.name)).collect();
+            let drops = self
+                .client
+                .query(
+                    "SELECT format('ALTER TABLE %s DROP CONSTRAINT %I', conrelid::regclass, conname) \
+                     FROM pg_constraint WHERE contype = 'f' \
+                       AND (conrelid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) t) \
+                            OR confrelid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) t))",
+                    &[&names],
+                )
+                .await
+                .context("reading the foreign keys of the tables to copy again")?;
+            sql.extend(drops.iter().map(|r| r.get::<_, String>(0)));
+        }
         for table in tables {
             let exists = self
                 .client
