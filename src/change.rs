@@ -112,6 +112,140 @@ pub enum Change {
     },
     /// The table's columns as of this point (a column was added, or first sight of it).
     Relation(Arc<TableSchema>),
+    /// The table's definition changed (DDL captured on the source, in order with the rows).
+    Schema(SchemaChange),
+}
+
+/// DDL on one table, as the source ran it: what the target must do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchemaChange {
+    pub table: TableName,
+    /// The source's statement, for messages (it may hold several statements, or none
+    /// that names the table: it is never run on the target).
+    pub statement: String,
+    pub ops: Vec<SchemaOp>,
+}
+
+/// What the rows of a column added to a table with rows hold on the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExistingRows {
+    /// NULL: the column has no default.
+    Null,
+    /// The default as evaluated once by the ADD (PostgreSQL's "missing value"), in text form.
+    Value(String),
+    /// Computed from each row by an expression the target evaluates the same way (a
+    /// STORED generated column).
+    Generated,
+}
+
+/// One step of a [`SchemaChange`]. Expressions and definitions are PostgreSQL SQL with
+/// every name qualified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SchemaOp {
+    /// A table the selection matches appeared (created, or renamed into the selection):
+    /// it joins the pipeline, copied under a snapshot of its own.
+    CreateTable,
+    DropTable,
+    /// The change touched rows in a way the change log does not carry (a column's type
+    /// rewritten, a partition attached, a volatile default filled in): the table is
+    /// copied again. `why` says which.
+    CopyAgain {
+        why: String,
+    },
+    AddColumn {
+        name: String,
+        type_name: String,
+        not_null: bool,
+        /// Default or generation expression.
+        expression: Option<String>,
+        existing: ExistingRows,
+    },
+    DropColumn {
+        name: String,
+    },
+    RenameColumn {
+        from: String,
+        to: String,
+    },
+    /// A type change that keeps every value's text (`varchar(10)` → `varchar(20)`, `int` → `bigint`).
+    SetType {
+        column: String,
+        type_name: String,
+    },
+    SetDefault {
+        column: String,
+        default: Option<String>,
+    },
+    SetNotNull {
+        column: String,
+        not_null: bool,
+    },
+    /// `definition`: `CREATE [UNIQUE] INDEX name ON schema.table USING …`.
+    CreateIndex {
+        name: String,
+        definition: String,
+    },
+    DropIndex {
+        name: String,
+    },
+    RenameIndex {
+        from: String,
+        to: String,
+    },
+    /// `definition`: as `pg_get_constraintdef` prints it (`FOREIGN KEY (a) REFERENCES s.t(id)`).
+    AddConstraint {
+        name: String,
+        definition: String,
+    },
+    DropConstraint {
+        name: String,
+    },
+    RenameConstraint {
+        from: String,
+        to: String,
+    },
+    /// A new partition of the table (or of one of its partitions), empty when created.
+    CreatePartition {
+        name: TableName,
+        parent: TableName,
+        bound: String,
+        partition_key: Option<String>,
+    },
+    /// A partition left the table with its rows (`DETACH PARTITION`).
+    DetachPartition {
+        name: TableName,
+        parent: TableName,
+    },
+    /// A partition was dropped with its rows.
+    DropPartition {
+        name: TableName,
+    },
+}
+
+impl SchemaOp {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SchemaOp::CreateTable => "create table",
+            SchemaOp::DropTable => "drop table",
+            SchemaOp::CopyAgain { .. } => "copy again",
+            SchemaOp::AddColumn { .. } => "add column",
+            SchemaOp::DropColumn { .. } => "drop column",
+            SchemaOp::RenameColumn { .. } => "rename column",
+            SchemaOp::SetType { .. } => "alter column type",
+            SchemaOp::SetDefault { .. } => "alter column default",
+            SchemaOp::SetNotNull { .. } => "alter column not null",
+            SchemaOp::CreateIndex { .. } => "create index",
+            SchemaOp::DropIndex { .. } => "drop index",
+            SchemaOp::RenameIndex { .. } => "rename index",
+            SchemaOp::AddConstraint { .. } => "add constraint",
+            SchemaOp::DropConstraint { .. } => "drop constraint",
+            SchemaOp::RenameConstraint { .. } => "rename constraint",
+            SchemaOp::CreatePartition { .. } => "create partition",
+            SchemaOp::DetachPartition { .. } => "detach partition",
+            SchemaOp::DropPartition { .. } => "drop partition",
+        }
+    }
 }
 
 /// Bytes a row's values hold, with a small allowance per value.
@@ -127,6 +261,7 @@ impl Change {
             Change::Update { old, new, .. } => old.as_deref().map_or(0, row_bytes) + row_bytes(new),
             Change::Delete { old, .. } => row_bytes(old),
             Change::Truncate { .. } | Change::Relation(_) => 0,
+            Change::Schema(change) => change.statement.len(),
         }
     }
 
@@ -138,6 +273,7 @@ impl Change {
             | Change::Delete { table, .. }
             | Change::Relation(table) => Some(&table.name),
             Change::Truncate { tables, .. } => tables.first().map(|t| &t.name),
+            Change::Schema(change) => Some(&change.table),
         }
     }
 }

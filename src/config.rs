@@ -101,6 +101,9 @@ pub struct SourceConfig {
     pub on_type_mismatch: Option<OnTypeMismatch>,
     /// MongoDB only.
     pub mapping: Option<MongoMapping>,
+    /// PostgreSQL only: capture schema changes with an event trigger (default: true,
+    /// installed when the role is a superuser).
+    pub capture_ddl: Option<bool>,
 }
 
 /// `[target]`
@@ -580,6 +583,9 @@ impl Config {
                  (\"flatten\", its default)"
                     .into(),
             ));
+        }
+        if config.source.capture_ddl.is_some() && config.source.kind != SourceKind::Postgres {
+            return Err(invalid("[source] capture_ddl: only for kind = \"postgres\"".into()));
         }
         if config.source.mapping.is_some() && config.source.kind != SourceKind::Mongodb {
             return Err(invalid("[source] mapping: only for kind = \"mongodb\"".into()));

@@ -26,7 +26,15 @@ pub async fn source(config: &Config) -> anyhow::Result<Box<dyn Source>> {
     Ok(match config.source.kind {
         SourceKind::Postgres => {
             let params = ConnectParams::from_endpoint(config.source.endpoint()).context("[source] url")?;
-            Box::new(PostgresSource::connect(params, config.table_filter(), &config.name).await?)
+            Box::new(
+                PostgresSource::connect(
+                    params,
+                    config.table_filter(),
+                    &config.name,
+                    config.source.capture_ddl.unwrap_or(true),
+                )
+                .await?,
+            )
         }
         SourceKind::Mysql => {
             let params = MysqlParams::from_endpoint(config.source.endpoint()).context("[source] url")?;

@@ -821,47 +821,63 @@ async fn postgres_partitions_flatten_and_generated_columns_compute_on_mariadb() 
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// PostgreSQL → MariaDB: a column renamed on the source while streaming stops the pipeline
-/// (the MariaDB table is not given a second column beside the old one); `cutover resync`
-/// creates the table again with the source's columns and the rows equal the source's.
+/// PostgreSQL → MariaDB, a column renamed on the source while streaming. Captured (the
+/// default), the rename copies the table again with the source's columns, in the stream;
+/// without DDL capture the pipeline stops (the MariaDB table is not given a second column
+/// beside the old one) and `cutover resync` creates the table again. Either way the rows
+/// end as the source's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_column_renamed_on_the_source_stops_and_resync_recreates_the_mariadb_table() {
-    let dir = test_dir("pg-renamed");
-    let source = PostgresServer::start(&[]).expect("source");
-    let target = MariaDbServer::start(&[]).expect("target");
-    let pg = connect(&source.url("postgres")).await;
-    pg.batch_execute(
-        "CREATE TABLE people (id int PRIMARY KEY, name text, age int);
-         INSERT INTO people SELECT g, 'p' || g, g FROM generate_series(1, 200) g;",
-    )
-    .await
-    .expect("source data");
-    let config = write_config(&dir, "pg_renamed", "postgres", &source.url("postgres"), &target.url("app"), "");
-    let log = dir.join("cutover.log");
-    let mut child = common::spawn_run(&config, &log, &[]);
-    wait_streaming(&mut child, &log).await;
-    pg.batch_execute("ALTER TABLE people RENAME COLUMN name TO full_name; UPDATE people SET age = -age WHERE id < 20;")
+async fn a_column_renamed_on_the_source_copies_the_mariadb_table_again_or_stops_for_resync() {
+    for capture in [true, false] {
+        let dir = test_dir(if capture { "pg-renamed" } else { "pg-renamed-uncaptured" });
+        let source = PostgresServer::start(&[]).expect("source");
+        let target = MariaDbServer::start(&[]).expect("target");
+        let pg = connect(&source.url("postgres")).await;
+        pg.batch_execute(
+            "CREATE TABLE people (id int PRIMARY KEY, name text, age int);
+             INSERT INTO people SELECT g, 'p' || g, g FROM generate_series(1, 200) g;",
+        )
+        .await
+        .expect("source data");
+        let config = write_config(&dir, "pg_renamed", "postgres", &source.url("postgres"), &target.url("app"), "");
+        if !capture {
+            let text = std::fs::read_to_string(&config).expect("config");
+            std::fs::write(&config, text.replacen("[source]\n", "[source]\ncapture_ddl = false\n", 1)).expect("config");
+        }
+        let log = dir.join("cutover.log");
+        let mut child = common::spawn_run(&config, &log, &[]);
+        wait_streaming(&mut child, &log).await;
+        pg.batch_execute(
+            "ALTER TABLE people RENAME COLUMN name TO full_name; UPDATE people SET age = -age WHERE id < 20;",
+        )
         .await
         .expect("rename");
-    let text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let status = common::wait_for_exit(&mut child, Duration::from_secs(60), text).await;
-    assert!(!status.success() && text().contains("are no longer in the source's description"), "{}", text());
-    let resync = common::cutover("resync", &config, &["--table", "public.people"]);
-    assert!(resync.status.success(), "{}", common::output_text(&resync));
-    let mut child = common::spawn_run(&config, &log, &[]);
-    // Not read while the copy loads it: a load into a table that another session queries was
-    // seen to stall (the load waiting for its data, the query in "Statistics").
-    let streaming_again = || async { text().matches("streaming changes").count() >= 2 };
-    wait_for(&mut child, &log, streaming_again).await;
-    wait_for(&mut child, &log, || {
-        has_row(target.url("app"), "SELECT 1 FROM app.people WHERE id = 19 AND age = -19 AND full_name = 'p19'".into())
-    })
-    .await;
-    common::stop(&mut child);
-    let mut my = mysql(&target.url("app")).await;
-    assert_same(
-        my_rows(&mut my, "SELECT CAST(id AS CHAR), full_name, CAST(age AS CHAR) FROM people ORDER BY people.id").await,
-        pg_rows(&pg, "SELECT id::text, full_name, age::text FROM people ORDER BY people.id").await,
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+        let text = || std::fs::read_to_string(&log).unwrap_or_default();
+        if !capture {
+            let status = common::wait_for_exit(&mut child, Duration::from_secs(60), text).await;
+            assert!(!status.success() && text().contains("are no longer in the source's description"), "{}", text());
+            let resync = common::cutover("resync", &config, &["--table", "public.people"]);
+            assert!(resync.status.success(), "{}", common::output_text(&resync));
+            child = common::spawn_run(&config, &log, &[]);
+        }
+        // Not read while the copy loads it: a load into a table that another session queries was
+        // seen to stall (the load waiting for its data, the query in "Statistics").
+        let streaming_again = || async { text().matches("streaming changes").count() >= 2 };
+        wait_for(&mut child, &log, streaming_again).await;
+        wait_for(&mut child, &log, || {
+            has_row(
+                target.url("app"),
+                "SELECT 1 FROM app.people WHERE id = 19 AND age = -19 AND full_name = 'p19'".into(),
+            )
+        })
+        .await;
+        common::stop(&mut child);
+        let mut my = mysql(&target.url("app")).await;
+        assert_same(
+            my_rows(&mut my, "SELECT CAST(id AS CHAR), full_name, CAST(age AS CHAR) FROM people ORDER BY people.id")
+                .await,
+            pg_rows(&pg, "SELECT id::text, full_name, age::text FROM people ORDER BY people.id").await,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

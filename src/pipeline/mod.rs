@@ -187,7 +187,7 @@ async fn run_once(
     let workers = config.snapshot.workers;
 
     if config.snapshot.mode == SnapshotMode::Only {
-        let pending = snapshot::pending_tables(&store, &schema)?;
+        let pending = snapshot::pending_tables(&store, sink.as_mut(), &schema).await?;
         if !pending.is_empty() {
             let fresh = store.tables()?.is_empty();
             sink.create_tables(&schema, &pending, fresh).await?;
@@ -215,7 +215,7 @@ async fn run_once(
     };
 
     let pending = match config.snapshot.mode {
-        SnapshotMode::Initial => snapshot::pending_tables(&store, &schema)?,
+        SnapshotMode::Initial => snapshot::pending_tables(&store, sink.as_mut(), &schema).await?,
         SnapshotMode::Never | SnapshotMode::Only => Vec::new(),
     };
     if pending.is_empty() {

@@ -51,16 +51,28 @@ fn locked<'a, T>(mutex: &'a Mutex<T>, what: &str) -> anyhow::Result<std::sync::M
     mutex.lock().map_err(|_| anyhow::anyhow!("{what} poisoned"))
 }
 
-/// Tables whose copy has not finished.
-pub(super) fn pending_tables<'a>(
+/// Tables whose copy has not finished, and tables copied before that the target no longer
+/// has (dropped there to be copied again by a schema change whose transaction committed
+/// just before the process ended): their copies are forgotten.
+pub(super) async fn pending_tables<'a>(
     store: &CheckpointStore,
+    sink: &mut dyn Sink,
     schema: &'a SourceSchema,
 ) -> anyhow::Result<Vec<&'a TableDefinition>> {
     let mut pending = Vec::new();
+    let mut copied = Vec::new();
     for table in &schema.tables {
-        if store.table(&table.schema.name)?.is_none() {
-            pending.push(table);
+        match store.table(&table.schema.name)? {
+            None => pending.push(table),
+            Some(_) => copied.push(table),
         }
+    }
+    let names: Vec<TableName> = copied.iter().map(|t| t.schema.name.clone()).collect();
+    let missing = sink.missing_tables(&names).await?;
+    for table in copied.into_iter().filter(|t| missing.contains(&t.schema.name)) {
+        tracing::warn!(table = %table.schema.name, "copied before, but the target no longer has it: copied again");
+        store.forget_table(&table.schema.name.to_string())?;
+        pending.push(table);
     }
     Ok(pending)
 }
@@ -217,6 +229,7 @@ async fn copy_tables(
                             counter.moved(index, bytes.len() as u64);
                         }));
                         let copied = writer.write(&table, rows).await?;
+                        crate::failpoint::hit("snapshot-chunk-copied");
                         progress.chunk_copied(index, copied);
                         METRICS.snapshot_rows.with_label_values(&[&table.schema.name.to_string()]).inc_by(copied);
                         if chunk != Chunk::Whole {

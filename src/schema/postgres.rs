@@ -7,6 +7,7 @@
 use super::{
     quote_ident, quote_literal, quote_table, EnumType, Sequence, SourceSchema, TableDefinition, UserType, UserTypeKind,
 };
+use crate::change::TableName;
 use crate::config::Partitions;
 
 /// Schemas, enum types and sequences the tables need: run before `create_table`.
@@ -159,10 +160,9 @@ pub struct PostDataObject {
 
 /// Primary key, unique / check / exclusion constraints and plain indexes.
 pub fn post_data(table: &TableDefinition) -> Vec<PostDataObject> {
-    let qualified = quote_table(&table.schema.name);
     let constraint = |(name, definition): &(String, String)| PostDataObject {
         name: name.clone(),
-        sql: format!("ALTER TABLE {qualified} ADD CONSTRAINT {} {definition}", quote_ident(name)),
+        sql: add_constraint(&table.schema.name, name, definition, false),
     };
     let mut objects: Vec<PostDataObject> = table.primary_key.iter().map(constraint).collect();
     objects.extend(table.constraints.iter().map(constraint));
@@ -173,29 +173,36 @@ pub fn post_data(table: &TableDefinition) -> Vec<PostDataObject> {
             .and_then(|(_, rest)| rest.split_once(" ON "))
             .map(|(name, _)| name.trim_matches('"').to_string())
             .unwrap_or_default();
-        // A partitioned table's index prints `ON ONLY`, which would leave its partitions without it.
-        let sql = index.replacen(" INDEX ", " INDEX IF NOT EXISTS ", 1).replacen(" ON ONLY ", " ON ", 1);
-        objects.push(PostDataObject { name, sql });
+        objects.push(PostDataObject { name, sql: create_index(index) });
     }
     objects
 }
 
-/// Foreign keys: after every table has its data and keys. With `deferrable`, each is made
-/// DEFERRABLE (still INITIALLY IMMEDIATE for the applications) where the source's is not.
+/// An index as `pg_get_indexdef` prints it, as the target creates it: once only, and on a
+/// partitioned table's partitions too (the source prints `ON ONLY` for a partitioned table).
+pub fn create_index(definition: &str) -> String {
+    definition.replacen(" INDEX ", " INDEX IF NOT EXISTS ", 1).replacen(" ON ONLY ", " ON ", 1)
+}
+
+/// `ALTER TABLE … ADD CONSTRAINT` for a constraint as `pg_get_constraintdef` prints it. With
+/// `deferrable`, a foreign key is made DEFERRABLE (still INITIALLY IMMEDIATE for the
+/// applications) where the source's is not.
+pub fn add_constraint(table: &TableName, name: &str, definition: &str, deferrable: bool) -> String {
+    let defer = match deferrable && definition.starts_with("FOREIGN KEY") && !definition.contains(" DEFERRABLE") {
+        true => " DEFERRABLE",
+        false => "",
+    };
+    format!("ALTER TABLE {} ADD CONSTRAINT {} {definition}{defer}", quote_table(table), quote_ident(name))
+}
+
+/// Foreign keys: after every table has its data and keys (DEFERRABLE with `deferrable`).
 pub fn foreign_keys(table: &TableDefinition, deferrable: bool) -> Vec<PostDataObject> {
-    let qualified = quote_table(&table.schema.name);
     table
         .foreign_keys
         .iter()
-        .map(|(name, definition)| {
-            let defer = match deferrable && !definition.contains(" DEFERRABLE") {
-                true => " DEFERRABLE",
-                false => "",
-            };
-            PostDataObject {
-                name: name.clone(),
-                sql: format!("ALTER TABLE {qualified} ADD CONSTRAINT {} {definition}{defer}", quote_ident(name)),
-            }
+        .map(|(name, definition)| PostDataObject {
+            name: name.clone(),
+            sql: add_constraint(&table.schema.name, name, definition, deferrable),
         })
         .collect()
 }

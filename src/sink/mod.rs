@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-use crate::change::{Change, TableName, TableSchema};
+use crate::change::{Change, SchemaOp, TableName, TableSchema};
 use crate::copy::{CopyFormat, CopyStream, SourceDialect};
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
@@ -72,9 +72,18 @@ pub trait Sink: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// Those of `tables` the target does not have.
+    async fn missing_tables(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>>;
+
     /// Drops what the pipeline created on the target besides the replicated tables
     /// (its exactly-once markers); returns what it dropped.
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>>;
+
+    /// Whether [`Sink::apply`] carries out this step of a [`crate::change::SchemaChange`] on
+    /// the table as it stands, rows kept exactly. If not, the pipeline copies the table
+    /// again (the change it gets then is one [`SchemaOp::DropTable`]). `DropTable` must
+    /// always apply, and succeed when the table is not there.
+    fn applies_in_place(&self, op: &SchemaOp) -> bool;
 
     /// Opens a target transaction.
     async fn begin(&mut self) -> anyhow::Result<()>;
@@ -94,6 +103,9 @@ pub struct TargetColumn {
     pub type_name: String,
     /// Computed by the target: no source describes it.
     pub generated: bool,
+    /// PostgreSQL's `GENERATED ALWAYS AS IDENTITY`: an insert writes it (`OVERRIDING
+    /// SYSTEM VALUE`), an update cannot.
+    pub identity_always: bool,
 }
 
 /// A column the target holds data in (of `target`, generated ones left out) that the

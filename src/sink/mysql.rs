@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
 
 use super::{Sink, TableWriter, TargetColumn};
-use crate::change::{Change, Identity, TableName, TableSchema, Value};
+use crate::change::{Change, ExistingRows, Identity, SchemaChange, SchemaOp, TableName, TableSchema, Value};
 use crate::copy::{CopyFormat, CopyStream, SourceDialect};
 use crate::finding::Finding;
 use crate::myconn::MysqlParams;
@@ -150,38 +150,52 @@ impl MysqlSink {
     }
 
     /// Adds the columns a `Relation` shows that the target table lacks.
-    ///
-    /// DDL commits in MySQL. An open transaction that holds writes would be committed
-    /// without its progress row — possibly in the middle of a source transaction — and a
-    /// crash then would apply those writes again (doubling rows of a table without a key).
-    /// So it is rolled back first, the DDL runs on its own (it only adds what is missing,
-    /// so it is safe to repeat), and the pipeline resumes from its checkpoint: the replay
-    /// finds the columns there and applies the transactions around them in one target
-    /// transaction. Rows written before the DDL in source order get the new column's
-    /// default either way.
     async fn add_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
-        let database = self.database(&table.name.schema);
-        let existing = target_columns(&mut self.conn, &database, &table.name.name).await?;
-        super::check_no_column_gone(table, &existing)?;
-        let missing: Vec<String> = table
-            .columns
+        let columns: Vec<(&str, &str)> =
+            table.columns.iter().map(|c| (c.name.as_str(), c.type_name.as_str())).collect();
+        self.add_missing_columns(&table.name, &columns, Some(table)).await
+    }
+
+    /// Adds those of `columns` (name, PostgreSQL type) the target table lacks; with the
+    /// source's description of the table, first stops if it lacks a column the target has.
+    async fn add_missing_columns(
+        &mut self,
+        table: &TableName,
+        columns: &[(&str, &str)],
+        described: Option<&TableSchema>,
+    ) -> anyhow::Result<()> {
+        let database = self.database(&table.schema);
+        let existing = target_columns(&mut self.conn, &database, &table.name).await?;
+        if let Some(described) = described {
+            super::check_no_column_gone(described, &existing)?;
+        }
+        let missing: Vec<String> = columns
             .iter()
-            .filter(|c| !existing.iter().any(|e| e.name == c.name))
-            .map(|c| format!("ADD COLUMN {} {}", quote_ident(&c.name), map_type(&c.type_name, None).0))
+            .filter(|(name, _)| !existing.iter().any(|e| e.name == *name))
+            .map(|(name, type_name)| format!("ADD COLUMN {} {}", quote_ident(name), map_type(type_name, None).0))
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        let sql = format!("ALTER TABLE {} {}", self.qualified(&table.name), missing.join(", "));
+        self.tables.remove(table);
+        self.run_ddl(&format!("ALTER TABLE {} {}", self.qualified(table), missing.join(", "))).await
+    }
+
+    /// Runs DDL, which commits in MySQL. An open transaction that holds writes would be
+    /// committed without its progress row — possibly in the middle of a source transaction —
+    /// and a crash then would apply those writes again (doubling rows of a table without a
+    /// key). So it is rolled back first, the DDL runs on its own (what calls this makes it
+    /// safe to repeat), and the pipeline resumes from its checkpoint: the replay finds the DDL
+    /// done and applies the transactions around it in one target transaction.
+    async fn run_ddl(&mut self, sql: &str) -> anyhow::Result<()> {
         let rolled_back = self.open && self.written;
         if rolled_back {
             self.conn.query_drop("ROLLBACK").await.context("rolling back the target transaction before DDL")?;
             self.open = false;
             self.written = false;
         }
-        self.conn.query_drop(&sql).await.with_context(|| format!("applying `{sql}` on the target"))?;
+        self.conn.query_drop(sql).await.with_context(|| format!("applying `{sql}` on the target"))?;
         crate::failpoint::hit("mysql-sink-after-ddl");
-        self.tables.remove(&table.name);
         if rolled_back {
             return Err(crate::retry::ResumeFromCheckpoint(format!(
                 "applied `{sql}` on the target between transactions; the source transactions around it are applied \
@@ -195,9 +209,37 @@ impl MysqlSink {
         Ok(())
     }
 
+    /// A captured schema change: what [`Sink::applies_in_place`] accepted.
+    async fn apply_schema(&mut self, change: &SchemaChange) -> anyhow::Result<()> {
+        for op in &change.ops {
+            match op {
+                SchemaOp::DropTable => {
+                    self.tables.remove(&change.table);
+                    let sql = format!(
+                        "SET foreign_key_checks = 0; DROP TABLE IF EXISTS {}; SET foreign_key_checks = 1",
+                        self.qualified(&change.table)
+                    );
+                    self.run_ddl(&sql).await?;
+                }
+                SchemaOp::AddColumn { name, type_name, .. } => {
+                    self.add_missing_columns(&change.table, &[(name.as_str(), type_name.as_str())], None).await?
+                }
+                SchemaOp::CreatePartition { .. } => {}
+                other => tracing::warn!(
+                    table = %change.table,
+                    change = other.kind(),
+                    statement = %change.statement,
+                    "a schema change not mirrored on the MySQL target (the rows stay exact; make it by hand if wanted)"
+                ),
+            }
+        }
+        Ok(())
+    }
+
     async fn apply_one(&mut self, change: &Change) -> anyhow::Result<()> {
         match change {
             Change::Relation(table) => self.add_columns(table).await,
+            Change::Schema(change) => self.apply_schema(change).await,
             Change::Truncate { tables, .. } => {
                 // DELETE, not TRUNCATE: TRUNCATE would commit the open transaction.
                 for table in tables {
@@ -398,6 +440,7 @@ async fn target_columns(
             name,
             type_name,
             generated: extra.to_ascii_uppercase().contains("GENERATED"),
+            identity_always: false,
         })
         .collect())
 }
@@ -755,6 +798,41 @@ impl Sink for MysqlSink {
         }
     }
 
+    async fn missing_tables(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
+        let mut missing = Vec::new();
+        for table in tables {
+            let found: Option<u8> = self
+                .conn
+                .exec_first(
+                    "SELECT 1 FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                    (self.database(&table.schema), &table.name),
+                )
+                .await
+                .with_context(|| format!("looking for {table} on the target"))?;
+            if found.is_none() {
+                missing.push(table.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    fn applies_in_place(&self, op: &SchemaOp) -> bool {
+        match op {
+            SchemaOp::DropTable | SchemaOp::CreatePartition { .. } => true,
+            SchemaOp::AddColumn { existing, .. } => *existing == ExistingRows::Null,
+            // Left out: the target is only less strict than the source, or names differ.
+            SchemaOp::SetDefault { .. }
+            | SchemaOp::SetNotNull { not_null: true, .. }
+            | SchemaOp::CreateIndex { .. }
+            | SchemaOp::RenameIndex { .. }
+            | SchemaOp::AddConstraint { .. }
+            | SchemaOp::RenameConstraint { .. } => true,
+            // A key or a NOT NULL the target kept where the source dropped it would merge or
+            // refuse rows; a column changed changes rows: copied again.
+            _ => false,
+        }
+    }
+
     async fn begin(&mut self) -> anyhow::Result<()> {
         self.conn.query_drop("START TRANSACTION").await.context("opening a target transaction")?;
         self.open = true;
@@ -783,7 +861,7 @@ impl Sink for MysqlSink {
                 i += run.len();
                 continue;
             }
-            if !matches!(changes[i], Change::Relation(_)) {
+            if !matches!(changes[i], Change::Relation(_) | Change::Schema(_)) {
                 self.written = true;
             }
             self.apply_one(&changes[i]).await?;

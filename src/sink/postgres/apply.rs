@@ -9,8 +9,10 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
 use super::PostgresSink;
-use crate::change::{Change, Identity, TableName, TableSchema, Value};
-use crate::schema::{quote_ident, quote_table};
+use crate::change::{Change, ExistingRows, Identity, SchemaChange, SchemaOp, TableName, TableSchema, Value};
+use crate::config::Partitions;
+use crate::schema::postgres::{add_constraint, create_index};
+use crate::schema::{quote_ident, quote_literal, quote_table};
 use crate::sink::TargetColumn;
 
 impl PostgresSink {
@@ -25,15 +27,29 @@ impl PostgresSink {
         Ok(statement)
     }
 
+    /// The table's columns on the target, read once and kept until a schema change.
+    async fn known_columns(&mut self, table: &TableName) -> anyhow::Result<Vec<TargetColumn>> {
+        if let Some(known) = self.columns.get(table) {
+            return Ok(known.clone());
+        }
+        let read = super::target_columns(&self.client, table).await?;
+        self.columns.insert(table.clone(), read.clone());
+        Ok(read)
+    }
+
+    /// The source's columns the target holds as `GENERATED ALWAYS AS IDENTITY`, by index.
+    async fn identity_always(&mut self, table: &TableSchema) -> anyhow::Result<Vec<usize>> {
+        let known = self.known_columns(&table.name).await?;
+        Ok((0..table.columns.len())
+            .filter(|&i| known.iter().any(|k| k.identity_always && k.name == table.columns[i].name))
+            .collect())
+    }
+
     /// Follows the source's description of a table: stops when it lacks a column the target
     /// holds data in ([`crate::sink::check_no_column_gone`]), widens a column to jsonb, adds
     /// the columns the source added.
     async fn ensure_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
-        if !self.columns.contains_key(&table.name) {
-            let existing = super::target_columns(&self.client, &table.name).await?;
-            self.columns.insert(table.name.clone(), existing);
-        }
-        let known = self.columns.get(&table.name).cloned().unwrap_or_default();
+        let known = self.known_columns(&table.name).await?;
         crate::sink::check_no_column_gone(table, &known)?;
         // A source without a fixed schema (MongoDB) widens a column whose values disagree in type to jsonb.
         for name in known
@@ -71,8 +87,12 @@ impl PostgresSink {
                 .await
                 .with_context(|| format!("adding column {} to {} on the target", column.name, table.name))?;
             tracing::info!(table = %table.name, column = %column.name, "added a column the source added");
-            let added =
-                TargetColumn { name: column.name.clone(), type_name: column.type_name.clone(), generated: false };
+            let added = TargetColumn {
+                name: column.name.clone(),
+                type_name: column.type_name.clone(),
+                generated: false,
+                identity_always: false,
+            };
             self.columns.entry(table.name.clone()).or_default().push(added);
         }
         Ok(())
@@ -83,13 +103,126 @@ impl PostgresSink {
         sql: &str,
         params: &[Vec<Option<String>>],
         table: &TableName,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
         let statement = self.statement(sql, params.len()).await?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let rows = params.first().map_or(0, Vec::len);
         self.client.execute(&statement, &refs).await.map_err(|e| {
             anyhow::Error::new(e).context(format!("applying {rows} row(s) to {table} on the target (statement: {sql})"))
-        })?;
+        })
+    }
+
+    /// One captured schema change, inside the open transaction (so it commits with the
+    /// position it was captured at, or not at all). The table's cached columns are
+    /// forgotten: the next description of it reads them again.
+    async fn apply_schema(&mut self, change: &SchemaChange) -> anyhow::Result<()> {
+        let table = quote_table(&change.table);
+        let in_schema = |name: &str| quote_table(&TableName::new(&change.table.schema, name));
+        let mut statements = Vec::new();
+        for op in &change.ops {
+            match op {
+                SchemaOp::CreateTable | SchemaOp::CopyAgain { .. } => anyhow::bail!(
+                    "{}: a schema change that copies the table again reached the sink (the pipeline drops and copies such tables)",
+                    change.table
+                ),
+                SchemaOp::DropTable => statements.push(format!("DROP TABLE IF EXISTS {table} CASCADE")),
+                SchemaOp::AddColumn { name, type_name, not_null, expression, existing } => {
+                    let column = quote_ident(name);
+                    let filled = match (existing, expression) {
+                        (ExistingRows::Generated, expression) => {
+                            format!(" GENERATED ALWAYS AS ({}) STORED", expression.as_deref().unwrap_or("NULL"))
+                        }
+                        (ExistingRows::Value(value), _) => format!(" DEFAULT {}::{type_name}", quote_literal(value)),
+                        (ExistingRows::Null, _) => String::new(),
+                    };
+                    let not_null = if *not_null { " NOT NULL" } else { "" };
+                    statements.push(format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {type_name}{filled}{not_null}"));
+                    // Rows that predate the column hold what the source filled in; new rows come with their values.
+                    match (existing, expression) {
+                        (ExistingRows::Generated, _) => {}
+                        (_, Some(default)) => {
+                            statements.push(format!("ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT {default}"))
+                        }
+                        (ExistingRows::Value(_), None) => {
+                            statements.push(format!("ALTER TABLE {table} ALTER COLUMN {column} DROP DEFAULT"))
+                        }
+                        (ExistingRows::Null, None) => {}
+                    }
+                }
+                SchemaOp::DropColumn { name } => {
+                    statements.push(format!("ALTER TABLE {table} DROP COLUMN IF EXISTS {}", quote_ident(name)))
+                }
+                SchemaOp::RenameColumn { from, to } => statements.push(format!(
+                    "ALTER TABLE {table} RENAME COLUMN {} TO {}",
+                    quote_ident(from),
+                    quote_ident(to)
+                )),
+                SchemaOp::SetType { column, type_name } => {
+                    statements.push(format!("ALTER TABLE {table} ALTER COLUMN {} TYPE {type_name}", quote_ident(column)))
+                }
+                SchemaOp::SetDefault { column, default } => statements.push(format!(
+                    "ALTER TABLE {table} ALTER COLUMN {} {}",
+                    quote_ident(column),
+                    default.as_ref().map_or("DROP DEFAULT".to_string(), |d| format!("SET DEFAULT {d}"))
+                )),
+                SchemaOp::SetNotNull { column, not_null } => statements.push(format!(
+                    "ALTER TABLE {table} ALTER COLUMN {} {} NOT NULL",
+                    quote_ident(column),
+                    if *not_null { "SET" } else { "DROP" }
+                )),
+                SchemaOp::CreateIndex { definition, .. } => statements.push(create_index(definition)),
+                SchemaOp::DropIndex { name } => statements.push(format!("DROP INDEX IF EXISTS {}", in_schema(name))),
+                SchemaOp::RenameIndex { from, to } => {
+                    statements.push(format!("ALTER INDEX IF EXISTS {} RENAME TO {}", in_schema(from), quote_ident(to)))
+                }
+                SchemaOp::AddConstraint { name, definition } => {
+                    statements.push(add_constraint(&change.table, name, definition, !self.powers.replica_role))
+                }
+                SchemaOp::DropConstraint { name } => {
+                    statements.push(format!("ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {}", quote_ident(name)))
+                }
+                SchemaOp::RenameConstraint { from, to } => statements.push(format!(
+                    "ALTER TABLE {table} RENAME CONSTRAINT {} TO {}",
+                    quote_ident(from),
+                    quote_ident(to)
+                )),
+                SchemaOp::CreatePartition { name, parent, bound, partition_key } => {
+                    if self.partitions == Partitions::Keep {
+                        let sub = partition_key.as_ref().map(|key| format!(" PARTITION BY {key}")).unwrap_or_default();
+                        statements.push(format!(
+                            "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} {bound}{sub}",
+                            quote_table(name),
+                            quote_table(parent)
+                        ));
+                    }
+                }
+                SchemaOp::DetachPartition { name, parent } => {
+                    // The detached table's rows are copied again as a table of its own; one that is
+                    // no longer attached here already is that copy (a restart copied it before the
+                    // stream replayed the detach), so it stays.
+                    let (name, parent) = (quote_table(name), quote_table(parent));
+                    let detach = quote_literal(&format!("ALTER TABLE {parent} DETACH PARTITION {name}"));
+                    let drop = quote_literal(&format!("DROP TABLE {name}"));
+                    statements.push(format!(
+                        "DO $cutover$ BEGIN IF EXISTS (SELECT 1 FROM pg_inherits \
+                         WHERE inhrelid = to_regclass({}) AND inhparent = to_regclass({})) \
+                         THEN EXECUTE {detach}; EXECUTE {drop}; END IF; END $cutover$",
+                        quote_literal(&name),
+                        quote_literal(&parent)
+                    ))
+                }
+                SchemaOp::DropPartition { name } => statements.push(format!("DROP TABLE IF EXISTS {}", quote_table(name))),
+            }
+        }
+        for sql in &statements {
+            self.client.batch_execute(sql).await.map_err(|e| {
+                anyhow::Error::new(e).context(format!(
+                    "applying the source's schema change on {} to the target: {sql} (the source ran: {})",
+                    change.table, change.statement
+                ))
+            })?;
+        }
+        self.columns.remove(&change.table);
         Ok(())
     }
 
@@ -109,7 +242,13 @@ impl PostgresSink {
                 .map(|column| column.into_iter().zip(&run.live).filter(|(_, &live)| live).map(|(v, _)| v).collect())
                 .collect()
         };
-        self.execute_arrays(&run.sql, &params, &run.table).await
+        if let Some((check, columns)) = &run.identity_check {
+            if self.execute_arrays(check, &params, &run.table).await? > 0 {
+                return Err(identity_changed(&run.table, columns));
+            }
+        }
+        self.execute_arrays(&run.sql, &params, &run.table).await?;
+        Ok(())
     }
 
     /// Applies changes in the given order; `compact` lets a table's upserts and
@@ -121,6 +260,11 @@ impl PostgresSink {
                 Change::Relation(table) => {
                     self.flush(run.take()).await?;
                     self.ensure_columns(table).await?;
+                    continue;
+                }
+                Change::Schema(change) => {
+                    self.flush(run.take()).await?;
+                    self.apply_schema(change).await?;
                     continue;
                 }
                 Change::Truncate { tables, cascade, restart_identity } => {
@@ -183,7 +327,13 @@ impl PostgresSink {
                         if !run.as_ref().is_some_and(|r| r.fits(RunKind::Upsert, table, &all, &key, None)) {
                             self.flush(run.take()).await?;
                         }
-                        run.get_or_insert_with(|| Run::new(RunKind::Upsert, table, all, true)).delete(key);
+                        if run.is_none() {
+                            let always = self.identity_always(table).await?;
+                            run = Some(Run::new(RunKind::Upsert, table, all, &always, true));
+                        }
+                        if let Some(run) = run.as_mut() {
+                            run.delete(key);
+                        }
                         continue;
                     }
                     (RunKind::Delete, table, Vec::new(), key.clone(), None, key)
@@ -191,7 +341,8 @@ impl PostgresSink {
             };
             if !run.as_ref().is_some_and(|r| r.fits(kind, table, &columns, &key, new_key.as_ref())) {
                 self.flush(run.take()).await?;
-                run = Some(Run::new(kind, table, columns, compact));
+                let always = self.identity_always(table).await?;
+                run = Some(Run::new(kind, table, columns, &always, compact));
             }
             if let Some(run) = run.as_mut() {
                 run.push(values.into_iter(), key, new_key);
@@ -236,15 +387,29 @@ impl PostgresSink {
         let sql = match new {
             None => format!("DELETE FROM {qualified} WHERE {locate}"),
             Some(new) => {
+                let always = self.identity_always(table).await?;
+                let changed: Vec<String> = always
+                    .iter()
+                    .filter(|&&i| old.get(i).is_some_and(|o| *o != Value::Unchanged && new.get(i) != Some(o)))
+                    .map(|&i| table.columns[i].name.clone())
+                    .collect();
+                if !changed.is_empty() {
+                    return Err(identity_changed(&table.name, &changed));
+                }
                 let mut sets = Vec::new();
-                for (column, value) in table.columns.iter().zip(new) {
-                    if *value == Value::Unchanged {
+                for (i, (column, value)) in table.columns.iter().zip(new).enumerate() {
+                    if *value == Value::Unchanged || always.contains(&i) {
                         continue;
                     }
                     params.push(text_of(value));
                     sets.push(format!("{} = ${}::{}", quote_ident(&column.name), params.len(), column.type_name));
                 }
-                format!("UPDATE {qualified} SET {} WHERE {locate}", sets.join(", "))
+                if sets.is_empty() {
+                    // Nothing the target can write changed: the row only has to be there.
+                    format!("SELECT FROM {qualified} WHERE {locate}")
+                } else {
+                    format!("UPDATE {qualified} SET {} WHERE {locate}", sets.join(", "))
+                }
             }
         };
         let types = vec![Type::TEXT; params.len()];
@@ -330,14 +495,18 @@ struct Run {
     /// Key columns of the rows an `Upsert` run deletes first, one array per key column.
     deletes: Vec<Vec<Option<String>>>,
     delete_sql: String,
+    /// A query that finds rows whose `GENERATED ALWAYS AS IDENTITY` columns the run
+    /// would change (the write leaves them out: an update cannot set them), and those columns.
+    identity_check: Option<(String, Vec<String>)>,
     /// Whether a repeated key collapses into one row (else it starts a new run).
     compact: bool,
 }
 
 impl Run {
-    fn new(kind: RunKind, table: &TableSchema, columns: Vec<usize>, compact: bool) -> Run {
+    fn new(kind: RunKind, table: &TableSchema, columns: Vec<usize>, always: &[usize], compact: bool) -> Run {
         let key = table.key_indexes();
-        let sql = run_sql(kind, table, &columns, &key);
+        let sql = run_sql(kind, table, &columns, &key, always);
+        let identity_check = identity_check_sql(kind, table, &columns, &key, always);
         let params = match kind {
             RunKind::Upsert | RunKind::Insert => columns.len(),
             RunKind::Update => columns.len() + key.len(),
@@ -352,7 +521,8 @@ impl Run {
             keys: HashMap::new(),
             live: Vec::new(),
             deletes: vec![Vec::new(); key.len()],
-            delete_sql: run_sql(RunKind::Delete, table, &[], &key),
+            delete_sql: run_sql(RunKind::Delete, table, &[], &key, &[]),
+            identity_check,
             compact,
         }
     }
@@ -415,38 +585,90 @@ impl Run {
     }
 }
 
-/// The statement for a run: arrays of text, one per parameter, unnested into rows.
-fn run_sql(kind: RunKind, table: &TableSchema, columns: &[usize], key: &[usize]) -> String {
-    let qualified = quote_table(&table.name);
-    let cast = |alias: &str, i: usize| format!("{alias}::{}", table.columns[i].type_name);
-    let name = |i: usize| quote_ident(&table.columns[i].name);
-    let aliases: Vec<String> = (1..=columns.len()).map(|n| format!("a{n}")).collect();
-    let key_aliases: Vec<String> = (1..=key.len()).map(|n| format!("k{n}")).collect();
-    let unnest = |names: &[String]| {
+/// How a run's statements name its parameters: `v.a1…` for the columns written,
+/// `v.k1…` for the key an `Update` matches, all arrays of text unnested into rows.
+struct RunParams<'a> {
+    table: &'a TableSchema,
+    columns: &'a [usize],
+    key: &'a [usize],
+    aliases: Vec<String>,
+    key_aliases: Vec<String>,
+}
+
+impl<'a> RunParams<'a> {
+    fn new(table: &'a TableSchema, columns: &'a [usize], key: &'a [usize]) -> RunParams<'a> {
+        RunParams {
+            table,
+            columns,
+            key,
+            aliases: (1..=columns.len()).map(|n| format!("a{n}")).collect(),
+            key_aliases: (1..=key.len()).map(|n| format!("k{n}")).collect(),
+        }
+    }
+
+    fn name(&self, i: usize) -> String {
+        quote_ident(&self.table.columns[i].name)
+    }
+
+    /// The parameter holding column `i`'s written value, cast to its type.
+    fn value(&self, i: usize) -> Option<String> {
+        let at = self.columns.iter().position(|&c| c == i)?;
+        Some(self.cast(&self.aliases[at], i))
+    }
+
+    fn cast(&self, alias: &str, i: usize) -> String {
+        format!("v.{alias}::{}", self.table.columns[i].type_name)
+    }
+
+    fn unnest(names: &[String]) -> String {
         let arrays: Vec<String> = (1..=names.len()).map(|n| format!("${n}::text[]")).collect();
         format!("unnest({}) AS v({})", arrays.join(", "), names.join(", "))
-    };
-    let key_match = key
-        .iter()
-        .zip(&key_aliases)
-        .map(|(&i, alias)| format!("t.{} = {}", name(i), cast(&format!("v.{alias}"), i)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    }
+
+    /// Every parameter, written columns then key, as the rows of `v`.
+    fn unnest_all(&self) -> String {
+        let mut all = self.aliases.clone();
+        all.extend(self.key_aliases.iter().cloned());
+        Self::unnest(&all)
+    }
+
+    /// `t`'s row for a row of `v`: by the key parameters, or (`Upsert`) by the key's written values.
+    fn key_match(&self, by_written_values: bool) -> String {
+        self.key
+            .iter()
+            .zip(&self.key_aliases)
+            .map(|(&i, alias)| {
+                let value = if by_written_values { self.value(i) } else { None };
+                format!("t.{} = {}", self.name(i), value.unwrap_or_else(|| self.cast(alias, i)))
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+}
+
+/// The statement for a run: arrays of text, one per parameter, unnested into rows.
+/// `always` (columns held as `GENERATED ALWAYS AS IDENTITY`) are inserted but never
+/// updated: PostgreSQL refuses, and [`identity_check_sql`] makes sure they keep their value.
+fn run_sql(kind: RunKind, table: &TableSchema, columns: &[usize], key: &[usize], always: &[usize]) -> String {
+    let qualified = quote_table(&table.name);
+    let p = RunParams::new(table, columns, key);
+    let name = |i: usize| p.name(i);
+    let key_match = p.key_match(false);
     match kind {
         RunKind::Upsert | RunKind::Insert => {
             let names: Vec<String> = columns.iter().map(|&i| name(i)).collect();
-            let values: Vec<String> = columns.iter().zip(&aliases).map(|(&i, a)| cast(&format!("v.{a}"), i)).collect();
+            let values: Vec<String> = columns.iter().zip(&p.aliases).map(|(&i, a)| p.cast(a, i)).collect();
             let mut sql = format!(
                 "INSERT INTO {qualified} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}",
                 names.join(", "),
                 values.join(", "),
-                unnest(&aliases)
+                RunParams::unnest(&p.aliases)
             );
             if kind == RunKind::Upsert {
                 let key_names: Vec<String> = key.iter().map(|&i| name(i)).collect();
                 let updates: Vec<String> = columns
                     .iter()
-                    .filter(|i| !key.contains(i))
+                    .filter(|i| !key.contains(i) && !always.contains(i))
                     .map(|&i| format!("{} = EXCLUDED.{}", name(i), name(i)))
                     .collect();
                 if updates.is_empty() {
@@ -464,15 +686,68 @@ fn run_sql(kind: RunKind, table: &TableSchema, columns: &[usize], key: &[usize])
         RunKind::Update => {
             let sets: Vec<String> = columns
                 .iter()
-                .zip(&aliases)
-                .map(|(&i, a)| format!("{} = {}", name(i), cast(&format!("v.{a}"), i)))
+                .zip(&p.aliases)
+                .filter(|(i, _)| !always.contains(i))
+                .map(|(&i, a)| format!("{} = {}", name(i), p.cast(a, i)))
                 .collect();
-            let mut all = aliases.clone();
-            all.extend(key_aliases.iter().cloned());
-            format!("UPDATE {qualified} AS t SET {} FROM {} WHERE {}", sets.join(", "), unnest(&all), key_match)
+            if sets.is_empty() {
+                // Only identity columns are written, which the check covers: nothing to update.
+                return format!("SELECT FROM {} WHERE false", p.unnest_all());
+            }
+            format!("UPDATE {qualified} AS t SET {} FROM {} WHERE {}", sets.join(", "), p.unnest_all(), key_match)
         }
-        RunKind::Delete => format!("DELETE FROM {qualified} AS t USING {} WHERE {}", unnest(&key_aliases), key_match),
+        RunKind::Delete => {
+            format!("DELETE FROM {qualified} AS t USING {} WHERE {key_match}", RunParams::unnest(&p.key_aliases))
+        }
     }
+}
+
+/// For a run that writes `GENERATED ALWAYS AS IDENTITY` columns over existing rows: a
+/// query (same parameters as the run) returning a row for each target row whose value
+/// there differs from the one written, which the run's update would not change. Only
+/// `UPDATE … SET col = DEFAULT` on the source gives a row a new identity value.
+fn identity_check_sql(
+    kind: RunKind,
+    table: &TableSchema,
+    columns: &[usize],
+    key: &[usize],
+    always: &[usize],
+) -> Option<(String, Vec<String>)> {
+    let checked: Vec<usize> = columns.iter().copied().filter(|i| always.contains(i)).collect();
+    let by_written_values = match kind {
+        RunKind::Upsert => true,
+        RunKind::Update => false,
+        RunKind::Insert | RunKind::Delete => return None,
+    };
+    if checked.is_empty() {
+        return None;
+    }
+    let p = RunParams::new(table, columns, key);
+    let differs: Vec<String> =
+        checked.iter().filter_map(|&i| Some(format!("t.{} IS DISTINCT FROM {}", p.name(i), p.value(i)?))).collect();
+    let from = if by_written_values { RunParams::unnest(&p.aliases) } else { p.unnest_all() };
+    let sql = format!(
+        "SELECT 1 FROM {} AS t, {from} WHERE {} AND ({}) LIMIT 1",
+        quote_table(&table.name),
+        p.key_match(by_written_values),
+        differs.join(" OR ")
+    );
+    Some((sql, checked.iter().map(|&i| table.columns[i].name.clone()).collect()))
+}
+
+/// The error for a source row whose identity column got a new value: the target's
+/// column is `GENERATED ALWAYS`, which no update can write.
+fn identity_changed(table: &TableName, columns: &[String]) -> anyhow::Error {
+    let alter: Vec<String> =
+        columns.iter().map(|c| format!("ALTER COLUMN {} SET GENERATED BY DEFAULT", quote_ident(c))).collect();
+    anyhow::anyhow!(
+        "the source gave a row of {table} a new value in {} (UPDATE … SET … = DEFAULT), which the target holds as \
+         GENERATED ALWAYS AS IDENTITY and no update can write; cutover stopped at its last checkpoint. \
+         Run on the target: ALTER TABLE {} {}; then start cutover again",
+        columns.join(", "),
+        quote_table(table),
+        alter.join(", ")
+    )
 }
 
 /// The changes with those between barriers grouped by table, each table's in
@@ -483,7 +758,7 @@ fn run_sql(kind: RunKind, table: &TableSchema, columns: &[usize], key: &[usize])
 /// where they are.
 pub(super) fn group_by_table(changes: &[Change]) -> Vec<&Change> {
     let is_barrier = |change: &Change| match change {
-        Change::Relation(_) | Change::Truncate { .. } => true,
+        Change::Relation(_) | Change::Truncate { .. } | Change::Schema(_) => true,
         Change::Update { table, .. } | Change::Delete { table, .. } => table.identity != Identity::Key,
         Change::Insert { .. } => false,
     };
@@ -526,17 +801,17 @@ mod tests {
     fn statements_unnest_text_arrays_and_cast() {
         let t = table();
         assert_eq!(
-            run_sql(RunKind::Upsert, &t, &[0, 1], &[0]),
+            run_sql(RunKind::Upsert, &t, &[0, 1], &[0], &[]),
             "INSERT INTO \"public\".\"Order Lines\" (\"id\", \"note\") OVERRIDING SYSTEM VALUE \
              SELECT v.a1::integer, v.a2::text FROM unnest($1::text[], $2::text[]) AS v(a1, a2) \
              ON CONFLICT (\"id\") DO UPDATE SET \"note\" = EXCLUDED.\"note\""
         );
         assert_eq!(
-            run_sql(RunKind::Delete, &t, &[], &[0]),
+            run_sql(RunKind::Delete, &t, &[], &[0], &[]),
             "DELETE FROM \"public\".\"Order Lines\" AS t USING unnest($1::text[]) AS v(k1) WHERE t.\"id\" = v.k1::integer"
         );
         assert_eq!(
-            run_sql(RunKind::Update, &t, &[1], &[0]),
+            run_sql(RunKind::Update, &t, &[1], &[0], &[]),
             "UPDATE \"public\".\"Order Lines\" AS t SET \"note\" = v.a1::text FROM unnest($1::text[], $2::text[]) AS v(a1, k1) \
              WHERE t.\"id\" = v.k1::integer"
         );

@@ -27,7 +27,7 @@ mod copy;
 use self::apply::{group_by_table, is_unique_violation};
 use self::copy::PostgresTableWriter;
 use super::{Sink, TableWriter, TargetColumn};
-use crate::change::{Change, TableName};
+use crate::change::{Change, SchemaOp, TableName};
 use crate::config::Partitions;
 use crate::copy::{CopyFormat, SourceDialect};
 use crate::finding::Finding;
@@ -395,28 +395,35 @@ impl Sink for PostgresSink {
             sql.extend(drops.iter().map(|r| r.get::<_, String>(0)));
         }
         for table in tables {
-            let exists = self
+            // Whether the table exists, and whether as a partition.
+            let found: Option<bool> = self
                 .client
                 .query_opt(
-                    "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2",
+                    "SELECT c.relispartition FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
                     &[&table.schema.name.schema, &table.schema.name.name],
                 )
                 .await
                 .context("looking for existing tables on the target")?
-                .is_some();
-            // Copied again (a restart in the middle of the snapshot, `cutover resync`) with other
-            // columns than the source has now (one dropped or renamed there): created again.
+                .map(|row| row.get(0));
+            let exists = found.is_some();
+            // Copied again (a restart in the middle of the snapshot, `cutover resync`, a schema
+            // change) with other columns than the source has now (one dropped or renamed
+            // there), or still a partition on the target where the source detached it (read at
+            // a restart before the stream applied the DETACH): created again.
             if exists && !fresh {
                 let mut columns: Vec<String> =
                     target_columns(&self.client, &table.schema.name).await?.into_iter().map(|c| c.name).collect();
                 columns.sort();
                 let mut wanted: Vec<String> = table.column_names().iter().map(|c| c.to_string()).collect();
                 wanted.sort();
-                if columns != wanted {
+                let partition = found == Some(true);
+                if columns != wanted || partition {
                     tracing::warn!(
                         table = %table.schema.name,
-                        "the target's table has other columns than the source's: dropped (with what depends on it: \
-                         views, foreign keys, which come back with the keys after the copy) and created again"
+                        "the target's table has other columns than the source's, or is a partition there: dropped \
+                         (with what depends on it: views, foreign keys, which come back with the keys after the copy) \
+                         and created again"
                     );
                     sql.push(format!("DROP TABLE {} CASCADE", quote_table(&table.schema.name)));
                 }
@@ -512,6 +519,28 @@ impl Sink for PostgresSink {
         Ok(rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
     }
 
+    async fn missing_tables(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
+        let names: Vec<String> = tables.iter().map(quote_table).collect();
+        let present: Vec<String> = self
+            .client
+            .query("SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NOT NULL", &[&names])
+            .await
+            .context("looking for the tables on the target")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(tables.iter().zip(&names).filter(|(_, n)| !present.contains(n)).map(|(t, _)| t.clone()).collect())
+    }
+
+    fn applies_in_place(&self, op: &SchemaOp) -> bool {
+        match op {
+            SchemaOp::CreateTable | SchemaOp::CopyAgain { .. } => false,
+            // Flattened, a partition's rows are mixed into one table: nothing says which they are.
+            SchemaOp::DetachPartition { .. } | SchemaOp::DropPartition { .. } => self.partitions == Partitions::Keep,
+            _ => true,
+        }
+    }
+
     async fn begin(&mut self) -> anyhow::Result<()> {
         self.prepare_session().await?;
         // Without session_replication_role, foreign keys (created DEFERRABLE) are checked
@@ -575,13 +604,17 @@ impl Sink for PostgresSink {
 async fn target_columns(client: &Client, table: &TableName) -> anyhow::Result<Vec<TargetColumn>> {
     let rows = client
         .query(
-            "SELECT attname::text, format_type(atttypid, atttypmod), attgenerated <> '' FROM pg_attribute \
+            "SELECT attname::text, format_type(atttypid, atttypmod), attgenerated <> '', attidentity = 'a' \
+             FROM pg_attribute \
              WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&quote_table(table)],
         )
         .await
         .with_context(|| format!("reading the columns of {table} on the target"))?;
-    Ok(rows.iter().map(|r| TargetColumn { name: r.get(0), type_name: r.get(1), generated: r.get(2) }).collect())
+    Ok(rows
+        .iter()
+        .map(|r| TargetColumn { name: r.get(0), type_name: r.get(1), generated: r.get(2), identity_always: r.get(3) })
+        .collect())
 }
 
 /// Runs the statements for objects the table does not have yet (a restart may

@@ -854,6 +854,7 @@ mod tests {
                     seen.push(format!("truncate {}", tables.iter().map(|t| t.name.to_string()).collect::<String>()))
                 }
                 Ok(Event::Change(Change::Relation(table))) => seen.push(format!("relation {}", table.name)),
+                Ok(Event::Change(Change::Schema(change))) => seen.push(format!("schema {}", change.table)),
                 Ok(Event::Heartbeat { position }) => seen.push(format!("heartbeat {position}")),
                 Err(e) => return (seen, Some(e)),
             }

@@ -15,7 +15,7 @@ use crate::schema::{
 /// First OID a user object can have; types below it are built in.
 const FIRST_NORMAL_OID: u32 = 16384;
 
-const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover') \
+const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover', 'cutover_ddl') \
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
 
 /// Reads every selected table (`include` decides on `schema.table`).

@@ -17,6 +17,7 @@
 //!   database never makes the slot hold WAL.
 
 mod catalog;
+mod ddl;
 mod fence;
 pub mod pgoutput;
 mod replication;
@@ -56,6 +57,8 @@ pub struct PostgresSource {
     exporting: Option<ReplicationConnection>,
     /// Tables without a replica identity: only their INSERTs and TRUNCATEs stream.
     insert_only: Vec<TableName>,
+    /// `[source] capture_ddl`: install the DDL capture when the role may.
+    capture_ddl: bool,
 }
 
 /// The replication slot a pipeline streams from (its publications are named alike).
@@ -64,7 +67,12 @@ pub fn slot_name(pipeline: &str) -> String {
 }
 
 impl PostgresSource {
-    pub async fn connect(params: ConnectParams, filter: TableFilter, pipeline: &str) -> anyhow::Result<Self> {
+    pub async fn connect(
+        params: ConnectParams,
+        filter: TableFilter,
+        pipeline: &str,
+        capture_ddl: bool,
+    ) -> anyhow::Result<Self> {
         let client = params.connect().await?;
         let major = crate::pgconn::server_major(&client, "source").await?;
         if major < 14 {
@@ -78,7 +86,40 @@ impl PostgresSource {
             major,
             exporting: None,
             insert_only: Vec::new(),
+            capture_ddl,
         })
+    }
+
+    async fn is_superuser(&self) -> anyhow::Result<bool> {
+        Ok(self
+            .client
+            .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+            .await
+            .context("reading the source role's attributes")?
+            .get(0))
+    }
+
+    /// Installs the DDL capture (see [`ddl`]) before a stream is created or resumed, so
+    /// every schema change after the stream's start reaches it. Without the rights, or
+    /// with `capture_ddl = false`, the stream sees what pgoutput says: columns added.
+    async fn install_ddl_capture(&self) -> anyhow::Result<()> {
+        if !self.capture_ddl {
+            return Ok(());
+        }
+        if !self.is_superuser().await? {
+            tracing::warn!(
+                "schema changes are not captured: event triggers need a superuser on the source. ADD COLUMN still \
+                 streams; other DDL on a replicated table stops the pipeline when it matters ([source] capture_ddl)"
+            );
+            return Ok(());
+        }
+        self.client.batch_execute(ddl::INSTALL).await.context(
+            "installing the DDL capture on the source (event triggers cutover_ddl_command_end, cutover_sql_drop)",
+        )?;
+        tracing::info!(
+            "schema changes on the source are captured in order with the rows (event triggers cutover_ddl_*)"
+        );
+        Ok(())
     }
 
     /// `(all changes, inserts and truncates only)`: the two publications.
@@ -277,19 +318,41 @@ impl Source for PostgresSource {
                 },
             ));
         }
-        // Published via the root, a partition's own TRUNCATE is not sent (PostgreSQL's rule),
-        // and ATTACH / DETACH move rows in or out of the table without any change in the log.
+        let capturing = self.capture_ddl && self.is_superuser().await?;
+        if !capturing {
+            findings.push(Finding::warning(
+                "source",
+                match self.capture_ddl {
+                    true => format!("role {user} is not a superuser: schema changes are not captured"),
+                    false => "[source] capture_ddl = false: schema changes are not captured".to_string(),
+                },
+                "no DDL on replicated tables while the pipeline runs but ADD COLUMN (a column dropped or renamed \
+                 stops it; other changes reach the target only by hand)",
+                "let cutover start once with a superuser role on the source (it installs the event triggers \
+                 cutover_ddl_command_end and cutover_sql_drop), or make each change on the target by hand and run \
+                 `cutover resync --table …` for the tables it rewrote"
+                    .into(),
+            ));
+        }
+        // Published via the root, a partition's own TRUNCATE is not sent (PostgreSQL's rule);
+        // without the DDL capture, ATTACH / DETACH and new partitions are not seen either.
         for table in schema.tables.iter().filter(|t| t.partitioning.is_some()) {
+            let (required, fix) = match capturing {
+                true => (
+                    "no TRUNCATE of a single partition while the pipeline runs (the change log does not carry it)",
+                    String::new(),
+                ),
+                false => (
+                    "no TRUNCATE of a single partition, no ATTACH / DETACH PARTITION and no new partition while the \
+                     pipeline runs (the change log carries none of them as changes to the table)",
+                    "; create partitions ahead of time, or create them on the target too before rows reach them".into(),
+                ),
+            };
             findings.push(Finding::warning(
                 "source",
                 format!("table {} is partitioned", table.schema.name),
-                "no TRUNCATE of a single partition, no ATTACH / DETACH PARTITION and no new partition while the \
-                 pipeline runs (the change log carries none of them as changes to the table)",
-                format!(
-                    "TRUNCATE {} itself, or DELETE from the partition; create partitions ahead of time, or create \
-                     them on the target too before rows reach them",
-                    quote_table(&table.schema.name)
-                ),
+                required,
+                format!("TRUNCATE {} itself, or DELETE from the partition{fix}", quote_table(&table.schema.name)),
             ));
         }
         Ok(findings)
@@ -305,6 +368,7 @@ impl Source for PostgresSource {
             );
         }
         let source = self.system_identity().await?;
+        self.install_ddl_capture().await?;
         self.sync_publications(tables).await?;
         let slot = self.slot.clone();
         let snapshot = self.export_snapshot(&slot, false).await?;
@@ -321,6 +385,7 @@ impl Source for PostgresSource {
                 identity.stream
             );
         }
+        self.install_ddl_capture().await?;
         self.sync_publications(tables).await
     }
 
@@ -385,6 +450,26 @@ impl Source for PostgresSource {
                     .with_context(|| format!("dropping publication {publication}"))?;
                 dropped.push(format!("source: publication {publication}"));
             }
+        }
+        // The DDL capture serves every pipeline reading this database: it goes with the last one.
+        let capture_installed = self
+            .client
+            .query_opt("SELECT 1 FROM pg_event_trigger WHERE evtname = $1", &[&ddl::TRIGGERS[0]])
+            .await
+            .context("reading the source's event triggers")?
+            .is_some();
+        let other_pipelines: i64 = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'cutover\\_%' AND database = current_database()",
+                &[],
+            )
+            .await
+            .context("reading the source's replication slots")?
+            .get(0);
+        if capture_installed && other_pipelines == 0 {
+            self.client.batch_execute(ddl::UNINSTALL).await.context("removing the DDL capture from the source")?;
+            dropped.push(format!("source: event triggers {} and their functions", ddl::TRIGGERS.join(", ")));
         }
         Ok(dropped)
     }
@@ -471,6 +556,7 @@ impl Source for PostgresSource {
         Ok(Box::new(PostgresChangeStream {
             conn,
             catalog,
+            filter: self.filter.clone(),
             relations: HashMap::new(),
             unannounced: Default::default(),
             queued: Default::default(),
@@ -692,6 +778,8 @@ impl InsertOnlyWatch {
 struct PostgresChangeStream {
     conn: ReplicationConnection,
     catalog: tokio_postgres::Client,
+    /// Which tables a captured schema change is about.
+    filter: TableFilter,
     relations: HashMap<u32, Arc<TableSchema>>,
     /// Relations described but not passed on yet: one goes out right before the first
     /// change that uses it. (Published via the partition root, pgoutput also describes
@@ -832,6 +920,21 @@ impl PostgresChangeStream {
                 let tables = relids.iter().map(|&r| self.table(r, at)).collect::<anyhow::Result<_>>()?;
                 Event::Change(Change::Truncate { tables, cascade, restart_identity })
             }
+            Message::Message { transactional: true, prefix, content, .. } if prefix == ddl::MESSAGE_PREFIX => {
+                let filter = &self.filter;
+                let changes = ddl::schema_changes(&content, |name| filter.includes(&name.to_string()))
+                    .with_context(|| format!("at {at}"))?;
+                for change in changes {
+                    tracing::info!(
+                        table = %change.table,
+                        ops = ?change.ops.iter().map(|op| op.kind()).collect::<Vec<_>>(),
+                        at = %at,
+                        "schema change on the source"
+                    );
+                    self.queued.push_back(Event::Change(Change::Schema(change)));
+                }
+                return Ok(None);
+            }
             Message::Type { .. } | Message::Origin { .. } | Message::Message { .. } => return Ok(None),
         }))
     }
@@ -863,7 +966,9 @@ impl ChangeStream for PostgresChangeStream {
                         if let Some(event) = self.event(decoded, wal_start).await? {
                             // The relations it uses first.
                             self.queued.push_back(event);
-                            return self.queued.pop_front().context("an event was just queued");
+                        }
+                        if let Some(event) = self.queued.pop_front() {
+                            return Ok(event);
                         }
                     }
                     ReplicationMessage::Keepalive { wal_end, reply_requested } => {

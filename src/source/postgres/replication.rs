@@ -242,7 +242,7 @@ impl ReplicationConnection {
     pub async fn start_replication(&mut self, slot: &str, from: Lsn, publications: &[String]) -> Result<(), PgError> {
         let names: Vec<String> = publications.iter().map(|p| crate::schema::quote_ident(p)).collect();
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {})",
+            "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {}, messages 'true')",
             crate::schema::quote_ident(slot),
             crate::schema::quote_literal(&names.join(","))
         );
