@@ -70,6 +70,8 @@ struct Applier<'a> {
     /// Tables dropped on the target in the open target transaction: their copies are
     /// forgotten once it commits.
     forget_after_commit: Vec<TableName>,
+    /// Whether tables may be copied (`[snapshot] mode` is not `never`).
+    copies_tables: bool,
 }
 
 impl<'a> Applier<'a> {
@@ -112,6 +114,7 @@ impl<'a> Applier<'a> {
             copy_again: HashSet::new(),
             resume_after_commit: None,
             forget_after_commit: Vec::new(),
+            copies_tables: config.snapshot.mode != crate::config::SnapshotMode::Never,
         }
     }
 
@@ -163,7 +166,7 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 let change = match self.filter(change) {
-                    Some(Change::Schema(schema)) => Some(Change::Schema(self.plan_schema_change(schema))),
+                    Some(Change::Schema(schema)) => Some(Change::Schema(self.plan_schema_change(schema)?)),
                     other => other,
                 };
                 if let Some(change) = change {
@@ -238,7 +241,7 @@ impl<'a> Applier<'a> {
     /// snapshot. (A crash in between leaves a table copied before that the target lacks:
     /// the next start copies it again.) A table dropped is forgotten too: one created
     /// again under its name is new.
-    fn plan_schema_change(&mut self, change: SchemaChange) -> SchemaChange {
+    fn plan_schema_change(&mut self, change: SchemaChange) -> anyhow::Result<SchemaChange> {
         let copy = change.ops.iter().find_map(|op| match op {
             SchemaOp::CreateTable => Some("a table the selection matches was created".to_string()),
             SchemaOp::CopyAgain { why } => Some(why.clone()),
@@ -247,14 +250,23 @@ impl<'a> Applier<'a> {
         });
         let dropped = change.ops.contains(&SchemaOp::DropTable);
         if copy.is_none() && !dropped {
-            return change;
+            return Ok(change);
+        }
+        if let (Some(why), false) = (&copy, self.copies_tables) {
+            anyhow::bail!(
+                "{} needs to be copied again ({why}; the source ran: {}), but [snapshot] mode = \"never\" copies \
+                 nothing; cutover stopped at its last checkpoint, before this transaction. With mode = \"initial\" \
+                 it copies such a table again by itself",
+                change.table,
+                change.statement
+            );
         }
         self.forget_after_commit.push(change.table.clone());
-        let Some(why) = copy else { return change };
+        let Some(why) = copy else { return Ok(change) };
         tracing::info!(table = %change.table, %why, statement = %change.statement, "copying the table again after a schema change");
         self.resume_after_commit = Some(format!("{} is copied again: {why}", change.table));
         self.copy_again.insert(change.table.clone());
-        SchemaChange { ops: vec![SchemaOp::DropTable], ..change }
+        Ok(SchemaChange { ops: vec![SchemaOp::DropTable], ..change })
     }
 
     /// Drops changes to tables whose copy is newer than the transaction, and to tables
@@ -772,6 +784,19 @@ mod tests {
                 "commit lsn:0/14",
                 "error public.t is copied again: the target cannot alter column type in place"
             ]
+        );
+        // Streaming only, nothing copies the table: the transaction is not applied.
+        let events = queued(vec![vec![
+            Event::Begin { position: lsn(10), commit_time: at(1) },
+            insert("t", 10),
+            schema_change("t", SchemaOp::SetType { column: "v".into(), type_name: "bigint".into() }),
+            Event::Commit { position: lsn(20), commit_time: at(1) },
+        ]]);
+        let (log, _) = run(&config("[snapshot]\nmode = \"never\"\n"), events, None).await;
+        assert_eq!((log.len(), log[0].as_str()), (2, "begin"), "{log:?}");
+        assert!(
+            log[1].starts_with("error public.t needs to be copied again") && log[1].contains("\"never\""),
+            "{log:?}"
         );
     }
 

@@ -187,7 +187,8 @@ async fn run_once(
     let workers = config.snapshot.workers;
 
     if config.snapshot.mode == SnapshotMode::Only {
-        let pending = snapshot::pending_tables(&store, sink.as_mut(), &schema).await?;
+        let pending =
+            snapshot::pending_tables(&store, sink.as_mut(), &schema, source.captures_schema_changes()).await?;
         if !pending.is_empty() {
             let fresh = store.tables()?.is_empty();
             sink.create_tables(&schema, &pending, fresh).await?;
@@ -215,7 +216,9 @@ async fn run_once(
     };
 
     let pending = match config.snapshot.mode {
-        SnapshotMode::Initial => snapshot::pending_tables(&store, sink.as_mut(), &schema).await?,
+        SnapshotMode::Initial => {
+            snapshot::pending_tables(&store, sink.as_mut(), &schema, source.captures_schema_changes()).await?
+        }
         SnapshotMode::Never | SnapshotMode::Only => Vec::new(),
     };
     if pending.is_empty() {

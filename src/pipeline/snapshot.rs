@@ -54,10 +54,16 @@ fn locked<'a, T>(mutex: &'a Mutex<T>, what: &str) -> anyhow::Result<std::sync::M
 /// Tables whose copy has not finished, and tables copied before that the target no longer
 /// has (dropped there to be copied again by a schema change whose transaction committed
 /// just before the process ended): their copies are forgotten.
+///
+/// With `schema_changes_streamed`, a new table that is a partition on the target was
+/// detached on the source after the checkpoint: it is left to the stream, whose changes
+/// before the detach still name its partitioned table (they go into the partition), and
+/// whose detach then copies it. Copied now, those changes would land beside it.
 pub(super) async fn pending_tables<'a>(
     store: &CheckpointStore,
     sink: &mut dyn Sink,
     schema: &'a SourceSchema,
+    schema_changes_streamed: bool,
 ) -> anyhow::Result<Vec<&'a TableDefinition>> {
     let mut pending = Vec::new();
     let mut copied = Vec::new();
@@ -66,6 +72,14 @@ pub(super) async fn pending_tables<'a>(
             None => pending.push(table),
             Some(_) => copied.push(table),
         }
+    }
+    if schema_changes_streamed && !pending.is_empty() {
+        let names: Vec<TableName> = pending.iter().map(|t| t.schema.name.clone()).collect();
+        let detached = sink.partitions_of(&names).await?;
+        for name in &detached {
+            tracing::info!(table = %name, "detached on the source after the checkpoint: the stream's detach copies it");
+        }
+        pending.retain(|t| !detached.contains(&t.schema.name));
     }
     let names: Vec<TableName> = copied.iter().map(|t| t.schema.name.clone()).collect();
     let missing = sink.missing_tables(&names).await?;

@@ -75,6 +75,11 @@ pub trait Sink: Send + Sync {
     /// Those of `tables` the target does not have.
     async fn missing_tables(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>>;
 
+    /// Those of `tables` that are partitions on the target (kept partitioning).
+    async fn partitions_of(&mut self, _tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
+        Ok(Vec::new())
+    }
+
     /// Drops what the pipeline created on the target besides the replicated tables
     /// (its exactly-once markers); returns what it dropped.
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>>;

@@ -194,7 +194,7 @@ impl MysqlSink {
             self.open = false;
             self.written = false;
         }
-        self.conn.query_drop(sql).await.with_context(|| format!("applying `{sql}` on the target"))?;
+        query_checks_restored(&mut self.conn, sql).await.with_context(|| format!("applying `{sql}` on the target"))?;
         crate::failpoint::hit("mysql-sink-after-ddl");
         if rolled_back {
             return Err(crate::retry::ResumeFromCheckpoint(format!(
@@ -418,6 +418,17 @@ fn key_predicate(
         params.push(param(table, target, k, row.get(k).unwrap_or(&Value::Null))?);
     }
     Ok((predicates.join(" AND "), params))
+}
+
+/// Runs `sql`, which may turn `foreign_key_checks` off before a drop and on after it:
+/// when a statement in it fails, the session's checks are turned on again all the same.
+async fn query_checks_restored(conn: &mut mysql_async::Conn, sql: &str) -> Result<(), mysql_async::Error> {
+    let result = conn.query_drop(sql).await;
+    if result.is_err() {
+        // Best effort: on a connection that is gone there is no session to restore.
+        let _ = conn.query_drop("SET foreign_key_checks = 1").await;
+    }
+    result
 }
 
 /// A target table's columns, in their order (`DATA_TYPE` as the type).
@@ -732,10 +743,8 @@ impl Sink for MysqlSink {
                 if !columns.is_empty() && columns != wanted {
                     tracing::warn!(table = %table.schema.name, "the target's table has other columns than the source's: dropped and created again");
                     // A foreign key that references it is not checked again when it is back.
-                    self.conn
-                        .query_drop(format!(
-                            "SET foreign_key_checks = 0; DROP TABLE {qualified}; SET foreign_key_checks = 1"
-                        ))
+                    let sql = format!("SET foreign_key_checks = 0; DROP TABLE {qualified}; SET foreign_key_checks = 1");
+                    query_checks_restored(&mut self.conn, &sql)
                         .await
                         .with_context(|| format!("dropping {qualified} on the target to create it again"))?;
                 }

@@ -65,6 +65,12 @@ pub trait Source: Send + Sync {
     /// The tables to replicate, with everything needed to recreate them.
     async fn schema(&mut self) -> anyhow::Result<SourceSchema>;
 
+    /// Whether the stream carries schema changes (PostgreSQL's DDL capture, once
+    /// [`Source::create_stream`] or [`Source::resume_stream`] installed it).
+    fn captures_schema_changes(&self) -> bool {
+        false
+    }
+
     /// What the source must allow for the pipeline (settings, privileges, tables
     /// without a key): one finding per problem.
     async fn preflight(&mut self, schema: &SourceSchema) -> anyhow::Result<Vec<crate::finding::Finding>>;

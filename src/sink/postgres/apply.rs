@@ -203,13 +203,15 @@ impl PostgresSink {
                     let (name, parent) = (quote_table(name), quote_table(parent));
                     let detach = quote_literal(&format!("ALTER TABLE {parent} DETACH PARTITION {name}"));
                     let drop = quote_literal(&format!("DROP TABLE {name}"));
-                    statements.push(format!(
-                        "DO $cutover$ BEGIN IF EXISTS (SELECT 1 FROM pg_inherits \
+                    let body = format!(
+                        "BEGIN IF EXISTS (SELECT 1 FROM pg_inherits \
                          WHERE inhrelid = to_regclass({}) AND inhparent = to_regclass({})) \
-                         THEN EXECUTE {detach}; EXECUTE {drop}; END IF; END $cutover$",
+                         THEN EXECUTE {detach}; EXECUTE {drop}; END IF; END",
                         quote_literal(&name),
                         quote_literal(&parent)
-                    ))
+                    );
+                    // A quoted literal, not dollar quotes: a table name cannot end it.
+                    statements.push(format!("DO {}", quote_literal(&body)))
                 }
                 SchemaOp::DropPartition { name } => statements.push(format!("DROP TABLE IF EXISTS {}", quote_table(name))),
             }

@@ -532,6 +532,22 @@ impl Sink for PostgresSink {
         Ok(tables.iter().zip(&names).filter(|(_, n)| !present.contains(n)).map(|(t, _)| t.clone()).collect())
     }
 
+    async fn partitions_of(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
+        let names: Vec<String> = tables.iter().map(quote_table).collect();
+        let partitions: Vec<String> = self
+            .client
+            .query(
+                "SELECT t FROM unnest($1::text[]) t JOIN pg_class c ON c.oid = to_regclass(t) WHERE c.relispartition",
+                &[&names],
+            )
+            .await
+            .context("looking for partitions on the target")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(tables.iter().zip(&names).filter(|(_, n)| partitions.contains(n)).map(|(t, _)| t.clone()).collect())
+    }
+
     fn applies_in_place(&self, op: &SchemaOp) -> bool {
         match op {
             SchemaOp::CreateTable | SchemaOp::CopyAgain { .. } => false,

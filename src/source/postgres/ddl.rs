@@ -13,6 +13,7 @@
 //! This module holds the trigger's SQL and turns a message into [`SchemaChange`]s: a
 //! pure comparison of two shapes, unit-tested below.
 
+use anyhow::Context as _;
 use serde::Deserialize;
 
 use crate::change::{ExistingRows, SchemaChange, SchemaOp, TableName};
@@ -21,7 +22,7 @@ use crate::change::{ExistingRows, SchemaChange, SchemaOp, TableName};
 pub const MESSAGE_PREFIX: &str = "cutover_ddl";
 
 /// The event triggers' names (one pair per database, shared by the pipelines reading it).
-pub const TRIGGERS: [&str; 2] = ["cutover_ddl_command_end", "cutover_sql_drop"];
+pub const TRIGGERS: [&str; 3] = ["cutover_ddl_command_end", "cutover_sql_drop", "cutover_table_rewrite"];
 
 /// Installs (or updates) the capture: functions replaced in place, the triggers and the
 /// stored shapes created once. One transaction, serialized by an advisory lock: two
@@ -31,6 +32,29 @@ BEGIN;
 SELECT pg_advisory_xact_lock(hashtext('cutover_ddl_capture'));
 CREATE SCHEMA IF NOT EXISTS cutover_ddl;
 CREATE TABLE IF NOT EXISTS cutover_ddl.table_shapes (relid oid PRIMARY KEY, shape jsonb NOT NULL);
+-- Any role may write a logical message under any prefix: each of the trigger's carries
+-- this key, which only superusers can read (the schema grants nothing to others).
+CREATE TABLE IF NOT EXISTS cutover_ddl.capture_key (key text NOT NULL);
+INSERT INTO cutover_ddl.capture_key SELECT gen_random_uuid()::text
+  WHERE NOT EXISTS (SELECT 1 FROM cutover_ddl.capture_key);
+
+-- Writes one message into the change log, with the key and (the start of) the statement.
+CREATE OR REPLACE FUNCTION cutover_ddl.emit(message jsonb) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $f$
+SELECT pg_logical_emit_message(true, 'cutover_ddl', (message || jsonb_build_object(
+  'key', (SELECT key FROM cutover_ddl.capture_key LIMIT 1),
+  'statement', left(current_query(), 2000)))::text)::text::void
+$f$;
+
+-- Tables rewritten in this transaction (a type change: its USING expression, if any,
+-- changed every row and the log carries none of it), as a transaction-local setting.
+CREATE OR REPLACE FUNCTION cutover_ddl.on_table_rewrite() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+  PERFORM set_config('cutover_ddl.rewritten', coalesce(current_setting('cutover_ddl.rewritten', true), '')
+                     || pg_event_trigger_table_rewrite_oid()::text || ',', true);
+END
+$f$;
 
 -- A table as it is now: columns by attnum, indexes and constraints by OID, partitions.
 -- Every name qualified (search_path is pg_catalog only).
@@ -106,9 +130,11 @@ BEGIN
   END IF;
   INSERT INTO cutover_ddl.table_shapes VALUES (rel, new) ON CONFLICT (relid) DO UPDATE SET shape = EXCLUDED.shape;
   IF emit THEN
-    PERFORM pg_logical_emit_message(true, 'cutover_ddl', jsonb_build_object(
-      'op', CASE WHEN old IS NULL THEN 'create' ELSE 'alter' END, 'tag', tag,
-      'statement', current_query(), 'old', old, 'new', new)::text);
+    PERFORM cutover_ddl.emit(jsonb_build_object(
+      'op', CASE WHEN old IS NULL THEN 'create' ELSE 'alter' END, 'tag', tag, 'old', old, 'new', new,
+      'rewritten', EXISTS (SELECT 1 FROM (SELECT rel AS relid UNION SELECT relid FROM pg_partition_tree(rel)) t
+                           WHERE t.relid::oid::text = ANY (string_to_array(
+                             coalesce(current_setting('cutover_ddl.rewritten', true), ''), ',')))));
   END IF;
   FOR related IN
     SELECT (value->>'oid')::oid FROM jsonb_array_elements(coalesce(old->'partitions', '[]') || (new->'partitions'))
@@ -132,10 +158,10 @@ BEGIN
   LOOP
     PERFORM cutover_ddl.capture_shape(r.rel, r.command_tag, true);
   END LOOP;
+  PERFORM set_config('cutover_ddl.rewritten', '', true);
 EXCEPTION WHEN OTHERS THEN
   -- Never fail the user's DDL: the pipeline stops at this message instead.
-  PERFORM pg_logical_emit_message(true, 'cutover_ddl', jsonb_build_object(
-    'op', 'error', 'tag', tg_tag, 'statement', current_query(), 'message', SQLERRM)::text);
+  PERFORM cutover_ddl.emit(jsonb_build_object('op', 'error', 'tag', tg_tag, 'message', SQLERRM));
 END
 $f$;
 
@@ -164,8 +190,7 @@ BEGIN
     WHERE o.object_type = 'table'
   LOOP
     DELETE FROM cutover_ddl.table_shapes WHERE relid = r.relid;
-    PERFORM pg_logical_emit_message(true, 'cutover_ddl', jsonb_build_object(
-      'op', 'drop', 'tag', tg_tag, 'statement', current_query(), 'old', r.shape)::text);
+    PERFORM cutover_ddl.emit(jsonb_build_object('op', 'drop', 'tag', tg_tag, 'old', r.shape));
   END LOOP;
   -- The parents of dropped partitions, silently.
   FOR r IN
@@ -175,8 +200,7 @@ BEGIN
     PERFORM cutover_ddl.capture_shape(r.relid, tg_tag, false);
   END LOOP;
 EXCEPTION WHEN OTHERS THEN
-  PERFORM pg_logical_emit_message(true, 'cutover_ddl', jsonb_build_object(
-    'op', 'error', 'tag', tg_tag, 'statement', current_query(), 'message', SQLERRM)::text);
+  PERFORM cutover_ddl.emit(jsonb_build_object('op', 'error', 'tag', tg_tag, 'message', SQLERRM));
 END
 $f$;
 
@@ -194,6 +218,9 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'cutover_sql_drop') THEN
     CREATE EVENT TRIGGER cutover_sql_drop ON sql_drop EXECUTE FUNCTION cutover_ddl.on_sql_drop();
   END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'cutover_table_rewrite') THEN
+    CREATE EVENT TRIGGER cutover_table_rewrite ON table_rewrite EXECUTE FUNCTION cutover_ddl.on_table_rewrite();
+  END IF;
 END
 $d$;
 COMMIT;
@@ -201,7 +228,8 @@ COMMIT;
 
 /// Removes the capture (when no pipeline reads the database any more).
 pub const UNINSTALL: &str = "DROP EVENT TRIGGER IF EXISTS cutover_ddl_command_end; \
-     DROP EVENT TRIGGER IF EXISTS cutover_sql_drop; DROP SCHEMA IF EXISTS cutover_ddl CASCADE";
+     DROP EVENT TRIGGER IF EXISTS cutover_sql_drop; DROP EVENT TRIGGER IF EXISTS cutover_table_rewrite; \
+     DROP SCHEMA IF EXISTS cutover_ddl CASCADE";
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 struct Name {
@@ -268,22 +296,76 @@ impl Shape {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum Captured {
-    Create { statement: String, new: Shape },
+    Create {
+        statement: String,
+        new: Shape,
+    },
     // Boxed: the variants' sizes differ by a shape.
-    Alter { statement: String, old: Box<Shape>, new: Box<Shape> },
-    Drop { statement: String, old: Shape },
-    Error { tag: String, statement: String, message: String },
+    Alter {
+        statement: String,
+        old: Box<Shape>,
+        new: Box<Shape>,
+        /// Whether the transaction rewrote the table's rows before this message.
+        #[serde(default)]
+        rewritten: bool,
+    },
+    Drop {
+        statement: String,
+        old: Shape,
+    },
+    Error {
+        tag: String,
+        statement: String,
+        message: String,
+    },
+}
+
+/// The key the capture signs its messages with, if it is installed.
+pub async fn capture_key(client: &tokio_postgres::Client) -> anyhow::Result<Option<String>> {
+    let installed = client
+        .query_one("SELECT to_regclass('cutover_ddl.capture_key') IS NOT NULL", &[])
+        .await
+        .context("looking for the DDL capture on the source")?;
+    if !installed.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt("SELECT key FROM cutover_ddl.capture_key LIMIT 1", &[])
+        .await
+        .context("reading the DDL capture's key on the source")?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Only the key is read before the key is checked.
+#[derive(Deserialize)]
+struct Signed {
+    key: Option<String>,
 }
 
 /// The schema changes one captured message means for the pipeline's tables;
-/// `selected` says whether the selection matches a table name.
-pub fn schema_changes(content: &[u8], selected: impl Fn(&TableName) -> bool) -> anyhow::Result<Vec<SchemaChange>> {
-    let captured: Captured = serde_json::from_slice(content).map_err(|e| {
+/// `selected` says whether the selection matches a table name. A message without the
+/// capture's `key` was not written by its trigger (any role may write a logical
+/// message): it is ignored, with a warning.
+pub fn schema_changes(
+    content: &[u8],
+    key: &str,
+    selected: impl Fn(&TableName) -> bool,
+) -> anyhow::Result<Vec<SchemaChange>> {
+    let garbled = |e: serde_json::Error| {
         anyhow::anyhow!(
             "a schema change message from the source's DDL capture does not decode ({e}): {}",
             String::from_utf8_lossy(content).chars().take(500).collect::<String>()
         )
-    })?;
+    };
+    let signed: Signed = serde_json::from_slice(content).map_err(garbled)?;
+    if signed.key.as_deref() != Some(key) {
+        tracing::warn!(
+            "ignored a logical message under the prefix {MESSAGE_PREFIX} that the DDL capture did not write \
+             (some session called pg_logical_emit_message with it)"
+        );
+        return Ok(Vec::new());
+    }
+    let captured: Captured = serde_json::from_slice(content).map_err(garbled)?;
     // A table of the pipeline: one the selection matches that is not a partition of a
     // table the selection matches (that one's changes arrive as the root's).
     let own_table =
@@ -319,7 +401,7 @@ pub fn schema_changes(content: &[u8], selected: impl Fn(&TableName) -> bool) -> 
             None if own_table(&old) => vec![change(old.table(), &statement, vec![SchemaOp::DropTable])],
             None => Vec::new(),
         },
-        Captured::Alter { statement, old, new } => {
+        Captured::Alter { statement, old, new, rewritten } => {
             if old.table() != new.table() {
                 // Renamed or moved to another schema: the old name is gone, the new one joins.
                 let mut changes = Vec::new();
@@ -331,7 +413,15 @@ pub fn schema_changes(content: &[u8], selected: impl Fn(&TableName) -> bool) -> 
                 }
                 changes
             } else if own_table(&new) {
-                let mut changes = vec![change(new.table(), &statement, compare(&old, &new))];
+                let mut ops = compare(&old, &new);
+                if rewritten && ops.iter().any(|op| matches!(op, SchemaOp::SetType { .. })) {
+                    // Rewritten: a USING expression may have changed every row, and no row
+                    // change is in the log. (Without one the values kept are the cast's.)
+                    ops = vec![SchemaOp::CopyAgain {
+                        why: "a type change rewrote the table's rows, which the change log does not carry".into(),
+                    }];
+                }
+                let mut changes = vec![change(new.table(), &statement, ops)];
                 // A detached partition the selection matches is a table of its own now.
                 for partition in &old.partitions {
                     let name = TableName::new(&partition.schema, &partition.name);
@@ -357,6 +447,19 @@ fn compare(old: &Shape, new: &Shape) -> Vec<SchemaOp> {
     if old.kind != new.kind || old.partition_key != new.partition_key {
         why.push("its partitioning changed".to_string());
     }
+    // Columns renamed (same attribute number), by old name: definitions that name them
+    // change their text, not their meaning.
+    let column_renames: Vec<(String, String)> = old
+        .columns
+        .iter()
+        .filter_map(|o| {
+            new.columns
+                .iter()
+                .find(|n| n.attnum == o.attnum && n.name != o.name)
+                .map(|n| (o.name.clone(), n.name.clone()))
+        })
+        .collect();
+    let renamed = |text: &Option<String>| text.as_deref().map(|t| rename_identifiers(t, &column_renames));
     let mut drops = Vec::new();
     let mut renames = Vec::new();
     let mut alters = Vec::new();
@@ -376,7 +479,7 @@ fn compare(old: &Shape, new: &Shape) -> Vec<SchemaOp> {
                     } else {
                         why.push(format!("column {} changed type from {} to {}", n.name, o.type_name, n.type_name));
                     }
-                } else if n.generated && n.expression != o.expression {
+                } else if n.generated && n.expression != renamed(&o.expression) {
                     why.push(format!("column {} changed its generation expression", n.name));
                 }
                 if !n.generated && !n.identity && n.expression != o.expression {
@@ -419,9 +522,9 @@ fn compare(old: &Shape, new: &Shape) -> Vec<SchemaOp> {
         });
     }
     let mut ops = Vec::new();
-    let (index_drops, index_renames, index_adds) = compare_definitions(&old.indexes, &new.indexes);
+    let (index_drops, index_renames, index_adds) = compare_definitions(&old.indexes, &new.indexes, &column_renames);
     let (constraint_drops, constraint_renames, constraint_adds) =
-        compare_definitions(&old.constraints, &new.constraints);
+        compare_definitions(&old.constraints, &new.constraints, &column_renames);
     ops.extend(constraint_drops.into_iter().map(|name| SchemaOp::DropConstraint { name }));
     ops.extend(index_drops.into_iter().map(|name| SchemaOp::DropIndex { name }));
     ops.extend(drops);
@@ -454,30 +557,95 @@ fn compare(old: &Shape, new: &Shape) -> Vec<SchemaOp> {
 }
 
 /// `(dropped names, renames, added (name, definition))` between two lists keyed by OID;
-/// a definition that changed under the same OID is dropped and added again.
+/// a definition that changed under the same OID, other than by its own name or by the
+/// `column_renames` it names, is dropped and added again.
 #[allow(clippy::type_complexity)]
 fn compare_definitions(
     old: &[Definition],
     new: &[Definition],
+    column_renames: &[(String, String)],
 ) -> (Vec<String>, Vec<(String, String)>, Vec<(String, String)>) {
     let (mut drops, mut renames, mut adds) = (Vec::new(), Vec::new(), Vec::new());
     for o in old {
-        match new.iter().find(|n| n.oid == o.oid) {
-            None => drops.push(o.name.clone()),
-            Some(n) if n.name != o.name && n.definition.replace(&n.name, &o.name) == o.definition => {
-                renames.push((o.name.clone(), n.name.clone()))
-            }
-            Some(n) if n.definition != o.definition => {
-                drops.push(o.name.clone());
-                adds.push((n.name.clone(), n.definition.clone()));
-            }
-            Some(_) => {}
+        let Some(n) = new.iter().find(|n| n.oid == o.oid) else {
+            drops.push(o.name.clone());
+            continue;
+        };
+        let mut expected = column_renames.to_vec();
+        if n.name != o.name {
+            // An index's definition holds its name.
+            expected.push((o.name.clone(), n.name.clone()));
+        }
+        if rename_identifiers(&o.definition, &expected) != n.definition {
+            drops.push(o.name.clone());
+            adds.push((n.name.clone(), n.definition.clone()));
+        } else if n.name != o.name {
+            renames.push((o.name.clone(), n.name.clone()));
         }
     }
     adds.extend(
         new.iter().filter(|n| !old.iter().any(|o| o.oid == n.oid)).map(|n| (n.name.clone(), n.definition.clone())),
     );
     (drops, renames, adds)
+}
+
+/// `text` (as `pg_get_indexdef` and its kind print SQL) with each identifier that is a
+/// `from` of `renames` replaced by its `to`, quoted the way PostgreSQL prints it; string
+/// literals are left alone. An identifier PostgreSQL would quote as a keyword prints
+/// otherwise here: the comparison then sees a change, and the safe way is taken.
+fn rename_identifiers(text: &str, renames: &[(String, String)]) -> String {
+    let print = |name: &str| {
+        let bare = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+        if bare {
+            name.to_string()
+        } else {
+            format!("\"{}\"", name.replace('"', "\"\""))
+        }
+    };
+    let renamed = |name: &str| renames.iter().find(|(from, _)| from == name).map(|(_, to)| print(to));
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.char_indices().peekable();
+    while let Some((start, c)) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                // Through the closing quote; a doubled quote is one inside.
+                let mut content = String::new();
+                let mut end = text.len();
+                while let Some((i, d)) = chars.next() {
+                    if d == c {
+                        if chars.peek().is_some_and(|&(_, e)| e == c) {
+                            chars.next();
+                            content.push(c);
+                            continue;
+                        }
+                        end = i + c.len_utf8();
+                        break;
+                    }
+                    content.push(d);
+                }
+                let token = &text[start..end];
+                match (c, renamed(&content)) {
+                    ('"', Some(to)) => out.push_str(&to),
+                    _ => out.push_str(token),
+                }
+            }
+            c if c.is_alphabetic() || c == '_' => {
+                let mut end = start + c.len_utf8();
+                while let Some(&(i, d)) = chars.peek() {
+                    if !(d.is_alphanumeric() || d == '_' || d == '$') {
+                        break;
+                    }
+                    end = i + d.len_utf8();
+                    chars.next();
+                }
+                let token = &text[start..end];
+                out.push_str(&renamed(token).unwrap_or_else(|| token.to_string()));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Whether changing a column from type `old` to `new` keeps every value's text, so the
@@ -555,9 +723,8 @@ mod tests {
     }
 
     fn alter(old: serde_json::Value, new: serde_json::Value) -> Vec<SchemaChange> {
-        let message =
-            serde_json::json!({"op": "alter", "tag": "ALTER TABLE", "statement": "ALTER …", "old": old, "new": new});
-        schema_changes(message.to_string().as_bytes(), |_| true).expect("decodes")
+        let message = serde_json::json!({"key": "k", "op": "alter", "tag": "ALTER TABLE", "statement": "ALTER …", "old": old, "new": new});
+        schema_changes(message.to_string().as_bytes(), "k", |_| true).expect("decodes")
     }
 
     fn ops(changes: Vec<SchemaChange>) -> Vec<SchemaOp> {
@@ -668,6 +835,40 @@ mod tests {
     }
 
     #[test]
+    fn a_renamed_column_renames_what_names_it_and_nothing_else() {
+        let definition =
+            |oid: i64, name: &str, text: &str| serde_json::json!({"oid": oid, "name": name, "definition": text});
+        let mut old = shape(
+            serde_json::json!([column(1, "id", "integer"), column(2, "Code", "text")]),
+            serde_json::json!([definition(
+                5,
+                "by_code",
+                "CREATE INDEX by_code ON public.t USING btree (\"Code\", id)"
+            )]),
+            serde_json::json!([]),
+        );
+        old["constraints"] = serde_json::json!([
+            definition(6, "t_pkey", "PRIMARY KEY (id)"),
+            definition(7, "t_check", "CHECK ((\"Code\" <> 'id'::text))"),
+        ]);
+        let mut new = shape(
+            serde_json::json!([column(1, "tid", "integer"), column(2, "code", "text")]),
+            serde_json::json!([definition(5, "by_code", "CREATE INDEX by_code ON public.t USING btree (code, tid)")]),
+            serde_json::json!([]),
+        );
+        new["constraints"] = serde_json::json!([
+            definition(6, "t_pkey", "PRIMARY KEY (tid)"),
+            definition(7, "t_check", "CHECK ((code <> 'id'::text))"),
+        ]);
+        let changed = ops(alter(old.clone(), new.clone()));
+        assert!(changed.iter().all(|op| matches!(op, SchemaOp::RenameColumn { .. })), "{changed:?}");
+        // A literal that the rename does not touch on the source is no rename.
+        new["constraints"][1]["definition"] = "CHECK ((code <> 'tid'::text))".into();
+        let changed = ops(alter(old, new));
+        assert!(changed.contains(&SchemaOp::DropConstraint { name: "t_check".into() }), "{changed:?}");
+    }
+
+    #[test]
     fn renamed_tables_leave_and_join_and_partitions_follow_their_root() {
         let cols = serde_json::json!([column(1, "id", "integer")]);
         let old = shape(cols.clone(), serde_json::json!([]), serde_json::json!([]));
@@ -683,24 +884,48 @@ mod tests {
         partition["parent"] = serde_json::json!({"schema": "public", "name": "t"});
         partition["root"] = serde_json::json!({"schema": "public", "name": "t"});
         partition["bound"] = "FOR VALUES FROM (1) TO (10)".into();
-        let message =
-            serde_json::json!({"op": "create", "tag": "CREATE TABLE", "statement": "CREATE …", "new": partition});
-        let changes = schema_changes(message.to_string().as_bytes(), |_| true).expect("decodes");
+        let message = serde_json::json!({"key": "k", "op": "create", "tag": "CREATE TABLE", "statement": "CREATE …", "new": partition});
+        let changes = schema_changes(message.to_string().as_bytes(), "k", |_| true).expect("decodes");
         assert_eq!(changes[0].table, TableName::new("public", "t"));
         assert!(matches!(&changes[0].ops[0], SchemaOp::CreatePartition { name, .. } if name.name == "t_2027"));
-        let message = serde_json::json!({"op": "drop", "tag": "DROP TABLE", "statement": "DROP …", "old": partition});
+        let message =
+            serde_json::json!({"key": "k", "op": "drop", "tag": "DROP TABLE", "statement": "DROP …", "old": partition});
         let only_partitions = |t: &TableName| t.name != "t";
-        let changes = schema_changes(message.to_string().as_bytes(), only_partitions).expect("decodes");
+        let changes = schema_changes(message.to_string().as_bytes(), "k", only_partitions).expect("decodes");
         assert_eq!(changes[0].table.name, "t_2027");
         assert_eq!(changes[0].ops, vec![SchemaOp::DropTable]);
     }
 
     #[test]
+    fn messages_without_the_key_are_ignored_and_a_rewritten_type_change_copies_again() {
+        let cols = serde_json::json!([column(1, "id", "integer"), column(2, "a", "integer")]);
+        let retyped = serde_json::json!([column(1, "id", "integer"), column(2, "a", "bigint")]);
+        let (old, new) = (
+            shape(cols, serde_json::json!([]), serde_json::json!([])),
+            shape(retyped, serde_json::json!([]), serde_json::json!([])),
+        );
+        let drop = |key: serde_json::Value| serde_json::json!({"key": key, "op": "drop", "tag": "DROP TABLE", "statement": "DROP …", "old": old.clone()});
+        for forged in [drop("guess".into()), drop(serde_json::Value::Null)] {
+            assert!(schema_changes(forged.to_string().as_bytes(), "k", |_| true).expect("decodes").is_empty());
+        }
+        assert_eq!(
+            ops(schema_changes(drop("k".into()).to_string().as_bytes(), "k", |_| true).expect("decodes")),
+            vec![SchemaOp::DropTable]
+        );
+        assert!(matches!(&ops(alter(old.clone(), new.clone()))[..], [SchemaOp::SetType { .. }]));
+        let message = serde_json::json!({"key": "k", "op": "alter", "tag": "ALTER TABLE", "statement": "ALTER …",
+                                         "old": old, "new": new, "rewritten": true});
+        let changes = schema_changes(message.to_string().as_bytes(), "k", |_| true).expect("decodes");
+        assert!(matches!(&ops(changes)[..], [SchemaOp::CopyAgain { why }] if why.contains("rewrote")));
+    }
+
+    #[test]
     fn garbled_messages_and_capture_errors_stop_with_the_statement() {
-        let error = schema_changes(b"{\"op\":\"alter\"", |_| true).expect_err("garbled");
+        let error = schema_changes(b"{\"op\":\"alter\"", "k", |_| true).expect_err("garbled");
         assert!(error.to_string().contains("does not decode"));
-        let message = br#"{"op": "error", "tag": "ALTER TABLE", "statement": "ALTER TABLE x", "message": "boom"}"#;
-        let error = schema_changes(message, |_| true).expect_err("capture error");
+        let message =
+            br#"{"key": "k", "op": "error", "tag": "ALTER TABLE", "statement": "ALTER TABLE x", "message": "boom"}"#;
+        let error = schema_changes(message, "k", |_| true).expect_err("capture error");
         assert!(error.to_string().contains("ALTER TABLE x") && error.to_string().contains("boom"));
     }
 

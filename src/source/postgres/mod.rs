@@ -59,6 +59,8 @@ pub struct PostgresSource {
     insert_only: Vec<TableName>,
     /// `[source] capture_ddl`: install the DDL capture when the role may.
     capture_ddl: bool,
+    /// Whether this run installed (or found) the capture.
+    capturing: bool,
 }
 
 /// The replication slot a pipeline streams from (its publications are named alike).
@@ -87,6 +89,7 @@ impl PostgresSource {
             exporting: None,
             insert_only: Vec::new(),
             capture_ddl,
+            capturing: false,
         })
     }
 
@@ -102,7 +105,7 @@ impl PostgresSource {
     /// Installs the DDL capture (see [`ddl`]) before a stream is created or resumed, so
     /// every schema change after the stream's start reaches it. Without the rights, or
     /// with `capture_ddl = false`, the stream sees what pgoutput says: columns added.
-    async fn install_ddl_capture(&self) -> anyhow::Result<()> {
+    async fn install_ddl_capture(&mut self) -> anyhow::Result<()> {
         if !self.capture_ddl {
             return Ok(());
         }
@@ -119,6 +122,7 @@ impl PostgresSource {
         tracing::info!(
             "schema changes on the source are captured in order with the rows (event triggers cutover_ddl_*)"
         );
+        self.capturing = true;
         Ok(())
     }
 
@@ -235,6 +239,10 @@ impl PostgresSource {
 
 #[async_trait]
 impl Source for PostgresSource {
+    fn captures_schema_changes(&self) -> bool {
+        self.capturing
+    }
+
     fn dialect(&self) -> SourceDialect {
         SourceDialect::Postgres { major: self.major }
     }
@@ -553,10 +561,15 @@ impl Source for PostgresSource {
             .with_context(|| format!("starting replication from slot {} at {from}", self.slot))?;
         let catalog = self.params.connect().await?;
         let watched = InsertOnlyWatch::start(&catalog, &self.insert_only, untracked_at_copy).await?;
+        let ddl_key = match self.capturing {
+            true => ddl::capture_key(&catalog).await?,
+            false => None,
+        };
         Ok(Box::new(PostgresChangeStream {
             conn,
             catalog,
             filter: self.filter.clone(),
+            ddl_key,
             relations: HashMap::new(),
             unannounced: Default::default(),
             queued: Default::default(),
@@ -778,8 +791,10 @@ impl InsertOnlyWatch {
 struct PostgresChangeStream {
     conn: ReplicationConnection,
     catalog: tokio_postgres::Client,
-    /// Which tables a captured schema change is about.
+    /// Which tables the pipeline's are (renamed ones stay in the publication until a restart).
     filter: TableFilter,
+    /// The key the DDL capture signs its messages with; `None` when not capturing.
+    ddl_key: Option<String>,
     relations: HashMap<u32, Arc<TableSchema>>,
     /// Relations described but not passed on yet: one goes out right before the first
     /// change that uses it. (Published via the partition root, pgoutput also describes
@@ -901,28 +916,34 @@ impl PostgresChangeStream {
                 return Ok(None);
             }
             Message::Insert { relid, new } => {
-                self.announce(&[relid], at)?;
-                Event::Change(Change::Insert { table: self.table(relid, at)?, row: new })
+                let Some(table) = self.selected_table(relid, at)? else { return Ok(None) };
+                Event::Change(Change::Insert { table, row: new })
             }
             Message::Update { relid, old, new } => {
-                self.announce(&[relid], at)?;
+                let Some(table) = self.selected_table(relid, at)? else { return Ok(None) };
                 let old = old.map(|o| match o {
                     OldTuple::Key(row) | OldTuple::Full(row) => row,
                 });
-                Event::Change(Change::Update { table: self.table(relid, at)?, old, new })
+                Event::Change(Change::Update { table, old, new })
             }
             Message::Delete { relid, old: OldTuple::Key(old) | OldTuple::Full(old) } => {
-                self.announce(&[relid], at)?;
-                Event::Change(Change::Delete { table: self.table(relid, at)?, old })
+                let Some(table) = self.selected_table(relid, at)? else { return Ok(None) };
+                Event::Change(Change::Delete { table, old })
             }
             Message::Truncate { relids, cascade, restart_identity } => {
-                self.announce(&relids, at)?;
-                let tables = relids.iter().map(|&r| self.table(r, at)).collect::<anyhow::Result<_>>()?;
+                let mut tables = Vec::new();
+                for relid in relids {
+                    tables.extend(self.selected_table(relid, at)?);
+                }
+                if tables.is_empty() {
+                    return Ok(None);
+                }
                 Event::Change(Change::Truncate { tables, cascade, restart_identity })
             }
             Message::Message { transactional: true, prefix, content, .. } if prefix == ddl::MESSAGE_PREFIX => {
                 let filter = &self.filter;
-                let changes = ddl::schema_changes(&content, |name| filter.includes(&name.to_string()))
+                let Some(key) = self.ddl_key.as_deref() else { return Ok(None) };
+                let changes = ddl::schema_changes(&content, key, |name| filter.includes(&name.to_string()))
                     .with_context(|| format!("at {at}"))?;
                 for change in changes {
                     tracing::info!(
@@ -939,14 +960,18 @@ impl PostgresChangeStream {
         }))
     }
 
-    /// Queues a `Relation` event for each of `relids` not passed on since it was described.
-    fn announce(&mut self, relids: &[u32], at: Lsn) -> anyhow::Result<()> {
-        for &relid in relids {
-            if self.unannounced.remove(&relid) {
-                self.queued.push_back(Event::Change(Change::Relation(self.table(relid, at)?)));
-            }
+    /// The table a change names, if the selection matches it (a table renamed out of the
+    /// selection stays in the publication until the next start syncs it), with a
+    /// `Relation` event queued before the change when it was not passed on since it was described.
+    fn selected_table(&mut self, relid: u32, at: Lsn) -> anyhow::Result<Option<Arc<TableSchema>>> {
+        let table = self.table(relid, at)?;
+        if !self.filter.includes(&table.name.to_string()) {
+            return Ok(None);
         }
-        Ok(())
+        if self.unannounced.remove(&relid) {
+            self.queued.push_back(Event::Change(Change::Relation(table.clone())));
+        }
+        Ok(Some(table))
     }
 }
 
