@@ -840,6 +840,54 @@ async fn identity_columns_generated_always_follow_updates_and_key_changes() {
     stop(&mut child);
 }
 
+/// Foreign keys to a table the selection leaves out: the target has no table for them to
+/// point at, so they are left out (from the copy and from DDL captured while streaming)
+/// with a warning, while a key between two selected tables is created; rows stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_keys_to_tables_outside_the_selection_are_left_out() {
+    let pair = Pair::start("fkout", "");
+    let config = std::fs::read_to_string(&pair.config_path).expect("config");
+    std::fs::write(&pair.config_path, config.replacen("[source]\n", "[source]\nexclude = [\"public.customers\"]\n", 1))
+        .expect("config");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY);
+             CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers, seller int);
+             CREATE TABLE lines (id int PRIMARY KEY, order_id int REFERENCES orders);
+             INSERT INTO customers SELECT generate_series(1, 10);
+             INSERT INTO orders SELECT g, g % 10 + 1, g FROM generate_series(1, 100) g;
+             INSERT INTO lines SELECT g, g % 100 + 1 FROM generate_series(1, 300) g;",
+        )
+        .await
+        .expect("tables");
+    let mut child = pair.spawn();
+    source
+        .batch_execute(
+            "ALTER TABLE orders ADD CONSTRAINT seller_is_customer FOREIGN KEY (seller) REFERENCES customers (id) NOT VALID;
+             INSERT INTO orders VALUES (101, 1, 1); INSERT INTO lines VALUES (301, 101);",
+        )
+        .await
+        .expect("ddl");
+    pair.wait_caught_up(&mut child).await;
+    let target = connect(&pair.target.url("postgres")).await;
+    for rows in ["SELECT t::text FROM orders t ORDER BY id", "SELECT t::text FROM lines t ORDER BY id"] {
+        assert_eq!(rows_text(&target, rows).await, rows_text(&source, rows).await, "{}", pair.log());
+    }
+    let keys = "SELECT conrelid::regclass || ' ' || pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'f' ORDER BY 1";
+    assert_eq!(
+        rows_text(&target, keys).await,
+        ["lines FOREIGN KEY (order_id) REFERENCES orders(id)"],
+        "{}",
+        pair.log()
+    );
+    let log = pair.log();
+    for key in ["orders_customer_fkey", "seller_is_customer"] {
+        assert!(log.contains(&format!("foreign_key={key}")), "{key}\n{log}");
+    }
+    stop(&mut child);
+}
+
 /// Key changes that chain inside one source transaction (1 → 2 → 3), a swap through a
 /// temporary key, a key change followed by an update under the new key with an
 /// unchanged-TOAST column, a delete and re-insert of one key, and quick successive

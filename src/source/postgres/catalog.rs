@@ -55,7 +55,8 @@ pub async fn read_schema(client: &impl GenericClient, include: impl Fn(&str) -> 
         }
         let oid: u32 = row.get(0);
         let replident: String = row.get(3);
-        let mut table = read_table(client, oid, name, &replident, row.get::<_, i64>(4), row.get::<_, i64>(5)).await?;
+        let mut table =
+            read_table(client, oid, name, &replident, row.get::<_, i64>(4), row.get::<_, i64>(5), &include).await?;
         if row.get::<_, bool>(7) {
             table.partitioning = Some(read_partitioning(client, oid, &table.schema.name).await?);
         }
@@ -74,6 +75,7 @@ async fn read_table(
     replident: &str,
     estimated_rows: i64,
     pages: i64,
+    include: impl Fn(&str) -> bool,
 ) -> anyhow::Result<TableDefinition> {
     let context = || format!("reading the columns of {name}");
     let column_rows = client
@@ -148,8 +150,10 @@ async fn read_table(
 
     let constraint_rows = client
         .query(
-            "SELECT conname, contype::text, pg_get_constraintdef(oid) FROM pg_constraint \
-             WHERE conrelid = $1 AND contype IN ('p', 'u', 'c', 'x', 'f') ORDER BY conname",
+            "SELECT k.conname, k.contype::text, pg_get_constraintdef(k.oid), rn.nspname || '.' || r.relname \
+             FROM pg_constraint k LEFT JOIN pg_class r ON r.oid = k.confrelid \
+             LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace \
+             WHERE k.conrelid = $1 AND k.contype IN ('p', 'u', 'c', 'x', 'f') ORDER BY k.conname",
             &[&oid],
         )
         .await
@@ -161,7 +165,14 @@ async fn read_table(
         let entry = (row.get::<_, String>(0), row.get::<_, String>(2));
         match row.get::<_, &str>(1) {
             "p" => primary_key = Some(entry),
-            "f" => foreign_keys.push(entry),
+            // The target has no table outside the selection for the key to point at.
+            "f" => match row.get::<_, Option<String>>(3) {
+                Some(references) if !include(&references) => tracing::warn!(
+                    table = %name, foreign_key = %entry.0, %references,
+                    "a foreign key to a table outside the selection is not created on the target"
+                ),
+                _ => foreign_keys.push(entry),
+            },
             _ => constraints.push(entry),
         }
     }

@@ -93,7 +93,10 @@ SELECT jsonb_build_object(
                                                       AND k.contype IN ('p', 'u', 'x'))), '[]'::jsonb),
   'constraints', coalesce((
      SELECT jsonb_agg(jsonb_build_object('oid', k.oid::int8, 'name', k.conname::text,
-                                         'definition', pg_get_constraintdef(k.oid)) ORDER BY k.oid)
+                                         'definition', pg_get_constraintdef(k.oid),
+                                         'references', (SELECT jsonb_build_object('schema', rn.nspname::text, 'name', r.relname::text)
+                                                        FROM pg_class r JOIN pg_namespace rn ON rn.oid = r.relnamespace
+                                                        WHERE r.oid = k.confrelid)) ORDER BY k.oid)
      FROM pg_constraint k
      WHERE k.conrelid = c.oid AND k.contype IN ('p', 'u', 'f', 'c', 'x') AND k.conparentid = 0 AND k.conislocal),
      '[]'::jsonb),
@@ -262,6 +265,9 @@ struct Definition {
     oid: i64,
     name: String,
     definition: String,
+    /// A foreign key's referenced table.
+    #[serde(default)]
+    references: Option<Name>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -401,7 +407,18 @@ pub fn schema_changes(
             None if own_table(&old) => vec![change(old.table(), &statement, vec![SchemaOp::DropTable])],
             None => Vec::new(),
         },
-        Captured::Alter { statement, old, new, rewritten } => {
+        Captured::Alter { statement, mut old, mut new, rewritten } => {
+            // Foreign keys to tables outside the selection are not the target's (it has no
+            // table for them to point at), before and after alike.
+            let points_out = |k: &Definition| k.references.as_ref().is_some_and(|r| !selected(&r.table()));
+            for added in
+                new.constraints.iter().filter(|k| points_out(k) && !old.constraints.iter().any(|o| o.oid == k.oid))
+            {
+                tracing::warn!(table = %new.table(), foreign_key = %added.name, "a foreign key to a table outside the selection is not created on the target");
+            }
+            for shape in [&mut old, &mut new] {
+                shape.constraints.retain(|k| !points_out(k));
+            }
             if old.table() != new.table() {
                 // Renamed or moved to another schema: the old name is gone, the new one joins.
                 let mut changes = Vec::new();
