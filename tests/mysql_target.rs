@@ -569,13 +569,14 @@ async fn a_mariadb_to_mariadb_switchover_fences_the_source_and_falls_back() {
     // The insert the fence's KILL interrupted may have committed without its answer reaching the client.
     assert!((committed as i64..=committed as i64 + 1).contains(&loaded), "{loaded} rows for {committed} inserts");
 
-    // Keys continue past the old source's; the new primary's writes come back.
+    // Keys continue past the old source's; the new primary's writes come back. (The old
+    // source's largest key is read first: the fallback brings the new row there too.)
+    let max: i64 = old.query_first("SELECT MAX(id) FROM orders").await.expect("max").expect("row");
     new_primary
         .query_drop("INSERT INTO orders (note) VALUES ('on the new primary')")
         .await
         .expect("new primary writes");
     let id: i64 = new_primary.query_first("SELECT LAST_INSERT_ID()").await.expect("id").expect("row");
-    let max: i64 = old.query_first("SELECT MAX(id) FROM orders").await.expect("max").expect("row");
     assert!(id > max, "AUTO_INCREMENT not past the old source's keys: {id} vs {max}");
     new_primary
         .query_drop("UPDATE orders SET note = 'updated' WHERE id = 1; DELETE FROM orders WHERE id = 2")

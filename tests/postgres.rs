@@ -668,13 +668,15 @@ async fn switchover_fences_the_source_syncs_sequences_and_falls_back() {
     );
     pair.assert_identical().await;
 
-    // The target's sequence continues past the source's, and its writes flow back.
+    // The target's sequence continues past the source's, and its writes flow back. (The
+    // source's largest key is read first: the fallback brings the new row there too.)
+    let max = count(&fresh, "SELECT max(id)::int8 FROM orders").await;
     let id: i32 = target
         .query_one("INSERT INTO orders (note) VALUES ('on the new primary') RETURNING id", &[])
         .await
         .expect("the new primary takes writes")
         .get(0);
-    assert!(i64::from(id) > count(&fresh, "SELECT max(id)::int8 FROM orders").await, "sequence not synced");
+    assert!(i64::from(id) > max, "sequence not synced: {id} after {max}");
     target.batch_execute("UPDATE orders SET note = 'changed back' WHERE id = 1; DELETE FROM audit WHERE ctid = (SELECT min(ctid) FROM audit)").await.expect("more writes");
     let started = std::time::Instant::now();
     while count(&fresh, "SELECT count(*) FROM orders WHERE note IN ('on the new primary', 'changed back')").await < 2 {
@@ -1481,7 +1483,8 @@ async fn a_column_renamed_or_dropped_on_the_source_stops_and_resync_recreates_th
 /// (a constant default, a volatile one), renamed, retyped (in place, and with a USING that
 /// rewrites the rows: copied again), dropped; defaults, NOT NULL, an index and constraints;
 /// a table created, dropped and created again with other columns; a partition created and
-/// one detached. Every table's columns, indexes, partitions and rows end as on the source.
+/// one detached; a column of an enum type created on the source (copied again: only the copy
+/// creates types). Every table's columns, indexes, partitions and rows end as on the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_changes_while_streaming_land_in_order_with_the_rows() {
     let pair = Pair::start("ddl", "");
@@ -1552,6 +1555,8 @@ async fn schema_changes_while_streaming_land_in_order_with_the_rows() {
         "DROP TABLE newcomer; CREATE TABLE newcomer (id int PRIMARY KEY, w int);
          INSERT INTO newcomer SELECT g, g * 2 FROM generate_series(1, 50) g;",
         "DROP INDEX items_name; ALTER TABLE items DROP CONSTRAINT name_short; ALTER TABLE items RENAME TO goods;",
+        "CREATE TYPE mood AS ENUM ('calm', 'busy'); ALTER TABLE goods ADD COLUMN mood mood;
+         UPDATE goods SET mood = 'busy' WHERE id % 7 = 0;",
     ];
     for (i, step) in steps.iter().enumerate() {
         source.batch_execute(step).await.unwrap_or_else(|e| panic!("step {i}: {step}: {e}"));

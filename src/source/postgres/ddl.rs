@@ -75,6 +75,9 @@ SELECT jsonb_build_object(
               'attnum', a.attnum, 'name', a.attname::text, 'type', format_type(a.atttypid, a.atttypmod),
               'not_null', a.attnotnull, 'expression', pg_get_expr(d.adbin, d.adrelid),
               'generated', a.attgenerated <> '', 'identity', a.attidentity <> '',
+              'user_type', EXISTS (SELECT 1 FROM pg_type ty
+                                   WHERE ty.oid IN (a.atttypid, (SELECT e.typelem FROM pg_type e WHERE e.oid = a.atttypid))
+                                     AND ty.typnamespace <> 'pg_catalog'::regnamespace),
               'missing', CASE WHEN a.atthasmissing THEN a.attmissingval::text
                               -- A partitioned table's rows are its leaves': one of theirs.
                               WHEN c.relkind = 'p' THEN (
@@ -256,6 +259,9 @@ struct ShapeColumn {
     expression: Option<String>,
     generated: bool,
     identity: bool,
+    /// The type (or its element type) is not built in.
+    #[serde(default)]
+    user_type: bool,
     /// PostgreSQL's array text of the one value rows that predate the column hold.
     missing: Option<String>,
 }
@@ -509,6 +515,12 @@ fn compare(old: &Shape, new: &Shape) -> Vec<SchemaOp> {
         }
     }
     for n in new.columns.iter().filter(|n| !old.columns.iter().any(|o| o.attnum == n.attnum)) {
+        if n.user_type {
+            // Created on the source (an enum, a domain, an extension's): the target may lack it,
+            // and only the copy creates types.
+            why.push(format!("column {} was added with a type of the source's own ({})", n.name, n.type_name));
+            continue;
+        }
         let existing = if n.generated {
             ExistingRows::Generated
         } else if let Some(missing) = &n.missing {
@@ -849,6 +861,18 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_column_of_a_type_the_source_made_copies_the_table_again() {
+        let cols = serde_json::json!([column(1, "id", "integer")]);
+        let mut mood = column(2, "mood", "mood[]");
+        mood["user_type"] = true.into();
+        let changed = ops(alter(
+            shape(cols.clone(), serde_json::json!([]), serde_json::json!([])),
+            shape(serde_json::json!([column(1, "id", "integer"), mood]), serde_json::json!([]), serde_json::json!([])),
+        ));
+        assert!(matches!(&changed[..], [SchemaOp::CopyAgain { why }] if why.contains("mood[]")), "{changed:?}");
     }
 
     #[test]
