@@ -770,6 +770,58 @@ async fn a_crash_right_after_ddl_on_a_mysql_target_doubles_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// PostgreSQL → MariaDB: a source transaction writes a table and drops it, another rewrites
+/// a table (copied again), all grouped into one target transaction, and cutover dies right
+/// after its commit, before the drops. The next start drops both, copies the rewritten one
+/// again and streams on: the dropped table's rows are never replayed into a missing table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_dropped_in_a_grouped_transaction_are_dropped_after_a_crash_at_its_commit() {
+    let dir = test_dir("pg-drops");
+    let source = PostgresServer::start(&[]).expect("source");
+    let target = MariaDbServer::start(&[]).expect("target");
+    let pg = connect(&source.url("postgres")).await;
+    pg.batch_execute(
+        "CREATE TABLE gone (id int PRIMARY KEY, v int); CREATE TABLE kept (id int PRIMARY KEY, v int);
+         CREATE TABLE marker (id int PRIMARY KEY);
+         INSERT INTO gone SELECT g, g FROM generate_series(1, 100) g;
+         INSERT INTO kept SELECT g, g FROM generate_series(1, 100) g;",
+    )
+    .await
+    .expect("source data");
+    let config = write_config(&dir, "pg_drops", "postgres", &source.url("postgres"), &target.url("app"), "");
+    let log = dir.join("cutover.log");
+    let mut child = common::spawn_run(&config, &log, &[]);
+    wait_streaming(&mut child, &log).await;
+    common::stop(&mut child);
+    pg.batch_execute(
+        "BEGIN; INSERT INTO gone VALUES (1000, 1); INSERT INTO kept VALUES (1000, 1); DROP TABLE gone; COMMIT;
+         ALTER TABLE kept ALTER COLUMN v TYPE bigint USING v * 2;
+         INSERT INTO marker VALUES (2);",
+    )
+    .await
+    .expect("backlog");
+    let mut child = common::spawn_run(&config, &log, &[("CUTOVER_FAILPOINT", Path::new("mysql-sink-before-drops"))]);
+    let status = child.wait().expect("cutover ends");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success() && text().contains("failpoint mysql-sink-before-drops"), "{}", text());
+    let mut child = common::spawn_run(&config, &log, &[]);
+    let streaming_again = || async { text().matches("streaming changes").count() >= 3 };
+    wait_for(&mut child, &log, streaming_again).await;
+    pg.batch_execute("INSERT INTO marker VALUES (3)").await.expect("marker");
+    wait_for(&mut child, &log, || has_row(target.url("app"), "SELECT 1 FROM app.marker WHERE id = 3".into())).await;
+    common::stop(&mut child);
+    let mut my = mysql(&target.url("app")).await;
+    let tables =
+        my_rows(&mut my, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'app' ORDER BY 1")
+            .await;
+    assert_same(tables, vec![vec![Some("kept".to_string())], vec![Some("marker".to_string())]]);
+    assert_same(
+        my_rows(&mut my, "SELECT CAST(id AS CHAR), CAST(v AS CHAR) FROM kept ORDER BY id").await,
+        pg_rows(&pg, "SELECT id::text, v::text FROM kept ORDER BY kept.id").await,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// PostgreSQL → MariaDB: a partitioned table becomes one plain table holding every
 /// partition's rows (a row moved between partitions included); a generated column whose
 /// expression MariaDB reads the same is computed there, and the plan names the one that

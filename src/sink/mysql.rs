@@ -39,6 +39,10 @@ const SESSION: &str = "SET time_zone = '+00:00', NAMES utf8mb4, \
 
 /// Where each pipeline's applied position is recorded, in the same transactions as its rows.
 const PROGRESS: &str = "`cutover`.`progress`";
+/// Tables a committed transaction dropped (DDL cannot be part of it): written with the
+/// transaction, dropped and deleted after its commit, and at the next connect after a
+/// crash in between.
+const DROPS: &str = "`cutover`.`pending_drops`";
 
 /// Rows per multi-row `INSERT` while streaming.
 const INSERT_BATCH: usize = 500;
@@ -94,10 +98,14 @@ impl MysqlSink {
                 "CREATE TABLE IF NOT EXISTS {PROGRESS} (pipeline varchar(200) PRIMARY KEY, position text NOT NULL, \
                  commit_time datetime(6))"
             ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {DROPS} (pipeline varchar(200), db varchar(64), name varchar(64), \
+                 PRIMARY KEY (pipeline, db, name))"
+            ),
         ] {
             conn.query_drop(sql).await.context("creating cutover.progress on the target")?;
         }
-        Ok(MysqlSink {
+        let mut sink = MysqlSink {
             params,
             conn,
             pipeline: format!("cutover_{pipeline}"),
@@ -105,7 +113,34 @@ impl MysqlSink {
             tables: HashMap::new(),
             open: false,
             written: false,
-        })
+        };
+        sink.finish_drops().await?;
+        Ok(sink)
+    }
+
+    /// Drops the tables committed transactions dropped, and forgets them.
+    async fn finish_drops(&mut self) -> anyhow::Result<()> {
+        let pending: Vec<(String, String)> = self
+            .conn
+            .exec(format!("SELECT db, name FROM {DROPS} WHERE pipeline = ?"), (&self.pipeline,))
+            .await
+            .context("reading the tables to drop on the target")?;
+        for (db, name) in pending {
+            let qualified = format!("{}.{}", quote_ident(&db), quote_ident(&name));
+            let sql =
+                format!("SET foreign_key_checks = 0; DROP TABLE IF EXISTS {qualified}; SET foreign_key_checks = 1");
+            query_checks_restored(&mut self.conn, &sql)
+                .await
+                .with_context(|| format!("dropping {qualified} on the target (the source dropped it)"))?;
+            self.conn
+                .exec_drop(
+                    format!("DELETE FROM {DROPS} WHERE pipeline = ? AND db = ? AND name = ?"),
+                    (&self.pipeline, &db, &name),
+                )
+                .await
+                .context("forgetting a table dropped on the target")?;
+        }
+        Ok(())
     }
 
     fn database(&self, schema: &str) -> String {
@@ -213,13 +248,19 @@ impl MysqlSink {
     async fn apply_schema(&mut self, change: &SchemaChange) -> anyhow::Result<()> {
         for op in &change.ops {
             match op {
+                // Not as DDL here, which would commit: rolled back instead, the transaction's
+                // earlier rows would meet a dropped table in the replay. Nothing after the drop
+                // writes the table (the applier leaves its changes out).
                 SchemaOp::DropTable => {
                     self.tables.remove(&change.table);
-                    let sql = format!(
-                        "SET foreign_key_checks = 0; DROP TABLE IF EXISTS {}; SET foreign_key_checks = 1",
-                        self.qualified(&change.table)
-                    );
-                    self.run_ddl(&sql).await?;
+                    let sql = format!("INSERT IGNORE INTO {DROPS} (pipeline, db, name) VALUES (?, ?, ?)");
+                    let db = self.database(&change.table.schema);
+                    self.conn
+                        .exec_drop(sql, (&self.pipeline, db, &change.table.name))
+                        .await
+                        .with_context(|| format!("recording that {} is to be dropped on the target", change.table))?;
+                    // Part of the transaction: DDL later in it must roll it back first.
+                    self.written = true;
                 }
                 SchemaOp::AddColumn { name, type_name, .. } => {
                     self.add_missing_columns(&change.table, &[(name.as_str(), type_name.as_str())], None).await?
@@ -799,6 +840,7 @@ impl Sink for MysqlSink {
     }
 
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
+        self.finish_drops().await?;
         let sql = format!("DELETE FROM {PROGRESS} WHERE pipeline = ?");
         match self.conn.exec_drop(&sql, (&self.pipeline,)).await {
             Ok(()) => Ok(vec![format!("target: cutover.progress row {}", self.pipeline)]),
@@ -895,7 +937,8 @@ impl Sink for MysqlSink {
         self.conn.query_drop("COMMIT").await.context("committing on the target")?;
         self.open = false;
         self.written = false;
-        Ok(())
+        crate::failpoint::hit("mysql-sink-before-drops");
+        self.finish_drops().await
     }
 }
 
