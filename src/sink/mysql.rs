@@ -127,9 +127,7 @@ impl MysqlSink {
             .context("reading the tables to drop on the target")?;
         for (db, name) in pending {
             let qualified = format!("{}.{}", quote_ident(&db), quote_ident(&name));
-            let sql =
-                format!("SET foreign_key_checks = 0; DROP TABLE IF EXISTS {qualified}; SET foreign_key_checks = 1");
-            query_checks_restored(&mut self.conn, &sql)
+            drop_table_unchecked(&mut self.conn, &qualified)
                 .await
                 .with_context(|| format!("dropping {qualified} on the target (the source dropped it)"))?;
             self.conn
@@ -229,7 +227,7 @@ impl MysqlSink {
             self.open = false;
             self.written = false;
         }
-        query_checks_restored(&mut self.conn, sql).await.with_context(|| format!("applying `{sql}` on the target"))?;
+        self.conn.query_drop(sql).await.with_context(|| format!("applying `{sql}` on the target"))?;
         crate::failpoint::hit("mysql-sink-after-ddl");
         if rolled_back {
             return Err(crate::retry::ResumeFromCheckpoint(format!(
@@ -461,9 +459,10 @@ fn key_predicate(
     Ok((predicates.join(" AND "), params))
 }
 
-/// Runs `sql`, which may turn `foreign_key_checks` off before a drop and on after it:
-/// when a statement in it fails, the session's checks are turned on again all the same.
-async fn query_checks_restored(conn: &mut mysql_async::Conn, sql: &str) -> Result<(), mysql_async::Error> {
+/// Drops a table that foreign keys may reference, with the session's checks off for the
+/// drop only: on again after it, also when it fails.
+async fn drop_table_unchecked(conn: &mut mysql_async::Conn, qualified: &str) -> Result<(), mysql_async::Error> {
+    let sql = format!("SET foreign_key_checks = 0; DROP TABLE IF EXISTS {qualified}; SET foreign_key_checks = 1");
     let result = conn.query_drop(sql).await;
     if result.is_err() {
         // Best effort: on a connection that is gone there is no session to restore.
@@ -784,8 +783,7 @@ impl Sink for MysqlSink {
                 if !columns.is_empty() && columns != wanted {
                     tracing::warn!(table = %table.schema.name, "the target's table has other columns than the source's: dropped and created again");
                     // A foreign key that references it is not checked again when it is back.
-                    let sql = format!("SET foreign_key_checks = 0; DROP TABLE {qualified}; SET foreign_key_checks = 1");
-                    query_checks_restored(&mut self.conn, &sql)
+                    drop_table_unchecked(&mut self.conn, &qualified)
                         .await
                         .with_context(|| format!("dropping {qualified} on the target to create it again"))?;
                 }

@@ -28,13 +28,12 @@ impl PostgresSink {
     }
 
     /// The table's columns on the target, read once and kept until a schema change.
-    async fn known_columns(&mut self, table: &TableName) -> anyhow::Result<Vec<TargetColumn>> {
-        if let Some(known) = self.columns.get(table) {
-            return Ok(known.clone());
+    async fn known_columns(&mut self, table: &TableName) -> anyhow::Result<&[TargetColumn]> {
+        if !self.columns.contains_key(table) {
+            let read = super::target_columns(&self.client, table).await?;
+            self.columns.insert(table.clone(), read);
         }
-        let read = super::target_columns(&self.client, table).await?;
-        self.columns.insert(table.clone(), read.clone());
-        Ok(read)
+        Ok(self.columns.get(table).map(Vec::as_slice).unwrap_or_default())
     }
 
     /// The source's columns the target holds as `GENERATED ALWAYS AS IDENTITY`, by index.
@@ -49,7 +48,7 @@ impl PostgresSink {
     /// holds data in ([`crate::sink::check_no_column_gone`]), widens a column to jsonb, adds
     /// the columns the source added.
     async fn ensure_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
-        let known = self.known_columns(&table.name).await?;
+        let known = self.known_columns(&table.name).await?.to_vec();
         crate::sink::check_no_column_gone(table, &known)?;
         // A source without a fixed schema (MongoDB) widens a column whose values disagree in type to jsonb.
         for name in known

@@ -520,32 +520,11 @@ impl Sink for PostgresSink {
     }
 
     async fn missing_tables(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
-        let names: Vec<String> = tables.iter().map(quote_table).collect();
-        let present: Vec<String> = self
-            .client
-            .query("SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NOT NULL", &[&names])
-            .await
-            .context("looking for the tables on the target")?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        Ok(tables.iter().zip(&names).filter(|(_, n)| !present.contains(n)).map(|(t, _)| t.clone()).collect())
+        tables_where(&self.client, tables, "WHERE to_regclass(t) IS NULL").await
     }
 
     async fn partitions_of(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
-        let names: Vec<String> = tables.iter().map(quote_table).collect();
-        let partitions: Vec<String> = self
-            .client
-            .query(
-                "SELECT t FROM unnest($1::text[]) t JOIN pg_class c ON c.oid = to_regclass(t) WHERE c.relispartition",
-                &[&names],
-            )
-            .await
-            .context("looking for partitions on the target")?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        Ok(tables.iter().zip(&names).filter(|(_, n)| partitions.contains(n)).map(|(t, _)| t.clone()).collect())
+        tables_where(&self.client, tables, "JOIN pg_class c ON c.oid = to_regclass(t) WHERE c.relispartition").await
     }
 
     fn applies_in_place(&self, op: &SchemaOp) -> bool {
@@ -614,6 +593,21 @@ impl Sink for PostgresSink {
             .await
             .with_context(|| format!("committing the target transaction that reaches {position}"))
     }
+}
+
+/// Those of `tables` the target's catalog matches: `condition` follows
+/// `SELECT t FROM unnest(<the tables' quoted names>) t`.
+async fn tables_where(client: &Client, tables: &[TableName], condition: &str) -> anyhow::Result<Vec<TableName>> {
+    let names: Vec<String> = tables.iter().map(quote_table).collect();
+    let sql = format!("SELECT t FROM unnest($1::text[]) t {condition}");
+    let matched: Vec<String> = client
+        .query(&sql, &[&names])
+        .await
+        .with_context(|| format!("looking for tables on the target ({sql})"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(tables.iter().zip(&names).filter(|(_, n)| matched.contains(n)).map(|(t, _)| t.clone()).collect())
 }
 
 /// The table's columns on the target, in their order.

@@ -116,9 +116,9 @@ impl PostgresSource {
             );
             return Ok(());
         }
-        self.client.batch_execute(ddl::INSTALL).await.context(
-            "installing the DDL capture on the source (event triggers cutover_ddl_command_end, cutover_sql_drop)",
-        )?;
+        self.client.batch_execute(ddl::INSTALL).await.with_context(|| {
+            format!("installing the DDL capture on the source (event triggers {})", ddl::TRIGGERS.join(", "))
+        })?;
         tracing::info!(
             "schema changes on the source are captured in order with the rows (event triggers cutover_ddl_*)"
         );
@@ -336,10 +336,12 @@ impl Source for PostgresSource {
                 },
                 "no DDL on replicated tables while the pipeline runs but ADD COLUMN (a column dropped or renamed \
                  stops it; other changes reach the target only by hand)",
-                "let cutover start once with a superuser role on the source (it installs the event triggers \
-                 cutover_ddl_command_end and cutover_sql_drop), or make each change on the target by hand and run \
-                 `cutover resync --table …` for the tables it rewrote"
-                    .into(),
+                format!(
+                    "let cutover start once with a superuser role on the source (it installs the event triggers {}), \
+                     or make each change on the target by hand and run `cutover resync --table …` for the tables it \
+                     rewrote",
+                    ddl::TRIGGERS.join(", ")
+                ),
             ));
         }
         // Published via the root, a partition's own TRUNCATE is not sent (PostgreSQL's rule);
