@@ -13,6 +13,10 @@
 //! client mid-file), so every load checks its warnings and fails on any: a value
 //! is never silently changed. DDL commits implicitly in MySQL, so an `ADD COLUMN`
 //! from the stream is applied between target transactions, idempotently.
+//!
+//! Its parts: this module connects, checks what the user may do, creates and drops
+//! tables, runs DDL and commits; [`apply`] turns batches into statements; [`copy`]
+//! bulk-loads the snapshot and adds keys, indexes and foreign keys after the data.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,16 +24,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
 
+mod apply;
+mod copy;
+
+use self::apply::TargetTable;
+use self::copy::{column_list, foreign_key_clause, MysqlTableWriter};
 use super::{Sink, TableWriter, TargetColumn};
-use crate::change::{Change, ExistingRows, Identity, SchemaChange, SchemaOp, TableName, TableSchema, Value};
-use crate::copy::{CopyFormat, CopyStream, SourceDialect};
+use crate::change::{Change, ExistingRows, SchemaOp, TableName, TableSchema, Value};
+use crate::copy::{CopyFormat, SourceDialect};
 use crate::finding::Finding;
 use crate::myconn::MysqlParams;
 use crate::position::Position;
-use crate::schema::mysql_target::{map_type, mysql_expression, quote_ident, shorten, Conversion, CopyToLoadData};
+use crate::schema::mysql_target::{map_type, mysql_expression, quote_ident};
 use crate::schema::{SourceSchema, TableDefinition};
 
 /// Session settings for every target connection: UTC, strict (a value that does
@@ -59,19 +67,6 @@ pub struct MysqlSink {
     open: bool,
     /// The open transaction holds writes (DDL would commit them without the progress row).
     written: bool,
-}
-
-/// Where a source table lives on the target and how its values convert.
-struct TargetTable {
-    /// `` `db`.`table` ``.
-    qualified: String,
-    /// The source's column count this was built for (a Relation may add columns).
-    columns: usize,
-    conversions: Vec<Conversion>,
-    /// Per column: text, whose collation would match `'dup'` to `'Dup'` and `'dup '`, so
-    /// a row found by its values compares it byte for byte (not `char`: stored without the
-    /// trailing blanks a PostgreSQL `char(n)` sends).
-    text: Vec<bool>,
 }
 
 impl MysqlSink {
@@ -149,46 +144,6 @@ impl MysqlSink {
         format!("{}.{}", quote_ident(&self.database(&table.schema)), quote_ident(&table.name))
     }
 
-    /// The target table for a source table's schema, reading its column types once.
-    async fn target(&mut self, table: &TableSchema) -> anyhow::Result<Arc<TargetTable>> {
-        if let Some(known) = self.tables.get(&table.name).filter(|t| t.columns == table.columns.len()) {
-            return Ok(known.clone());
-        }
-        let database = self.database(&table.name.schema);
-        let types = column_types(&mut self.conn, &database, &table.name.name).await?;
-        let conversions = table
-            .columns
-            .iter()
-            .map(|c| {
-                let target = types.get(&c.name).map(String::as_str).unwrap_or("longtext");
-                Conversion::between(&c.type_name, target)
-            })
-            .collect();
-        let text = table
-            .columns
-            .iter()
-            .map(|c| {
-                let target = types.get(&c.name).map(String::as_str).unwrap_or("longtext");
-                matches!(target, "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" | "enum" | "set")
-            })
-            .collect();
-        let target = Arc::new(TargetTable {
-            qualified: self.qualified(&table.name),
-            columns: table.columns.len(),
-            conversions,
-            text,
-        });
-        self.tables.insert(table.name.clone(), target.clone());
-        Ok(target)
-    }
-
-    /// Adds the columns a `Relation` shows that the target table lacks.
-    async fn add_columns(&mut self, table: &TableSchema) -> anyhow::Result<()> {
-        let columns: Vec<(&str, &str)> =
-            table.columns.iter().map(|c| (c.name.as_str(), c.type_name.as_str())).collect();
-        self.add_missing_columns(&table.name, &columns, Some(table)).await
-    }
-
     /// Adds those of `columns` (name, PostgreSQL type) the target table lacks; with the
     /// source's description of the table, first stops if it lacks a column the target has.
     async fn add_missing_columns(
@@ -241,180 +196,6 @@ impl MysqlSink {
         }
         Ok(())
     }
-
-    /// A captured schema change: what [`Sink::applies_in_place`] accepted.
-    async fn apply_schema(&mut self, change: &SchemaChange) -> anyhow::Result<()> {
-        for op in &change.ops {
-            match op {
-                // Not as DDL here, which would commit: rolled back instead, the transaction's
-                // earlier rows would meet a dropped table in the replay. Nothing after the drop
-                // writes the table (the applier leaves its changes out).
-                SchemaOp::DropTable => {
-                    self.tables.remove(&change.table);
-                    let sql = format!("INSERT IGNORE INTO {DROPS} (pipeline, db, name) VALUES (?, ?, ?)");
-                    let db = self.database(&change.table.schema);
-                    self.conn
-                        .exec_drop(sql, (&self.pipeline, db, &change.table.name))
-                        .await
-                        .with_context(|| format!("recording that {} is to be dropped on the target", change.table))?;
-                    // Part of the transaction: DDL later in it must roll it back first.
-                    self.written = true;
-                }
-                SchemaOp::AddColumn { name, type_name, .. } => {
-                    self.add_missing_columns(&change.table, &[(name.as_str(), type_name.as_str())], None).await?
-                }
-                SchemaOp::CreatePartition { .. } => {}
-                other => tracing::warn!(
-                    table = %change.table,
-                    change = other.kind(),
-                    statement = %change.statement,
-                    "a schema change not mirrored on the MySQL target (the rows stay exact; make it by hand if wanted)"
-                ),
-            }
-        }
-        Ok(())
-    }
-
-    async fn apply_one(&mut self, change: &Change) -> anyhow::Result<()> {
-        match change {
-            Change::Relation(table) => self.add_columns(table).await,
-            Change::Schema(change) => self.apply_schema(change).await,
-            Change::Truncate { tables, .. } => {
-                // DELETE, not TRUNCATE: TRUNCATE would commit the open transaction.
-                for table in tables {
-                    let sql = format!("DELETE FROM {}", self.qualified(&table.name));
-                    self.conn.query_drop(&sql).await.with_context(|| format!("applying {sql} on the target"))?;
-                }
-                Ok(())
-            }
-            Change::Insert { table, row } => self.upsert(table, &[row.as_slice()]).await,
-            Change::Update { table, old, new } => {
-                let key = table.key_indexes();
-                if table.identity != Identity::Key {
-                    let old = old.as_deref().with_context(|| {
-                        format!("an update of {} without its old row (a table without a key)", table.name)
-                    })?;
-                    return self.by_full_row(table, old, Some(new)).await;
-                }
-                let moved_from = old.as_deref().filter(|old| key.iter().any(|&k| old.get(k) != new.get(k)));
-                if new.contains(&Value::Unchanged) {
-                    // Columns the source left out keep the target's values: the row is updated
-                    // in place, found by the key it had (a key change moves it with the rest).
-                    self.update_known(table, moved_from.unwrap_or(new), new).await
-                } else {
-                    if let Some(old) = moved_from {
-                        self.delete_by_key(table, old).await?;
-                    }
-                    self.upsert(table, &[new.as_slice()]).await
-                }
-            }
-            Change::Delete { table, old } => match table.identity {
-                Identity::Key => self.delete_by_key(table, old).await,
-                _ => self.by_full_row(table, old, None).await,
-            },
-        }
-    }
-
-    /// `INSERT … ON DUPLICATE KEY UPDATE` (plain `INSERT` for a table without a key).
-    async fn upsert(&mut self, table: &TableSchema, rows: &[&[Value]]) -> anyhow::Result<()> {
-        let target = self.target(table).await?;
-        let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let one = format!("({})", vec!["?"; columns.len()].join(", "));
-        let mut sql = format!(
-            "INSERT INTO {} ({}) VALUES {}",
-            target.qualified,
-            columns.join(", "),
-            vec![one; rows.len()].join(", ")
-        );
-        if table.identity == Identity::Key {
-            let updates: Vec<String> = columns.iter().map(|c| format!("{c} = VALUES({c})")).collect();
-            sql.push_str(&format!(" ON DUPLICATE KEY UPDATE {}", updates.join(", ")));
-        }
-        let mut params = Vec::with_capacity(rows.len() * columns.len());
-        for row in rows {
-            for (i, value) in row.iter().enumerate() {
-                params.push(param(table, &target, i, value)?);
-            }
-        }
-        self.conn
-            .exec_drop(&sql, params)
-            .await
-            .with_context(|| format!("applying an insert into {} on the target", table.name))
-    }
-
-    /// An update that leaves some columns as the target has them, of the row whose
-    /// key is the one in `matched_by`.
-    async fn update_known(&mut self, table: &TableSchema, matched_by: &[Value], new: &[Value]) -> anyhow::Result<()> {
-        let target = self.target(table).await?;
-        let (mut sets, mut params) = (Vec::new(), Vec::new());
-        for (i, (column, value)) in table.columns.iter().zip(new).enumerate() {
-            if value != &Value::Unchanged {
-                sets.push(format!("{} = ?", quote_ident(&column.name)));
-                params.push(param(table, &target, i, value)?);
-            }
-        }
-        let (predicate, key_params) = key_predicate(table, &target, matched_by)?;
-        params.extend(key_params);
-        let sql = format!("UPDATE {} SET {} WHERE {predicate}", target.qualified, sets.join(", "));
-        self.conn
-            .exec_drop(&sql, params)
-            .await
-            .with_context(|| format!("applying an update of {} on the target", table.name))
-    }
-
-    async fn delete_by_key(&mut self, table: &TableSchema, old: &[Value]) -> anyhow::Result<()> {
-        let target = self.target(table).await?;
-        let (predicate, params) = key_predicate(table, &target, old)?;
-        let sql = format!("DELETE FROM {} WHERE {predicate}", target.qualified);
-        self.conn
-            .exec_drop(&sql, params)
-            .await
-            .with_context(|| format!("applying a delete from {} on the target", table.name))
-    }
-
-    /// An update or delete of a table without a key: one row matching every old value.
-    async fn by_full_row(&mut self, table: &TableSchema, old: &[Value], new: Option<&[Value]>) -> anyhow::Result<()> {
-        let target = self.target(table).await?;
-        let mut params = Vec::new();
-        let mut sets = Vec::new();
-        if let Some(new) = new {
-            for (i, (column, value)) in table.columns.iter().zip(new).enumerate() {
-                if value != &Value::Unchanged {
-                    sets.push(format!("{} = ?", quote_ident(&column.name)));
-                    params.push(param(table, &target, i, value)?);
-                }
-            }
-        }
-        let mut predicates = Vec::new();
-        for (i, (column, value)) in table.columns.iter().zip(old).enumerate() {
-            if value != &Value::Unchanged {
-                let binary = if target.text.get(i).copied().unwrap_or(false) { "BINARY " } else { "" };
-                predicates.push(format!("{binary}{} <=> ?", quote_ident(&column.name)));
-                params.push(param(table, &target, i, value)?);
-            }
-        }
-        let sql = match new {
-            Some(_) => format!(
-                "UPDATE {} SET {} WHERE {} LIMIT 1",
-                target.qualified,
-                sets.join(", "),
-                predicates.join(" AND ")
-            ),
-            None => format!("DELETE FROM {} WHERE {} LIMIT 1", target.qualified, predicates.join(" AND ")),
-        };
-        self.conn
-            .exec_drop(&sql, params)
-            .await
-            .with_context(|| format!("applying a change to {} on the target", table.name))?;
-        if self.conn.affected_rows() == 0 {
-            anyhow::bail!(
-                "{} on the target has no row equal to the source's old row: the target has drifted from the source; \
-                 cutover stopped at its last checkpoint. Compare the table (cutover verify) and copy it again",
-                table.name
-            );
-        }
-        Ok(())
-    }
 }
 
 /// Source schema → target database.
@@ -423,40 +204,6 @@ pub fn database_for(url_database: &str, home_schema: &str, schema: &str) -> Stri
         true => url_database.to_string(),
         false => schema.to_string(),
     }
-}
-
-/// A change's value as a statement parameter, converted for the target column.
-fn param(table: &TableSchema, target: &TargetTable, i: usize, value: &Value) -> anyhow::Result<mysql_async::Value> {
-    match value {
-        Value::Null | Value::Unchanged => Ok(mysql_async::Value::NULL),
-        Value::Text(text) => {
-            let conversion = target.conversions.get(i).copied().unwrap_or(Conversion::Same);
-            conversion.apply(text).map(mysql_async::Value::Bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}, column {}: {e} (value `{}`); cutover stopped at its last checkpoint",
-                    table.name,
-                    table.columns.get(i).map(|c| c.name.as_str()).unwrap_or("?"),
-                    shorten(text)
-                )
-            })
-        }
-    }
-}
-
-/// `` `k1` = ? AND `k2` = ? `` and its parameters, from a row's key columns.
-fn key_predicate(
-    table: &TableSchema,
-    target: &TargetTable,
-    row: &[Value],
-) -> anyhow::Result<(String, Vec<mysql_async::Value>)> {
-    let key = table.key_indexes();
-    let mut predicates = Vec::with_capacity(key.len());
-    let mut params = Vec::with_capacity(key.len());
-    for k in key {
-        predicates.push(format!("{} = ?", quote_ident(&table.columns[k].name)));
-        params.push(param(table, target, k, row.get(k).unwrap_or(&Value::Null))?);
-    }
-    Ok((predicates.join(" AND "), params))
 }
 
 /// Drops a table that foreign keys may reference, with the session's checks off for the
@@ -503,102 +250,6 @@ async fn column_types(
     table: &str,
 ) -> anyhow::Result<HashMap<String, String>> {
     Ok(target_columns(conn, database, table).await?.into_iter().map(|c| (c.name, c.type_name)).collect())
-}
-
-/// The names inside the first parentheses of a definition (`UNIQUE ("a", b)`),
-/// unquoted; `None` when one is an expression.
-fn column_list(definition: &str) -> Option<Vec<String>> {
-    let open = definition.find('(')?;
-    let inner = &definition[open + 1..];
-    let close = inner.find(')')?;
-    // A nested parenthesis is a function call: an expression, not a column list.
-    if inner[..close].contains('(') {
-        return None;
-    }
-    let mut columns = Vec::new();
-    for part in inner[..close].split(',') {
-        let part = part.trim();
-        let name = match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
-            Some(quoted) => quoted.replace("\"\"", "\""),
-            None if !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
-                part.to_string()
-            }
-            None => return None,
-        };
-        columns.push(name);
-    }
-    Some(columns)
-}
-
-/// Secondary indexes and unique constraints of a table as MySQL `ADD …` clauses;
-/// what cannot be expressed (expressions, CHECK, EXCLUDE) is logged and left out.
-fn index_clauses(table: &TableDefinition) -> Vec<String> {
-    let list = |cols: &[String]| cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
-    let mut clauses = Vec::new();
-    for (name, definition) in &table.constraints {
-        match (definition.trim_start().starts_with("UNIQUE"), column_list(definition)) {
-            (true, Some(cols)) => clauses.push(format!("ADD UNIQUE KEY {} ({})", quote_ident(name), list(&cols))),
-            _ => {
-                tracing::warn!(table = %table.schema.name, constraint = name, definition, "constraint not recreated on MySQL")
-            }
-        }
-    }
-    for statement in &table.indexes {
-        let upper = statement.to_ascii_uppercase();
-        let name = statement
-            .split_whitespace()
-            .skip_while(|w| !w.eq_ignore_ascii_case("INDEX"))
-            .nth(1)
-            .map(|n| n.trim_matches('"').replace("\"\"", "\""));
-        let simple = !upper.contains(" WHERE ") && !upper.contains("USING GIN") && !upper.contains("USING GIST");
-        // The column list follows the table name: look after ` ON `.
-        let columns = upper.find(" ON ").and_then(|on| column_list(&statement[on..]));
-        match (name, columns.filter(|_| simple)) {
-            (Some(name), Some(cols)) => clauses.push(format!(
-                "ADD {}INDEX {} ({})",
-                if upper.starts_with("CREATE UNIQUE") { "UNIQUE " } else { "" },
-                quote_ident(&name),
-                list(&cols)
-            )),
-            _ => tracing::warn!(table = %table.schema.name, statement, "index not recreated on MySQL"),
-        }
-    }
-    clauses
-}
-
-/// `FOREIGN KEY (a) REFERENCES s.t(b) ON DELETE CASCADE` → the MySQL clause.
-fn foreign_key_clause(name: &str, definition: &str, database: impl Fn(&str) -> String) -> Option<String> {
-    let upper = definition.to_ascii_uppercase();
-    let references = upper.find("REFERENCES")?;
-    let from = column_list(&definition[..references])?;
-    let rest = definition[references + "REFERENCES".len()..].trim_start();
-    let open = rest.find('(')?;
-    let target = rest[..open].trim();
-    let (schema, table) = match target.rsplit_once('.') {
-        Some((schema, table)) => (schema.trim_matches('"').to_string(), table.trim_matches('"').to_string()),
-        None => ("public".to_string(), target.trim_matches('"').to_string()),
-    };
-    let close = open + rest[open..].find(')')?;
-    let to = column_list(&rest[..=close])?;
-    let actions: String = ["ON DELETE", "ON UPDATE"]
-        .iter()
-        .filter_map(|event| {
-            let at = upper[references..].find(event)? + references + event.len();
-            let action = ["CASCADE", "SET NULL", "RESTRICT", "NO ACTION"]
-                .into_iter()
-                .find(|a| upper[at..].trim_start().starts_with(a))?;
-            Some(format!(" {event} {action}"))
-        })
-        .collect();
-    let list = |cols: &[String]| cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
-    Some(format!(
-        "ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {}.{} ({}){actions}",
-        quote_ident(name),
-        list(&from),
-        quote_ident(&database(&schema)),
-        quote_ident(&table),
-        list(&to)
-    ))
 }
 
 /// The enum labels a column's type names, if it is one of the schema's enum types.
@@ -937,146 +588,5 @@ impl Sink for MysqlSink {
         self.written = false;
         crate::failpoint::hit("mysql-sink-before-drops");
         self.finish_drops().await
-    }
-}
-
-/// A copy connection.
-struct MysqlTableWriter {
-    conn: mysql_async::Conn,
-    url_database: String,
-    home_schema: String,
-}
-
-#[async_trait]
-impl TableWriter for MysqlTableWriter {
-    async fn truncate(&mut self, tables: &[TableName]) -> anyhow::Result<()> {
-        // One at a time: this session does not check foreign keys.
-        for table in tables {
-            let database = database_for(&self.url_database, &self.home_schema, &table.schema);
-            let sql = format!("TRUNCATE TABLE {}.{}", quote_ident(&database), quote_ident(&table.name));
-            self.conn.query_drop(&sql).await.with_context(|| format!("emptying {table} on the target"))?;
-        }
-        Ok(())
-    }
-
-    async fn write(&mut self, table: &TableDefinition, mut rows: CopyStream) -> anyhow::Result<u64> {
-        let name = &table.schema.name;
-        let database = database_for(&self.url_database, &self.home_schema, &name.schema);
-        let types = column_types(&mut self.conn, &database, &name.name).await?;
-        let mut targets = Vec::new();
-        let mut sets = Vec::new();
-        let mut conversions = Vec::new();
-        for (i, column) in table.schema.columns.iter().enumerate() {
-            let data_type = types.get(&column.name).map(String::as_str).unwrap_or("longtext");
-            conversions.push(Conversion::between(&column.type_name, data_type));
-            // LOAD DATA reads a BIT column's field as raw bytes: go through a variable.
-            if data_type == "bit" {
-                targets.push(format!("@v{i}"));
-                sets.push(format!("{} = CAST(@v{i} AS UNSIGNED)", quote_ident(&column.name)));
-            } else {
-                targets.push(quote_ident(&column.name));
-            }
-        }
-        let mut converter = CopyToLoadData::new(conversions);
-        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
-        let feeder_name = name.clone();
-        let feeder = async move {
-            while let Some(chunk) = rows.data.next().await {
-                let converted = chunk
-                    .map_err(|e| std::io::Error::other(format!("{e:#}")))
-                    .and_then(|c| converter.push(&c).map_err(|e| std::io::Error::other(format!("{feeder_name}: {e}"))));
-                let failed = converted.is_err();
-                if tx.send(converted.map(bytes::Bytes::from)).await.is_err() || failed {
-                    return;
-                }
-            }
-            if let Err(e) = converter.finish() {
-                let _ = tx.send(Err(std::io::Error::other(format!("{feeder_name}: {e}")))).await;
-            }
-        };
-        let data: mysql_async::InfileData =
-            Box::pin(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }));
-        let data = std::sync::Mutex::new(Some(data));
-        self.conn.set_infile_handler(async move {
-            data.lock()
-                .ok()
-                .and_then(|mut d| d.take())
-                .ok_or_else(|| mysql_async::Error::Other("the copy stream was already taken".into()))
-        });
-        let sql = format!(
-            "LOAD DATA LOCAL INFILE 'cutover' INTO TABLE {}.{} CHARACTER SET utf8mb4 FIELDS TERMINATED BY '\\t' \
-             ESCAPED BY '\\\\' LINES TERMINATED BY '\\n' ({}){}",
-            quote_ident(&database),
-            quote_ident(&name.name),
-            targets.join(", "),
-            if sets.is_empty() { String::new() } else { format!(" SET {}", sets.join(", ")) }
-        );
-        // The feeder runs on its own: if the server never asks for the data (the statement
-        // failed first), nothing reads the channel and the feeder must not hold the load up.
-        let feeder = tokio::spawn(feeder);
-        let loaded = self.conn.query_drop(&sql).await;
-        feeder.abort();
-        loaded.with_context(|| format!("loading {name} into the target"))?;
-        let rows = self.conn.affected_rows();
-        let warnings = self.conn.get_warnings();
-        if warnings > 0 {
-            let shown: Vec<(String, u32, String)> =
-                self.conn.query("SHOW WARNINGS LIMIT 3").await.context("reading the load's warnings")?;
-            let shown: Vec<String> = shown.into_iter().map(|(_, code, message)| format!("{code}: {message}")).collect();
-            anyhow::bail!(
-                "loading {name} into the target raised {warnings} warning(s) — MySQL would have changed or dropped \
-                 values: {}; cutover stopped before the table counted as copied",
-                shown.join("; ")
-            );
-        }
-        Ok(rows)
-    }
-
-    async fn build_indexes(&mut self, table: &TableDefinition) -> anyhow::Result<()> {
-        let database = database_for(&self.url_database, &self.home_schema, &table.schema.name.schema);
-        let existing: Vec<String> = self
-            .conn
-            .exec(
-                "SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
-                (&database, &table.schema.name.name),
-            )
-            .await
-            .context("reading indexes on the target")?;
-        let clauses: Vec<String> = index_clauses(table)
-            .into_iter()
-            .filter(|clause| !existing.iter().any(|name| clause.contains(&quote_ident(name))))
-            .collect();
-        if clauses.is_empty() {
-            return Ok(());
-        }
-        let sql = format!(
-            "ALTER TABLE {}.{} {}",
-            quote_ident(&database),
-            quote_ident(&table.schema.name.name),
-            clauses.join(", ")
-        );
-        self.conn.query_drop(&sql).await.with_context(|| format!("building indexes on the target: {sql}"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn definitions_become_mysql_clauses() {
-        assert_eq!(column_list("UNIQUE (\"e\"\"mail\", name)"), Some(vec!["e\"mail".to_string(), "name".to_string()]));
-        assert_eq!(column_list("CREATE INDEX i ON t USING btree (lower(name))"), None);
-        let clause = foreign_key_clause(
-            "child_fk",
-            "FOREIGN KEY (parent_id) REFERENCES public.parent(id) ON DELETE CASCADE",
-            |s| database_for("shop", "public", s),
-        );
-        assert_eq!(
-            clause.as_deref(),
-            Some("ADD CONSTRAINT `child_fk` FOREIGN KEY (`parent_id`) REFERENCES `shop`.`parent` (`id`) ON DELETE CASCADE")
-        );
-        assert_eq!(database_for("app", "public", "sales"), "sales");
-        assert_eq!(database_for("app", "shop", "shop"), "app");
     }
 }
