@@ -1592,6 +1592,59 @@ async fn schema_changes_while_streaming_land_in_order_with_the_rows() {
     stop(&mut child);
 }
 
+/// A table renamed while the pipeline is stopped (rows changed before and after the
+/// rename), and one dropped whose key's name a table created meanwhile takes: the next run
+/// copies the new tables with their keys (the old names' indexes are gone first, not left
+/// to collide), the old names leave the target, and a kill -9 after that changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_renamed_or_dropped_while_stopped_hand_their_names_on() {
+    let pair = Pair::start("gone", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name text UNIQUE);
+             INSERT INTO items SELECT g, 'i' || g FROM generate_series(1, 200) g;
+             CREATE TABLE retired (id int CONSTRAINT shared_key PRIMARY KEY, v text);
+             INSERT INTO retired SELECT g, 'r' || g FROM generate_series(1, 50) g;",
+        )
+        .await
+        .expect("tables");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    stop(&mut child);
+    source
+        .batch_execute(
+            "UPDATE items SET name = 'before' || id WHERE id <= 10;
+             DELETE FROM retired WHERE id <= 5;
+             ALTER TABLE items RENAME TO goods;
+             UPDATE goods SET name = 'after' || id WHERE id BETWEEN 11 AND 20;
+             DELETE FROM goods WHERE id > 190;
+             DROP TABLE retired;
+             CREATE TABLE fresh (id int CONSTRAINT shared_key PRIMARY KEY, w int);
+             INSERT INTO fresh SELECT g, g FROM generate_series(1, 30) g;",
+        )
+        .await
+        .expect("changes while stopped");
+    let target = connect(&pair.target.url("postgres")).await;
+    let tables = "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1";
+    let indexes = "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1";
+    let keys = "SELECT conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
+                WHERE connamespace = 'public'::regnamespace ORDER BY 1";
+    for restart in ["after the changes", "after a kill -9"] {
+        let mut child = pair.spawn();
+        pair.wait_caught_up(&mut child).await;
+        for sql in [tables, indexes, keys] {
+            assert_eq!(rows_text(&target, sql).await, rows_text(&source, sql).await, "{restart}\n{}", pair.log());
+        }
+        for table in ["goods", "fresh"] {
+            let rows = format!("SELECT t::text FROM {table} t ORDER BY 1");
+            assert_eq!(rows_text(&target, &rows).await, rows_text(&source, &rows).await, "{restart}\n{}", pair.log());
+        }
+        pair.assert_identical().await;
+        kill9(&mut child);
+    }
+}
+
 /// The production-shaped schema: orders partitioned by month with a default partition,
 /// an identity key, a generated total, a domain, a composite, a range, citext, hstore,
 /// arrays, a foreign key into a partitioned table.

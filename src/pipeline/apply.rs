@@ -61,9 +61,10 @@ struct Applier<'a> {
     /// Source transactions and changes per (table, op) in the open target transaction.
     grouped: u64,
     grouped_changes: HashMap<(String, &'static str), u64>,
-    /// Tables a schema change sent to be copied again: their copies are forgotten, the
-    /// target's tables dropped, and their changes left out until the stream resumes.
-    copy_again: HashSet<TableName>,
+    /// Tables whose changes are left out: those a schema change sent to be copied again
+    /// (their copies forgotten, the target's tables dropped, until the stream resumes) and
+    /// those dropped on the target before the stream began ([`super::snapshot::drop_gone_tables`]).
+    left_out: HashSet<TableName>,
     /// Why the stream resumes from its checkpoint once the current transaction commits
     /// (a table to copy before streaming on).
     resume_after_commit: Option<String>,
@@ -80,6 +81,7 @@ impl<'a> Applier<'a> {
         store: &'a CheckpointStore,
         confirmed: watch::Sender<Position>,
         copied_at: HashMap<String, Position>,
+        left_out: HashSet<TableName>,
         config: &Config,
         start: Position,
     ) -> Applier<'a> {
@@ -111,7 +113,7 @@ impl<'a> Applier<'a> {
             skipping_for: None,
             grouped: 0,
             grouped_changes: HashMap::new(),
-            copy_again: HashSet::new(),
+            left_out,
             resume_after_commit: None,
             forget_after_commit: Vec::new(),
             copies_tables: config.snapshot.mode != crate::config::SnapshotMode::Never,
@@ -265,7 +267,7 @@ impl<'a> Applier<'a> {
         let Some(why) = copy else { return Ok(change) };
         tracing::info!(table = %change.table, %why, statement = %change.statement, "copying the table again after a schema change");
         self.resume_after_commit = Some(format!("{} is copied again: {why}", change.table));
-        self.copy_again.insert(change.table.clone());
+        self.left_out.insert(change.table.clone());
         Ok(SchemaChange { ops: vec![SchemaOp::DropTable], ..change })
     }
 
@@ -274,12 +276,12 @@ impl<'a> Applier<'a> {
     fn filter(&self, change: Change) -> Option<Change> {
         let current = self.current.as_ref()?;
         let copied_later = |name: &TableName| {
-            self.copy_again.contains(name) || self.copied_at.get(&name.to_string()).is_some_and(|at| current < at)
+            self.left_out.contains(name) || self.copied_at.get(&name.to_string()).is_some_and(|at| current < at)
         };
         match change {
             // The sink follows a description of a table (adds what the source added), so none
             // reaches it for a table it dropped to copy again.
-            Change::Relation(table) if self.copy_again.contains(&table.name) => None,
+            Change::Relation(table) if self.left_out.contains(&table.name) => None,
             Change::Relation(_) => Some(change),
             Change::Truncate { tables, cascade, restart_identity } => {
                 let tables: Vec<_> = tables.into_iter().filter(|t| !copied_later(&t.name)).collect();
@@ -395,6 +397,7 @@ pub(super) async fn stream(
     start: Position,
     confirmed: watch::Sender<Position>,
     copied_at: HashMap<String, Position>,
+    left_out: HashSet<TableName>,
     config: &Config,
     signals: Signals,
 ) -> anyhow::Result<()> {
@@ -413,7 +416,7 @@ pub(super) async fn stream(
             }
         }
     });
-    let mut applier = Applier::new(sink, store, confirmed, copied_at, config, start);
+    let mut applier = Applier::new(sink, store, confirmed, copied_at, left_out, config, start);
     METRICS.set_phase("catch-up");
     let stop_time = match &applier.stop_at {
         Some(StopAt::Time(time)) => Some(*time),
@@ -544,7 +547,7 @@ mod tests {
     //! The applier against a memory sink: what reaches the target, and when, for given
     //! event sequences. Milliseconds each; the real-server tests only hit these by chance.
 
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::sync::Arc;
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -597,6 +600,10 @@ mod tests {
         }
         async fn missing_tables(&mut self, _: &[TableName]) -> anyhow::Result<Vec<TableName>> {
             Ok(Vec::new())
+        }
+        async fn drop_tables(&mut self, tables: &[TableName]) -> anyhow::Result<()> {
+            self.log.extend(tables.iter().map(|t| format!("drop {t}")));
+            Ok(())
         }
         fn applies_in_place(&self, op: &SchemaOp) -> bool {
             !matches!(op, SchemaOp::CreateTable | SchemaOp::CopyAgain { .. } | SchemaOp::SetType { .. })
@@ -697,7 +704,7 @@ mod tests {
         let mut stopped = false;
         let mut error = None;
         {
-            let mut applier = Applier::new(&mut sink, &store, confirmed, copied_at, config, lsn(0));
+            let mut applier = Applier::new(&mut sink, &store, confirmed, copied_at, HashSet::new(), config, lsn(0));
             applier.log_end_after_stop = log_end_after_stop;
             let mut events = events.into_iter().peekable();
             while let Some(event) = events.next() {

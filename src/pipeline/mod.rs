@@ -22,7 +22,7 @@ mod snapshot;
 
 pub use snapshot::{copy_consistently, CopySummary, LAST_COPY};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -215,6 +215,12 @@ async fn run_once(
         }
     };
 
+    let left_out = match (config.snapshot.mode, source.captures_schema_changes()) {
+        (SnapshotMode::Initial, true) => {
+            snapshot::drop_gone_tables(&store, sink.as_mut(), &schema, &config.table_filter()).await?
+        }
+        _ => HashSet::new(),
+    };
     let pending = match config.snapshot.mode {
         SnapshotMode::Initial => {
             snapshot::pending_tables(&store, sink.as_mut(), &schema, source.captures_schema_changes()).await?
@@ -280,5 +286,17 @@ async fn run_once(
     let (confirmed, confirmed_rx) = watch::channel(start.clone());
     let changes = source.start_stream(&start, confirmed_rx, &untracked).await?;
     let signals = apply::Signals { stop, resync };
-    apply::stream(changes, source.as_mut(), sink.as_mut(), &store, start, confirmed, copied_at, config, signals).await
+    apply::stream(
+        changes,
+        source.as_mut(),
+        sink.as_mut(),
+        &store,
+        start,
+        confirmed,
+        copied_at,
+        left_out,
+        config,
+        signals,
+    )
+    .await
 }

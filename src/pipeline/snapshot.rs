@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 
 use crate::change::TableName;
 use crate::checkpoint::{CheckpointStore, TableProgress};
+use crate::config::TableFilter;
 use crate::copy::Chunk;
 use crate::metrics::METRICS;
 use crate::progress::{CopyProgress, Reporter, TableCopy, SNAPSHOT_PROGRESS};
@@ -89,6 +90,47 @@ pub(super) async fn pending_tables<'a>(
         pending.push(table);
     }
     Ok(pending)
+}
+
+/// Tables copied before that the source no longer holds under their names although the
+/// selection still matches them: dropped or renamed while the pipeline was not streaming.
+/// The stream drops them at their position; they go from the target now, before a table
+/// copied now needs one of their names (a renamed table keeps its index names), and the
+/// applier leaves out their changes until then (a renamed table's rows come with the copy
+/// under its new name). Their checkpoint entries stay, so a restart drops them again; a
+/// table created under such a name later is missing on the target, and copied.
+pub(super) async fn drop_gone_tables(
+    store: &CheckpointStore,
+    sink: &mut dyn Sink,
+    schema: &SourceSchema,
+    filter: &TableFilter,
+) -> anyhow::Result<HashSet<TableName>> {
+    let present: HashSet<String> = schema
+        .tables
+        .iter()
+        .flat_map(|t| {
+            let partitions = t.partitioning.iter().flat_map(|p| p.partitions.iter().map(|p| p.name.to_string()));
+            std::iter::once(t.schema.name.to_string()).chain(partitions)
+        })
+        .collect();
+    let mut gone = Vec::new();
+    for (name, _) in store.tables()? {
+        if present.contains(&name) || !filter.includes(&name) {
+            continue;
+        }
+        // The store keys tables as `schema.name`: with more than one dot, which table it
+        // names is not certain, and the stream's own drop is left to remove it.
+        match name.split('.').collect::<Vec<_>>()[..] {
+            [schema, table] => gone.push(TableName::new(schema, table)),
+            _ => tracing::warn!(table = %name, "gone from the source; its name is ambiguous, so the stream drops it"),
+        }
+    }
+    if !gone.is_empty() {
+        let names: Vec<String> = gone.iter().map(ToString::to_string).collect();
+        tracing::info!(tables = %names.join(", "), "dropped or renamed on the source since the checkpoint: dropped on the target now");
+        sink.drop_tables(&gone).await?;
+    }
+    Ok(gone.into_iter().collect())
 }
 
 /// How many snapshots [`copy_consistently`] takes at most before it gives up on tables

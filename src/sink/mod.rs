@@ -75,6 +75,10 @@ pub trait Sink: Send + Sync {
     /// Those of `tables` the target does not have.
     async fn missing_tables(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>>;
 
+    /// Drops those of `tables` the target has, with what depends on them there (foreign
+    /// keys pointing at them): tables the source no longer has under these names.
+    async fn drop_tables(&mut self, tables: &[TableName]) -> anyhow::Result<()>;
+
     /// Those of `tables` that are partitions on the target (kept partitioning).
     async fn partitions_of(&mut self, _tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
         Ok(Vec::new())

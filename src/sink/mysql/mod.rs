@@ -498,6 +498,16 @@ impl Sink for MysqlSink {
         }
     }
 
+    async fn drop_tables(&mut self, tables: &[TableName]) -> anyhow::Result<()> {
+        for table in tables {
+            let qualified = self.qualified(table);
+            drop_table_unchecked(&mut self.conn, &qualified)
+                .await
+                .with_context(|| format!("dropping {qualified} on the target"))?;
+        }
+        Ok(())
+    }
+
     async fn missing_tables(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
         let mut missing = Vec::new();
         for table in tables {

@@ -523,6 +523,14 @@ impl Sink for PostgresSink {
         tables_where(&self.client, tables, "WHERE to_regclass(t) IS NULL").await
     }
 
+    async fn drop_tables(&mut self, tables: &[TableName]) -> anyhow::Result<()> {
+        for table in tables {
+            let sql = format!("DROP TABLE IF EXISTS {} CASCADE", quote_table(table));
+            self.client.batch_execute(&sql).await.with_context(|| format!("dropping {table} on the target"))?;
+        }
+        Ok(())
+    }
+
     async fn partitions_of(&mut self, tables: &[TableName]) -> anyhow::Result<Vec<TableName>> {
         tables_where(&self.client, tables, "JOIN pg_class c ON c.oid = to_regclass(t) WHERE c.relispartition").await
     }
@@ -628,14 +636,17 @@ async fn target_columns(client: &Client, table: &TableName) -> anyhow::Result<Ve
 }
 
 /// Runs the statements for objects the table does not have yet (a restart may
-/// have built some already).
+/// have built some already). Only the table's own constraints and indexes count: a
+/// name another relation holds makes its statement fail, naming it, where skipping it
+/// would leave the table without its key.
 async fn create_missing(client: &Client, table: &TableDefinition, objects: Vec<PostDataObject>) -> anyhow::Result<()> {
     let name = &table.schema.name;
     let existing: Vec<String> = client
         .query(
             "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::text::regclass \
-             UNION SELECT relname::text FROM pg_class WHERE relnamespace = $2::text::regnamespace",
-            &[&quote_table(name), &quote_ident(&name.schema)],
+             UNION SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE i.indrelid = $1::text::regclass",
+            &[&quote_table(name)],
         )
         .await
         .with_context(|| format!("reading the constraints of {name} on the target"))?

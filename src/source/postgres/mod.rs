@@ -205,9 +205,21 @@ impl PostgresSource {
                     continue;
                 }
             };
-            self.client.batch_execute(&sql).await.with_context(|| {
-                format!("creating publication {name} on the source (needs CREATE on the database and ownership of the tables)")
-            })?;
+            if let Err(e) = self.client.batch_execute(&sql).await {
+                // A table read from the catalog a moment ago was dropped or renamed since:
+                // the next attempt reads the catalog again.
+                if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+                    return Err(crate::retry::ResumeFromCheckpoint(format!(
+                        "a selected table was dropped or renamed while publication {name} was set up ({e})"
+                    ))
+                    .into());
+                }
+                return Err(e).with_context(|| {
+                    format!(
+                        "creating publication {name} on the source (needs CREATE on the database and ownership of the tables)"
+                    )
+                });
+            }
         }
         Ok(())
     }
