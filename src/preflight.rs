@@ -67,6 +67,16 @@ pub fn render_plan(schema: &SourceSchema, target: &TargetConfig) -> String {
                 names.join(", ")
             );
         }
+        if !table.inherits.is_empty() {
+            let parents: Vec<String> = table.inherits.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "    inherits from {}: copied and streamed as a table of its own; on the target the link is not \
+                 made, so a query on the parent there does not see these rows (recreate it with ALTER TABLE … \
+                 INHERIT after the switchover if the application needs it)",
+                parents.join(", ")
+            );
+        }
         for generated in &table.generated {
             let becomes = match (target.kind, mysql_expression(&generated.expression, &table.column_names())) {
                 (TargetKind::Postgres, _) => "computed on the target too".to_string(),

@@ -1645,6 +1645,44 @@ async fn tables_renamed_or_dropped_while_stopped_hand_their_names_on() {
     }
 }
 
+/// A table that INHERITS from another: `check` names the link and says the target does
+/// not get it; parent and child are copied and streamed each as a table of its own (an
+/// UPDATE of the parent on the source also changes the child's rows, which arrive as the
+/// child's), and verify compares each table's own rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inheritance_children_are_tables_of_their_own_and_the_plan_says_so() {
+    let pair = Pair::start("inherits", "");
+    let source = connect(&pair.source.url("postgres")).await;
+    source
+        .batch_execute(
+            "CREATE TABLE vehicles (id int PRIMARY KEY, name text);
+             CREATE TABLE trucks (payload int, PRIMARY KEY (id)) INHERITS (vehicles);
+             INSERT INTO vehicles SELECT g, 'v' || g FROM generate_series(1, 100) g;
+             INSERT INTO trucks SELECT g, 't' || g, g * 10 FROM generate_series(101, 150) g;",
+        )
+        .await
+        .expect("tables");
+    let plan = output_text(&cutover("check", &pair.config_path, &[]));
+    assert!(plan.contains("inherits from public.vehicles: copied and streamed as a table of its own"), "{plan}");
+    let mut child = pair.spawn();
+    pair.wait_caught_up(&mut child).await;
+    source
+        .batch_execute(
+            "UPDATE vehicles SET name = 'u' || id WHERE id % 10 = 0;
+             DELETE FROM vehicles WHERE id BETWEEN 95 AND 105;
+             INSERT INTO trucks VALUES (200, 'late', 1);",
+        )
+        .await
+        .expect("changes");
+    pair.wait_caught_up(&mut child).await;
+    let target = connect(&pair.target.url("postgres")).await;
+    for rows in ["SELECT v::text FROM ONLY vehicles v ORDER BY 1", "SELECT t::text FROM trucks t ORDER BY 1"] {
+        assert_eq!(rows_text(&target, rows).await, rows_text(&source, rows).await, "{rows}\n{}", pair.log());
+    }
+    pair.assert_identical().await;
+    stop(&mut child);
+}
+
 /// The production-shaped schema: orders partitioned by month with a default partition,
 /// an identity key, a generated total, a domain, a composite, a range, citext, hstore,
 /// arrays, a foreign key into a partitioned table.

@@ -113,6 +113,9 @@ pub struct TableDefinition {
     pub partitioning: Option<Partitioning>,
     /// Columns the source computes: not in `schema.columns`, never copied or streamed.
     pub generated: Vec<GeneratedColumn>,
+    /// The tables it inherits from (PostgreSQL `INHERITS`, not partitioning): it is copied
+    /// and streamed as a table of its own, and the link is not made on the target.
+    pub inherits: Vec<TableName>,
 }
 
 /// A column the database computes from the row's other columns (PostgreSQL

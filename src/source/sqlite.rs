@@ -209,6 +209,7 @@ impl SqliteSource {
                 pages: sizes.get(name).copied().unwrap_or(0) / 8192,
                 has_user_types: false,
                 partitioning: None,
+                inherits: Vec::new(),
                 generated: Vec::new(),
             });
         }

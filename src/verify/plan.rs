@@ -234,16 +234,22 @@ impl TablePlan {
         target: SqlDialect,
     ) -> anyhow::Result<TablePlan> {
         let name = &table.schema.name;
+        // A PostgreSQL table's rows without those of tables that inherit from it (each of
+        // those is a table of its own here); a partitioned table's rows are its partitions'.
+        let only = |dialect: SqlDialect| match dialect == SqlDialect::Postgres && table.partitioning.is_none() {
+            true => "ONLY ",
+            false => "",
+        };
         let source_table = match source {
             // A SQLite file has one namespace; its tables land in `public`.
             SqlDialect::Sqlite => source.ident(&name.name),
-            _ => format!("{}.{}", source.ident(&name.schema), source.ident(&name.name)),
+            _ => format!("{}{}.{}", only(source), source.ident(&name.schema), source.ident(&name.name)),
         };
         let target_schema = match config.target.kind {
             TargetKind::Postgres => name.schema.clone(),
             TargetKind::Mysql => crate::connect::target_database(config, &name.schema)?,
         };
-        let target_table = format!("{}.{}", target.ident(&target_schema), target.ident(&name.name));
+        let target_table = format!("{}{}.{}", only(target), target.ident(&target_schema), target.ident(&name.name));
         let columns: Vec<(String, ValueClass)> =
             table.schema.columns.iter().map(|c| (c.name.clone(), ValueClass::of(&c.type_name))).collect();
         let key = table.schema.key_indexes();

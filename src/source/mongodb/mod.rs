@@ -224,6 +224,7 @@ impl Source for MongoSource {
                 pages: bytes / 8192,
                 has_user_types: false,
                 partitioning: None,
+                inherits: Vec::new(),
                 generated: Vec::new(),
             });
             self.shapes.insert(name, shape);

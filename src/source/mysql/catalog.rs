@@ -216,6 +216,7 @@ pub async fn read_tables(
             pages: bytes.unwrap_or(0) / 8192,
             has_user_types: false,
             partitioning: None,
+            inherits: Vec::new(),
             generated: Vec::new(),
         });
     }

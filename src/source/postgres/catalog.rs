@@ -186,6 +186,20 @@ async fn read_table(
         )
         .await
         .with_context(context)?;
+    // A partition's parent is its partitioned table, described as partitioning instead.
+    let inherits = client
+        .query(
+            "SELECT pn.nspname::text, pc.relname::text FROM pg_inherits i \
+             JOIN pg_class pc ON pc.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = pc.relnamespace \
+             WHERE i.inhrelid = $1 AND NOT (SELECT relispartition FROM pg_class WHERE oid = $1) \
+             ORDER BY i.inhseqno",
+            &[&oid],
+        )
+        .await
+        .with_context(context)?
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
     Ok(TableDefinition {
         schema: TableSchema { name, columns, identity },
         columns: definitions,
@@ -198,6 +212,7 @@ async fn read_table(
         has_user_types,
         partitioning: None,
         generated,
+        inherits,
     })
 }
 
