@@ -64,6 +64,9 @@ pub struct TableProgress {
     /// the copy (the source's `SnapshotPoint::untracked`).
     #[serde(default)]
     pub untracked: Option<i64>,
+    /// The table's definition as copied, in the source's form (its `SnapshotPoint::shapes`).
+    #[serde(default)]
+    pub shape: Option<String>,
 }
 
 /// Writes that are on disk when they return.
@@ -173,7 +176,10 @@ mod tests {
             let store = CheckpointStore::open(&dir)?;
             assert_eq!(store.position()?, None);
             store.save_position(&Position::Lsn(Lsn(42)))?;
-            store.save_table(&table, &TableProgress { copied_at: Position::Lsn(Lsn(7)), rows: 3, untracked: None })?;
+            store.save_table(
+                &table,
+                &TableProgress { copied_at: Position::Lsn(Lsn(7)), rows: 3, untracked: None, shape: None },
+            )?;
         }
         let store = CheckpointStore::open(&dir)?;
         assert_eq!(store.position()?, Some(Position::Lsn(Lsn(42))));

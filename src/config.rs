@@ -656,8 +656,8 @@ impl Config {
     }
 }
 
-/// `[source] tables` / `exclude`, compiled.
-#[derive(Clone, Debug)]
+/// `[source] tables` / `exclude`, compiled. The default selects every table.
+#[derive(Clone, Debug, Default)]
 pub struct TableFilter {
     tables: Vec<glob::Pattern>,
     exclude: Vec<glob::Pattern>,

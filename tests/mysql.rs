@@ -190,7 +190,7 @@ impl Streaming {
     }
 
     /// The streamed target against a fresh one-shot copy of the source as it is now,
-    /// made into database `fresh`: every table of `shop` the same.
+    /// made into database `fresh`: every table of `shop` the same, rows and columns.
     async fn assert_matches_fresh_copy(&self, source: &MariaDbServer, target: &PostgresServer, dir: &std::path::Path) {
         self.assert_tables_match_fresh_copy(source, target, dir, 4).await;
     }
@@ -216,8 +216,14 @@ impl Streaming {
         let fresh = pg(&target.url("fresh")).await;
         let streamed_digests = schema_digests(&streamed, "shop").await.expect("digests");
         let fresh_digests = schema_digests(&fresh, "shop").await.expect("digests");
-        assert_eq!(streamed_digests.len(), tables);
+        assert_eq!(streamed_digests.len(), tables, "{streamed_digests:?}\n{}", self.log());
         assert_eq!(streamed_digests, fresh_digests, "{}", self.log());
+        let columns = "SELECT table_name || '.' || column_name || ' ' || data_type FROM information_schema.columns \
+                       WHERE table_schema = 'shop' ORDER BY table_name, ordinal_position";
+        let names = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get(0)).collect::<Vec<String>>();
+        let streamed_columns = names(streamed.query(columns, &[]).await.expect("columns"));
+        let fresh_columns = names(fresh.query(columns, &[]).await.expect("columns"));
+        assert_eq!(streamed_columns, fresh_columns, "{}", self.log());
     }
 }
 
@@ -781,5 +787,208 @@ async fn generated_columns_arrive_as_the_sources_values() {
     assert_eq!(rows, ["3|3.00|#3", "500|10.00|#500", "1011|2.75|#1011"], "{}", pipeline.log());
     pipeline.assert_tables_match_fresh_copy(&source, &target, &dir, 2).await;
     signal(&mut child, libc::SIGTERM);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Schema changes on a MariaDB source while rows stream, each with rows written before and
+/// after it in the binlog, and kill -9 after every other step: a column renamed, retyped
+/// and dropped; a burst of ALTERs on one table with rows between them (a restart reads
+/// rows in shapes older than the table's own); a key changed; a table renamed (leaving
+/// under one name, joining under another), dropped, created, and created by
+/// `CREATE … SELECT`; ADD COLUMN and TRUNCATE as before. What the binlog cannot carry
+/// copies the table again. The streamed target equals a fresh copy of the source, columns
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_on_a_mariadb_source_land_as_on_the_source() {
+    let (source, target, mut conn, dir) = start_with(
+        "mysql_ddl",
+        "CREATE DATABASE shop;
+         CREATE TABLE shop.items (id int PRIMARY KEY, name varchar(20), qty int, note text);
+         INSERT INTO shop.items SELECT seq, CONCAT('i', seq), seq, CONCAT('n', seq) FROM seq_1_to_300;
+         CREATE TABLE shop.other (id int PRIMARY KEY, v int);
+         INSERT INTO shop.other SELECT seq, seq FROM seq_1_to_50;
+         CREATE TABLE shop.doomed (id int PRIMARY KEY);
+         INSERT INTO shop.doomed SELECT seq FROM seq_1_to_10;
+         CREATE TABLE shop.marker (id int PRIMARY KEY);",
+    )
+    .await;
+    let pipeline = Streaming::new(&source, &target, &dir);
+    let streamed = pg(&target.url("postgres")).await;
+    let mut child = pipeline.spawn();
+    conn.query_drop("INSERT INTO shop.marker VALUES (100)").await.expect("marker");
+    wait_for_marker(&streamed, 100, &mut child, &pipeline.log).await;
+    let steps = [
+        "UPDATE items SET qty = qty + 1 WHERE id <= 10; ALTER TABLE items CHANGE note remark text;
+         UPDATE items SET remark = 'r' WHERE id % 3 = 0;",
+        "ALTER TABLE items MODIFY name varchar(60); UPDATE items SET name = REPEAT('x', 50) WHERE id = 5;",
+        "INSERT INTO items (id, name, qty) VALUES (1000, 'z', 1); ALTER TABLE items DROP COLUMN qty;
+         INSERT INTO items (id, name) VALUES (1001, 'a');",
+        "ALTER TABLE other ADD COLUMN w int DEFAULT 3; UPDATE other SET w = 9 WHERE id < 5;
+         ALTER TABLE other MODIFY v bigint; UPDATE other SET v = v * 1000000000 WHERE id = 7;
+         ALTER TABLE other DROP COLUMN w; INSERT INTO other VALUES (51, 51);",
+        "RENAME TABLE doomed TO doomed_old; INSERT INTO doomed_old VALUES (11);",
+        "DROP TABLE doomed_old; CREATE TABLE fresh_one (id int PRIMARY KEY, v text); INSERT INTO fresh_one VALUES (1, 'x');
+         CREATE TABLE made (PRIMARY KEY (id)) AS SELECT id, name FROM items WHERE id < 50;",
+        "ALTER TABLE other DROP PRIMARY KEY, ADD PRIMARY KEY (id, v); UPDATE other SET v = -v WHERE id = 3;",
+        "ALTER TABLE items ADD COLUMN extra int DEFAULT 7; INSERT INTO items (id, name) VALUES (1002, 'b');
+         TRUNCATE other; INSERT INTO other VALUES (1, 2);",
+        "ALTER TABLE items ADD INDEX by_name (name); UPDATE items SET name = 'last' WHERE id = 1;",
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        conn.query_drop(format!("USE shop; {step} INSERT INTO marker VALUES ({i});")).await.unwrap_or_else(|e| {
+            panic!("step {i}: {e}");
+        });
+        // Every other step is streamed before the kill; the others meet the next start
+        // with the step in the binlog ahead of it.
+        if i % 2 == 1 {
+            wait_for_marker(&streamed, i as i32, &mut child, &pipeline.log).await;
+            signal(&mut child, libc::SIGKILL);
+            child = pipeline.spawn();
+        }
+    }
+    wait_for_marker(&streamed, steps.len() as i32 - 1, &mut child, &pipeline.log).await;
+    signal(&mut child, libc::SIGTERM);
+
+    pipeline.assert_tables_match_fresh_copy(&source, &target, &dir, 5).await;
+    assert!(pipeline.log().contains("copying the table again"), "{}", pipeline.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One table of [`random_schema_changes_on_a_mariadb_source_land_as_on_the_source`]'s model.
+struct ModelTable {
+    name: String,
+    /// Besides `id`: (name, SQL type).
+    columns: Vec<(String, String)>,
+    ids: std::collections::BTreeSet<i64>,
+}
+
+/// A random value for a column of `sql_type`.
+fn value_for(sql_type: &str, rng: &mut common::Rng) -> String {
+    match (sql_type, rng.below(6)) {
+        (_, 0) => "NULL".into(),
+        ("int" | "bigint", _) => rng.range(-1000, 1000).to_string(),
+        _ => format!("'v{}'", rng.below(10_000)),
+    }
+}
+
+/// A random walk of schema changes on two MariaDB tables with rows written between them:
+/// columns added (with defaults), dropped, renamed, widened; TRUNCATE; a table renamed
+/// away and back; kill -9 at random moments, with or without the step streamed first.
+/// The streamed target, columns included, equals a fresh copy of the source. The seed is
+/// printed; `CUTOVER_DDL_SEED=<n>` replays a run, `random` makes a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_schema_changes_on_a_mariadb_source_land_as_on_the_source() {
+    let seed = common::seed_from_env("CUTOVER_DDL_SEED", 7);
+    println!("schema-change walk seed={seed} (replay: CUTOVER_DDL_SEED={seed})");
+    let mut rng = common::Rng::new(seed, 1);
+    let (source, target, mut conn, dir) = start_with(
+        "mysql_ddl_walk",
+        "CREATE DATABASE shop;
+         CREATE TABLE shop.t0 (id int PRIMARY KEY, a int, b varchar(20));
+         CREATE TABLE shop.t1 (id int PRIMARY KEY, c varchar(20));
+         INSERT INTO shop.t0 SELECT seq, seq, CONCAT('b', seq) FROM seq_1_to_200;
+         INSERT INTO shop.t1 SELECT seq, CONCAT('c', seq) FROM seq_1_to_100;
+         CREATE TABLE shop.marker (id int PRIMARY KEY);",
+    )
+    .await;
+    let mut tables = vec![
+        ModelTable {
+            name: "t0".into(),
+            columns: vec![("a".into(), "int".into()), ("b".into(), "varchar(20)".into())],
+            ids: (1..=200).collect(),
+        },
+        ModelTable { name: "t1".into(), columns: vec![("c".into(), "varchar(20)".into())], ids: (1..=100).collect() },
+    ];
+    let pipeline = Streaming::new(&source, &target, &dir);
+    let streamed = pg(&target.url("postgres")).await;
+    let mut child = pipeline.spawn();
+    let (mut next_id, mut next_column, mut marker) = (10_000i64, 0u32, 0i32);
+    for _ in 0..40 {
+        let table = &mut tables[rng.below(2) as usize];
+        let mut sql = Vec::new();
+        // Rows before the change, the change, rows after it: one binlog stretch in two shapes.
+        for phase in 0..2 {
+            for _ in 0..rng.range(1, 4) {
+                let id = next_id;
+                next_id += 1;
+                let names: Vec<&str> = table.columns.iter().map(|(n, _)| n.as_str()).collect();
+                let values: Vec<String> = table.columns.iter().map(|(_, t)| value_for(t, &mut rng)).collect();
+                sql.push(format!(
+                    "INSERT INTO {} (id{}) VALUES ({id}{})",
+                    table.name,
+                    names.iter().map(|n| format!(", {n}")).collect::<String>(),
+                    values.iter().map(|v| format!(", {v}")).collect::<String>()
+                ));
+                table.ids.insert(id);
+            }
+            if let Some((column, sql_type)) = table.columns.get(rng.below(table.columns.len().max(1) as u64) as usize) {
+                let value = value_for(sql_type, &mut rng);
+                sql.push(format!("UPDATE {} SET {column} = {value} WHERE id % 7 = {}", table.name, rng.below(7)));
+            }
+            if let Some(&id) = table.ids.iter().nth(rng.below(table.ids.len().max(1) as u64) as usize) {
+                sql.push(format!("DELETE FROM {} WHERE id = {id}", table.name));
+                table.ids.remove(&id);
+            }
+            if phase == 1 {
+                break;
+            }
+            next_column += 1;
+            let fresh = format!("x{next_column}");
+            let change = match rng.below(7) {
+                0 | 1 => {
+                    let sql_type = rng.pick(&["int", "varchar(20)"]).to_string();
+                    let default = value_for(&sql_type, &mut rng);
+                    let change = format!("ALTER TABLE {} ADD COLUMN {fresh} {sql_type} DEFAULT {default}", table.name);
+                    table.columns.push((fresh, sql_type));
+                    change
+                }
+                2 if !table.columns.is_empty() => {
+                    let (gone, _) = table.columns.remove(rng.below(table.columns.len() as u64) as usize);
+                    format!("ALTER TABLE {} DROP COLUMN {gone}", table.name)
+                }
+                3 if !table.columns.is_empty() => {
+                    let i = rng.below(table.columns.len() as u64) as usize;
+                    let (old, sql_type) = table.columns[i].clone();
+                    table.columns[i].0 = fresh.clone();
+                    format!("ALTER TABLE {} CHANGE {old} {fresh} {sql_type}", table.name)
+                }
+                4 if !table.columns.is_empty() => {
+                    let i = rng.below(table.columns.len() as u64) as usize;
+                    let wider = if table.columns[i].1.contains("int") { "bigint" } else { "varchar(60)" };
+                    table.columns[i].1 = wider.into();
+                    format!("ALTER TABLE {} MODIFY {} {wider}", table.name, table.columns[i].0)
+                }
+                5 => {
+                    table.ids.clear();
+                    format!("TRUNCATE {}", table.name)
+                }
+                _ => {
+                    let renamed = match table.name.strip_suffix("_r") {
+                        Some(base) => base.to_string(),
+                        None => format!("{}_r", table.name),
+                    };
+                    let change = format!("RENAME TABLE {} TO {renamed}", table.name);
+                    table.name = renamed;
+                    change
+                }
+            };
+            sql.push(change);
+        }
+        marker += 1;
+        sql.push(format!("INSERT INTO marker VALUES ({marker})"));
+        let statements = format!("USE shop; {};", sql.join("; "));
+        conn.query_drop(&statements).await.unwrap_or_else(|e| panic!("seed {seed}: {statements}: {e}"));
+        if rng.percent(30) {
+            if rng.percent(50) {
+                wait_for_marker(&streamed, marker, &mut child, &pipeline.log).await;
+            }
+            signal(&mut child, libc::SIGKILL);
+            child = pipeline.spawn();
+        }
+    }
+    wait_for_marker(&streamed, marker, &mut child, &pipeline.log).await;
+    signal(&mut child, libc::SIGTERM);
+    println!("schema-change walk seed={seed}: comparing with a fresh copy");
+    pipeline.assert_tables_match_fresh_copy(&source, &target, &dir, 3).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -738,7 +738,15 @@ async fn a_crash_right_after_ddl_on_a_mysql_target_doubles_nothing() {
     })
     .await;
     common::stop(&mut child);
-    // A backlog the applier groups into one target transaction: rows, then the DDL.
+    // Streaming already (a table changed while cutover is down is copied again instead,
+    // at its first event after the start), with a burst the applier groups into one
+    // target transaction: rows, then the DDL.
+    let mut child = common::spawn_run(&config, &log, &[("CUTOVER_FAILPOINT", Path::new("mysql-sink-after-ddl"))]);
+    src.query_drop("INSERT INTO shop.marker VALUES (3)").await.expect("marker");
+    wait_for(&mut child, &log, || {
+        has_row(target.url("ddl_crash"), "SELECT 1 FROM ddl_crash.marker WHERE id = 3".into())
+    })
+    .await;
     src.query_drop(
         "INSERT INTO shop.events SELECT 'grouped', seq FROM seq_1_to_30;
          INSERT INTO shop.events VALUES ('grouped too', 31);
@@ -748,7 +756,6 @@ async fn a_crash_right_after_ddl_on_a_mysql_target_doubles_nothing() {
     )
     .await
     .expect("backlog");
-    let mut child = common::spawn_run(&config, &log, &[("CUTOVER_FAILPOINT", Path::new("mysql-sink-after-ddl"))]);
     let status = child.wait().expect("cutover ends");
     assert!(
         !status.success(),

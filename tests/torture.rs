@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{Rng, Server};
 use cutover::config::Config;
 use cutover::sql::{SqlClient, SqlDialect};
 use mysql_async::prelude::Queryable;
@@ -57,50 +57,6 @@ const AVOID_BY_DEFAULT: &[(&str, &[&str])] = &[];
 
 /// Default seconds of writing per pipeline.
 const CI_SECONDS: u64 = 20;
-
-// ---------------------------------------------------------------------------------------
-// A small seeded PRNG (splitmix64): no dependency, the same sequence everywhere.
-
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    /// One of several independent streams of one seed.
-    fn new(seed: u64, stream: u64) -> Rng {
-        let mut rng = Rng(seed ^ stream.wrapping_mul(0xA076_1D64_78BD_642F));
-        rng.next();
-        rng
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// A number in `lo..=hi`.
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + self.below((hi - lo + 1) as u64) as i64
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<T: Clone>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize].clone()
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Pipelines, settings, the run's identity.
@@ -161,14 +117,7 @@ struct Settings {
 
 impl Settings {
     fn from_env(pipeline: Pipeline, ci_seed: u64) -> Settings {
-        let seed = match std::env::var("CUTOVER_TORTURE_SEED").ok().filter(|s| !s.trim().is_empty()) {
-            None => ci_seed,
-            Some(s) if s.trim() == "random" => {
-                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-                Rng::new(nanos as u64 ^ u64::from(std::process::id()), pipeline.name().len() as u64).next() >> 16
-            }
-            Some(s) => s.trim().parse().unwrap_or_else(|_| panic!("CUTOVER_TORTURE_SEED={s}: not a number")),
-        };
+        let seed = common::seed_from_env("CUTOVER_TORTURE_SEED", ci_seed);
         let seconds = std::env::var("CUTOVER_TORTURE_SECONDS")
             .ok()
             .filter(|s| !s.trim().is_empty())

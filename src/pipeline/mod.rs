@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::checkpoint::CheckpointStore;
+use crate::checkpoint::{CheckpointStore, TableProgress};
 use crate::config::{Config, SnapshotMode};
 use crate::metrics::METRICS;
 use crate::position::Position;
@@ -275,16 +275,10 @@ async fn run_once(
         (None, Some(checkpoint)) => checkpoint,
         (None, None) => config.stream.start().unwrap_or_else(|| identity.consistent_point.clone()),
     };
-    let mut copied_at = HashMap::new();
-    let mut untracked = HashMap::new();
-    for (name, progress) in store.tables()? {
-        if let Some(count) = progress.untracked {
-            untracked.insert(name.clone(), count);
-        }
-        copied_at.insert(name, progress.copied_at);
-    }
+    let copies: HashMap<String, TableProgress> = store.tables()?.into_iter().collect();
+    let copied_at = copies.iter().map(|(name, copy)| (name.clone(), copy.copied_at.clone())).collect();
     let (confirmed, confirmed_rx) = watch::channel(start.clone());
-    let changes = source.start_stream(&start, confirmed_rx, &untracked).await?;
+    let changes = source.start_stream(&start, confirmed_rx, &copies).await?;
     let signals = apply::Signals { stop, resync };
     apply::stream(
         changes,

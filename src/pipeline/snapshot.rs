@@ -223,6 +223,7 @@ async fn copy_tables(
     let index_store = store.clone();
     let position = snapshot.position.clone();
     let untracked = snapshot.untracked.clone();
+    let shapes = snapshot.shapes.clone();
     let indexer = tokio::spawn(async move {
         let mut total = 0u64;
         while let Some((table, rows)) = done_rx.recv().await {
@@ -232,6 +233,7 @@ async fn copy_tables(
                 copied_at: position.clone(),
                 rows,
                 untracked: untracked.get(&table.schema.name.to_string()).copied(),
+                shape: shapes.get(&table.schema.name.to_string()).cloned(),
             };
             index_store.save_table(&table.schema.name, &progress)?;
             METRICS.snapshot_tables.with_label_values(&["pending"]).dec();

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::change::Event;
-use crate::checkpoint::PipelineIdentity;
+use crate::checkpoint::{PipelineIdentity, TableProgress};
 use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
@@ -33,6 +33,11 @@ pub struct SnapshotPoint {
     /// taken just before the snapshot (PostgreSQL: UPDATEs and DELETEs of tables
     /// without replica identity). Stored with each table's copy progress.
     pub untracked: HashMap<String, i64>,
+    /// Per table (display name), its definition as the copy reads it, in a form of the
+    /// source's own, for a stream that must tell whether the table changed between its
+    /// copy and where the stream starts (MySQL: the binlog's rows carry no column names).
+    /// Stored with each table's copy progress.
+    pub shapes: HashMap<String, String>,
 }
 
 /// Where a source's change log ended at some moment, by the source's own clock.
@@ -137,13 +142,16 @@ pub trait Source: Send + Sync {
 
     /// Streams every transaction that commits after `from`. `confirmed` carries
     /// the position up to which the target has durably applied, so the source
-    /// may release its log up to there. `untracked_at_copy` holds each copied
-    /// table's [`SnapshotPoint::untracked`] count: the stream fails as soon as one grows.
+    /// may release its log up to there. `copies` holds each copied table's copy
+    /// (by `schema.name`): the position of the snapshot it was copied under (the
+    /// pipeline leaves out its changes ordered before that, so a stream need not even
+    /// decode them: they may predate the table's present shape) and its
+    /// [`SnapshotPoint::untracked`] count (the stream fails as soon as one grows).
     async fn start_stream(
         &mut self,
         from: &Position,
         confirmed: watch::Receiver<Position>,
-        untracked_at_copy: &HashMap<String, i64>,
+        copies: &HashMap<String, TableProgress>,
     ) -> anyhow::Result<Box<dyn ChangeStream>>;
 }
 

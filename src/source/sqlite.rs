@@ -358,7 +358,12 @@ impl Source for SqliteSource {
 
     async fn new_snapshot(&mut self) -> anyhow::Result<SnapshotPoint> {
         // The read transaction opened with the file is the snapshot.
-        Ok(SnapshotPoint { position: Position::Snapshot, id: String::new(), untracked: HashMap::new() })
+        Ok(SnapshotPoint {
+            position: Position::Snapshot,
+            id: String::new(),
+            untracked: HashMap::new(),
+            shapes: HashMap::new(),
+        })
     }
 
     async fn snapshot_reader(&self, _snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>> {
@@ -369,7 +374,7 @@ impl Source for SqliteSource {
         &mut self,
         _from: &Position,
         _confirmed: watch::Receiver<Position>,
-        _untracked_at_copy: &HashMap<String, i64>,
+        _copies: &HashMap<String, crate::checkpoint::TableProgress>,
     ) -> anyhow::Result<Box<dyn ChangeStream>> {
         anyhow::bail!(SNAPSHOT_ONLY)
     }

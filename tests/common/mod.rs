@@ -446,3 +446,58 @@ pub fn pipeline_config(path: &std::path::Path, source: &Server, target: &Server,
     )
     .expect("config");
 }
+
+/// A small seeded PRNG (splitmix64): no dependency, the same sequence everywhere, so a
+/// randomized test's printed seed replays it.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// One of several independent streams of one seed.
+    pub fn new(seed: u64, stream: u64) -> Rng {
+        let mut rng = Rng(seed ^ stream.wrapping_mul(0xA076_1D64_78BD_642F));
+        rng.next();
+        rng
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// A number in `lo..=hi`.
+    pub fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + self.below((hi - lo + 1) as u64) as i64
+    }
+
+    pub fn percent(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+
+    pub fn pick<T: Clone>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize].clone()
+    }
+
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+}
+
+/// A randomized test's seed: `var` in the environment (a number, or `random`), else `default`.
+pub fn seed_from_env(var: &str, default: u64) -> u64 {
+    match std::env::var(var).ok().filter(|s| !s.trim().is_empty()) {
+        None => default,
+        Some(s) if s.trim() == "random" => {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            Rng::new(nanos as u64 ^ u64::from(std::process::id()), var.len() as u64).next() >> 16
+        }
+        Some(s) => s.trim().parse().unwrap_or_else(|_| panic!("{var}={s}: not a number")),
+    }
+}

@@ -281,7 +281,7 @@ impl Source for MongoSource {
             Some(position) => position.clone(),
             None => self.current_position().await?,
         };
-        Ok(SnapshotPoint { position, id: String::new(), untracked: HashMap::new() })
+        Ok(SnapshotPoint { position, id: String::new(), untracked: HashMap::new(), shapes: HashMap::new() })
     }
 
     async fn snapshot_reader(&self, _snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>> {
@@ -292,7 +292,7 @@ impl Source for MongoSource {
         &mut self,
         from: &Position,
         _confirmed: watch::Receiver<Position>,
-        _untracked_at_copy: &HashMap<String, i64>,
+        _copies: &HashMap<String, crate::checkpoint::TableProgress>,
     ) -> anyhow::Result<Box<dyn ChangeStream>> {
         // The oplog keeps no per-reader state: nothing to confirm.
         let stream =

@@ -5,9 +5,13 @@
 //! Positions: a transaction is ordered by the offset of its `BEGIN` event and
 //! resumes after the end of its commit event (the header's `log_pos`, the next
 //! event's offset), so a restart from a checkpoint re-reads nothing applied.
-//! DDL: `TRUNCATE` of a replicated table is applied; `ALTER TABLE … ADD` re-reads
-//! the table from `information_schema` and adds the columns; any other DDL on a
-//! replicated table stops the stream at its position.
+//! DDL (its head read by [`super::ddl`]): `TRUNCATE` of a replicated table is applied;
+//! after `ALTER TABLE` the table is read again from `information_schema`: columns
+//! appended are added, any other change to its columns or key copies it again (the
+//! binlog's rows before and after are in two shapes); `DROP`, `CREATE` and `RENAME
+//! TABLE` make tables leave or join. Rows and DDL a table's copy already holds are
+//! not decoded (they may predate its shape), and a table whose definition changed
+//! between its copy and the stream's start is copied again at its first event.
 //!
 //! GTIDs: MySQL's GTID events are decoded by `mysql_common`; MariaDB sends its
 //! own (types 160–163) only to a replica that asks (`@mariadb_slave_capability = 4`),
@@ -22,7 +26,7 @@
 //! The events come through [`BinlogEvents`]: the server's dump stream, or byte
 //! fixtures in the tests (no MySQL 8 server is installable here).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,11 +38,13 @@ use mysql_async::binlog::row::BinlogRow;
 use mysql_async::binlog::BinlogChecksumAlg;
 use mysql_async::{GnoInterval, Sid};
 
+use super::ddl::{self, Ddl};
 use super::{catalog, MysqlTable};
-use crate::change::{Change, Event, Identity, Row, TableName, TableSchema, Value};
+use crate::change::{Change, Column, Event, Identity, Row, SchemaChange, SchemaOp, TableName, TableSchema, Value};
+use crate::config::TableFilter;
 use crate::myconn::MysqlParams;
 use crate::position::{BinlogPosition, Gtid, GtidSet, Position};
-use crate::schema::mysql::encode_binlog;
+use crate::schema::mysql::{encode_binlog, Encoding};
 use crate::source::ChangeStream;
 
 /// Where binlog events come from, with the table maps seen so far.
@@ -61,6 +67,20 @@ impl BinlogEvents for mysql_async::BinlogStream {
     }
 }
 
+/// What a binlog stream follows.
+pub struct Followed {
+    /// The replicated tables as the stream starts.
+    pub tables: HashMap<TableName, MysqlTable>,
+    /// Where each table the pipeline copied (by `schema.name`) was copied, also one the
+    /// source no longer has under that name: its drop or rename may lie ahead.
+    pub copied_at: HashMap<String, Position>,
+    /// Tables defined otherwise now than when they were copied: the binlog ahead may hold
+    /// their rows in a shape `information_schema` no longer shows.
+    pub stale: HashSet<TableName>,
+    /// `[source] tables` / `exclude`.
+    pub filter: TableFilter,
+}
+
 /// A binlog stream of one database.
 pub struct BinlogChangeStream<E = mysql_async::BinlogStream> {
     binlog: E,
@@ -68,10 +88,16 @@ pub struct BinlogChangeStream<E = mysql_async::BinlogStream> {
     /// Reads a table's new definition after `ALTER TABLE … ADD`; opened when first needed.
     catalog: Option<mysql_async::Conn>,
     tables: HashMap<TableName, MysqlTable>,
+    /// Where each copied table's copy was taken: its rows and DDL before that are in the
+    /// copy, so they are neither decoded (they may be in an earlier shape) nor followed.
+    copied_at: HashMap<String, Position>,
+    /// Tables whose rows ahead may be in an earlier shape ([`Followed::stale`]): each
+    /// event of theirs copies them again instead of being read.
+    stale: HashSet<TableName>,
+    /// `[source] tables`: a table created or renamed under a name it matches joins.
+    filter: TableFilter,
     file: String,
     pending: VecDeque<Event>,
-    /// Tables as rows with fewer columns than `information_schema` shows see them.
-    prefixes: HashMap<(TableName, usize), Arc<TableSchema>>,
     /// The GTID state after the last commit, when the stream started from one.
     gtid_state: Option<GtidSet>,
     /// The GTID of the transaction being read, until it commits.
@@ -106,7 +132,7 @@ impl BinlogChangeStream {
     /// carries a GTID state, else at its file and offset.
     pub async fn start(
         params: &MysqlParams,
-        tables: HashMap<TableName, MysqlTable>,
+        followed: Followed,
         from: &BinlogPosition,
         server_id: u32,
     ) -> anyhow::Result<BinlogChangeStream> {
@@ -140,26 +166,23 @@ impl BinlogChangeStream {
                 Position::Binlog(from.clone())
             )
         })?;
-        Ok(BinlogChangeStream::over(binlog, params.clone(), tables, from))
+        Ok(BinlogChangeStream::over(binlog, params.clone(), followed, from))
     }
 }
 
 impl<E: BinlogEvents> BinlogChangeStream<E> {
     /// A stream of `binlog`'s events, which begin after `from`.
-    pub fn over(
-        binlog: E,
-        params: MysqlParams,
-        tables: HashMap<TableName, MysqlTable>,
-        from: &BinlogPosition,
-    ) -> BinlogChangeStream<E> {
+    pub fn over(binlog: E, params: MysqlParams, followed: Followed, from: &BinlogPosition) -> BinlogChangeStream<E> {
         BinlogChangeStream {
             binlog,
             params,
             catalog: None,
-            tables,
+            tables: followed.tables,
+            copied_at: followed.copied_at,
+            stale: followed.stale,
+            filter: followed.filter,
             file: from.file.clone(),
             pending: VecDeque::new(),
-            prefixes: HashMap::new(),
             gtid_state: from.gtid.clone(),
             current_gtid: None,
             in_transaction: false,
@@ -194,9 +217,9 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
     }
 
     /// A statement that is a transaction of its own (DDL).
-    fn standalone(&mut self, start: Position, end: Position, time: SystemTime, change: Change) {
+    fn standalone(&mut self, start: Position, end: Position, time: SystemTime, changes: Vec<Change>) {
         self.pending.push_back(Event::Begin { position: start, commit_time: time });
-        self.pending.push_back(Event::Change(change));
+        self.pending.extend(changes.into_iter().map(Event::Change));
         self.pending.push_back(Event::Commit { position: end, commit_time: time });
     }
 
@@ -251,93 +274,163 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
                 self.in_transaction = false;
                 self.pending.push_back(Event::Commit { position: end, commit_time: time });
             }
-            "TRUNCATE" | "ALTER" | "DROP" | "RENAME" | "CREATE" => {
-                let name_index = match (word(0), word(1)) {
-                    ("TRUNCATE", "TABLE") => 2,
-                    ("TRUNCATE", _) => 1,
-                    (_, "TABLE") => 2,
-                    _ => return Ok(()),
-                };
-                let raw = query.split_whitespace().nth(name_index).unwrap_or("");
-                let raw = raw.trim_end_matches([';', '(']);
-                let (db, table) = match raw.split_once('.') {
-                    Some((db, table)) => (db.trim_matches('`').to_string(), table.trim_matches('`').to_string()),
-                    None => (schema.to_string(), raw.trim_matches('`').to_string()),
-                };
-                let name = TableName::new(db, table);
-                let Some(known) = self.tables.get(&name).cloned() else { return Ok(()) };
-                let destructive = ["DROP", "MODIFY", "CHANGE", "RENAME", "ALTER COLUMN", "CONVERT"];
-                let upper = words.join(" ");
-                if word(0) == "TRUNCATE" {
-                    let change =
-                        Change::Truncate { tables: vec![known.schema], cascade: false, restart_identity: false };
-                    self.standalone(start, end, time, change);
-                } else if word(0) == "ALTER"
-                    && upper.contains(" ADD ")
-                    && !destructive.iter().any(|d| upper.contains(d))
-                {
-                    let catalog = match &mut self.catalog {
-                        Some(catalog) => catalog,
-                        None => self.catalog.insert(self.params.connect().await?),
-                    };
-                    let (schema, encodings) =
-                        catalog::read_tables(catalog, &self.params.database, |t| t == &name).await?;
-                    let definition = schema.tables.into_iter().next().with_context(|| format!("{name} is gone"))?;
-                    let before = &known.schema.columns;
-                    if definition
-                        .schema
-                        .columns
-                        .get(..before.len())
-                        .map(|c| c.iter().map(|c| &c.name).collect::<Vec<_>>())
-                        != Some(before.iter().map(|c| &c.name).collect())
-                    {
-                        anyhow::bail!(
-                            "`{query}` at {start} changed more of {name} than appending columns; cutover stops here. \
-                             Apply the same change on the target by hand, then start over from a new snapshot"
-                        );
-                    }
-                    let table = MysqlTable {
-                        schema: Arc::new(definition.schema),
-                        encodings: encodings.get(&name).cloned().unwrap_or_default(),
-                        key_span: known.key_span,
-                    };
-                    self.tables.insert(name, table.clone());
-                    self.standalone(start, end, time, Change::Relation(table.schema));
-                } else {
-                    anyhow::bail!(
-                        "`{query}` at {start} changes replicated table {name} in a way cutover cannot follow \
-                         (it follows ALTER TABLE … ADD COLUMN and TRUNCATE); cutover stopped at its last checkpoint. \
-                         Apply the change on the target by hand and start over from a new snapshot"
-                    );
-                }
-            }
-            _ => {}
+            _ => self.ddl(query, schema, start, end, time).await?,
         }
         Ok(())
     }
 
-    /// The table as a row of `columns` columns sees it. Read after a restart,
-    /// `information_schema` may already show columns an `ALTER TABLE … ADD` appended
-    /// later in the binlog; rows written before it carry the leading columns only.
-    fn as_of(&mut self, table: &MysqlTable, columns: usize, at: &Position) -> anyhow::Result<Arc<TableSchema>> {
-        if columns == table.schema.columns.len() {
-            return Ok(table.schema.clone());
+    /// A DDL statement's changes to replicated tables, as a transaction of its own: a
+    /// `TRUNCATE`; columns appended (the new definition read from `information_schema`);
+    /// a table dropped, created or renamed (in or out of the selection); any other
+    /// change to a table's columns copies it again (its rows in the binlog before and
+    /// after are in two shapes cutover cannot map one onto the other). A statement
+    /// ordered before a table's copy is left alone: the copy already holds it.
+    async fn ddl(
+        &mut self,
+        query: &str,
+        schema: &str,
+        start: Position,
+        end: Position,
+        time: SystemTime,
+    ) -> anyhow::Result<()> {
+        let resolve = |t: &ddl::TableRef| TableName::new(t.schema.as_deref().unwrap_or(schema), t.name.as_str());
+        let schema_change = |table: TableName, op: SchemaOp| schema_change(table, query, op);
+        let mut changes = Vec::new();
+        let parsed = ddl::parse(query);
+        if let Ddl::Truncate(table) | Ddl::Alter { table, renamed_to: None } = &parsed {
+            let table = resolve(table);
+            if self.stale.contains(&table) && self.followed(&table, &start).is_some() {
+                self.standalone(start.clone(), end, time, vec![copy_again(table, &start, STALE)]);
+                return Ok(());
+            }
         }
-        if columns > table.schema.columns.len() {
-            anyhow::bail!(
-                "{} has {columns} columns in the binlog at {at} but {} in cutover's schema: a DDL change cutover did not \
-                 see; start over from a new snapshot",
-                table.schema.name,
-                table.schema.columns.len()
-            );
+        match parsed {
+            Ddl::Truncate(table) => {
+                if let Some(known) = self.followed(&resolve(&table), &start) {
+                    changes.push(Change::Truncate {
+                        tables: vec![known.schema],
+                        cascade: false,
+                        restart_identity: false,
+                    });
+                }
+            }
+            Ddl::Alter { table, renamed_to: Some(new) } => {
+                changes.extend(self.renamed(&resolve(&table), resolve(&new), &start, query));
+            }
+            Ddl::Alter { table, renamed_to: None } => {
+                if let Some(known) = self.followed(&resolve(&table), &start) {
+                    changes.extend(self.altered(known, query, &start).await?);
+                }
+            }
+            Ddl::Rename(pairs) => {
+                for (from, to) in &pairs {
+                    changes.extend(self.renamed(&resolve(from), resolve(to), &start, query));
+                }
+            }
+            Ddl::Drop(tables) => {
+                for table in tables.iter().map(resolve) {
+                    if self.leaves(&table, &start) {
+                        changes.push(schema_change(table, SchemaOp::DropTable));
+                    }
+                }
+            }
+            Ddl::Create(table) => {
+                let table = resolve(&table);
+                if self.joins(&table, &start) {
+                    changes.push(schema_change(table, SchemaOp::CreateTable));
+                }
+            }
+            Ddl::Other => {}
         }
-        let key = (table.schema.name.clone(), columns);
-        let schema = self.prefixes.entry(key).or_insert_with(|| {
-            let mut prefix = (*table.schema).clone();
-            prefix.columns.truncate(columns);
-            Arc::new(prefix)
-        });
-        Ok(schema.clone())
+        if !changes.is_empty() {
+            self.standalone(start, end, time, changes);
+        }
+        Ok(())
+    }
+
+    /// Whether `table`'s copy was taken after `at`: its changes there are in the copy.
+    fn copied_after(&self, table: &TableName, at: &Position) -> bool {
+        self.copied_at.get(&table.to_string()).is_some_and(|copied| at < copied)
+    }
+
+    /// A replicated table whose changes at `at` the pipeline applies.
+    fn followed(&self, table: &TableName, at: &Position) -> Option<MysqlTable> {
+        self.tables.get(table).filter(|_| !self.copied_after(table, at)).cloned()
+    }
+
+    /// Whether a table leaving at `at` (dropped, renamed) goes from the target too: any of
+    /// the selection, also one this stream does not follow (gone from the source before it
+    /// started reading, or created on the target before a copy that never finished); the
+    /// target drops it only if it has it.
+    fn leaves(&mut self, table: &TableName, at: &Position) -> bool {
+        if !self.in_selection(table) || self.copied_after(table, at) {
+            return false;
+        }
+        self.tables.remove(table);
+        true
+    }
+
+    fn in_selection(&self, table: &TableName) -> bool {
+        table.schema == self.params.database && self.filter.includes(&table.to_string())
+    }
+
+    /// Whether a table that appears at `at` under this name joins the pipeline.
+    fn joins(&self, table: &TableName, at: &Position) -> bool {
+        table.schema == self.params.database
+            && self.filter.includes(&table.to_string())
+            && !self.copied_after(table, at)
+    }
+
+    /// A table renamed: it leaves the pipeline under its old name, and joins under the
+    /// new one when the selection matches that (copied under a snapshot of its own).
+    fn renamed(&mut self, from: &TableName, to: TableName, at: &Position, query: &str) -> Vec<Change> {
+        let change = |table: TableName, op: SchemaOp| schema_change(table, query, op);
+        let mut changes = Vec::new();
+        if self.leaves(from, at) {
+            changes.push(change(from.clone(), SchemaOp::DropTable));
+        }
+        if self.joins(&to, at) {
+            changes.push(change(to, SchemaOp::CreateTable));
+        }
+        changes
+    }
+
+    /// `ALTER TABLE` of a replicated table: the table's definition is read again. Columns
+    /// only appended (or none changed: an index, a comment) are followed in place; any
+    /// other change to its columns or key copies the table again. Read after the fact, the
+    /// definition may show later statements too: a difference they make copies the table
+    /// again, and a shape they restore still shows in its rows' column count, checked at
+    /// every rows event (a count-preserving change undone later is not seen: rows between
+    /// are read under today's names and types).
+    async fn altered(&mut self, known: MysqlTable, query: &str, at: &Position) -> anyhow::Result<Option<Change>> {
+        let name = known.schema.name.clone();
+        let catalog = match &mut self.catalog {
+            Some(catalog) => catalog,
+            None => self.catalog.insert(self.params.connect().await?),
+        };
+        let (schema, encodings) = catalog::read_tables(catalog, &self.params.database, |t| t == &name).await?;
+        let copy_again = |why: String| schema_change(name.clone(), query, SchemaOp::CopyAgain { why });
+        let Some(definition) = schema.tables.into_iter().next() else {
+            return Ok(Some(copy_again(format!("it changed at {at} and is gone from the source since"))));
+        };
+        let encodings: Arc<Vec<Encoding>> = encodings.get(&name).cloned().unwrap_or_default();
+        let same = |a: &Column, b: &Column| a.name == b.name && a.type_name == b.type_name && a.is_key == b.is_key;
+        let before = &known.schema.columns;
+        let appended = definition.schema.columns.len() >= before.len()
+            && before.iter().zip(&definition.schema.columns).all(|(a, b)| same(a, b))
+            && encodings.get(..known.encodings.len()) == Some(&known.encodings[..])
+            && definition.schema.identity == known.schema.identity;
+        if !appended {
+            return Ok(Some(copy_again(format!(
+                "ALTER TABLE at {at} changed its columns or key in a way the binlog's rows do not carry"
+            ))));
+        }
+        if definition.schema.columns.len() == before.len() {
+            return Ok(None);
+        }
+        let table = MysqlTable { schema: Arc::new(definition.schema), encodings, key_span: known.key_span };
+        self.tables.insert(name, table.clone());
+        Ok(Some(Change::Relation(table.schema)))
     }
 
     /// A row image's values under the table's columns. An image holds the columns its
@@ -447,6 +540,23 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
             _ => anyhow::bail!("a rows event of {} at {at} has no row image", schema.name),
         })
     }
+}
+
+/// Why a table whose definition changed between its copy and the stream's start is copied
+/// again at its first event: the binlog ahead holds its rows in shapes only a schema
+/// history could tell.
+const STALE: &str = "its definition changed after it was copied and before the stream's start";
+
+/// A table whose rows at `at` cannot be read under its present definition: copied again,
+/// its changes until then left out.
+fn copy_again(table: TableName, at: &Position, why: &str) -> Change {
+    let why = format!("{why}, so its rows at {at} may be in an earlier shape");
+    schema_change(table, "(rows in another shape than the table's definition)", SchemaOp::CopyAgain { why })
+}
+
+/// One step of a source statement on one table.
+fn schema_change(table: TableName, statement: &str, op: SchemaOp) -> Change {
+    Change::Schema(SchemaChange { table, statement: statement.to_string(), ops: vec![op] })
 }
 
 /// A rows event's column bitmap as one flag per column.
@@ -601,9 +711,24 @@ impl<E: BinlogEvents> ChangeStream for BinlogChangeStream<E> {
                     if name.schema != self.params.database {
                         continue;
                     }
-                    let Some(table) = self.tables.get(&name).cloned() else { continue };
+                    // Rows a table's copy already holds may be in an earlier shape: not decoded.
+                    let Some(table) = self.followed(&name, &start) else { continue };
+                    if self.stale.contains(&name) {
+                        self.pending.push_back(Event::Change(copy_again(name, &start, STALE)));
+                        continue;
+                    }
+                    // Rows in another shape than the table has now: written before or after DDL
+                    // that `information_schema`, read later, no longer shows.
                     let columns = usize::try_from(tme.columns_count()).unwrap_or(usize::MAX);
-                    let schema = self.as_of(&table, columns, &start)?;
+                    if columns != table.schema.columns.len() {
+                        let why = format!(
+                            "its rows there have {columns} columns, its definition now {}",
+                            table.schema.columns.len()
+                        );
+                        self.pending.push_back(Event::Change(copy_again(name, &start, &why)));
+                        continue;
+                    }
+                    let schema = table.schema.clone();
                     let (before_columns, after_columns) =
                         (bitmap(rows_event.columns_before_image()), bitmap(rows_event.columns_after_image()));
                     let Some(tme) = self.binlog.table_map(rows_event.table_id()) else { continue };
@@ -636,6 +761,7 @@ mod tests {
 
     use super::{BinlogChangeStream, BinlogEvents};
     use crate::change::{Change, Column, Event, Identity, TableName, TableSchema, Value};
+    use crate::config::TableFilter;
     use crate::myconn::MysqlParams;
     use crate::position::{BinlogPosition, GtidSet, Position};
     use crate::schema::mysql::Encoding;
@@ -797,7 +923,13 @@ mod tests {
                 tables: HashMap::new(),
             };
             let Ok(Position::Binlog(from)) = from.parse::<Position>() else { panic!("a binlog position: {from}") };
-            BinlogChangeStream::over(fixture, params(), tables(), &from)
+            let followed = super::Followed {
+                tables: tables(),
+                copied_at: HashMap::new(),
+                stale: Default::default(),
+                filter: TableFilter::default(),
+            };
+            BinlogChangeStream::over(fixture, params(), followed, &from)
         }
     }
 

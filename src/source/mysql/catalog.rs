@@ -40,6 +40,66 @@ fn literal_default(default: Option<&str>) -> Option<String> {
 /// `information_schema.TABLES`: name, estimated rows, data length, next AUTO_INCREMENT value.
 type TableRow = (String, Option<u64>, Option<u64>, Option<u64>);
 
+/// The catalog rows [`read_tables`] builds on, read in four queries.
+struct CatalogRows {
+    tables: Vec<TableRow>,
+    columns: Vec<ColumnRow>,
+    checks: Vec<(String, String)>,
+    indexes: Vec<(String, String, u64, String)>,
+}
+
+impl CatalogRows {
+    async fn read(conn: &mut mysql_async::Conn, db: &str) -> anyhow::Result<CatalogRows> {
+        let tables: Vec<TableRow> = conn
+            .exec(
+                "SELECT TABLE_NAME, TABLE_ROWS, DATA_LENGTH, AUTO_INCREMENT FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
+                (db,),
+            )
+            .await
+            .context("reading the source's tables")?;
+        let columns: Vec<ColumnRow> = conn
+            .exec(
+                "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_PRECISION, NUMERIC_SCALE, \
+                        DATETIME_PRECISION, CHARACTER_MAXIMUM_LENGTH, IS_NULLABLE, EXTRA, CHARACTER_SET_NAME, COLUMN_DEFAULT \
+                 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME, ORDINAL_POSITION",
+                (db,),
+            )
+            .await
+            .context("reading the source's columns")?;
+        // MariaDB's JSON is longtext with a json_valid() check; MySQL has no such table before 8.0.16.
+        let checks: Vec<(String, String)> = conn
+            .exec(
+                "SELECT TABLE_NAME, CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = ?",
+                (db,),
+            )
+            .await
+            .unwrap_or_default();
+        let indexes: Vec<(String, String, u64, String)> = conn
+            .exec(
+                "SELECT TABLE_NAME, INDEX_NAME, NON_UNIQUE, COLUMN_NAME FROM information_schema.STATISTICS \
+                 WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX",
+                (db,),
+            )
+            .await
+            .context("reading the source's indexes")?;
+        Ok(CatalogRows { tables, columns, checks, indexes })
+    }
+
+    /// The same tables, columns, checks and indexes (row counts and AUTO_INCREMENT values
+    /// move with every write).
+    fn same_shape(&self, other: &CatalogRows) -> bool {
+        let names = |rows: &CatalogRows| rows.tables.iter().map(|t| t.0.clone()).collect::<Vec<_>>();
+        names(self) == names(other)
+            && self.columns == other.columns
+            && self.checks == other.checks
+            && self.indexes == other.indexes
+    }
+}
+
+/// How many times the catalog is read, at most, for two reads in a row that agree.
+const CATALOG_READS: usize = 20;
+
 /// The selected tables of database `db` with the value encoding of each column.
 pub async fn read_tables(
     conn: &mut mysql_async::Conn,
@@ -50,39 +110,25 @@ pub async fn read_tables(
     let mut encodings_by_table = HashMap::new();
     // Every column cutover cannot map, reported together.
     let mut unsupported = Vec::new();
-    let tables: Vec<TableRow> = conn
-        .exec(
-            "SELECT TABLE_NAME, TABLE_ROWS, DATA_LENGTH, AUTO_INCREMENT FROM information_schema.TABLES \
-             WHERE TABLE_SCHEMA = ? AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME",
-            (db.clone(),),
-        )
-        .await
-        .context("reading the source's tables")?;
-    let columns: Vec<ColumnRow> = conn
-        .exec(
-            "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_PRECISION, NUMERIC_SCALE, \
-                    DATETIME_PRECISION, CHARACTER_MAXIMUM_LENGTH, IS_NULLABLE, EXTRA, CHARACTER_SET_NAME, COLUMN_DEFAULT \
-             FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME, ORDINAL_POSITION",
-            (db.clone(),),
-        )
-        .await
-        .context("reading the source's columns")?;
-    // MariaDB's JSON is longtext with a json_valid() check; MySQL has no such table before 8.0.16.
-    let checks: Vec<(String, String)> = conn
-        .exec(
-            "SELECT TABLE_NAME, CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = ?",
-            (db.clone(),),
-        )
-        .await
-        .unwrap_or_default();
-    let indexes: Vec<(String, String, u64, String)> = conn
-        .exec(
-            "SELECT TABLE_NAME, INDEX_NAME, NON_UNIQUE, COLUMN_NAME FROM information_schema.STATISTICS \
-             WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX",
-            (db.clone(),),
-        )
-        .await
-        .context("reading the source's indexes")?;
+    // information_schema is no snapshot: a DDL statement between two of its queries (a
+    // table renamed after the tables were listed, before its columns were) gives a view
+    // of no one moment. Read until two reads in a row agree.
+    let mut rows = CatalogRows::read(conn, &db).await?;
+    for attempt in 1.. {
+        let again = CatalogRows::read(conn, &db).await?;
+        if again.same_shape(&rows) {
+            break;
+        }
+        if attempt >= CATALOG_READS {
+            return Err(crate::retry::ResumeFromCheckpoint(format!(
+                "the source's tables in {db} changed during each of {CATALOG_READS} reads of its catalog (DDL running)"
+            ))
+            .into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        rows = again;
+    }
+    let CatalogRows { tables, columns, checks, indexes } = rows;
 
     let mut schema = SourceSchema::default();
     for (table, rows, bytes, auto_increment) in tables {

@@ -24,11 +24,12 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 mod binlog;
 mod catalog;
+mod ddl;
 mod fence;
 
 use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader, TableRewritten};
 use crate::change::{Identity, TableName, TableSchema};
-use crate::checkpoint::PipelineIdentity;
+use crate::checkpoint::{PipelineIdentity, TableProgress};
 use crate::config::TableFilter;
 use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
 use crate::finding::Finding;
@@ -45,6 +46,16 @@ pub struct MysqlTable {
     /// For a big table with a single integer primary key: its lowest and highest key,
     /// so several workers can copy it in key ranges.
     key_span: Option<(i64, i64)>,
+}
+
+impl MysqlTable {
+    /// Its columns (name, type, key) and how each is rewritten: what a rows event must
+    /// agree with to be read under it.
+    fn shape(&self) -> String {
+        let columns: Vec<String> =
+            self.schema.columns.iter().map(|c| format!("{} {} {}", c.name, c.type_name, c.is_key)).collect();
+        format!("{:?} {:?} {:?}", columns, self.schema.identity, self.encodings)
+    }
 }
 
 /// Tables with more (estimated) rows than this are copied in key ranges.
@@ -220,7 +231,8 @@ impl Source for MysqlSource {
         })?;
         let position = Position::Binlog(binlog_position(&mut lock).await?);
         self.locked = Some(lock);
-        Ok(SnapshotPoint { position, id: String::new(), untracked: HashMap::new() })
+        let shapes = self.tables.iter().map(|(name, table)| (name.to_string(), table.shape())).collect();
+        Ok(SnapshotPoint { position, id: String::new(), untracked: HashMap::new(), shapes })
     }
 
     async fn snapshot_reader(&self, _snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>> {
@@ -327,13 +339,24 @@ impl Source for MysqlSource {
         &mut self,
         from: &Position,
         _confirmed: watch::Receiver<Position>,
-        _untracked_at_copy: &HashMap<String, i64>,
+        copies: &HashMap<String, TableProgress>,
     ) -> anyhow::Result<Box<dyn ChangeStream>> {
         // The binlog keeps no per-reader state on the server: nothing to confirm.
         let Position::Binlog(from) = from else {
             anyhow::bail!("a MySQL binlog resumes from a file:offset position, not from {from}")
         };
-        let stream = binlog::BinlogChangeStream::start(&self.params, self.tables.clone(), from, self.server_id).await?;
+        let copied_at = copies.iter().map(|(name, copy)| (name.clone(), copy.copied_at.clone())).collect();
+        let stale = self
+            .tables
+            .iter()
+            .filter(|(name, table)| {
+                let copied = copies.get(&name.to_string()).and_then(|copy| copy.shape.as_ref());
+                copied.is_some_and(|shape| *shape != table.shape())
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let followed = binlog::Followed { tables: self.tables.clone(), copied_at, stale, filter: self.filter.clone() };
+        let stream = binlog::BinlogChangeStream::start(&self.params, followed, from, self.server_id).await?;
         Ok(Box::new(stream))
     }
 }
@@ -408,6 +431,12 @@ impl TableReader for MysqlTableReader {
                         let _ = started_tx.send(Err(TableRewritten(name.clone()).into()));
                         return Ok(());
                     }
+                    // Dropped or renamed since the catalog was read: the next attempt reads it again.
+                    Err(mysql_async::Error::Server(e)) if e.code == ER_NO_SUCH_TABLE => {
+                        let why = format!("{name} was dropped or renamed on the source while it was to be copied");
+                        let _ = started_tx.send(Err(crate::retry::ResumeFromCheckpoint(why).into()));
+                        return Ok(());
+                    }
                     Err(e) => {
                         let _ = started_tx.send(Err(anyhow::Error::new(e).context(format!("reading {name} from the source"))));
                         return Ok(());
@@ -477,6 +506,9 @@ impl TableReader for MysqlTableReader {
 /// "Table definition has changed, please retry transaction": the table was truncated or
 /// altered after this transaction's consistent snapshot was taken.
 const ER_TABLE_DEF_CHANGED: u16 = 1412;
+
+/// "Table doesn't exist".
+const ER_NO_SUCH_TABLE: u16 = 1146;
 
 /// "Lock wait timeout exceeded": a consistent read takes no row locks, so this is the
 /// table's metadata lock, which a waiting TRUNCATE or ALTER holds up.

@@ -245,7 +245,12 @@ impl PostgresSource {
             )
         })?;
         self.exporting = Some(conn);
-        Ok(SnapshotPoint { position: Position::Lsn(created.consistent_point), id: created.snapshot_name, untracked })
+        Ok(SnapshotPoint {
+            position: Position::Lsn(created.consistent_point),
+            id: created.snapshot_name,
+            untracked,
+            shapes: HashMap::new(),
+        })
     }
 }
 
@@ -562,7 +567,7 @@ impl Source for PostgresSource {
         &mut self,
         from: &Position,
         confirmed: watch::Receiver<Position>,
-        untracked_at_copy: &HashMap<String, i64>,
+        copies: &HashMap<String, crate::checkpoint::TableProgress>,
     ) -> anyhow::Result<Box<dyn ChangeStream>> {
         let Some(from) = from.lsn() else {
             anyhow::bail!(
@@ -574,7 +579,9 @@ impl Source for PostgresSource {
             .await
             .with_context(|| format!("starting replication from slot {} at {from}", self.slot))?;
         let catalog = self.params.connect().await?;
-        let watched = InsertOnlyWatch::start(&catalog, &self.insert_only, untracked_at_copy).await?;
+        let untracked: HashMap<String, i64> =
+            copies.iter().filter_map(|(name, copy)| Some((name.clone(), copy.untracked?))).collect();
+        let watched = InsertOnlyWatch::start(&catalog, &self.insert_only, &untracked).await?;
         let ddl_key = match self.capturing {
             true => ddl::capture_key(&catalog).await?,
             false => None,
