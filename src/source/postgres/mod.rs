@@ -15,36 +15,46 @@
 //! - The server is told as flushed only what the target committed, or — while
 //!   no transaction is pending — the position it reported itself, so a quiet
 //!   database never makes the slot hold WAL.
+//!
+//! Its parts: [`reader`] splits a table into chunks and copies each inside the
+//! snapshot (page ranges by TID range scans, a chunk per partition, the lock and
+//! TRUNCATE check per table); [`stream`] turns the slot's pgoutput into events and
+//! tells the server what is flushed; [`insert_only`] watches the tables without
+//! replica identity for the UPDATEs and DELETEs that cannot stream. [`catalog`]
+//! reads the tables, [`ddl`] captures schema changes, [`fence`] fences the source
+//! for a switchover, [`pgoutput`] decodes the messages and [`replication`] speaks
+//! the walsender protocol. This module sets up the publications and the slot,
+//! exports the snapshots and implements [`Source`].
 
 mod catalog;
 mod ddl;
 mod fence;
+mod insert_only;
 pub mod pgoutput;
+mod reader;
 mod replication;
+mod stream;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use futures_util::TryStreamExt;
 use tokio::sync::watch;
 
-use self::pgoutput::{Message, OldTuple, PG_EPOCH_OFFSET_MICROS};
-use self::replication::{ReplicationConnection, ReplicationMessage};
-use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader, TableRewritten};
-use crate::change::{Change, Column, Event, Identity, TableName, TableSchema};
+use self::insert_only::{untracked_changes, InsertOnlyWatch};
+use self::reader::PostgresTableReader;
+use self::replication::ReplicationConnection;
+use self::stream::PostgresChangeStream;
+use super::{ChangeStream, LogEnd, SnapshotPoint, Source, TableReader};
+use crate::change::{Identity, TableName};
 use crate::checkpoint::PipelineIdentity;
 use crate::config::TableFilter;
-use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
+use crate::copy::{Chunk, SourceDialect};
 use crate::finding::Finding;
 use crate::pgconn::ConnectParams;
 use crate::position::{Lsn, Position};
 use crate::schema::{quote_ident, quote_literal, quote_table, SourceSchema, TableDefinition};
-
-/// Tables larger than this many 8 kB pages are copied in page ranges by several workers.
-const CHUNK_MIN_PAGES: u64 = 8192;
 
 /// A PostgreSQL database as a change source.
 pub struct PostgresSource {
@@ -542,25 +552,7 @@ impl Source for PostgresSource {
     }
 
     fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk> {
-        // A partitioned table: a chunk per partition that holds rows (none: the table, empty).
-        if table.partitioning.is_some() {
-            let holders = table.row_holders().len();
-            return if holders == 0 { vec![Chunk::Whole] } else { (0..holders).map(Chunk::Partition).collect() };
-        }
-        let per_chunk = (table.pages / (workers as u64 * 2).max(1)).max(CHUNK_MIN_PAGES);
-        if workers < 2 || table.pages < 2 * CHUNK_MIN_PAGES {
-            return vec![Chunk::Whole];
-        }
-        let mut chunks = Vec::new();
-        let mut start = 0u64;
-        while start < table.pages {
-            let end = start + per_chunk;
-            // The last chunk is open-ended: the table may have grown since it was measured.
-            let end = if end >= table.pages { u32::MAX } else { u32::try_from(end).unwrap_or(u32::MAX) };
-            chunks.push(Chunk::Pages { start: u32::try_from(start).unwrap_or(u32::MAX), end });
-            start += per_chunk;
-        }
-        chunks
+        reader::chunks(table, workers)
     }
 
     async fn start_stream(
@@ -604,451 +596,4 @@ impl Source for PostgresSource {
             watched,
         }))
     }
-}
-
-/// A copy connection inside the exported snapshot.
-struct PostgresTableReader {
-    client: tokio_postgres::Client,
-}
-
-#[async_trait]
-impl TableReader for PostgresTableReader {
-    async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
-        let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        // The table that holds the chunk's rows: a partition, or the table itself.
-        let name = match chunk {
-            Chunk::Partition(n) => table
-                .row_holders()
-                .get(n)
-                .map(|&p| p.clone())
-                .with_context(|| format!("{} has no partition {n} that holds rows", table.schema.name))?,
-            _ => table.schema.name.clone(),
-        };
-        let qualified = quote_table(&name);
-        let source = match chunk {
-            // A partitioned table without partitions: COPY reads no partitioned table itself.
-            Chunk::Whole if table.partitioning.is_some() => {
-                format!("(SELECT {} FROM {qualified})", columns.join(", "))
-            }
-            Chunk::Whole | Chunk::KeyRange { .. } | Chunk::Partition(_) => {
-                format!("{qualified} ({})", columns.join(", "))
-            }
-            Chunk::Pages { start, end } => {
-                let upper = if end == u32::MAX { String::new() } else { format!(" AND ctid < '({end},0)'::tid") };
-                format!("(SELECT {} FROM {qualified} WHERE ctid >= '({start},0)'::tid{upper})", columns.join(", "))
-            }
-        };
-        let options = match format {
-            CopyFormat::PostgresBinary => "FORMAT binary",
-            CopyFormat::PostgresText => "FORMAT text",
-        };
-        // Lock the table (its read would, until this transaction ends), then compare the
-        // file the snapshot's catalog names with the table's file now: TRUNCATE swaps the
-        // file, and the snapshot would read the new one (empty of what it can see). Without
-        // waiting: a TRUNCATE queued for a table another reader holds would make this one
-        // wait behind it, and the TRUNCATE waits for the copy to end. (A failed statement
-        // ends a transaction: inside a savepoint.)
-        let checking = || format!("checking that {name} was not truncated since the snapshot");
-        let lock = format!(
-            "SAVEPOINT cutover_lock; LOCK TABLE ONLY {qualified} IN ACCESS SHARE MODE NOWAIT; RELEASE SAVEPOINT cutover_lock"
-        );
-        match self.client.batch_execute(&lock).await {
-            Ok(()) => {}
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
-                self.client.batch_execute("ROLLBACK TO SAVEPOINT cutover_lock").await.with_context(checking)?;
-                return Err(TableRewritten(name).into());
-            }
-            Err(e) => return Err(e).with_context(checking),
-        }
-        let rewritten = self
-            .client
-            .query_opt(
-                "SELECT 1 FROM pg_class c WHERE c.oid = $1::text::regclass \
-                 AND pg_relation_filenode(c.oid) IS NOT DISTINCT FROM nullif(c.relfilenode, 0)",
-                &[&qualified],
-            )
-            .await
-            .with_context(checking)?
-            .is_none();
-        if rewritten {
-            return Err(TableRewritten(name).into());
-        }
-        let stream = self
-            .client
-            .copy_out(&format!("COPY {source} TO STDOUT ({options})"))
-            .await
-            .with_context(|| format!("starting to copy {name} out of the source"))?
-            .map_err(move |e| anyhow::anyhow!("copying {name} out of the source: {e:#}"));
-        Ok(CopyStream { format, data: Box::pin(stream) })
-    }
-}
-
-/// UPDATEs + DELETEs so far on each table, per the statistics collector, keyed
-/// by the table's display name.
-async fn untracked_changes(
-    client: &tokio_postgres::Client,
-    tables: &[TableName],
-) -> anyhow::Result<HashMap<String, i64>> {
-    if tables.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let names: Vec<String> = tables.iter().map(quote_table).collect();
-    let rows = client
-        .query(
-            // Summed over the partitions of a partitioned table (a plain table has no tree).
-            "SELECT n.ord::int4, coalesce(sum(s.n_tup_upd + s.n_tup_del), 0)::int8 \
-             FROM unnest($1::text[]) WITH ORDINALITY AS n(name, ord) \
-             LEFT JOIN pg_stat_user_tables s ON s.relid = n.name::regclass \
-                  OR s.relid IN (SELECT t.relid FROM pg_partition_tree(n.name::regclass) t) \
-             GROUP BY n.ord",
-            &[&names],
-        )
-        .await
-        .context("reading update/delete counters of tables without replica identity")?;
-    let mut counts = HashMap::new();
-    for row in rows {
-        let index = usize::try_from(row.get::<_, i32>(0) - 1).unwrap_or(usize::MAX);
-        if let Some(table) = tables.get(index) {
-            counts.insert(table.to_string(), row.get(1));
-        }
-    }
-    Ok(counts)
-}
-
-/// When the source database's statistics were last reset (`pg_stat_reset()`, or one
-/// table's counters): `None` if never.
-async fn stats_reset(client: &tokio_postgres::Client) -> anyhow::Result<Option<String>> {
-    Ok(client
-        .query_opt("SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database()", &[])
-        .await
-        .context("reading when the source's statistics were last reset")?
-        .and_then(|row| row.get(0)))
-}
-
-/// Tables whose UPDATEs and DELETEs cannot replicate: their counters are watched
-/// against the counts taken when each was copied, and the first such change
-/// stops the pipeline instead of being lost silently — also one made while
-/// cutover was not running. Counters that went back (`pg_stat_reset()`, a crash)
-/// can no longer tell: that stops the pipeline too, and is never taken as a new
-/// baseline, so a restart stops again.
-struct InsertOnlyWatch {
-    tables: Vec<TableName>,
-    baselines: HashMap<String, i64>,
-    /// As read when the watch started: a reset since then makes a table's counters
-    /// unknown even where they climbed back to their baseline.
-    stats_reset: Option<String>,
-}
-
-impl InsertOnlyWatch {
-    /// Tables without a stored baseline (never copied by cutover) start from now.
-    async fn start(
-        client: &tokio_postgres::Client,
-        tables: &[TableName],
-        stored: &HashMap<String, i64>,
-    ) -> anyhow::Result<InsertOnlyWatch> {
-        // Read before the counts: a reset in between makes the watch stricter, never blind.
-        let stats_reset = stats_reset(client).await?;
-        let mut baselines = untracked_changes(client, tables).await?;
-        for (table, count) in &mut baselines {
-            if let Some(&at_copy) = stored.get(table) {
-                *count = at_copy;
-            }
-        }
-        Ok(InsertOnlyWatch { tables: tables.to_vec(), baselines, stats_reset })
-    }
-
-    async fn check(&self, client: &tokio_postgres::Client) -> anyhow::Result<()> {
-        if self.tables.is_empty() {
-            return Ok(());
-        }
-        let reset_since_start = stats_reset(client).await? != self.stats_reset;
-        let counts = untracked_changes(client, &self.tables).await?;
-        let mut changed = Vec::new();
-        let mut unknown = Vec::new();
-        for table in &self.tables {
-            let name = table.to_string();
-            let count = counts.get(&name).copied().unwrap_or(0);
-            let baseline = self.baselines.get(&name).copied().unwrap_or(0);
-            if count > baseline {
-                changed.push(table);
-            } else if count < baseline || (reset_since_start && baseline > 0) {
-                unknown.push((table, format!("{name}: {baseline} when copied, {count} now")));
-            }
-        }
-        let recopy = |tables: &[&TableName]| {
-            let fixes: Vec<String> =
-                tables.iter().map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(t))).collect();
-            format!(
-                "Fix: {} then re-copy the table (remove it from the target and start over with a new state dir)",
-                fixes.join(" ")
-            )
-        };
-        if !changed.is_empty() {
-            let names: Vec<String> = changed.iter().map(|t| t.to_string()).collect();
-            anyhow::bail!(
-                "an UPDATE or DELETE ran on the source on a table without primary key or replica identity ({}); \
-                 it cannot be replicated, so cutover stopped at its last checkpoint. {}",
-                names.join(", "),
-                recopy(&changed)
-            )
-        }
-        if !unknown.is_empty() {
-            let tables: Vec<&TableName> = unknown.iter().map(|(t, _)| *t).collect();
-            let counters: Vec<&str> = unknown.iter().map(|(_, counters)| counters.as_str()).collect();
-            anyhow::bail!(
-                "the UPDATE/DELETE counters of tables without primary key or replica identity went back on the source \
-                 ({}{}): pg_stat_reset() or a crash reset them, so whether an UPDATE or DELETE ran on these tables \
-                 since is unknown, and cutover stopped at its last checkpoint rather than guess. {}",
-                counters.join("; "),
-                if reset_since_start { "; statistics reset while streaming" } else { "" },
-                recopy(&tables)
-            )
-        }
-        Ok(())
-    }
-}
-
-/// The decoded pgoutput stream of one slot.
-struct PostgresChangeStream {
-    conn: ReplicationConnection,
-    catalog: tokio_postgres::Client,
-    /// Which tables the pipeline's are (renamed ones stay in the publication until a restart).
-    filter: TableFilter,
-    /// The key the DDL capture signs its messages with; `None` when not capturing.
-    ddl_key: Option<String>,
-    relations: HashMap<u32, Arc<TableSchema>>,
-    /// Relations described but not passed on yet: one goes out right before the first
-    /// change that uses it. (Published via the partition root, pgoutput also describes
-    /// the partition a change hit, which no change then names.)
-    unannounced: std::collections::HashSet<u32>,
-    /// Events decoded from one message and not returned yet.
-    queued: std::collections::VecDeque<Event>,
-    type_names: HashMap<(u32, i32), String>,
-    confirmed: watch::Receiver<Position>,
-    last_commit_end: Lsn,
-    reported_flush: Lsn,
-    in_transaction: bool,
-    last_status: Instant,
-    last_housekeeping: Instant,
-    watched: InsertOnlyWatch,
-}
-
-/// How often the server hears from us even when nothing changes.
-const STATUS_INTERVAL: Duration = Duration::from_secs(5);
-/// How often confirmed positions are passed on and watched tables checked.
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
-
-impl PostgresChangeStream {
-    fn confirmed_lsn(&self) -> Lsn {
-        // The pipeline only ever confirms positions this stream produced: LSNs.
-        self.confirmed.borrow().lsn().unwrap_or_default()
-    }
-
-    async fn send_status(&mut self, received: Lsn, flushed: Lsn, reply: bool) -> anyhow::Result<()> {
-        self.conn.send_status(received.max(flushed), flushed, reply).await?;
-        self.reported_flush = flushed;
-        self.last_status = Instant::now();
-        Ok(())
-    }
-
-    async fn type_name(&mut self, oid: u32, modifier: i32) -> anyhow::Result<String> {
-        if let Some(name) = self.type_names.get(&(oid, modifier)) {
-            return Ok(name.clone());
-        }
-        let name: String = self
-            .catalog
-            .query_one("SELECT format_type($1, $2)", &[&oid, &modifier])
-            .await
-            .with_context(|| format!("looking up the name of type OID {oid}"))?
-            .get(0);
-        self.type_names.insert((oid, modifier), name.clone());
-        Ok(name)
-    }
-
-    async fn relation(&mut self, rel: pgoutput::Relation) -> anyhow::Result<Arc<TableSchema>> {
-        // One catalog read per Relation: each column's default and primary-key membership.
-        let catalog: HashMap<String, (Option<String>, bool)> = self
-            .catalog
-            .query(
-                "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid), coalesce(a.attnum = ANY(i.indkey), false) \
-                 FROM pg_attribute a \
-                 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
-                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&rel.relid],
-            )
-            .await
-            .with_context(|| format!("looking up the columns of {}.{} on the source", rel.namespace, rel.name))?
-            .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
-            .collect();
-        let mut columns = Vec::with_capacity(rel.columns.len());
-        for c in &rel.columns {
-            columns.push(Column {
-                name: c.name.clone(),
-                type_name: self.type_name(c.type_oid, c.type_modifier).await?,
-                type_oid: c.type_oid,
-                is_key: c.is_key,
-                default: catalog.get(&c.name).and_then(|(default, _)| default.clone()),
-            });
-        }
-        let identity = match rel.replica_identity {
-            // FULL flags every column; when a primary key exists, match by it instead.
-            b'f' => {
-                for column in &mut columns {
-                    column.is_key = catalog.get(&column.name).is_some_and(|(_, in_key)| *in_key);
-                }
-                if columns.iter().any(|c| c.is_key) {
-                    Identity::Key
-                } else {
-                    Identity::Full
-                }
-            }
-            _ if columns.iter().any(|c| c.is_key) => Identity::Key,
-            _ => Identity::Nothing,
-        };
-        let schema = Arc::new(TableSchema { name: TableName::new(rel.namespace, rel.name), columns, identity });
-        self.relations.insert(rel.relid, schema.clone());
-        Ok(schema)
-    }
-
-    fn table(&self, relid: u32, at: Lsn) -> anyhow::Result<Arc<TableSchema>> {
-        self.relations.get(&relid).cloned().with_context(|| {
-            format!("the source sent a change for relation {relid} at {at} before describing it (protocol error)")
-        })
-    }
-
-    /// Turns one pgoutput message into an event, if it is one.
-    async fn event(&mut self, message: Message, at: Lsn) -> anyhow::Result<Option<Event>> {
-        Ok(Some(match message {
-            Message::Begin { final_lsn, commit_time, .. } => {
-                self.in_transaction = true;
-                Event::Begin { position: Position::Lsn(Lsn(final_lsn)), commit_time: pg_time(commit_time) }
-            }
-            Message::Commit { end_lsn, commit_time, .. } => {
-                self.in_transaction = false;
-                self.last_commit_end = Lsn(end_lsn);
-                Event::Commit { position: Position::Lsn(Lsn(end_lsn)), commit_time: pg_time(commit_time) }
-            }
-            Message::Relation(rel) => {
-                let relid = rel.relid;
-                self.relation(rel).await?;
-                self.unannounced.insert(relid);
-                return Ok(None);
-            }
-            Message::Insert { relid, new } => {
-                let Some(table) = self.selected_table(relid, at)? else { return Ok(None) };
-                Event::Change(Change::Insert { table, row: new })
-            }
-            Message::Update { relid, old, new } => {
-                let Some(table) = self.selected_table(relid, at)? else { return Ok(None) };
-                let old = old.map(|o| match o {
-                    OldTuple::Key(row) | OldTuple::Full(row) => row,
-                });
-                Event::Change(Change::Update { table, old, new })
-            }
-            Message::Delete { relid, old: OldTuple::Key(old) | OldTuple::Full(old) } => {
-                let Some(table) = self.selected_table(relid, at)? else { return Ok(None) };
-                Event::Change(Change::Delete { table, old })
-            }
-            Message::Truncate { relids, cascade, restart_identity } => {
-                let mut tables = Vec::new();
-                for relid in relids {
-                    tables.extend(self.selected_table(relid, at)?);
-                }
-                if tables.is_empty() {
-                    return Ok(None);
-                }
-                Event::Change(Change::Truncate { tables, cascade, restart_identity })
-            }
-            Message::Message { transactional: true, prefix, content, .. } if prefix == ddl::MESSAGE_PREFIX => {
-                let filter = &self.filter;
-                let Some(key) = self.ddl_key.as_deref() else { return Ok(None) };
-                let changes = ddl::schema_changes(&content, key, |name| filter.includes(&name.to_string()))
-                    .with_context(|| format!("at {at}"))?;
-                for change in changes {
-                    tracing::info!(
-                        table = %change.table,
-                        ops = ?change.ops.iter().map(|op| op.kind()).collect::<Vec<_>>(),
-                        at = %at,
-                        "schema change on the source"
-                    );
-                    self.queued.push_back(Event::Change(Change::Schema(change)));
-                }
-                return Ok(None);
-            }
-            Message::Type { .. } | Message::Origin { .. } | Message::Message { .. } => return Ok(None),
-        }))
-    }
-
-    /// The table a change names, if the selection matches it (a table renamed out of the
-    /// selection stays in the publication until the next start syncs it), with a
-    /// `Relation` event queued before the change when it was not passed on since it was described.
-    fn selected_table(&mut self, relid: u32, at: Lsn) -> anyhow::Result<Option<Arc<TableSchema>>> {
-        let table = self.table(relid, at)?;
-        if !self.filter.includes(&table.name.to_string()) {
-            return Ok(None);
-        }
-        if self.unannounced.remove(&relid) {
-            self.queued.push_back(Event::Change(Change::Relation(table.clone())));
-        }
-        Ok(Some(table))
-    }
-}
-
-#[async_trait]
-impl ChangeStream for PostgresChangeStream {
-    async fn next(&mut self) -> anyhow::Result<Event> {
-        if let Some(event) = self.queued.pop_front() {
-            return Ok(event);
-        }
-        loop {
-            let housekeeping = tokio::time::sleep_until((self.last_housekeeping + HOUSEKEEPING_INTERVAL).into());
-            tokio::select! {
-                message = self.conn.recv() => match message? {
-                    ReplicationMessage::XLogData { wal_start, data } => {
-                        let decoded = pgoutput::decode(&data)
-                            .with_context(|| format!("decoding the replication stream at {wal_start}"))?;
-                        if let Some(event) = self.event(decoded, wal_start).await? {
-                            // The relations it uses first.
-                            self.queued.push_back(event);
-                        }
-                        if let Some(event) = self.queued.pop_front() {
-                            return Ok(event);
-                        }
-                    }
-                    ReplicationMessage::Keepalive { wal_end, reply_requested } => {
-                        let confirmed = self.confirmed_lsn();
-                        // Idle and fully applied: the server's own position is safe to confirm.
-                        let idle = !self.in_transaction && self.last_commit_end <= confirmed;
-                        let flushed = if idle { confirmed.max(wal_end) } else { confirmed };
-                        crate::metrics::METRICS.lag_bytes.set(i64::try_from(wal_end.0.saturating_sub(flushed.0)).unwrap_or(i64::MAX));
-                        if reply_requested || flushed != self.reported_flush || self.last_status.elapsed() >= STATUS_INTERVAL {
-                            self.send_status(wal_end, flushed, false).await?;
-                        }
-                        // wal_end is where the walsender has read to: every transaction that
-                        // committed before it has been sent.
-                        if !self.in_transaction {
-                            return Ok(Event::Heartbeat { position: Position::Lsn(wal_end) });
-                        }
-                    }
-                },
-                _ = housekeeping => {
-                    self.last_housekeeping = Instant::now();
-                    let confirmed = self.confirmed_lsn();
-                    if confirmed > self.reported_flush || self.last_status.elapsed() >= STATUS_INTERVAL {
-                        // Asks for a keepalive back: an idle server sends none of its own while
-                        // it hears from us, and its wal_end is what a replay to a time waits for.
-                        self.send_status(self.last_commit_end, confirmed.max(self.reported_flush), true).await?;
-                    }
-                    self.watched.check(&self.catalog).await?;
-                }
-            }
-        }
-    }
-}
-
-fn pg_time(micros_since_2000: i64) -> SystemTime {
-    let micros = micros_since_2000.saturating_add(PG_EPOCH_OFFSET_MICROS);
-    UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0))
 }

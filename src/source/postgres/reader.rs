@@ -1,0 +1,113 @@
+//! The snapshot readers: a table split into chunks, each copied out inside the exported snapshot.
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use futures_util::TryStreamExt;
+
+use crate::copy::{Chunk, CopyFormat, CopyStream};
+use crate::schema::{quote_ident, quote_table, TableDefinition};
+use crate::source::{TableReader, TableRewritten};
+
+/// Tables larger than this many 8 kB pages are copied in page ranges by several workers.
+const CHUNK_MIN_PAGES: u64 = 8192;
+
+/// How [`Source::chunks`](crate::source::Source::chunks) splits a table for `workers`
+/// copy workers: a chunk per partition that holds rows, or ranges of pages.
+pub(super) fn chunks(table: &TableDefinition, workers: usize) -> Vec<Chunk> {
+    // A partitioned table: a chunk per partition that holds rows (none: the table, empty).
+    if table.partitioning.is_some() {
+        let holders = table.row_holders().len();
+        return if holders == 0 { vec![Chunk::Whole] } else { (0..holders).map(Chunk::Partition).collect() };
+    }
+    let per_chunk = (table.pages / (workers as u64 * 2).max(1)).max(CHUNK_MIN_PAGES);
+    if workers < 2 || table.pages < 2 * CHUNK_MIN_PAGES {
+        return vec![Chunk::Whole];
+    }
+    let mut chunks = Vec::new();
+    let mut start = 0u64;
+    while start < table.pages {
+        let end = start + per_chunk;
+        // The last chunk is open-ended: the table may have grown since it was measured.
+        let end = if end >= table.pages { u32::MAX } else { u32::try_from(end).unwrap_or(u32::MAX) };
+        chunks.push(Chunk::Pages { start: u32::try_from(start).unwrap_or(u32::MAX), end });
+        start += per_chunk;
+    }
+    chunks
+}
+
+/// A copy connection inside the exported snapshot.
+pub(super) struct PostgresTableReader {
+    pub(super) client: tokio_postgres::Client,
+}
+
+#[async_trait]
+impl TableReader for PostgresTableReader {
+    async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
+        let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        // The table that holds the chunk's rows: a partition, or the table itself.
+        let name = match chunk {
+            Chunk::Partition(n) => table
+                .row_holders()
+                .get(n)
+                .map(|&p| p.clone())
+                .with_context(|| format!("{} has no partition {n} that holds rows", table.schema.name))?,
+            _ => table.schema.name.clone(),
+        };
+        let qualified = quote_table(&name);
+        let source = match chunk {
+            // A partitioned table without partitions: COPY reads no partitioned table itself.
+            Chunk::Whole if table.partitioning.is_some() => {
+                format!("(SELECT {} FROM {qualified})", columns.join(", "))
+            }
+            Chunk::Whole | Chunk::KeyRange { .. } | Chunk::Partition(_) => {
+                format!("{qualified} ({})", columns.join(", "))
+            }
+            Chunk::Pages { start, end } => {
+                let upper = if end == u32::MAX { String::new() } else { format!(" AND ctid < '({end},0)'::tid") };
+                format!("(SELECT {} FROM {qualified} WHERE ctid >= '({start},0)'::tid{upper})", columns.join(", "))
+            }
+        };
+        let options = match format {
+            CopyFormat::PostgresBinary => "FORMAT binary",
+            CopyFormat::PostgresText => "FORMAT text",
+        };
+        // Lock the table (its read would, until this transaction ends), then compare the
+        // file the snapshot's catalog names with the table's file now: TRUNCATE swaps the
+        // file, and the snapshot would read the new one (empty of what it can see). Without
+        // waiting: a TRUNCATE queued for a table another reader holds would make this one
+        // wait behind it, and the TRUNCATE waits for the copy to end. (A failed statement
+        // ends a transaction: inside a savepoint.)
+        let checking = || format!("checking that {name} was not truncated since the snapshot");
+        let lock = format!(
+            "SAVEPOINT cutover_lock; LOCK TABLE ONLY {qualified} IN ACCESS SHARE MODE NOWAIT; RELEASE SAVEPOINT cutover_lock"
+        );
+        match self.client.batch_execute(&lock).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                self.client.batch_execute("ROLLBACK TO SAVEPOINT cutover_lock").await.with_context(checking)?;
+                return Err(TableRewritten(name).into());
+            }
+            Err(e) => return Err(e).with_context(checking),
+        }
+        let rewritten = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_class c WHERE c.oid = $1::text::regclass \
+                 AND pg_relation_filenode(c.oid) IS NOT DISTINCT FROM nullif(c.relfilenode, 0)",
+                &[&qualified],
+            )
+            .await
+            .with_context(checking)?
+            .is_none();
+        if rewritten {
+            return Err(TableRewritten(name).into());
+        }
+        let stream = self
+            .client
+            .copy_out(&format!("COPY {source} TO STDOUT ({options})"))
+            .await
+            .with_context(|| format!("starting to copy {name} out of the source"))?
+            .map_err(move |e| anyhow::anyhow!("copying {name} out of the source: {e:#}"));
+        Ok(CopyStream { format, data: Box::pin(stream) })
+    }
+}
