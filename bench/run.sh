@@ -63,7 +63,7 @@ wait_marker() { # port note
 set_marker() { psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "UPDATE bench_marker SET note = '$1' WHERE id = 1" >/dev/null; }
 "$CUTOVER" run --config "$WORK/catchup.toml" 2>>"$WORK/catchup.log" & CPID=$!
 "$BIN/pg_dump" -s -h 127.0.0.1 -p "$SRC2" -U cutover postgres | psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres >/dev/null
-psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "CREATE PUBLICATION bench_native FOR ALL TABLES" >/dev/null
+psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "CREATE PUBLICATION bench_native FOR TABLES IN SCHEMA public" >/dev/null
 psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "CREATE SUBSCRIPTION bench_native CONNECTION '$(url "$SRC2")' PUBLICATION bench_native" >/dev/null
 wait_streaming "$WORK/catchup.log"
 set_marker synced; wait_marker "$CT" synced; wait_marker "$NT" synced
