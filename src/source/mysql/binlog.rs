@@ -294,7 +294,6 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
         time: SystemTime,
     ) -> anyhow::Result<()> {
         let resolve = |t: &ddl::TableRef| TableName::new(t.schema.as_deref().unwrap_or(schema), t.name.as_str());
-        let schema_change = |table: TableName, op: SchemaOp| schema_change(table, query, op);
         let mut changes = Vec::new();
         let parsed = ddl::parse(query);
         if let Ddl::Truncate(table) | Ddl::Alter { table, renamed_to: None } = &parsed {
@@ -330,14 +329,14 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
             Ddl::Drop(tables) => {
                 for table in tables.iter().map(resolve) {
                     if self.leaves(&table, &start) {
-                        changes.push(schema_change(table, SchemaOp::DropTable));
+                        changes.push(schema_change(table, query, SchemaOp::DropTable));
                     }
                 }
             }
             Ddl::Create(table) => {
                 let table = resolve(&table);
                 if self.joins(&table, &start) {
-                    changes.push(schema_change(table, SchemaOp::CreateTable));
+                    changes.push(schema_change(table, query, SchemaOp::CreateTable));
                 }
             }
             Ddl::Other => {}
@@ -384,13 +383,12 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
     /// A table renamed: it leaves the pipeline under its old name, and joins under the
     /// new one when the selection matches that (copied under a snapshot of its own).
     fn renamed(&mut self, from: &TableName, to: TableName, at: &Position, query: &str) -> Vec<Change> {
-        let change = |table: TableName, op: SchemaOp| schema_change(table, query, op);
         let mut changes = Vec::new();
         if self.leaves(from, at) {
-            changes.push(change(from.clone(), SchemaOp::DropTable));
+            changes.push(schema_change(from.clone(), query, SchemaOp::DropTable));
         }
         if self.joins(&to, at) {
-            changes.push(change(to, SchemaOp::CreateTable));
+            changes.push(schema_change(to, query, SchemaOp::CreateTable));
         }
         changes
     }
