@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::change::TableName;
+use crate::copy::Chunk;
 use crate::position::Position;
 
 const POSITION: &str = "position";
@@ -26,6 +27,7 @@ pub struct SwitchoverRecord {
     pub fallback: bool,
 }
 const TABLE_PREFIX: &str = "table/";
+const CHUNKS_PREFIX: &str = "chunks/";
 
 /// What a state directory belongs to; a mismatch means the wrong state dir.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +69,47 @@ pub struct TableProgress {
     /// The table's definition as copied, in the source's form (its `SnapshotPoint::shapes`).
     #[serde(default)]
     pub shape: Option<String>,
+    /// A copy resumed under a later snapshot: each key range with the snapshot it was
+    /// copied under (`copied_at` is the earliest). Empty when one snapshot copied it all.
+    #[serde(default)]
+    pub ranges: Vec<ChunkCopy>,
+}
+
+impl TableProgress {
+    /// Whether a change at `position` to the row whose integer key is `key` is newer than
+    /// the copy that holds the row.
+    pub fn applies(&self, position: &Position, key: i64) -> bool {
+        *position >= self.copied_at
+            && self.ranges.iter().find(|r| r.chunk.holds_key(key)).is_none_or(|r| r.copied_at <= *position)
+    }
+
+    /// Whether changes at `position` must be placed row by row: some of the table's
+    /// ranges were copied at or before it, others after.
+    pub fn splits_at(&self, position: &Position) -> bool {
+        *position >= self.copied_at && self.ranges.iter().any(|range| range.copied_at > *position)
+    }
+}
+
+/// One finished chunk of a table's copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkCopy {
+    pub chunk: Chunk,
+    /// The snapshot it was copied under.
+    pub copied_at: Position,
+    pub rows: u64,
+}
+
+/// A table's copy split by key ranges, while it runs: the ranges planned, those finished
+/// (each with its snapshot) and what the table looked like when the first began. A copy
+/// cut short resumes with the ranges not finished, under a new snapshot; the stream, which
+/// begins no later than the earliest finished range's snapshot, brings those up to date.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkPlan {
+    pub chunks: Vec<Chunk>,
+    pub finished: Vec<ChunkCopy>,
+    /// The table's columns as the first range was copied (name and type each): a table
+    /// whose columns changed since is copied from the start.
+    pub columns: Vec<String>,
 }
 
 /// Writes that are on disk when they return.
@@ -139,14 +182,36 @@ impl CheckpointStore {
         self.get(&format!("{TABLE_PREFIX}{table}"))
     }
 
+    /// Records a table's copy finished; its chunk plan goes in the same write.
     pub fn save_table(&self, table: &TableName, progress: &TableProgress) -> anyhow::Result<()> {
-        self.put(&format!("{TABLE_PREFIX}{table}"), progress)
+        let key = format!("{TABLE_PREFIX}{table}");
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(&key, serde_json::to_vec(progress)?);
+        batch.delete(format!("{CHUNKS_PREFIX}{table}"));
+        self.db.write_opt(batch, &synced()).with_context(|| format!("checkpoint store: writing {key}"))
     }
 
-    /// Forgets that a table (`schema.table`, as [`TableName`] prints it) was copied: the
-    /// next start copies it again.
+    /// Forgets that a table (`schema.table`, as [`TableName`] prints it) was copied, or
+    /// how far its copy got: the next start copies it again from the start.
     pub fn forget_table(&self, table: &str) -> anyhow::Result<()> {
         let key = format!("{TABLE_PREFIX}{table}");
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.delete(&key);
+        batch.delete(format!("{CHUNKS_PREFIX}{table}"));
+        self.db.write_opt(batch, &synced()).with_context(|| format!("checkpoint store: deleting {key}"))
+    }
+
+    /// How far a table's copy by key ranges got, while it is not finished.
+    pub fn chunk_plan(&self, table: &TableName) -> anyhow::Result<Option<ChunkPlan>> {
+        self.get(&format!("{CHUNKS_PREFIX}{table}"))
+    }
+
+    pub fn save_chunk_plan(&self, table: &TableName, plan: &ChunkPlan) -> anyhow::Result<()> {
+        self.put(&format!("{CHUNKS_PREFIX}{table}"), plan)
+    }
+
+    pub fn forget_chunk_plan(&self, table: &TableName) -> anyhow::Result<()> {
+        let key = format!("{CHUNKS_PREFIX}{table}");
         self.db.delete_opt(&key, &synced()).with_context(|| format!("checkpoint store: deleting {key}"))
     }
 
@@ -178,15 +243,47 @@ mod tests {
             store.save_position(&Position::Lsn(Lsn(42)))?;
             store.save_table(
                 &table,
-                &TableProgress { copied_at: Position::Lsn(Lsn(7)), rows: 3, untracked: None, shape: None },
+                &TableProgress {
+                    copied_at: Position::Lsn(Lsn(7)),
+                    rows: 3,
+                    untracked: None,
+                    shape: None,
+                    ranges: Vec::new(),
+                },
             )?;
+            let plan = ChunkPlan { chunks: vec![Chunk::Whole], finished: Vec::new(), columns: Vec::new() };
+            store.save_chunk_plan(&table, &plan)?;
         }
         let store = CheckpointStore::open(&dir)?;
         assert_eq!(store.position()?, Some(Position::Lsn(Lsn(42))));
         assert_eq!(store.table(&table)?.map(|t| t.rows), Some(3));
         assert_eq!(store.tables()?.len(), 1);
+        assert!(store.chunk_plan(&table)?.is_some(), "a plan saved after the table stays until the next save");
+        store.forget_table(&table.to_string())?;
+        assert_eq!((store.table(&table)?, store.chunk_plan(&table)?), (None, None));
         drop(store);
         std::fs::remove_dir_all(&dir)?;
         Ok(())
+    }
+
+    #[test]
+    fn a_change_applies_where_the_copy_holding_its_row_is_older() {
+        let lsn = |n| Position::Lsn(Lsn(n));
+        let range = |start, end, at| ChunkCopy { chunk: Chunk::KeyRange { start, end }, copied_at: lsn(at), rows: 0 };
+        let progress = TableProgress {
+            copied_at: lsn(10),
+            rows: 0,
+            untracked: None,
+            shape: None,
+            ranges: vec![range(None, Some(100), 10), range(Some(100), None, 20)],
+        };
+        assert!(!progress.applies(&lsn(9), 5), "before every range");
+        assert!(
+            progress.applies(&lsn(10), 5) && progress.applies(&lsn(15), 99) && progress.applies(&lsn(15), i64::MIN)
+        );
+        assert!(!progress.applies(&lsn(15), 100) && !progress.applies(&lsn(19), i64::MAX));
+        assert!(progress.applies(&lsn(20), 100));
+        assert!(progress.splits_at(&lsn(10)) && progress.splits_at(&lsn(19)));
+        assert!(!progress.splits_at(&lsn(9)) && !progress.splits_at(&lsn(20)));
     }
 }

@@ -7,11 +7,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use anyhow::Context as _;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::stopped;
-use crate::change::{Change, Event, SchemaChange, SchemaOp, TableName};
-use crate::checkpoint::CheckpointStore;
+use crate::change::{Change, Event, Row, SchemaChange, SchemaOp, TableName, TableSchema, Value};
+use crate::checkpoint::{CheckpointStore, TableProgress};
 use crate::config::Config;
 use crate::metrics::METRICS;
 use crate::position::{Position, StopAt};
@@ -24,7 +25,8 @@ struct Applier<'a> {
     sink: &'a mut dyn Sink,
     store: &'a CheckpointStore,
     confirmed: watch::Sender<Position>,
-    copied_at: HashMap<String, Position>,
+    /// Each copied table's copy: changes older than it are in it already.
+    copies: HashMap<String, TableProgress>,
     max_changes: usize,
     max_bytes: usize,
     max_group: Duration,
@@ -80,7 +82,7 @@ impl<'a> Applier<'a> {
         sink: &'a mut dyn Sink,
         store: &'a CheckpointStore,
         confirmed: watch::Sender<Position>,
-        copied_at: HashMap<String, Position>,
+        copies: HashMap<String, TableProgress>,
         left_out: HashSet<TableName>,
         config: &Config,
         start: Position,
@@ -89,7 +91,7 @@ impl<'a> Applier<'a> {
             sink,
             store,
             confirmed,
-            copied_at,
+            copies,
             max_changes: config.pipeline.max_batch_changes,
             max_bytes: config.pipeline.max_batch_bytes,
             max_group: Duration::from_millis(config.pipeline.max_batch_ms),
@@ -167,11 +169,11 @@ impl<'a> Applier<'a> {
                     }
                     return Ok(());
                 }
-                let change = match self.filter(change) {
-                    Some(Change::Schema(schema)) => Some(Change::Schema(self.plan_schema_change(schema)?)),
-                    other => other,
-                };
-                if let Some(change) = change {
+                for change in self.filter(change)? {
+                    let change = match change {
+                        Change::Schema(schema) => Change::Schema(self.plan_schema_change(schema)?),
+                        other => other,
+                    };
                     let op = match &change {
                         Change::Insert { .. } => Some("insert"),
                         Change::Update { .. } => Some("update"),
@@ -272,26 +274,53 @@ impl<'a> Applier<'a> {
     }
 
     /// Drops changes to tables whose copy is newer than the transaction, and to tables
-    /// about to be copied again.
-    fn filter(&self, change: Change) -> Option<Change> {
-        let current = self.current.as_ref()?;
-        let copied_later = |name: &TableName| {
-            self.left_out.contains(name) || self.copied_at.get(&name.to_string()).is_some_and(|at| current < at)
-        };
+    /// about to be copied again. A table whose key ranges were copied under different
+    /// snapshots, some before the transaction and some after, takes each row's change
+    /// only where its range was copied before: a key moved between such ranges becomes
+    /// the delete or the insert of the row; a TRUNCATE or a schema change copies the
+    /// table again (its ranges cannot be brought to one moment).
+    fn filter(&mut self, change: Change) -> anyhow::Result<Vec<Change>> {
+        let Some(current) = self.current.clone() else { return Ok(Vec::new()) };
+        let copy = |name: &TableName| self.copies.get(&name.to_string());
+        let copied_later =
+            |name: &TableName| self.left_out.contains(name) || copy(name).is_some_and(|c| current < c.copied_at);
+        let split = |name: &TableName| copy(name).filter(|c| c.splits_at(&current) && !self.left_out.contains(name));
+        let mut kept = Vec::new();
+        let mut again = Vec::new();
         match change {
             // The sink follows a description of a table (adds what the source added), so none
             // reaches it for a table it dropped to copy again.
-            Change::Relation(table) if self.left_out.contains(&table.name) => None,
-            Change::Relation(_) => Some(change),
+            Change::Relation(table) if self.left_out.contains(&table.name) => {}
+            Change::Relation(_) => kept.push(change),
             Change::Truncate { tables, cascade, restart_identity } => {
+                let (split_tables, tables): (Vec<_>, Vec<_>) =
+                    tables.into_iter().partition(|t| split(&t.name).is_some());
                 let tables: Vec<_> = tables.into_iter().filter(|t| !copied_later(&t.name)).collect();
-                (!tables.is_empty()).then_some(Change::Truncate { tables, cascade, restart_identity })
+                if !tables.is_empty() {
+                    kept.push(Change::Truncate { tables, cascade, restart_identity });
+                }
+                again.extend(split_tables.into_iter().map(|t| (t.name.clone(), "TRUNCATE".to_string())));
             }
+            Change::Schema(schema) if split(&schema.table).is_some() => again.push((schema.table, schema.statement)),
             other => match other.table() {
-                Some(name) if copied_later(name) => None,
-                _ => Some(other),
+                Some(name) if copied_later(name) => {}
+                Some(name) => match split(name) {
+                    Some(copy) => match place_by_key(copy, &current, other)? {
+                        Placed::Change(change) => kept.extend(change),
+                        Placed::CopyAgain(table) => again.push((table, "an UPDATE".into())),
+                    },
+                    None => kept.push(other),
+                },
+                None => kept.push(other),
             },
         }
+        for (table, statement) in again {
+            let why = "changed while its copy's key ranges, copied under different snapshots, were brought up to date \
+                       in a way rows cannot be placed by"
+                .to_string();
+            kept.push(Change::Schema(SchemaChange { table, statement, ops: vec![SchemaOp::CopyAgain { why }] }));
+        }
+        Ok(kept)
     }
 
     /// Skip entries that named no transaction this run: a typo, not reached yet, or
@@ -350,6 +379,63 @@ impl<'a> Applier<'a> {
     }
 }
 
+/// A row change to a table whose key ranges were copied under different snapshots, as
+/// placed by its key.
+enum Placed {
+    /// What reaches the target: the change, the delete or insert half of a key that moved
+    /// between ranges, or nothing.
+    Change(Option<Change>),
+    /// A key moved into a range copied before the change, with columns the change does
+    /// not carry (unchanged TOAST): the row cannot be written whole.
+    CopyAgain(TableName),
+}
+
+/// The integer key of a row, as its key range holds it.
+fn row_key(table: &TableSchema, row: &Row) -> anyhow::Result<i64> {
+    let key = table.key_indexes();
+    let value = match key[..] {
+        [key] => row.get(key),
+        _ => None,
+    };
+    match value {
+        Some(Value::Text(text)) => text.parse().ok(),
+        _ => None,
+    }
+    .with_context(|| {
+        format!(
+            "a change to {} carries no integer key ({value:?}) to place it among the key ranges its copy was \
+             split into; cutover stopped before this transaction. Run `cutover resync --table {}`",
+            table.name, table.name
+        )
+    })
+}
+
+/// Places a row change among a table's key ranges copied under different snapshots.
+fn place_by_key(copy: &TableProgress, current: &Position, change: Change) -> anyhow::Result<Placed> {
+    let applies = |table: &TableSchema, row: &Row| Ok::<_, anyhow::Error>(copy.applies(current, row_key(table, row)?));
+    Ok(Placed::Change(match change {
+        Change::Insert { ref table, ref row } => applies(table, row)?.then_some(change),
+        Change::Delete { ref table, ref old } => applies(table, old)?.then_some(change),
+        Change::Update { table, old, new } => {
+            let new_applies = applies(&table, &new)?;
+            let old_applies = match &old {
+                Some(old) => applies(&table, old)?,
+                None => new_applies,
+            };
+            match (old, old_applies, new_applies) {
+                (old, true, true) => Some(Change::Update { table, old, new }),
+                (Some(old), true, false) => Some(Change::Delete { table, old }),
+                (_, false, true) if new.contains(&Value::Unchanged) => {
+                    return Ok(Placed::CopyAgain(table.name.clone()))
+                }
+                (_, false, true) => Some(Change::Insert { table, row: new }),
+                (_, false, false) | (None, true, false) => None,
+            }
+        }
+        other => Some(other),
+    }))
+}
+
 /// Bytes of decoded events the decode → apply channel holds at most (one larger event
 /// passes alone): with `[pipeline] max_batch_bytes`, what bounds streaming's memory.
 const CHANNEL_BYTES: usize = 64 << 20;
@@ -396,7 +482,7 @@ pub(super) async fn stream(
     store: &CheckpointStore,
     start: Position,
     confirmed: watch::Sender<Position>,
-    copied_at: HashMap<String, Position>,
+    copies: HashMap<String, TableProgress>,
     left_out: HashSet<TableName>,
     config: &Config,
     signals: Signals,
@@ -416,7 +502,7 @@ pub(super) async fn stream(
             }
         }
     });
-    let mut applier = Applier::new(sink, store, confirmed, copied_at, left_out, config, start);
+    let mut applier = Applier::new(sink, store, confirmed, copies, left_out, config, start);
     METRICS.set_phase("catch-up");
     let stop_time = match &applier.stop_at {
         Some(StopAt::Time(time)) => Some(*time),
@@ -555,17 +641,18 @@ mod tests {
     use tokio::sync::watch;
 
     use super::Applier;
-    use crate::change::{Change, Column, Event, Identity, SchemaChange, SchemaOp, TableName, TableSchema, Value};
-    use crate::checkpoint::CheckpointStore;
+    use crate::change::{Change, Column, Event, Identity, Row, SchemaChange, SchemaOp, TableName, TableSchema, Value};
+    use crate::checkpoint::{CheckpointStore, ChunkCopy, TableProgress};
     use crate::config::Config;
+    use crate::copy::Chunk;
     use crate::copy::{CopyFormat, SourceDialect};
     use crate::position::{Lsn, Position};
     use crate::schema::{SourceSchema, TableDefinition};
     use crate::sink::{Sink, TableWriter};
 
     /// Records what the applier asks of a target: `begin`, `apply N` (and `schema <table>
-    /// <op>` for each schema change in it), `commit <position>`. It cannot change a
-    /// column's type in place.
+    /// <op>` for each schema change in it, `<op> <key>` for each row change to a table
+    /// with an integer key), `commit <position>`. It cannot change a column's type in place.
     #[derive(Default)]
     struct MemorySink {
         log: Vec<String>,
@@ -618,7 +705,29 @@ mod tests {
                         }
                     }
                     Change::Relation(table) => self.log.push(format!("relation {}", table.name)),
-                    _ => {}
+                    change => {
+                        let key = |row: &Row| match row.first() {
+                            Some(Value::Text(key)) => key.clone(),
+                            other => format!("{other:?}"),
+                        };
+                        match change {
+                            Change::Insert { table, row } if table.columns[0].type_oid == 23 => {
+                                self.log.push(format!("insert {}", key(row)));
+                            }
+                            Change::Update { table, old, new } if table.columns[0].type_oid == 23 => {
+                                let old = old.as_ref().map(|old| format!("{} → ", key(old))).unwrap_or_default();
+                                self.log.push(format!("update {old}{}", key(new)));
+                            }
+                            Change::Delete { table, old } if table.columns[0].type_oid == 23 => {
+                                self.log.push(format!("delete {}", key(old)));
+                            }
+                            Change::Truncate { tables, .. } => {
+                                let names: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+                                self.log.push(format!("truncate {}", names.join(", ")));
+                            }
+                            _ => {}
+                        }
+                    }
                 }
             }
             Ok(())
@@ -700,11 +809,20 @@ mod tests {
         };
         let mut sink = MemorySink::default();
         let (confirmed, _rx) = watch::channel(lsn(0));
-        let copied_at = HashMap::from([("public.late".to_string(), lsn(500))]);
+        let copied = |copied_at, ranges| TableProgress { copied_at, rows: 0, untracked: None, shape: None, ranges };
+        // public.ranged: keys below 100 copied at 0/64, the rest at 0/C8.
+        let range = |start, end, at| ChunkCopy { chunk: Chunk::KeyRange { start, end }, copied_at: lsn(at), rows: 0 };
+        let copies = HashMap::from([
+            ("public.late".to_string(), copied(lsn(500), Vec::new())),
+            (
+                "public.ranged".to_string(),
+                copied(lsn(100), vec![range(None, Some(100), 100), range(Some(100), None, 200)]),
+            ),
+        ]);
         let mut stopped = false;
         let mut error = None;
         {
-            let mut applier = Applier::new(&mut sink, &store, confirmed, copied_at, HashSet::new(), config, lsn(0));
+            let mut applier = Applier::new(&mut sink, &store, confirmed, copies, HashSet::new(), config, lsn(0));
             applier.log_end_after_stop = log_end_after_stop;
             let mut events = events.into_iter().peekable();
             while let Some(event) = events.next() {
@@ -847,6 +965,115 @@ mod tests {
         let events = queued(vec![transaction(10, 20, 1, "late"), transaction(600, 610, 2, "late")]);
         let (log, _) = run(&config(""), events, None).await;
         assert_eq!(log, ["begin", "apply 1", "commit lsn:0/262"]);
+    }
+
+    /// A row of public.ranged (integer key `id`, one text column): `None` for a value
+    /// unchanged (TOAST) that the change does not carry.
+    fn ranged_row(id: i64, v: Option<&str>) -> Row {
+        vec![Value::Text(id.to_string()), v.map_or(Value::Unchanged, |v| Value::Text(v.into()))]
+    }
+
+    fn ranged(change: impl FnOnce(Arc<TableSchema>) -> Change) -> Event {
+        let column = |name: &str, type_name: &str, type_oid, is_key| Column {
+            name: name.into(),
+            type_name: type_name.into(),
+            type_oid,
+            is_key,
+            default: None,
+        };
+        let table = Arc::new(TableSchema {
+            name: TableName::new("public", "ranged"),
+            columns: vec![column("id", "integer", 23, true), column("v", "text", 25, false)],
+            identity: Identity::Key,
+        });
+        Event::Change(change(table))
+    }
+
+    fn ranged_transaction(begin: u64, end: u64, changes: Vec<Event>) -> Vec<Event> {
+        let mut events = vec![Event::Begin { position: lsn(begin), commit_time: at(1) }];
+        events.extend(changes);
+        events.push(Event::Commit { position: lsn(end), commit_time: at(1) });
+        events
+    }
+
+    fn update(old: Option<i64>, new: i64, v: Option<&str>) -> Event {
+        ranged(|table| Change::Update { table, old: old.map(|old| ranged_row(old, None)), new: ranged_row(new, v) })
+    }
+
+    #[tokio::test]
+    async fn rows_of_key_ranges_copied_under_different_snapshots_take_only_newer_changes() {
+        let insert = |id| ranged(|table| Change::Insert { table, row: ranged_row(id, Some("v")) });
+        let delete = |id| ranged(|table| Change::Delete { table, old: ranged_row(id, None) });
+        let events = queued(vec![
+            // Older than every range: in the copy already.
+            ranged_transaction(50, 60, vec![insert(5), delete(150)]),
+            // Between the ranges' snapshots: keys below 100 take it, the others have it.
+            ranged_transaction(
+                150,
+                160,
+                vec![
+                    insert(5),
+                    insert(150),
+                    update(None, 7, Some("w")),
+                    update(None, 170, Some("w")),
+                    // Keys moving across: out of the older range (a delete), into it (an insert).
+                    update(Some(9), 120, Some("w")),
+                    update(Some(130), 10, Some("w")),
+                    update(Some(140), 141, Some("w")),
+                    update(Some(11), 12, None),
+                    delete(3),
+                    delete(160),
+                    delete(i64::MAX),
+                ],
+            ),
+            // Newer than every range: all of it.
+            ranged_transaction(200, 210, vec![insert(150), update(Some(150), 20, Some("w")), delete(i64::MIN)]),
+        ]);
+        let (log, _) = run(&config(""), events, None).await;
+        assert_eq!(
+            log,
+            [
+                "begin",
+                "apply 9",
+                "insert 5",
+                "update 7",
+                "delete 9",
+                "insert 10",
+                "update 11 → 12",
+                "delete 3",
+                "insert 150",
+                "update 150 → 20",
+                "delete -9223372036854775808",
+                "commit lsn:0/D2"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_truncate_or_a_key_moved_without_its_columns_between_range_snapshots_copies_the_table_again() {
+        let truncate =
+            ranged(|table| Change::Truncate { tables: vec![table], cascade: false, restart_identity: false });
+        for (what, change) in [("truncate", truncate), ("moved key", update(Some(130), 10, None))] {
+            let events = queued(vec![ranged_transaction(150, 160, vec![change]), transaction(170, 180, 2, "t")]);
+            let (log, _) = run(&config(""), events, None).await;
+            assert_eq!(
+                log,
+                [
+                    "begin",
+                    "apply 1",
+                    "schema public.ranged drop table",
+                    "commit lsn:0/A0",
+                    "error public.ranged is copied again: changed while its copy's key ranges, copied under different \
+                     snapshots, were brought up to date in a way rows cannot be placed by"
+                ],
+                "{what}"
+            );
+        }
+        // After every range's snapshot, a TRUNCATE is one like any other.
+        let truncate =
+            ranged(|table| Change::Truncate { tables: vec![table], cascade: false, restart_identity: false });
+        let (log, _) = run(&config(""), queued(vec![ranged_transaction(250, 260, vec![truncate])]), None).await;
+        assert_eq!(log, ["begin", "apply 1", "truncate public.ranged", "commit lsn:0/104"]);
     }
 
     #[tokio::test]

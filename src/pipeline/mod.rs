@@ -20,7 +20,7 @@
 mod apply;
 mod snapshot;
 
-pub use snapshot::{copy_consistently, CopySummary, LAST_COPY};
+pub use snapshot::{copy_consistently, CopyOptions, CopySummary, LAST_COPY};
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -29,11 +29,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::checkpoint::{CheckpointStore, TableProgress};
+use crate::checkpoint::{CheckpointStore, PipelineIdentity, TableProgress};
 use crate::config::{Config, SnapshotMode};
 use crate::metrics::METRICS;
 use crate::position::Position;
 use crate::retry::{is_resume, is_transient};
+use crate::sink::Sink;
 
 /// Where the source's change log is now.
 pub async fn source_position(config: &Config) -> anyhow::Result<Position> {
@@ -163,6 +164,28 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
     result
 }
 
+/// Where the stream begins: after the last transaction the target committed (its record
+/// wins over the checkpoint store's, which it brings up to date), else where the
+/// configuration or the first snapshot says.
+async fn stream_start(
+    sink: &mut dyn Sink,
+    store: &CheckpointStore,
+    config: &Config,
+    identity: &PipelineIdentity,
+) -> anyhow::Result<Position> {
+    Ok(match (sink.applied_position().await?, store.position()?) {
+        (Some(target), checkpoint) => {
+            if checkpoint.as_ref() != Some(&target) {
+                tracing::info!(%target, "the target is ahead of the checkpoint store: taking the target's position");
+                store.save_position(&target)?;
+            }
+            target
+        }
+        (None, Some(checkpoint)) => checkpoint,
+        (None, None) => config.stream.start().unwrap_or_else(|| identity.consistent_point.clone()),
+    })
+}
+
 /// Resolves once the pipeline is told to stop.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     // An error means the sender is gone, which only happens once it has said stop.
@@ -193,8 +216,10 @@ async fn run_once(
             let fresh = store.tables()?.is_empty();
             sink.create_tables(&schema, &pending, fresh).await?;
             let snapshot = source.new_snapshot().await?;
+            // No stream follows to bring ranges copied at different moments together.
+            let options = CopyOptions { workers, truncate_first: !fresh, resume_from: None };
             let summary =
-                copy_consistently(source.as_mut(), sink.as_ref(), &store, snapshot, &pending, workers, !fresh).await?;
+                copy_consistently(source.as_mut(), sink.as_ref(), &store, snapshot, &pending, &options).await?;
             snapshot::log_copy(&summary);
         }
         // Also when every table was copied before a restart: the process may have died before this.
@@ -246,8 +271,10 @@ async fn run_once(
             Some(snapshot) => snapshot,
             None => source.new_snapshot().await?,
         };
-        let summary =
-            copy_consistently(source.as_mut(), sink.as_ref(), &store, snapshot, &pending, workers, !fresh).await?;
+        // The copy holds the stream back, so where it begins is known now.
+        let resume_from = Some(stream_start(sink.as_mut(), &store, config, &identity).await?);
+        let options = CopyOptions { workers, truncate_first: !fresh, resume_from };
+        let summary = copy_consistently(source.as_mut(), sink.as_ref(), &store, snapshot, &pending, &options).await?;
         snapshot::log_copy(&summary);
         match fresh {
             true => sink.finish_snapshot(&schema).await?,
@@ -264,19 +291,8 @@ async fn run_once(
         }
     }
 
-    let start = match (sink.applied_position().await?, store.position()?) {
-        (Some(target), checkpoint) => {
-            if checkpoint.as_ref() != Some(&target) {
-                tracing::info!(%target, "the target is ahead of the checkpoint store: taking the target's position");
-                store.save_position(&target)?;
-            }
-            target
-        }
-        (None, Some(checkpoint)) => checkpoint,
-        (None, None) => config.stream.start().unwrap_or_else(|| identity.consistent_point.clone()),
-    };
+    let start = stream_start(sink.as_mut(), &store, config, &identity).await?;
     let copies: HashMap<String, TableProgress> = store.tables()?.into_iter().collect();
-    let copied_at = copies.iter().map(|(name, copy)| (name.clone(), copy.copied_at.clone())).collect();
     let (confirmed, confirmed_rx) = watch::channel(start.clone());
     let changes = source.start_stream(&start, confirmed_rx, &copies).await?;
     let signals = apply::Signals { stop, resync };
@@ -287,7 +303,7 @@ async fn run_once(
         &store,
         start,
         confirmed,
-        copied_at,
+        copies.clone(),
         left_out,
         config,
         signals,

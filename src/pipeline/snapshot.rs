@@ -11,13 +11,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::change::TableName;
-use crate::checkpoint::{CheckpointStore, TableProgress};
+use crate::checkpoint::{CheckpointStore, ChunkCopy, ChunkPlan, TableProgress};
 use crate::config::TableFilter;
 use crate::copy::Chunk;
 use crate::metrics::METRICS;
+use crate::position::Position;
 use crate::progress::{CopyProgress, Reporter, TableCopy, SNAPSHOT_PROGRESS};
 use crate::schema::{SourceSchema, TableDefinition};
-use crate::sink::Sink;
+use crate::sink::{Sink, TableWriter};
 use crate::source::{SnapshotPoint, Source, TableRewritten};
 
 /// What a finished snapshot copied.
@@ -133,6 +134,19 @@ pub(super) async fn drop_gone_tables(
     Ok(gone.into_iter().collect())
 }
 
+/// How a snapshot copy goes.
+#[derive(Clone, Debug)]
+pub struct CopyOptions {
+    /// Copy connections on each side.
+    pub workers: usize,
+    /// Empty the tables on the target first (they may hold rows of a copy cut short).
+    pub truncate_first: bool,
+    /// Where the stream that follows begins, when one does: a table's copy cut short
+    /// resumes from its finished key ranges if each was copied at or after it (the stream
+    /// then brings each range up to date from its own snapshot on). `None`: no resuming.
+    pub resume_from: Option<Position>,
+}
+
 /// How many snapshots [`copy_consistently`] takes at most before it gives up on tables
 /// that are truncated again during each copy.
 const COPY_ROUNDS: usize = 5;
@@ -146,10 +160,9 @@ pub async fn copy_consistently(
     store: &Arc<CheckpointStore>,
     snapshot: SnapshotPoint,
     tables: &[&TableDefinition],
-    workers: usize,
-    truncate_first: bool,
+    options: &CopyOptions,
 ) -> anyhow::Result<CopySummary> {
-    let mut summary = copy_tables(source, sink, store, &snapshot, tables, workers, truncate_first).await?;
+    let mut summary = copy_tables(source, sink, store, &snapshot, tables, options).await?;
     for round in 2.. {
         if summary.rewritten.is_empty() {
             break;
@@ -165,8 +178,20 @@ pub async fn copy_consistently(
         tracing::warn!(tables = %names, "truncated or rewritten on the source after the snapshot was pinned: copying them again under a new snapshot");
         let again: Vec<&TableDefinition> =
             tables.iter().copied().filter(|t| summary.rewritten.contains(&t.schema.name)).collect();
+        // Their ranges copied under the last snapshot hold rows the TRUNCATE removed.
+        for table in &again {
+            store.forget_chunk_plan(&table.schema.name)?;
+        }
         let snapshot = source.new_snapshot().await?;
-        let next = copy_tables(source, sink, store, &snapshot, &again, workers, true).await?;
+        let next = copy_tables(
+            source,
+            sink,
+            store,
+            &snapshot,
+            &again,
+            &CopyOptions { truncate_first: true, ..options.clone() },
+        )
+        .await?;
         summary = CopySummary {
             tables: summary.tables + next.tables,
             rows: summary.rows + next.rows,
@@ -175,6 +200,79 @@ pub async fn copy_consistently(
         };
     }
     Ok(summary)
+}
+
+/// A table's columns, names and types, as a chunk plan records them.
+fn column_signature(table: &TableDefinition) -> Vec<String> {
+    let columns = table.schema.columns.iter().map(|c| format!("{} {}", c.name, c.type_name));
+    columns.chain(table.generated.iter().map(|g| format!("{} {} ({})", g.name, g.type_name, g.expression))).collect()
+}
+
+/// Whether a copy of the table may finish under another snapshot than it began: only
+/// when its rows are split by key ranges and no other unique index holds them, since
+/// ranges copied at different moments may hold a unique value twice until the stream
+/// catches up, and the unique index is built right after the copy.
+fn resumable(table: &TableDefinition, chunks: &[Chunk]) -> bool {
+    chunks.len() > 1
+        && chunks.iter().all(|c| matches!(c, Chunk::KeyRange { .. }))
+        && !table.constraints.iter().any(|(_, d)| d.starts_with("UNIQUE") || d.starts_with("EXCLUDE"))
+        && !table.indexes.iter().any(|i| i.starts_with("CREATE UNIQUE"))
+}
+
+/// What one table's copy takes on: its chunks still to copy, and (split by key ranges)
+/// its plan, recorded before the first chunk so a copy cut short can resume.
+struct TableWork {
+    chunks: Vec<Chunk>,
+    plan: Option<ChunkPlan>,
+    /// Whether the target's table starts empty (else only the unfinished ranges are emptied).
+    truncate: bool,
+}
+
+/// Plans one table's copy: resumes a plan a copy cut short left, if it still holds
+/// (same columns, every finished range no older than where the stream begins, and the
+/// target holding exactly the rows recorded for them), emptying the ranges not finished;
+/// or makes a new one. A plan not resumed is dropped before anything is copied.
+async fn plan_table(
+    source: &dyn Source,
+    store: &CheckpointStore,
+    target: &mut dyn TableWriter,
+    table: &TableDefinition,
+    options: &CopyOptions,
+) -> anyhow::Result<TableWork> {
+    let name = &table.schema.name;
+    let columns = column_signature(table);
+    let previous = store.chunk_plan(name)?;
+    if let (Some(plan), Some(from)) = (&previous, &options.resume_from) {
+        let holds = plan.columns == columns && plan.finished.iter().all(|f| f.copied_at >= *from);
+        if holds && !plan.finished.is_empty() {
+            let finished: Vec<Chunk> = plan.finished.iter().map(|f| f.chunk).collect();
+            let recorded: u64 = plan.finished.iter().map(|f| f.rows).sum();
+            let (found, all) = target.count_chunks(table, &finished).await?;
+            if found == recorded {
+                let chunks: Vec<Chunk> = plan.chunks.iter().copied().filter(|c| !finished.contains(c)).collect();
+                tracing::info!(table = %name, finished = finished.len(), left = chunks.len(), rows = recorded, "resuming the table's copy from its finished key ranges");
+                // Rows past the finished ranges: a range that landed unrecorded.
+                if all > found {
+                    target.delete_chunks(table, &chunks).await?;
+                }
+                return Ok(TableWork { chunks, plan: previous, truncate: false });
+            }
+            tracing::warn!(table = %name, recorded, found, "the target does not hold the rows recorded for the table's finished key ranges: copying it from the start");
+        }
+    }
+    let chunks = source.chunks(table, options.workers);
+    let plan = (options.resume_from.is_some() && resumable(table, &chunks)).then(|| ChunkPlan {
+        chunks: chunks.clone(),
+        finished: Vec::new(),
+        columns,
+    });
+    match &plan {
+        Some(plan) => store.save_chunk_plan(name, plan)?,
+        None if previous.is_some() => store.forget_chunk_plan(name)?,
+        None => {}
+    }
+    let cut_short = previous.is_some_and(|p| !p.finished.is_empty());
+    Ok(TableWork { chunks, plan, truncate: options.truncate_first || cut_short })
 }
 
 /// Copies tables inside `snapshot` with `workers` connections on each side,
@@ -186,9 +284,9 @@ async fn copy_tables(
     store: &Arc<CheckpointStore>,
     snapshot: &SnapshotPoint,
     tables: &[&TableDefinition],
-    workers: usize,
-    truncate_first: bool,
+    options: &CopyOptions,
 ) -> anyhow::Result<CopySummary> {
+    let workers = options.workers;
     let started = Instant::now();
     let mut readers = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -200,23 +298,45 @@ async fn copy_tables(
 
     let mut sorted: Vec<Arc<TableDefinition>> = tables.iter().map(|t| Arc::new((*t).clone())).collect();
     sorted.sort_by_key(|t| std::cmp::Reverse(t.pages));
-    if truncate_first {
-        let names: Vec<TableName> = sorted.iter().map(|t| t.schema.name.clone()).collect();
-        sink.table_writer().await?.truncate(&names).await?;
+    let mut work = HashMap::new();
+    let mut target = sink.table_writer().await?;
+    for table in &sorted {
+        work.insert(table.schema.name.clone(), plan_table(source, store, target.as_mut(), table, options).await?);
     }
+    let truncated: Vec<TableName> = sorted
+        .iter()
+        .map(|t| t.schema.name.clone())
+        .filter(|name| work.get(name).is_some_and(|w| w.truncate))
+        .collect();
+    if !truncated.is_empty() {
+        target.truncate(&truncated).await?;
+    }
+    drop(target);
     METRICS.set_phase("snapshot");
     METRICS.snapshot_tables.with_label_values(&["pending"]).add(sorted.len() as i64);
     let dialect = source.dialect();
     let mut queue = VecDeque::new();
     let mut remaining = HashMap::new();
+    let mut plans = HashMap::new();
+    let mut finished_before = Vec::new();
     for table in &sorted {
-        let chunks = source.chunks(table, workers);
-        remaining.insert(table.schema.name.clone(), (chunks.len(), 0u64));
+        let Some(TableWork { chunks, plan, .. }) = work.remove(&table.schema.name) else { continue };
+        let rows_before = plan.iter().flat_map(|p| &p.finished).map(|f| f.rows).sum();
+        if chunks.is_empty() {
+            // Every range landed before the process ended, the table's record did not.
+            finished_before.push((table.clone(), rows_before));
+        }
+        remaining.insert(table.schema.name.clone(), (chunks.len(), rows_before));
+        if let Some(plan) = plan {
+            plans.insert(table.schema.name.clone(), plan);
+        }
         let format = sink.copy_format(table, dialect);
         queue.extend(chunks.into_iter().map(|chunk| (table.clone(), chunk, format)));
     }
     let queue = Arc::new(Mutex::new(queue));
     let remaining = Arc::new(Mutex::new(remaining));
+    // Key-range copies' plans, each recorded as its chunks land.
+    let plans = Arc::new(Mutex::new(plans));
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Arc<TableDefinition>, u64)>();
     let mut index_writer = sink.table_writer().await?;
@@ -224,16 +344,21 @@ async fn copy_tables(
     let position = snapshot.position.clone();
     let untracked = snapshot.untracked.clone();
     let shapes = snapshot.shapes.clone();
+    let index_plans = plans.clone();
     let indexer = tokio::spawn(async move {
         let mut total = 0u64;
         while let Some((table, rows)) = done_rx.recv().await {
             let started = Instant::now();
             index_writer.build_indexes(&table).await?;
+            let finished = locked(&index_plans, "chunk plans")?.remove(&table.schema.name).map(|p| p.finished);
+            // Ranges copied under snapshots of their own keep their positions.
+            let ranges = finished.filter(|f| f.iter().any(|f| f.copied_at != position)).unwrap_or_default();
             let progress = TableProgress {
-                copied_at: position.clone(),
+                copied_at: ranges.iter().map(|f| &f.copied_at).min().unwrap_or(&position).clone(),
                 rows,
                 untracked: untracked.get(&table.schema.name.to_string()).copied(),
                 shape: shapes.get(&table.schema.name.to_string()).cloned(),
+                ranges,
             };
             index_store.save_table(&table.schema.name, &progress)?;
             METRICS.snapshot_tables.with_label_values(&["pending"]).dec();
@@ -258,6 +383,9 @@ async fn copy_tables(
     }
     // Tables that changed under the snapshot: the caller copies them again.
     let rewritten: Arc<Mutex<HashSet<TableName>>> = Arc::default();
+    for (table, rows) in finished_before {
+        let _ = done_tx.send((table, rows));
+    }
     let mut tasks = JoinSet::new();
     for mut reader in readers {
         let mut writer = sink.table_writer().await?;
@@ -267,6 +395,9 @@ async fn copy_tables(
         let progress = progress.clone();
         let table_index = table_index.clone();
         let rewritten = rewritten.clone();
+        let plans = plans.clone();
+        let store = store.clone();
+        let position = snapshot.position.clone();
         tasks.spawn(async move {
             loop {
                 let next = locked(&queue, "copy queue")?.pop_front();
@@ -287,6 +418,11 @@ async fn copy_tables(
                             counter.moved(index, bytes.len() as u64);
                         }));
                         let copied = writer.write(&table, rows).await?;
+                        crate::failpoint::hit("snapshot-chunk-written");
+                        if let Some(plan) = locked(&plans, "chunk plans")?.get_mut(&table.schema.name) {
+                            plan.finished.push(ChunkCopy { chunk, copied_at: position.clone(), rows: copied });
+                            store.save_chunk_plan(&table.schema.name, plan)?;
+                        }
                         crate::failpoint::hit("snapshot-chunk-copied");
                         progress.chunk_copied(index, copied);
                         METRICS.snapshot_rows.with_label_values(&[&table.schema.name.to_string()]).inc_by(copied);

@@ -116,6 +116,11 @@ pub struct TableDefinition {
     /// The tables it inherits from (PostgreSQL `INHERITS`, not partitioning): it is copied
     /// and streamed as a table of its own, and the link is not made on the target.
     pub inherits: Vec<TableName>,
+    /// The least and greatest value of its key, read where the key is a single integer
+    /// column and the table big enough to split: the copy then goes in key ranges, and a
+    /// copy cut short resumes from the ranges it finished (the applier places each
+    /// streamed row in its range by key).
+    pub key_span: Option<(i64, i64)>,
 }
 
 /// A column the database computes from the row's other columns (PostgreSQL

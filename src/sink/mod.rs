@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use crate::change::{Change, SchemaOp, TableName, TableSchema};
-use crate::copy::{CopyFormat, CopyStream, SourceDialect};
+use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
 
@@ -146,12 +146,29 @@ pub fn check_no_column_gone(table: &TableSchema, target: &[TargetColumn]) -> any
     )
 }
 
+/// The condition that selects the rows of `chunks` of a table (`column` quoted), or
+/// `None` when one of them is the whole table.
+pub(crate) fn chunks_condition(chunks: &[Chunk], column: &str) -> Option<String> {
+    let conditions: Option<Vec<String>> = chunks.iter().map(|c| c.key_condition(column)).collect();
+    conditions.map(|c| match c.is_empty() {
+        true => "FALSE".to_string(),
+        false => format!("({})", c.join(") OR (")),
+    })
+}
+
 /// Bulk loading on a connection of its own.
 #[async_trait]
 pub trait TableWriter: Send {
     /// Empties tables before they are copied (again), together: a table a foreign key
     /// references can be emptied with the tables that reference it.
     async fn truncate(&mut self, tables: &[TableName]) -> anyhow::Result<()>;
+
+    /// How many rows of a table lie in key ranges, and how many it holds; one scan.
+    async fn count_chunks(&mut self, table: &TableDefinition, chunks: &[Chunk]) -> anyhow::Result<(u64, u64)>;
+
+    /// Deletes the rows of key ranges of a table before they are copied again: a copy cut
+    /// short may have left some of them (its last write landed, its record did not).
+    async fn delete_chunks(&mut self, table: &TableDefinition, chunks: &[Chunk]) -> anyhow::Result<()>;
 
     /// Loads a copy stream; returns the rows loaded.
     async fn write(&mut self, table: &TableDefinition, rows: CopyStream) -> anyhow::Result<u64>;

@@ -210,6 +210,7 @@ impl SqliteSource {
                 has_user_types: false,
                 partitioning: None,
                 inherits: Vec::new(),
+                key_span: None,
                 generated: Vec::new(),
             });
         }

@@ -501,3 +501,37 @@ pub fn seed_from_env(var: &str, default: u64) -> u64 {
         Some(s) => s.trim().parse().unwrap_or_else(|_| panic!("{var}={s}: not a number")),
     }
 }
+
+/// Random transactions on a table `big (id bigint PRIMARY KEY, payload …)` whose keys
+/// were `1..=keys`, split by key ranges for its copy, in SQL both dialects read (the
+/// statements only, without BEGIN and COMMIT): keys moved past the last key or below the
+/// first (across the ranges both ways), new payloads, deletes, a key deleted and
+/// inserted again in one transaction, and one change of the caller's (`own`, given the
+/// key and a number no other change uses). `round` keeps numbers apart between calls.
+pub fn big_table_changes(
+    rng: &mut Rng,
+    keys: i64,
+    round: i64,
+    mut own: impl FnMut(&mut Rng, i64, i64) -> String,
+) -> Vec<String> {
+    (0..60)
+        .map(|n| {
+            let mut sql = String::new();
+            for op in 0..rng.range(1, 4) {
+                let fresh = round * 10_000 + n * 10 + op;
+                let x = rng.range(1, keys);
+                sql.push_str(&match rng.below(6) {
+                    0 => format!("UPDATE big SET id = {} WHERE id = {x};", 1_000_000 + fresh),
+                    1 => format!("UPDATE big SET id = {} WHERE id = {x};", -fresh),
+                    2 => format!("UPDATE big SET payload = 'u{fresh}' WHERE id = {x};"),
+                    3 => format!("DELETE FROM big WHERE id = {x};"),
+                    4 => format!(
+                        "DELETE FROM big WHERE id = {x}; INSERT INTO big (id, payload) VALUES ({x}, 'again{fresh}');"
+                    ),
+                    _ => own(rng, x, fresh),
+                });
+            }
+            sql
+        })
+        .collect()
+}

@@ -8,16 +8,28 @@ use mysql_async::prelude::Queryable;
 
 use super::{column_types, database_for};
 use crate::change::TableName;
-use crate::copy::CopyStream;
+use crate::copy::{Chunk, CopyStream};
 use crate::schema::mysql_target::{quote_ident, Conversion, CopyToLoadData};
 use crate::schema::TableDefinition;
-use crate::sink::TableWriter;
+use crate::sink::{chunks_condition, TableWriter};
 
 /// A copy connection.
 pub(super) struct MysqlTableWriter {
     pub(super) conn: mysql_async::Conn,
     pub(super) url_database: String,
     pub(super) home_schema: String,
+}
+
+impl MysqlTableWriter {
+    /// The table, qualified, and the condition selecting the rows of key ranges of it
+    /// (`None`: all of them).
+    fn chunks_of(&self, table: &TableDefinition, chunks: &[Chunk]) -> (String, Option<String>) {
+        let name = &table.schema.name;
+        let database = database_for(&self.url_database, &self.home_schema, &name.schema);
+        let key = table.schema.key_indexes();
+        let column = key.first().map(|&k| quote_ident(&table.schema.columns[k].name)).unwrap_or_default();
+        (format!("{}.{}", quote_ident(&database), quote_ident(&name.name)), chunks_condition(chunks, &column))
+    }
 }
 
 #[async_trait]
@@ -30,6 +42,28 @@ impl TableWriter for MysqlTableWriter {
             self.conn.query_drop(&sql).await.with_context(|| format!("emptying {table} on the target"))?;
         }
         Ok(())
+    }
+
+    async fn count_chunks(&mut self, table: &TableDefinition, chunks: &[Chunk]) -> anyhow::Result<(u64, u64)> {
+        let (qualified, condition) = self.chunks_of(table, chunks);
+        let sql =
+            format!("SELECT COALESCE(SUM({}), 0), COUNT(*) FROM {qualified}", condition.as_deref().unwrap_or("TRUE"));
+        let counts: Option<(u64, u64)> = self.conn.query_first(sql).await.with_context(|| {
+            format!("counting the rows of {}'s finished key ranges on the target", table.schema.name)
+        })?;
+        Ok(counts.unwrap_or_default())
+    }
+
+    async fn delete_chunks(&mut self, table: &TableDefinition, chunks: &[Chunk]) -> anyhow::Result<()> {
+        let (qualified, condition) = self.chunks_of(table, chunks);
+        let sql = match condition {
+            Some(condition) => format!("DELETE FROM {qualified} WHERE {condition}"),
+            None => format!("DELETE FROM {qualified}"),
+        };
+        self.conn
+            .query_drop(&sql)
+            .await
+            .with_context(|| format!("emptying the unfinished key ranges of {} on the target", table.schema.name))
     }
 
     async fn write(&mut self, table: &TableDefinition, mut rows: CopyStream) -> anyhow::Result<u64> {

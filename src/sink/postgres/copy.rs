@@ -7,10 +7,22 @@ use tokio_postgres::Client;
 
 use super::create_missing;
 use crate::change::TableName;
-use crate::copy::{CopyFormat, CopyStream};
+use crate::copy::{Chunk, CopyFormat, CopyStream};
 use crate::schema::postgres as ddl;
 use crate::schema::{quote_ident, quote_table, TableDefinition};
-use crate::sink::TableWriter;
+use crate::sink::{chunks_condition, TableWriter};
+
+/// The table's (first) key column, quoted.
+fn key_column(table: &TableDefinition) -> String {
+    let key = table.schema.key_indexes();
+    key.first().map(|&k| quote_ident(&table.schema.columns[k].name)).unwrap_or_default()
+}
+
+/// ` WHERE` and the condition selecting the rows of key ranges of a table (nothing for
+/// the whole table).
+fn chunks_filter(table: &TableDefinition, chunks: &[Chunk]) -> String {
+    chunks_condition(chunks, &key_column(table)).map(|c| format!(" WHERE {c}")).unwrap_or_default()
+}
 
 /// A copy connection on the target.
 pub(super) struct PostgresTableWriter {
@@ -28,6 +40,31 @@ impl TableWriter for PostgresTableWriter {
                 list.join(", ")
             )
         })
+    }
+
+    async fn count_chunks(&mut self, table: &TableDefinition, chunks: &[Chunk]) -> anyhow::Result<(u64, u64)> {
+        let name = &table.schema.name;
+        let sql = format!(
+            "SELECT count(*) FILTER (WHERE {}), count(*) FROM ONLY {}",
+            chunks_condition(chunks, &key_column(table)).unwrap_or_else(|| "TRUE".into()),
+            quote_table(name)
+        );
+        let row = self
+            .client
+            .query_one(&sql, &[])
+            .await
+            .with_context(|| format!("counting the rows of {name}'s finished key ranges on the target"))?;
+        let count = |i| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok((count(0), count(1)))
+    }
+
+    async fn delete_chunks(&mut self, table: &TableDefinition, chunks: &[Chunk]) -> anyhow::Result<()> {
+        let name = &table.schema.name;
+        let sql = format!("DELETE FROM ONLY {}{}", quote_table(name), chunks_filter(table, chunks));
+        self.client
+            .batch_execute(&sql)
+            .await
+            .with_context(|| format!("emptying the unfinished key ranges of {name} on the target"))
     }
 
     async fn write(&mut self, table: &TableDefinition, mut rows: CopyStream) -> anyhow::Result<u64> {

@@ -225,6 +225,7 @@ impl Source for MongoSource {
                 has_user_types: false,
                 partitioning: None,
                 inherits: Vec::new(),
+                key_span: None,
                 generated: Vec::new(),
             });
             self.shapes.insert(name, shape);

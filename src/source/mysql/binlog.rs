@@ -426,7 +426,7 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
         if definition.schema.columns.len() == before.len() {
             return Ok(None);
         }
-        let table = MysqlTable { schema: Arc::new(definition.schema), encodings, key_span: known.key_span };
+        let table = MysqlTable { schema: Arc::new(definition.schema), encodings };
         self.tables.insert(name, table.clone());
         Ok(Some(Change::Relation(table.schema)))
     }
@@ -958,11 +958,7 @@ mod tests {
             columns: vec![column("id", true), column("name", false)],
             identity: Identity::Key,
         };
-        let table = MysqlTable {
-            schema: Arc::new(schema),
-            encodings: Arc::new(vec![Encoding::Same, Encoding::Same]),
-            key_span: None,
-        };
+        let table = MysqlTable { schema: Arc::new(schema), encodings: Arc::new(vec![Encoding::Same, Encoding::Same]) };
         HashMap::from([(name, table)])
     }
 

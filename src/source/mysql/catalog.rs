@@ -263,6 +263,7 @@ pub async fn read_tables(
             has_user_types: false,
             partitioning: None,
             inherits: Vec::new(),
+            key_span: None,
             generated: Vec::new(),
         });
     }

@@ -43,9 +43,6 @@ use crate::schema::{push_copy_field, SourceSchema, TableDefinition};
 pub struct MysqlTable {
     schema: Arc<TableSchema>,
     encodings: Arc<Vec<Encoding>>,
-    /// For a big table with a single integer primary key: its lowest and highest key,
-    /// so several workers can copy it in key ranges.
-    key_span: Option<(i64, i64)>,
 }
 
 impl MysqlTable {
@@ -98,15 +95,15 @@ impl Source for MysqlSource {
 
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {
         let filter = self.filter.clone();
-        let (schema, mut encodings) =
+        let (mut schema, mut encodings) =
             catalog::read_tables(&mut self.conn, &self.params.database, |name| filter.includes(&name.to_string()))
                 .await?;
         self.tables.clear();
-        for t in &schema.tables {
+        for t in &mut schema.tables {
             let key = t.schema.key_indexes();
             let integer_key = key.len() == 1
                 && matches!(t.schema.columns[key[0]].type_name.as_str(), "smallint" | "integer" | "bigint");
-            let key_span = if integer_key && t.estimated_rows > SPLIT_ROWS {
+            t.key_span = if integer_key && t.estimated_rows > SPLIT_ROWS {
                 let column = t.schema.columns[key[0]].name.replace('`', "``");
                 let table = format!(
                     "`{}`.`{}`",
@@ -128,7 +125,6 @@ impl Source for MysqlSource {
             let table = MysqlTable {
                 schema: Arc::new(t.schema.clone()),
                 encodings: encodings.remove(&t.schema.name).unwrap_or_default(),
-                key_span,
             };
             self.tables.insert(t.schema.name.clone(), table);
         }
@@ -320,19 +316,10 @@ impl Source for MysqlSource {
     }
 
     fn chunks(&self, table: &TableDefinition, workers: usize) -> Vec<Chunk> {
-        let span = self.tables.get(&table.schema.name).and_then(|t| t.key_span);
-        let Some((min, max)) = span.filter(|_| workers > 1) else { return vec![Chunk::Whole] };
-        // Twice as many ranges as workers, so a slow range does not hold up the rest;
-        // the outer ranges are open so rows outside the span read earlier are not missed.
-        let count = (workers * 2) as i128;
-        let width = ((i128::from(max) - i128::from(min)) / count + 1).max(1);
-        let bound = |i: i128| i64::try_from(i128::from(min) + width * i).ok();
-        (0..count)
-            .map(|i| Chunk::KeyRange {
-                start: if i == 0 { None } else { bound(i) },
-                end: if i == count - 1 { None } else { bound(i + 1) },
-            })
-            .collect()
+        match table.key_span.filter(|_| workers > 1) {
+            Some(span) => Chunk::key_ranges(span, workers),
+            None => vec![Chunk::Whole],
+        }
     }
 
     async fn start_stream(
@@ -394,19 +381,10 @@ impl TableReader for MysqlTableReader {
             name.schema.replace('`', "``"),
             name.name.replace('`', "``")
         );
-        if let Chunk::KeyRange { start, end } = chunk {
-            let key = table.schema.key_indexes();
-            let column = key.first().map(|&k| table.schema.columns[k].name.replace('`', "``")).unwrap_or_default();
-            let mut bounds = Vec::new();
-            if let Some(start) = start {
-                bounds.push(format!("`{column}` >= {start}"));
-            }
-            if let Some(end) = end {
-                bounds.push(format!("`{column}` < {end}"));
-            }
-            if !bounds.is_empty() {
-                sql.push_str(&format!(" WHERE {}", bounds.join(" AND ")));
-            }
+        let key = table.schema.key_indexes();
+        let column = key.first().map(|&k| format!("`{}`", table.schema.columns[k].name.replace('`', "``")));
+        if let Some(condition) = column.and_then(|column| chunk.key_condition(&column)) {
+            sql.push_str(&format!(" WHERE {condition}"));
         }
         let columns: Vec<String> = table.schema.columns.iter().map(|c| c.name.clone()).collect();
         let key = table.schema.key_indexes();

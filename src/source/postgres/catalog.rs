@@ -8,8 +8,8 @@ use tokio_postgres::GenericClient;
 
 use crate::change::{Column, Identity, TableName, TableSchema};
 use crate::schema::{
-    quote_table, ColumnDefinition, EnumType, Extension, GeneratedColumn, Partition, Partitioning, Sequence,
-    SourceSchema, TableDefinition, UserType, UserTypeKind,
+    quote_ident, quote_table, ColumnDefinition, EnumType, Extension, GeneratedColumn, Partition, Partitioning,
+    Sequence, SourceSchema, TableDefinition, UserType, UserTypeKind,
 };
 
 /// First OID a user object can have; types below it are built in.
@@ -200,6 +200,14 @@ async fn read_table(
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
+    let key_span = match integer_key(&columns, identity) {
+        Some(key) if u64::try_from(pages).unwrap_or(0) >= 2 * super::reader::CHUNK_MIN_PAGES => {
+            let sql = format!("SELECT min({key})::int8, max({key})::int8 FROM ONLY {}", quote_table(&name));
+            let row = client.query_one(&sql, &[]).await.with_context(context)?;
+            row.get::<_, Option<i64>>(0).zip(row.get::<_, Option<i64>>(1))
+        }
+        _ => None,
+    };
     Ok(TableDefinition {
         schema: TableSchema { name, columns, identity },
         columns: definitions,
@@ -213,7 +221,18 @@ async fn read_table(
         partitioning: None,
         generated,
         inherits,
+        key_span,
     })
+}
+
+/// The key column, quoted, when the row identity is a single `smallint`, `integer` or
+/// `bigint` column.
+fn integer_key(columns: &[Column], identity: Identity) -> Option<String> {
+    let mut keys = columns.iter().filter(|c| c.is_key);
+    match (identity, keys.next(), keys.next()) {
+        (Identity::Key, Some(key), None) if matches!(key.type_oid, 20 | 21 | 23) => Some(quote_ident(&key.name)),
+        _ => None,
+    }
 }
 
 /// Table-like relations no publication carries, so never copied or streamed: materialized

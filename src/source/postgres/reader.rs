@@ -9,20 +9,24 @@ use crate::schema::{quote_ident, quote_table, TableDefinition};
 use crate::source::{TableReader, TableRewritten};
 
 /// Tables larger than this many 8 kB pages are copied in page ranges by several workers.
-const CHUNK_MIN_PAGES: u64 = 8192;
+pub(super) const CHUNK_MIN_PAGES: u64 = 8192;
 
 /// How [`Source::chunks`](crate::source::Source::chunks) splits a table for `workers`
-/// copy workers: a chunk per partition that holds rows, or ranges of pages.
+/// copy workers: a chunk per partition that holds rows, or ranges of its single integer
+/// key (a copy cut short resumes from those it finished), or ranges of pages.
 pub(super) fn chunks(table: &TableDefinition, workers: usize) -> Vec<Chunk> {
     // A partitioned table: a chunk per partition that holds rows (none: the table, empty).
     if table.partitioning.is_some() {
         let holders = table.row_holders().len();
         return if holders == 0 { vec![Chunk::Whole] } else { (0..holders).map(Chunk::Partition).collect() };
     }
-    let per_chunk = (table.pages / (workers as u64 * 2).max(1)).max(CHUNK_MIN_PAGES);
     if workers < 2 || table.pages < 2 * CHUNK_MIN_PAGES {
         return vec![Chunk::Whole];
     }
+    if let Some(span) = table.key_span {
+        return Chunk::key_ranges(span, workers);
+    }
+    let per_chunk = (table.pages / (workers as u64 * 2).max(1)).max(CHUNK_MIN_PAGES);
     let mut chunks = Vec::new();
     let mut start = 0u64;
     while start < table.pages {
@@ -59,8 +63,17 @@ impl TableReader for PostgresTableReader {
             Chunk::Whole if table.partitioning.is_some() => {
                 format!("(SELECT {} FROM {qualified})", columns.join(", "))
             }
-            Chunk::Whole | Chunk::KeyRange { .. } | Chunk::Partition(_) => {
-                format!("{qualified} ({})", columns.join(", "))
+            Chunk::Whole | Chunk::Partition(_) => format!("{qualified} ({})", columns.join(", ")),
+            Chunk::KeyRange { .. } => {
+                let key = table.schema.key_indexes();
+                let [key] = key[..] else {
+                    anyhow::bail!("{name} is split by key ranges but has no single key column")
+                };
+                let filter = match chunk.key_condition(&quote_ident(&table.schema.columns[key].name)) {
+                    Some(condition) => format!(" WHERE {condition}"),
+                    None => String::new(),
+                };
+                format!("(SELECT {} FROM ONLY {qualified}{filter})", columns.join(", "))
             }
             Chunk::Pages { start, end } => {
                 let upper = if end == u32::MAX { String::new() } else { format!(" AND ctid < '({end},0)'::tid") };
