@@ -14,7 +14,9 @@ DST=$(start_server target)
 psql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U cutover "$@"; }
 echo "making a table of $ROWS rows on the source..."
 psql -p "$SRC" -d postgres -c "CREATE TABLE big (id bigint PRIMARY KEY, a int, b text, c timestamptz);
-  INSERT INTO big SELECT g, g % 1000, md5(g::text), now() FROM generate_series(1, $ROWS) g; ANALYZE big"
+  INSERT INTO big SELECT g, g % 1000, md5(g::text), now() FROM generate_series(1, $ROWS) g" \
+  -c "VACUUM (FREEZE, ANALYZE) big" -c "CHECKPOINT"
+# Frozen and checkpointed: neither copy pays for hint bits or for the load's dirty pages.
 psql -p "$DST" -d postgres -c "CREATE DATABASE full_copy" -c "CREATE DATABASE resumed_copy"
 SIZE=$(psql -p "$SRC" -d postgres -tAc "SELECT pg_size_pretty(pg_table_size('big'))")
 RANGES=$((WORKERS * 2))
@@ -37,6 +39,7 @@ workers = $WORKERS
 "
 FULL=$(copy_until_done full "")
 kill "$(cat "$WORK/full.pid")"; wait "$(cat "$WORK/full.pid")" 2>/dev/null || true
+psql -p "$DST" -d postgres -c "CHECKPOINT"
 
 pg_config "$WORK/resumed.toml" "$SRC" "$DST" resumed_copy "$WORK/resumed-state" "[snapshot]
 workers = $WORKERS

@@ -116,9 +116,18 @@ pub struct TargetConfig {
     pub password_env: Option<String>,
     /// PostgreSQL targets; a MySQL target always flattens.
     pub partitions: Option<Partitions>,
+    /// PostgreSQL targets: tables (`schema.table` patterns) whose user triggers cutover
+    /// may disable while it applies, when its role may not set `session_replication_role`.
+    #[serde(default)]
+    pub disable_triggers: Vec<String>,
 }
 
 impl TargetConfig {
+    /// `disable_triggers`, compiled (each pattern was checked when the config loaded).
+    pub fn disable_triggers(&self) -> Vec<glob::Pattern> {
+        self.disable_triggers.iter().filter_map(|p| glob::Pattern::new(p).ok()).collect()
+    }
+
     /// What partitioned tables become on this target.
     pub fn partitions(&self) -> Partitions {
         match self.kind {
@@ -583,6 +592,16 @@ impl Config {
                  (\"flatten\", its default)"
                     .into(),
             ));
+        }
+        if !config.target.disable_triggers.is_empty() && config.target.kind == TargetKind::Mysql {
+            return Err(invalid(
+                "[target] disable_triggers: MySQL cannot disable a trigger (only drop it); only for kind = \"postgres\""
+                    .into(),
+            ));
+        }
+        for pattern in &config.target.disable_triggers {
+            glob::Pattern::new(pattern)
+                .map_err(|e| invalid(format!("[target] disable_triggers: {pattern:?} is no valid pattern: {e}")))?;
         }
         if config.source.capture_ddl.is_some() && config.source.kind != SourceKind::Postgres {
             return Err(invalid("[source] capture_ddl: only for kind = \"postgres\"".into()));

@@ -58,7 +58,8 @@ pub async fn sink(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match config.target.kind {
         TargetKind::Postgres => {
             let params = ConnectParams::from_endpoint(config.target.endpoint()).context("[target] url")?;
-            Box::new(PostgresSink::connect(params, &config.name, config.target.partitions()).await?)
+            let sink = PostgresSink::connect(params, &config.name, config.target.partitions());
+            Box::new(sink.await?.disabling_triggers(config.target.disable_triggers()))
         }
         TargetKind::Mysql => {
             let params = MysqlParams::from_endpoint(config.target.endpoint()).context("[target] url")?;

@@ -128,6 +128,9 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
     let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
     let schema = source.schema().await?;
     sink.finish_snapshot(&schema).await.context("syncing sequences on the target")?;
+    for trigger in sink.hand_over().await.context("handing the target over")? {
+        tracing::info!(%trigger, "user trigger enabled again");
+    }
     let sequences_synced = schema.sequences.len();
 
     // 5. The fallback stream, created before anything writes to the new primary.

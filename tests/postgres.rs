@@ -1337,6 +1337,9 @@ async fn user_defined_and_extension_types_are_created_on_the_target() {
 /// GRANTs that would help; parent and child rows changed in one source transaction (a
 /// parent deleted after its children), which grouping by table reorders, land exactly (foreign keys deferred to
 /// commit), and a kill -9 mid-stream doubles nothing (positions in cutover.progress).
+/// User triggers added on the target: the one on a table `[target] disable_triggers`
+/// names is disabled while cutover applies and enabled again by `cleanup`; `check` names
+/// the other, which fires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_role_that_is_no_superuser_replicates_exactly() {
     let source = cutover::sandbox::PostgresServer::start(&[]).expect("source");
@@ -1367,8 +1370,10 @@ async fn a_target_role_that_is_no_superuser_replicates_exactly() {
     let pair = Pair::from_servers("managed", source, target, &source_url, "");
     let superuser_target = pair.target.url("postgres");
     let config = std::fs::read_to_string(&pair.config_path).expect("config");
-    std::fs::write(&pair.config_path, config.replace(&superuser_target, &superuser_target.replace("cutover@", "app@")))
-        .expect("config");
+    let config = config
+        .replace(&superuser_target, &superuser_target.replace("cutover@", "app@"))
+        .replace("\n[state]", "\ndisable_triggers = [\"public.par*\"]\n[state]");
+    std::fs::write(&pair.config_path, config).expect("config");
     let check = cutover("check", &pair.config_path, &[]);
     let report = output_text(&check);
     assert!(check.status.success(), "{report}");
@@ -1379,6 +1384,23 @@ async fn a_target_role_that_is_no_superuser_replicates_exactly() {
     );
     let mut child = pair.spawn();
     pair.wait_caught_up(&mut child).await;
+    // Triggers the application adds on the target before the switchover.
+    let app = connect(&superuser_target.replace("cutover@", "app@")).await;
+    app.batch_execute(
+        "CREATE TABLE audit (tbl text); CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN INSERT INTO audit VALUES (TG_TABLE_NAME); RETURN NULL; END $$;
+         CREATE TRIGGER audit_parent AFTER INSERT OR UPDATE OR DELETE ON parent FOR EACH ROW EXECUTE FUNCTION audit();
+         CREATE TRIGGER audit_child AFTER INSERT OR UPDATE OR DELETE ON child FOR EACH ROW EXECUTE FUNCTION audit();",
+    )
+    .await
+    .expect("target triggers");
+    stop(&mut child);
+    let report = output_text(&cutover("check", &pair.config_path, &[]));
+    assert!(
+        report.contains("trigger audit_child on public.child fires on every change") && !report.contains("audit_parent"),
+        "{report}"
+    );
+    let mut child = pair.spawn();
     let burst = |round: i32| {
         format!(
             "BEGIN;
@@ -1416,7 +1438,16 @@ async fn a_target_role_that_is_no_superuser_replicates_exactly() {
     assert_eq!(count(&target, "SELECT count(*) FROM pg_replication_origin").await, 0);
     assert_eq!(count(&target, "SELECT count(*) FROM cutover.progress").await, 1);
     pair.assert_identical().await;
+    // The consented trigger rested; the other fired for each child row changed.
+    assert_eq!(rows_text(&target, "SELECT DISTINCT tbl FROM audit").await, ["child"]);
     stop(&mut child);
+    let enabled = "SELECT tgname || ' ' || tgenabled::text FROM pg_trigger WHERE tgname LIKE 'audit%' ORDER BY 1";
+    assert_eq!(rows_text(&target, enabled).await, ["audit_child O", "audit_parent D"]);
+    let cleanup = cutover("cleanup", &pair.config_path, &["--yes"]);
+    let report = output_text(&cleanup);
+    assert!(cleanup.status.success() && report.contains("trigger audit_parent on public.parent enabled again"), "{report}");
+    assert_eq!(rows_text(&target, enabled).await, ["audit_child O", "audit_parent O"]);
+    assert_eq!(count(&target, "SELECT count(*) FROM pg_namespace WHERE nspname = 'cutover'").await, 0);
 }
 
 /// `cutover resync` on a running pipeline under writes: target tables damaged by hand are

@@ -65,6 +65,13 @@ pub trait Sink: Send + Sync {
     /// Foreign keys and sequence values, once every table holds its rows.
     async fn finish_snapshot(&mut self, schema: &SourceSchema) -> anyhow::Result<()>;
 
+    /// At the switchover, once the target has every change: puts back what the sink set
+    /// aside to apply them (user triggers it disabled); returns what it put back. Safe
+    /// to repeat.
+    async fn hand_over(&mut self) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// The tables on the target whose foreign keys reference one of `tables` and are not
     /// among them: [`TableWriter::truncate`] cannot empty `tables` without them. None by
     /// default (a target that empties tables without checking foreign keys).

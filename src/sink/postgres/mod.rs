@@ -52,6 +52,9 @@ pub struct PostgresSink {
     partitions: Partitions,
     /// What the target role may do beyond writing its tables.
     powers: Powers,
+    /// `[target] disable_triggers`: tables whose user triggers may be disabled while
+    /// applying, when the role may not set session_replication_role.
+    disable_triggers: Vec<glob::Pattern>,
 }
 
 /// What the target role may do beyond writing its own tables; a managed service's
@@ -181,8 +184,100 @@ impl PostgresSink {
             session_ready: false,
             partitions,
             powers,
+            disable_triggers: Vec::new(),
         };
         Ok(sink)
+    }
+
+    /// With `[target] disable_triggers`: the tables whose user triggers it may disable.
+    pub fn disabling_triggers(self, tables: Vec<glob::Pattern>) -> PostgresSink {
+        PostgresSink { disable_triggers: tables, ..self }
+    }
+
+    /// The target's enabled user triggers (table, trigger), and whether `[target]
+    /// disable_triggers` names the table; cutover's own tables are never among them.
+    async fn user_triggers(&self) -> anyhow::Result<Vec<(TableName, String, bool)>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n.nspname::text, c.relname::text, t.tgname::text FROM pg_trigger t \
+                 JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname <> 'cutover' ORDER BY 1, 2, 3",
+                &[],
+            )
+            .await
+            .context("reading the target's triggers")?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let table = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+                let consented = self.disable_triggers.iter().any(|p| p.matches(&table.to_string()));
+                (table, r.get::<_, String>(2), consented)
+            })
+            .collect())
+    }
+
+    /// Disables the consented tables' enabled user triggers, each recorded (in the same
+    /// transaction) in `cutover.disabled_triggers`, so that the switchover and `cleanup`
+    /// enable exactly those again. Triggers created later are disabled at the next start.
+    async fn disable_user_triggers(&self) -> anyhow::Result<()> {
+        let triggers: Vec<(TableName, String)> =
+            self.user_triggers().await?.into_iter().filter(|t| t.2).map(|(table, trigger, _)| (table, trigger)).collect();
+        if triggers.is_empty() {
+            return Ok(());
+        }
+        let mut sql = vec![
+            "CREATE SCHEMA IF NOT EXISTS cutover".to_string(),
+            "CREATE TABLE IF NOT EXISTS cutover.disabled_triggers (pipeline text, schema_name text, table_name text, \
+             trigger_name text, PRIMARY KEY (pipeline, schema_name, table_name, trigger_name))"
+                .to_string(),
+        ];
+        for (table, trigger) in &triggers {
+            tracing::info!(%table, trigger, "disabling a user trigger while applying ([target] disable_triggers)");
+            sql.push(format!(
+                "INSERT INTO cutover.disabled_triggers VALUES ({}, {}, {}, {}) ON CONFLICT DO NOTHING",
+                quote_literal(&self.origin),
+                quote_literal(&table.schema),
+                quote_literal(&table.name),
+                quote_literal(trigger)
+            ));
+            sql.push(format!("ALTER TABLE {} DISABLE TRIGGER {}", quote_table(table), quote_ident(trigger)));
+        }
+        self.client
+            .batch_execute(&format!("BEGIN; {}; COMMIT", sql.join(";\n")))
+            .await
+            .context("disabling user triggers on the target ([target] disable_triggers; the role must own the tables)")
+    }
+
+    /// Enables again the user triggers this pipeline disabled; returns them.
+    async fn enable_user_triggers(&self) -> anyhow::Result<Vec<String>> {
+        let recorded = self
+            .client
+            .query(
+                "SELECT schema_name, table_name, trigger_name FROM cutover.disabled_triggers WHERE pipeline = $1 \
+                 AND to_regclass(format('%I.%I', schema_name, table_name)) IS NOT NULL ORDER BY 1, 2, 3",
+                &[&self.origin],
+            )
+            .await;
+        let recorded = match recorded {
+            Ok(rows) => rows,
+            // Never disabled any: the table is not there.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
+            Err(e) => return Err(e).context("reading cutover.disabled_triggers on the target"),
+        };
+        let mut sql = Vec::new();
+        let mut enabled = Vec::new();
+        for row in &recorded {
+            let (table, trigger) = (TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)), row.get::<_, String>(2));
+            sql.push(format!("ALTER TABLE {} ENABLE TRIGGER {}", quote_table(&table), quote_ident(&trigger)));
+            enabled.push(format!("{trigger} on {table}"));
+        }
+        sql.push(format!("DELETE FROM cutover.disabled_triggers WHERE pipeline = {}", quote_literal(&self.origin)));
+        self.client
+            .batch_execute(&format!("BEGIN; {}; COMMIT", sql.join(";\n")))
+            .await
+            .context("enabling again the user triggers cutover disabled on the target")?;
+        Ok(enabled)
     }
 
     /// Before the first apply: binds this session to the replication origin (created if
@@ -201,6 +296,8 @@ impl PostgresSink {
                 .batch_execute("SET session_replication_role = replica")
                 .await
                 .context("setting session_replication_role = replica on the target")?;
+        } else {
+            self.disable_user_triggers().await?;
         }
         self.session_ready = true;
         Ok(())
@@ -332,9 +429,24 @@ impl Sink for PostgresSink {
                 "target",
                 format!("role {user} may not set session_replication_role"),
                 "it to apply with triggers and foreign keys at rest (without it, foreign keys are created \
-                 DEFERRABLE and checked at the end of each target transaction, and the target's own triggers fire)",
-                grant,
+                 DEFERRABLE and checked at the end of each target transaction, and user triggers fire unless \
+                 [target] disable_triggers names their tables)",
+                grant.clone(),
             ));
+            let selected: Vec<String> = schema.tables.iter().map(|t| t.schema.name.to_string()).collect();
+            for (table, trigger, _) in self.user_triggers().await?.into_iter().filter(|t| !t.2) {
+                if selected.contains(&table.to_string()) {
+                    findings.push(Finding::warning(
+                        "target",
+                        format!("trigger {trigger} on {table} fires on every change cutover applies"),
+                        "triggers at rest while applying, as on a replica",
+                        format!(
+                            "add \"{table}\" to [target] disable_triggers (cutover disables its user triggers while \
+                             it applies and enables them again at the switchover), or {grant}"
+                        ),
+                    ));
+                }
+            }
         }
         if copy_bytes > 0 {
             findings.extend(self.free_space_finding(copy_bytes).await);
@@ -450,14 +562,20 @@ impl Sink for PostgresSink {
             .batch_execute(&script)
             .await
             .map_err(|e| anyhow::Error::new(e).context("creating the schema on the target"))?;
+        // A table that was there already may have triggers the copy would fire.
+        if !self.powers.replica_role {
+            self.disable_user_triggers().await?;
+        }
         Ok(())
     }
 
     async fn table_writer(&self) -> anyhow::Result<Box<dyn TableWriter>> {
         let client = self.params.connect().await?;
-        // Index builds after the data go faster with room to sort in.
+        // Index builds after the data go faster with room to sort in; the rows go in as a
+        // replica's would, without firing triggers, where the role may say so.
+        let replica = if self.powers.replica_role { "; SET session_replication_role = replica" } else { "" };
         client
-            .batch_execute("SET maintenance_work_mem = '1GB'; SET synchronous_commit = off")
+            .batch_execute(&format!("SET maintenance_work_mem = '1GB'; SET synchronous_commit = off{replica}"))
             .await
             .context("setting up a copy connection on the target")?;
         Ok(Box::new(PostgresTableWriter { client }))
@@ -473,8 +591,13 @@ impl Sink for PostgresSink {
         Ok(())
     }
 
+    async fn hand_over(&mut self) -> anyhow::Result<Vec<String>> {
+        self.enable_user_triggers().await
+    }
+
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
-        let mut dropped = Vec::new();
+        let triggers = self.enable_user_triggers().await?;
+        let mut dropped: Vec<String> = triggers.iter().map(|t| format!("target: trigger {t} enabled again")).collect();
         let exists = self
             .client
             .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&self.origin])
@@ -490,15 +613,22 @@ impl Sink for PostgresSink {
         let progress = self.client.execute("DELETE FROM cutover.progress WHERE pipeline = $1", &[&self.origin]).await;
         if progress.is_ok_and(|rows| rows > 0) {
             dropped.push(format!("target: row {} of cutover.progress", self.origin));
-            // The table and schema go with the last pipeline that used them.
-            self.client
-                .batch_execute(
-                    "DO $cutover$ BEGIN IF NOT EXISTS (SELECT 1 FROM cutover.progress) THEN \
-                     DROP TABLE cutover.progress; DROP SCHEMA IF EXISTS cutover; END IF; END $cutover$",
-                )
-                .await
-                .context("dropping cutover.progress")?;
         }
+        // Its tables and the schema go with the last pipeline that used them.
+        self.client
+            .batch_execute(
+                "DO $cutover$ BEGIN \
+                 IF to_regclass('cutover.progress') IS NOT NULL THEN \
+                   IF NOT EXISTS (SELECT 1 FROM cutover.progress) THEN DROP TABLE cutover.progress; END IF; END IF; \
+                 IF to_regclass('cutover.disabled_triggers') IS NOT NULL THEN \
+                   IF NOT EXISTS (SELECT 1 FROM cutover.disabled_triggers) THEN \
+                     DROP TABLE cutover.disabled_triggers; END IF; END IF; \
+                 IF to_regnamespace('cutover') IS NOT NULL \
+                    AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = to_regnamespace('cutover')) THEN \
+                   DROP SCHEMA cutover; END IF; END $cutover$",
+            )
+            .await
+            .context("dropping cutover's tables on the target")?;
         Ok(dropped)
     }
 
