@@ -1397,7 +1397,8 @@ async fn a_target_role_that_is_no_superuser_replicates_exactly() {
     stop(&mut child);
     let report = output_text(&cutover("check", &pair.config_path, &[]));
     assert!(
-        report.contains("trigger audit_child on public.child fires on every change") && !report.contains("audit_parent"),
+        report.contains("trigger audit_child on public.child fires on every change")
+            && !report.contains("audit_parent"),
         "{report}"
     );
     let mut child = pair.spawn();
@@ -1445,7 +1446,10 @@ async fn a_target_role_that_is_no_superuser_replicates_exactly() {
     assert_eq!(rows_text(&target, enabled).await, ["audit_child O", "audit_parent D"]);
     let cleanup = cutover("cleanup", &pair.config_path, &["--yes"]);
     let report = output_text(&cleanup);
-    assert!(cleanup.status.success() && report.contains("trigger audit_parent on public.parent enabled again"), "{report}");
+    assert!(
+        cleanup.status.success() && report.contains("trigger audit_parent on public.parent enabled again"),
+        "{report}"
+    );
     assert_eq!(rows_text(&target, enabled).await, ["audit_child O", "audit_parent O"]);
     assert_eq!(count(&target, "SELECT count(*) FROM pg_namespace WHERE nspname = 'cutover'").await, 0);
 }

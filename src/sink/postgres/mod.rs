@@ -221,8 +221,13 @@ impl PostgresSink {
     /// transaction) in `cutover.disabled_triggers`, so that the switchover and `cleanup`
     /// enable exactly those again. Triggers created later are disabled at the next start.
     async fn disable_user_triggers(&self) -> anyhow::Result<()> {
-        let triggers: Vec<(TableName, String)> =
-            self.user_triggers().await?.into_iter().filter(|t| t.2).map(|(table, trigger, _)| (table, trigger)).collect();
+        let triggers: Vec<(TableName, String)> = self
+            .user_triggers()
+            .await?
+            .into_iter()
+            .filter(|t| t.2)
+            .map(|(table, trigger, _)| (table, trigger))
+            .collect();
         if triggers.is_empty() {
             return Ok(());
         }
@@ -268,7 +273,8 @@ impl PostgresSink {
         let mut sql = Vec::new();
         let mut enabled = Vec::new();
         for row in &recorded {
-            let (table, trigger) = (TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)), row.get::<_, String>(2));
+            let (table, trigger) =
+                (TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)), row.get::<_, String>(2));
             sql.push(format!("ALTER TABLE {} ENABLE TRIGGER {}", quote_table(&table), quote_ident(&trigger)));
             enabled.push(format!("{trigger} on {table}"));
         }

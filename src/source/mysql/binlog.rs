@@ -44,7 +44,7 @@ use crate::change::{Change, Column, Event, Identity, Row, SchemaChange, SchemaOp
 use crate::config::TableFilter;
 use crate::myconn::MysqlParams;
 use crate::position::{BinlogPosition, Gtid, GtidSet, Position};
-use crate::schema::mysql::{encode_binlog, Encoding};
+use crate::schema::mysql::encode_binlog;
 use crate::source::ChangeStream;
 
 /// Where binlog events come from, with the table maps seen so far.
@@ -393,42 +393,46 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
         changes
     }
 
-    /// `ALTER TABLE` of a replicated table: the table's definition is read again. Columns
-    /// only appended (or none changed: an index, a comment) are followed in place; any
-    /// other change to its columns or key copies the table again. Read after the fact, the
+    /// `ALTER TABLE` (or `CREATE`/`DROP INDEX`) of a replicated table: the table's
+    /// definition is read again. Columns only appended (or none changed) are followed in
+    /// place, and so are its indexes and unique constraints (dropped, created); any other
+    /// change to its columns or key copies the table again. Read after the fact, the
     /// definition may show later statements too: a difference they make copies the table
     /// again, and a shape they restore still shows in its rows' column count, checked at
     /// every rows event (a count-preserving change undone later is not seen: rows between
     /// are read under today's names and types).
-    async fn altered(&mut self, known: MysqlTable, query: &str, at: &Position) -> anyhow::Result<Option<Change>> {
+    async fn altered(&mut self, known: MysqlTable, query: &str, at: &Position) -> anyhow::Result<Vec<Change>> {
         let name = known.schema.name.clone();
         let catalog = match &mut self.catalog {
             Some(catalog) => catalog,
             None => self.catalog.insert(self.params.connect().await?),
         };
-        let (schema, encodings) = catalog::read_tables(catalog, &self.params.database, |t| t == &name).await?;
-        let copy_again = |why: String| schema_change(name.clone(), query, SchemaOp::CopyAgain { why });
-        let Some(definition) = schema.tables.into_iter().next() else {
-            return Ok(Some(copy_again(format!("it changed at {at} and is gone from the source since"))));
+        let (_, mut read) = catalog::read_tables(catalog, &self.params.database, |t| t == &name).await?;
+        let copy_again = |why: String| vec![schema_change(name.clone(), query, SchemaOp::CopyAgain { why })];
+        let Some(table) = read.remove(&name) else {
+            return Ok(copy_again(format!("it changed at {at} and is gone from the source since")));
         };
-        let encodings: Arc<Vec<Encoding>> = encodings.get(&name).cloned().unwrap_or_default();
         let same = |a: &Column, b: &Column| a.name == b.name && a.type_name == b.type_name && a.is_key == b.is_key;
         let before = &known.schema.columns;
-        let appended = definition.schema.columns.len() >= before.len()
-            && before.iter().zip(&definition.schema.columns).all(|(a, b)| same(a, b))
-            && encodings.get(..known.encodings.len()) == Some(&known.encodings[..])
-            && definition.schema.identity == known.schema.identity;
+        let appended = table.schema.columns.len() >= before.len()
+            && before.iter().zip(&table.schema.columns).all(|(a, b)| same(a, b))
+            && table.encodings.get(..known.encodings.len()) == Some(&known.encodings[..])
+            && table.schema.identity == known.schema.identity;
         if !appended {
-            return Ok(Some(copy_again(format!(
+            return Ok(copy_again(format!(
                 "ALTER TABLE at {at} changed its columns or key in a way the binlog's rows do not carry"
-            ))));
+            )));
         }
-        if definition.schema.columns.len() == before.len() {
-            return Ok(None);
+        let mut changes = Vec::new();
+        if table.schema.columns.len() > before.len() {
+            changes.push(Change::Relation(table.schema.clone()));
         }
-        let table = MysqlTable { schema: Arc::new(definition.schema), encodings };
-        self.tables.insert(name, table.clone());
-        Ok(Some(Change::Relation(table.schema)))
+        let keys = catalog::TableKey::changes(&known.keys, &table.keys);
+        if !keys.is_empty() {
+            changes.push(Change::Schema(SchemaChange { table: name.clone(), statement: query.to_string(), ops: keys }));
+        }
+        self.tables.insert(name, table);
+        Ok(changes)
     }
 
     /// A row image's values under the table's columns. An image holds the columns its
@@ -958,7 +962,8 @@ mod tests {
             columns: vec![column("id", true), column("name", false)],
             identity: Identity::Key,
         };
-        let table = MysqlTable { schema: Arc::new(schema), encodings: Arc::new(vec![Encoding::Same, Encoding::Same]) };
+        let encodings = Arc::new(vec![Encoding::Same, Encoding::Same]);
+        let table = MysqlTable { schema: Arc::new(schema), encodings, keys: Vec::new() };
         HashMap::from([(name, table)])
     }
 

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use mysql_async::prelude::Queryable;
 
-use crate::change::{Column, Identity, TableName, TableSchema};
-use crate::schema::mysql::{map_column, Encoding, MysqlColumn};
+use super::MysqlTable;
+use crate::change::{Column, Identity, SchemaOp, TableName, TableSchema};
+use crate::schema::mysql::{map_column, MysqlColumn};
 use crate::schema::{quote_ident, quote_table, ColumnDefinition, EnumType, Sequence, SourceSchema, TableDefinition};
 
 /// `information_schema.COLUMNS`: table, column, data type, column type, numeric precision
@@ -97,6 +98,41 @@ impl CatalogRows {
     }
 }
 
+/// An index or a unique constraint of a table, as the target creates it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableKey {
+    /// Its name on the target: `<table>_<index>` (MySQL's index names are per table).
+    pub name: String,
+    /// `CREATE INDEX …` for an index, `UNIQUE (…)` for a unique constraint.
+    pub definition: String,
+    pub constraint: bool,
+}
+
+impl TableKey {
+    pub fn create(&self) -> SchemaOp {
+        let (name, definition) = (self.name.clone(), self.definition.clone());
+        match self.constraint {
+            true => SchemaOp::AddConstraint { name, definition },
+            false => SchemaOp::CreateIndex { name, definition },
+        }
+    }
+
+    pub fn drop(&self) -> SchemaOp {
+        let name = self.name.clone();
+        match self.constraint {
+            true => SchemaOp::DropConstraint { name },
+            false => SchemaOp::DropIndex { name },
+        }
+    }
+
+    /// What the target does to go from `before` to `after`: keys gone or changed
+    /// dropped, then keys new or changed created.
+    pub fn changes(before: &[TableKey], after: &[TableKey]) -> Vec<SchemaOp> {
+        let dropped = before.iter().filter(|k| !after.contains(k)).map(TableKey::drop);
+        dropped.chain(after.iter().filter(|k| !before.contains(k)).map(TableKey::create)).collect()
+    }
+}
+
 /// How many times the catalog is read, at most, for two reads in a row that agree.
 const CATALOG_READS: usize = 20;
 
@@ -105,9 +141,9 @@ pub async fn read_tables(
     conn: &mut mysql_async::Conn,
     db: &str,
     include: impl Fn(&TableName) -> bool,
-) -> anyhow::Result<(SourceSchema, HashMap<TableName, Arc<Vec<Encoding>>>)> {
+) -> anyhow::Result<(SourceSchema, HashMap<TableName, MysqlTable>)> {
     let db = db.to_string();
-    let mut encodings_by_table = HashMap::new();
+    let mut followed = HashMap::new();
     // Every column cutover cannot map, reported together.
     let mut unsupported = Vec::new();
     // information_schema is no snapshot: a DDL statement between two of its queries (a
@@ -239,19 +275,32 @@ pub async fn read_tables(
         let qualified = quote_table(&name);
         let mut constraints = Vec::new();
         let mut index_sql = Vec::new();
+        let mut keys = Vec::new();
         for (index, unique, columns) in &index_groups {
             // MySQL index names are per table; PostgreSQL's are per schema.
             let pg_name = format!("{table}_{index}");
-            if *unique {
-                constraints.push((pg_name, format!("UNIQUE ({})", list(columns))));
-            } else {
-                index_sql.push(format!("CREATE INDEX {} ON {qualified} ({})", quote_ident(&pg_name), list(columns)));
+            let key = match *unique {
+                true => TableKey { name: pg_name, definition: format!("UNIQUE ({})", list(columns)), constraint: true },
+                false => {
+                    let definition =
+                        format!("CREATE INDEX {} ON {qualified} ({})", quote_ident(&pg_name), list(columns));
+                    TableKey { name: pg_name, definition, constraint: false }
+                }
+            };
+            match key.constraint {
+                true => constraints.push((key.name.clone(), key.definition.clone())),
+                false => index_sql.push(key.definition.clone()),
             }
+            keys.push(key);
         }
         let identity = if key_columns.is_empty() { Identity::Full } else { Identity::Key };
-        encodings_by_table.insert(name.clone(), Arc::new(encodings));
+        let table_schema = TableSchema { name: name.clone(), columns: table_columns, identity };
+        followed.insert(
+            name.clone(),
+            MysqlTable { schema: Arc::new(table_schema.clone()), encodings: Arc::new(encodings), keys },
+        );
         schema.tables.push(TableDefinition {
-            schema: TableSchema { name: name.clone(), columns: table_columns, identity },
+            schema: table_schema,
             columns: definitions,
             primary_key: (!key_columns.is_empty())
                 .then(|| (format!("{table}_pkey"), format!("PRIMARY KEY ({})", list(&key_columns)))),
@@ -273,7 +322,7 @@ pub async fn read_tables(
             unsupported.join("\n")
         );
     }
-    Ok((schema, encodings_by_table))
+    Ok((schema, followed))
 }
 
 #[cfg(test)]

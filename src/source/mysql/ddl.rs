@@ -271,6 +271,17 @@ fn parse_tokens(p: &mut Parser) -> Option<Ddl> {
             Ddl::Rename(pairs)
         }
         "DROP" => {
+            // `DROP INDEX [IF EXISTS] name ON t`: a change of t.
+            if p.keyword("INDEX") {
+                if p.keyword("IF") && !p.keyword("EXISTS") {
+                    return None;
+                }
+                p.at += 1;
+                return Some(match p.keyword("ON") {
+                    true => Ddl::Alter { table: p.table()?, renamed_to: None },
+                    false => Ddl::Other,
+                });
+            }
             if p.keyword("TEMPORARY") || !p.keyword("TABLE") {
                 return Some(Ddl::Other);
             }
@@ -282,6 +293,22 @@ fn parse_tokens(p: &mut Parser) -> Option<Ddl> {
         "CREATE" => {
             if p.keyword("OR") && !p.keyword("REPLACE") {
                 return None;
+            }
+            // `CREATE [UNIQUE|FULLTEXT|SPATIAL] INDEX [IF NOT EXISTS] name [USING type] ON t`:
+            // a change of t.
+            let _ = p.keyword("UNIQUE") || p.keyword("FULLTEXT") || p.keyword("SPATIAL");
+            if p.keyword("INDEX") {
+                if p.keyword("IF") && !(p.keyword("NOT") && p.keyword("EXISTS")) {
+                    return None;
+                }
+                p.at += 1;
+                if p.keyword("USING") {
+                    p.at += 1;
+                }
+                return Some(match p.keyword("ON") {
+                    true => Ddl::Alter { table: p.table()?, renamed_to: None },
+                    false => Ddl::Other,
+                });
             }
             if p.keyword("TEMPORARY") || !p.keyword("TABLE") {
                 return Some(Ddl::Other);
@@ -333,7 +360,14 @@ mod tests {
             ("-- a note\nDROP TABLE z", Ddl::Drop(vec![t("z")])),
             ("# a note\nTRUNCATE z", Ddl::Truncate(t("z"))),
             ("CREATE TEMPORARY TABLE tmp (a int)", Ddl::Other),
-            ("CREATE INDEX i ON t (a)", Ddl::Other),
+            ("CREATE INDEX i ON t (a)", Ddl::Alter { table: t("t"), renamed_to: None }),
+            (
+                "create unique index if not exists `i` using btree on db.`t t` (a)",
+                Ddl::Alter { table: t("db.t t"), renamed_to: None },
+            ),
+            ("CREATE OR REPLACE FULLTEXT INDEX i ON t (a)", Ddl::Alter { table: t("t"), renamed_to: None }),
+            ("DROP INDEX IF EXISTS `i` ON t", Ddl::Alter { table: t("t"), renamed_to: None }),
+            ("DROP INDEX i", Ddl::Other),
             ("CREATE VIEW v AS SELECT 1", Ddl::Other),
             ("GRANT ALL ON *.* TO 'u'@'%'", Ddl::Other),
             ("ALTER TABLE", Ddl::Other),

@@ -43,6 +43,9 @@ use crate::schema::{push_copy_field, SourceSchema, TableDefinition};
 pub struct MysqlTable {
     schema: Arc<TableSchema>,
     encodings: Arc<Vec<Encoding>>,
+    /// Its indexes and unique constraints as the target creates them: an `ALTER TABLE`
+    /// or `CREATE`/`DROP INDEX` is followed by the difference.
+    keys: Vec<catalog::TableKey>,
 }
 
 impl MysqlTable {
@@ -95,7 +98,7 @@ impl Source for MysqlSource {
 
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {
         let filter = self.filter.clone();
-        let (mut schema, mut encodings) =
+        let (mut schema, tables) =
             catalog::read_tables(&mut self.conn, &self.params.database, |name| filter.includes(&name.to_string()))
                 .await?;
         self.tables.clear();
@@ -122,12 +125,8 @@ impl Source for MysqlSource {
             } else {
                 None
             };
-            let table = MysqlTable {
-                schema: Arc::new(t.schema.clone()),
-                encodings: encodings.remove(&t.schema.name).unwrap_or_default(),
-            };
-            self.tables.insert(t.schema.name.clone(), table);
         }
+        self.tables = tables;
         Ok(schema)
     }
 
