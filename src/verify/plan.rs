@@ -176,6 +176,8 @@ pub(super) struct TablePlan {
     pub(super) key_order: KeyOrder,
     /// The source's row estimate (0 when it has none): sizes the chunks.
     estimated_rows: u64,
+    /// Source and target speak different dialects: buckets go by a hash both compute alike.
+    across: bool,
     /// A SQLite source's columns: values are read by the copy's own rule (`schema::sqlite::encode`).
     sqlite_types: Option<Vec<SqliteType>>,
 }
@@ -284,6 +286,7 @@ impl TablePlan {
             key,
             key_order,
             estimated_rows: table.estimated_rows,
+            across: source != target,
             sqlite_types,
         })
     }
@@ -321,9 +324,17 @@ impl TablePlan {
         }
     }
 
-    /// A row's bucket of `of`, by its key's text (its whole text without a key). Server
-    /// hashing only: both sides compute it alike.
+    /// A row's bucket of `of`, by its key's text (its whole text without a key) within one
+    /// dialect; across dialects by the md5 of the first key column's UTF-8 text, which both
+    /// compute alike for the text keys [`TablePlan::buckets_across`] allows.
     fn bucket(&self, dialect: SqlDialect, of: u64) -> String {
+        if self.across {
+            let first = self.first_key(dialect).unwrap_or_default();
+            return match dialect {
+                SqlDialect::Mysql => format!("CONV(LEFT(MD5(CONVERT({first} USING utf8mb4)), 8), 16, 10) % {of}"),
+                _ => format!("('x' || left(md5({first}::text), 8))::bit(32)::bigint % {of}"),
+            };
+        }
         let key = match self.key.is_empty() {
             true => self.row_text(dialect),
             false => self.columns_text(dialect, &self.key),
@@ -332,6 +343,14 @@ impl TablePlan {
             SqlDialect::Mysql => format!("CRC32({key}) % {of}"),
             _ => format!("(hashtextextended({key}, 1) & 9223372036854775807) % {of}"),
         }
+    }
+
+    /// Across dialects, whether the table's rows can go in buckets: its first key column
+    /// holds text, whose UTF-8 bytes both sides hash alike (trailing blanks of a padded
+    /// column dropped by both), and neither side is SQLite (no md5).
+    fn buckets_across(&self, source: SqlDialect) -> bool {
+        let first = self.key.first().map(|&i| self.columns[i].1);
+        self.across && source != SqlDialect::Sqlite && matches!(first, Some(ValueClass::Text | ValueClass::PaddedText))
     }
 
     /// The sum of the 64-bit hashes of the row texts `row`, as text.
@@ -444,6 +463,26 @@ impl TableCheck<'_> {
             Hashing::Canonical => CANONICAL_CHUNK_ROWS,
         };
         let bounds = match self.plan.key_order {
+            // Across dialects, a text key still splits: into buckets by its md5, each read whole.
+            KeyOrder::Whole if self.plan.buckets_across(dialect) => {
+                let count = match self.plan.estimated_rows {
+                    0 => {
+                        let rows = source.run(&format!("SELECT COUNT(*) FROM {table}")).await?;
+                        rows.first()
+                            .and_then(|r| r.first().cloned().flatten())
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0)
+                    }
+                    estimate => estimate,
+                };
+                // Twice as many buckets as chunks: a bucket holds about half a chunk's rows.
+                let of = (count / chunk_rows * 2).max(1);
+                if of > 1 {
+                    let bucket = |b| Range { lo: None, hi: None, buckets: Some(Buckets { of, these: vec![b] }) };
+                    return Ok((0..of).map(bucket).collect());
+                }
+                Vec::new()
+            }
             KeyOrder::Whole => Vec::new(),
             KeyOrder::Integer if self.hashing == Hashing::Server => {
                 // MIN and MAX come from the index; the row count from the estimate, when there is one.
