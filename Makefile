@@ -47,6 +47,7 @@ bench: deps
 	bash bench/verify.sh
 	bash bench/switchover.sh
 	bash bench/memory.sh
+	bash bench/resume.sh
 
 lint:
 	cargo fmt --check
