@@ -107,9 +107,13 @@ pub struct ChunkCopy {
 pub struct ChunkPlan {
     pub chunks: Vec<Chunk>,
     pub finished: Vec<ChunkCopy>,
-    /// The table's columns as the first range was copied (name and type each): a table
-    /// whose columns changed since is copied from the start.
+    /// The table's columns as the first range was copied (name, type, key), and its
+    /// definition in the source's form (its `SnapshotPoint::shapes`, which say how the
+    /// source's log is read): a table whose columns or shape changed since is copied from
+    /// the start.
     pub columns: Vec<String>,
+    #[serde(default)]
+    pub shape: Option<String>,
 }
 
 /// Writes that are on disk when they return.
@@ -251,7 +255,7 @@ mod tests {
                     ranges: Vec::new(),
                 },
             )?;
-            let plan = ChunkPlan { chunks: vec![Chunk::Whole], finished: Vec::new(), columns: Vec::new() };
+            let plan = ChunkPlan { chunks: vec![Chunk::Whole], finished: Vec::new(), columns: Vec::new(), shape: None };
             store.save_chunk_plan(&table, &plan)?;
         }
         let store = CheckpointStore::open(&dir)?;

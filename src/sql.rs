@@ -52,6 +52,21 @@ impl SqlDialect {
 /// Rows as text: `None` for NULL.
 pub type Rows = Vec<Vec<Option<String>>>;
 
+/// One statement's rows as text, as the server sends them.
+pub type RowStream<'a> =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = anyhow::Result<Vec<Option<String>>>> + Send + 'a>>;
+
+/// A MySQL row as text (binary values as sent; other non-text values as MySQL prints them).
+fn mysql_row_text(row: mysql_async::Row) -> Vec<Option<String>> {
+    (0..row.len())
+        .map(|i| match row.as_ref(i) {
+            None | Some(mysql_async::Value::NULL) => None,
+            Some(mysql_async::Value::Bytes(bytes)) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            Some(other) => Some(other.as_sql(true).trim_matches('\'').to_string()),
+        })
+        .collect()
+}
+
 /// A connection that runs SQL and returns rows as text.
 pub enum SqlClient {
     Postgres(tokio_postgres::Client),
@@ -91,56 +106,57 @@ impl SqlClient {
         }
     }
 
-    /// Runs one statement; its rows as text (binary values as lowercase hex).
-    pub async fn run(&mut self, sql: &str) -> anyhow::Result<Rows> {
-        match self {
+    /// Runs one statement; its rows as they arrive, without holding them all (a SQLite
+    /// file's are read at once).
+    pub async fn stream<'a>(&'a mut self, sql: &str) -> anyhow::Result<RowStream<'a>> {
+        use futures_util::{StreamExt, TryStreamExt};
+        Ok(match self {
             SqlClient::Postgres(client) => {
-                let mut rows = Vec::new();
-                for message in client.simple_query(sql).await? {
-                    if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-                        rows.push((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect());
-                    }
-                }
-                Ok(rows)
+                let messages = client.simple_query_raw(sql).await?;
+                Box::pin(messages.map_err(anyhow::Error::new).try_filter_map(|message| async move {
+                    Ok(match message {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => {
+                            Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect())
+                        }
+                        _ => None,
+                    })
+                }))
             }
             SqlClient::Mysql(conn) => {
-                let rows: Vec<mysql_async::Row> = conn.query(sql).await?;
-                Ok(rows
-                    .into_iter()
-                    .map(|row| {
-                        (0..row.len())
-                            .map(|i| match row.as_ref(i) {
-                                None | Some(mysql_async::Value::NULL) => None,
-                                Some(mysql_async::Value::Bytes(bytes)) => {
-                                    Some(String::from_utf8_lossy(bytes).into_owned())
-                                }
-                                Some(other) => Some(other.as_sql(true).trim_matches('\'').to_string()),
-                            })
-                            .collect()
-                    })
-                    .collect())
+                let rows = conn.query_stream::<mysql_async::Row, _>(sql.to_string()).await?;
+                Box::pin(rows.map(|row| row.map(mysql_row_text).map_err(anyhow::Error::new)))
             }
-            SqlClient::Sqlite(conn) => {
-                let mut statement = conn.prepare(sql)?;
-                let columns = statement.column_count();
-                let rows = statement.query_map([], |row| {
-                    (0..columns)
-                        .map(|i| {
-                            Ok(match row.get_ref(i)? {
-                                rusqlite::types::ValueRef::Null => None,
-                                rusqlite::types::ValueRef::Integer(v) => Some(v.to_string()),
-                                // Shortest round-trip form, exponent where PostgreSQL has one.
-                                rusqlite::types::ValueRef::Real(v) => Some(format!("{v:?}")),
-                                rusqlite::types::ValueRef::Text(v) => Some(String::from_utf8_lossy(v).into_owned()),
-                                rusqlite::types::ValueRef::Blob(v) => {
-                                    Some(v.iter().map(|b| format!("{b:02x}")).collect())
-                                }
-                            })
-                        })
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                })?;
-                Ok(rows.collect::<rusqlite::Result<Rows>>()?)
-            }
+            SqlClient::Sqlite(conn) => Box::pin(futures_util::stream::iter(sqlite_run(conn, sql)?.into_iter().map(Ok))),
+        })
+    }
+
+    /// Runs one statement; its rows as text (binary values as lowercase hex).
+    pub async fn run(&mut self, sql: &str) -> anyhow::Result<Rows> {
+        use futures_util::TryStreamExt;
+        match self {
+            SqlClient::Postgres(_) | SqlClient::Mysql(_) => self.stream(sql).await?.try_collect().await,
+            SqlClient::Sqlite(conn) => sqlite_run(conn, sql),
         }
     }
+}
+
+/// Runs one statement on a SQLite file; its rows as text.
+fn sqlite_run(conn: &rusqlite::Connection, sql: &str) -> anyhow::Result<Rows> {
+    let mut statement = conn.prepare(sql)?;
+    let columns = statement.column_count();
+    let rows = statement.query_map([], |row| {
+        (0..columns)
+            .map(|i| {
+                Ok(match row.get_ref(i)? {
+                    rusqlite::types::ValueRef::Null => None,
+                    rusqlite::types::ValueRef::Integer(v) => Some(v.to_string()),
+                    // Shortest round-trip form, exponent where PostgreSQL has one.
+                    rusqlite::types::ValueRef::Real(v) => Some(format!("{v:?}")),
+                    rusqlite::types::ValueRef::Text(v) => Some(String::from_utf8_lossy(v).into_owned()),
+                    rusqlite::types::ValueRef::Blob(v) => Some(v.iter().map(|b| format!("{b:02x}")).collect()),
+                })
+            })
+            .collect::<rusqlite::Result<Vec<_>>>()
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Rows>>()?)
 }

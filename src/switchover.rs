@@ -52,6 +52,8 @@ pub struct Summary {
     pub fallback: bool,
     /// What was dropped of the forward stream on the old source, or why it is still there.
     pub forward_stream_dropped: Result<Vec<String>, String>,
+    /// The target's user triggers cutover had disabled and enabled again, or why not.
+    pub triggers_enabled: Result<Vec<String>, String>,
 }
 
 /// How long each wait may take before the switchover gives up (the source stays fenced).
@@ -128,9 +130,6 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
     let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
     let schema = source.schema().await?;
     sink.finish_snapshot(&schema).await.context("syncing sequences on the target")?;
-    for trigger in sink.hand_over().await.context("handing the target over")? {
-        tracing::info!(%trigger, "user trigger enabled again");
-    }
     let sequences_synced = schema.sequences.len();
 
     // 5. The fallback stream, created before anything writes to the new primary.
@@ -144,6 +143,13 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
         .await?
         .context("the daemon went away before it was told the switchover is done; the source stays fenced")?;
     let write_blocked = fenced.elapsed();
+    // Only now that the daemon applies nothing more: the user triggers it disabled fire
+    // again for the application. The switchover is done either way.
+    let triggers_enabled = sink.hand_over().await.map_err(|e| {
+        format!(
+            "{e:#}; run `cutover cleanup`, or ALTER TABLE … ENABLE TRIGGER each one cutover.disabled_triggers lists"
+        )
+    });
 
     // 7. Nothing reads the forward stream any more (a MySQL binlog needs no slot). The
     // switchover is done either way.
@@ -167,6 +173,7 @@ pub async fn switchover(config: &Config) -> anyhow::Result<Summary> {
         sequences_synced,
         fallback: config.switchover.fallback,
         forward_stream_dropped,
+        triggers_enabled,
     })
 }
 
@@ -363,7 +370,8 @@ pub fn render(summary: &Summary) -> String {
          client sessions ended:   {}\n\
          sequences synced:        {}\n\
          fallback:                {}\n\
-         forward stream:          {}\n",
+         forward stream:          {}\n\
+         user triggers:           {}\n",
         summary.final_position,
         summary.write_blocked.as_millis(),
         summary.transactions_applied,
@@ -379,6 +387,11 @@ pub fn render(summary: &Summary) -> String {
             Ok(dropped) if dropped.is_empty() => "nothing to drop on the old source".to_string(),
             Ok(dropped) => format!("dropped {}", dropped.join(", ")),
             Err(why) => format!("NOT dropped: {why}"),
+        },
+        match &summary.triggers_enabled {
+            Ok(enabled) if enabled.is_empty() => "none disabled by cutover".to_string(),
+            Ok(enabled) => format!("enabled again: {}", enabled.join(", ")),
+            Err(why) => format!("NOT enabled again: {why}"),
         }
     );
     if !summary.still_writing.is_empty() {

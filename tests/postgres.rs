@@ -1338,8 +1338,8 @@ async fn user_defined_and_extension_types_are_created_on_the_target() {
 /// parent deleted after its children), which grouping by table reorders, land exactly (foreign keys deferred to
 /// commit), and a kill -9 mid-stream doubles nothing (positions in cutover.progress).
 /// User triggers added on the target: the one on a table `[target] disable_triggers`
-/// names is disabled while cutover applies and enabled again by `cleanup`; `check` names
-/// the other, which fires.
+/// names (enabled ALWAYS) is disabled while cutover applies and enabled again, ALWAYS, by
+/// `cleanup`; `check` names the other, which fires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_role_that_is_no_superuser_replicates_exactly() {
     let source = cutover::sandbox::PostgresServer::start(&[]).expect("source");
@@ -1390,7 +1390,8 @@ async fn a_target_role_that_is_no_superuser_replicates_exactly() {
         "CREATE TABLE audit (tbl text); CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS
              $$ BEGIN INSERT INTO audit VALUES (TG_TABLE_NAME); RETURN NULL; END $$;
          CREATE TRIGGER audit_parent AFTER INSERT OR UPDATE OR DELETE ON parent FOR EACH ROW EXECUTE FUNCTION audit();
-         CREATE TRIGGER audit_child AFTER INSERT OR UPDATE OR DELETE ON child FOR EACH ROW EXECUTE FUNCTION audit();",
+         CREATE TRIGGER audit_child AFTER INSERT OR UPDATE OR DELETE ON child FOR EACH ROW EXECUTE FUNCTION audit();
+         ALTER TABLE parent ENABLE ALWAYS TRIGGER audit_parent;",
     )
     .await
     .expect("target triggers");
@@ -1450,7 +1451,8 @@ async fn a_target_role_that_is_no_superuser_replicates_exactly() {
         cleanup.status.success() && report.contains("trigger audit_parent on public.parent enabled again"),
         "{report}"
     );
-    assert_eq!(rows_text(&target, enabled).await, ["audit_child O", "audit_parent O"]);
+    // Enabled again as it was: ALWAYS.
+    assert_eq!(rows_text(&target, enabled).await, ["audit_child O", "audit_parent A"]);
     assert_eq!(count(&target, "SELECT count(*) FROM pg_namespace WHERE nspname = 'cutover'").await, 0);
 }
 

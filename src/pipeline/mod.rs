@@ -224,6 +224,10 @@ async fn run_once(
         }
         // Also when every table was copied before a restart: the process may have died before this.
         sink.finish_snapshot(&schema).await?;
+        // No stream follows: what the copy set aside (user triggers) comes back now.
+        for trigger in sink.hand_over().await? {
+            tracing::info!(%trigger, "user trigger enabled again");
+        }
         tracing::info!("snapshot complete (mode = \"only\"): exiting");
         return Ok(());
     }

@@ -202,9 +202,9 @@ pub async fn copy_consistently(
     Ok(summary)
 }
 
-/// A table's columns, names and types, as a chunk plan records them.
+/// A table's columns, names, types and key, as a chunk plan records them.
 fn column_signature(table: &TableDefinition) -> Vec<String> {
-    let columns = table.schema.columns.iter().map(|c| format!("{} {}", c.name, c.type_name));
+    let columns = table.schema.columns.iter().map(|c| format!("{} {} {}", c.name, c.type_name, c.is_key));
     columns.chain(table.generated.iter().map(|g| format!("{} {} ({})", g.name, g.type_name, g.expression))).collect()
 }
 
@@ -229,21 +229,26 @@ struct TableWork {
 }
 
 /// Plans one table's copy: resumes a plan a copy cut short left, if it still holds
-/// (same columns, every finished range no older than where the stream begins, and the
-/// target holding exactly the rows recorded for them), emptying the ranges not finished;
-/// or makes a new one. A plan not resumed is dropped before anything is copied.
+/// (same columns and source shape, still resumable, every finished range no older than
+/// where the stream begins, and the target holding exactly the rows recorded for them),
+/// emptying the ranges not finished; or makes a new one. A plan not resumed is dropped
+/// before anything is copied.
 async fn plan_table(
     source: &dyn Source,
     store: &CheckpointStore,
     target: &mut dyn TableWriter,
     table: &TableDefinition,
+    shape: Option<&String>,
     options: &CopyOptions,
 ) -> anyhow::Result<TableWork> {
     let name = &table.schema.name;
     let columns = column_signature(table);
     let previous = store.chunk_plan(name)?;
     if let (Some(plan), Some(from)) = (&previous, &options.resume_from) {
-        let holds = plan.columns == columns && plan.finished.iter().all(|f| f.copied_at >= *from);
+        let holds = plan.columns == columns
+            && plan.shape.as_ref() == shape
+            && resumable(table, &plan.chunks)
+            && plan.finished.iter().all(|f| f.copied_at >= *from);
         if holds && !plan.finished.is_empty() {
             let finished: Vec<Chunk> = plan.finished.iter().map(|f| f.chunk).collect();
             let recorded: u64 = plan.finished.iter().map(|f| f.rows).sum();
@@ -265,6 +270,7 @@ async fn plan_table(
         chunks: chunks.clone(),
         finished: Vec::new(),
         columns,
+        shape: shape.cloned(),
     });
     match &plan {
         Some(plan) => store.save_chunk_plan(name, plan)?,
@@ -301,7 +307,9 @@ async fn copy_tables(
     let mut work = HashMap::new();
     let mut target = sink.table_writer().await?;
     for table in &sorted {
-        work.insert(table.schema.name.clone(), plan_table(source, store, target.as_mut(), table, options).await?);
+        let shape = snapshot.shapes.get(&table.schema.name.to_string());
+        let planned = plan_table(source, store, target.as_mut(), table, shape, options).await?;
+        work.insert(table.schema.name.clone(), planned);
     }
     let truncated: Vec<TableName> = sorted
         .iter()

@@ -145,11 +145,19 @@ pub async fn verify(config: &Config) -> anyhow::Result<Verification> {
             report: TableReport { table: plan.display.clone(), ..TableReport::default() },
             differing: Vec::new(),
         };
-        for range in check.ranges(&mut source).await.with_context(|| format!("splitting {}", plan.display))? {
-            check
-                .chunk(&mut source, &mut target, range)
+        match check.buckets_across(&mut source, &mut target).await? {
+            Some(of) => check
+                .buckets_in_one_pass(&mut source, &mut target, of)
                 .await
-                .with_context(|| format!("comparing {}", plan.display))?;
+                .with_context(|| format!("comparing {}", plan.display))?,
+            None => {
+                for range in check.ranges(&mut source).await.with_context(|| format!("splitting {}", plan.display))? {
+                    check
+                        .chunk(&mut source, &mut target, range)
+                        .await
+                        .with_context(|| format!("comparing {}", plan.display))?;
+                }
+            }
         }
         checks.push(check);
     }

@@ -331,7 +331,9 @@ impl TablePlan {
         if self.across {
             let first = self.first_key(dialect).unwrap_or_default();
             return match dialect {
-                SqlDialect::Mysql => format!("CONV(LEFT(MD5(CONVERT({first} USING utf8mb4)), 8), 16, 10) % {of}"),
+                SqlDialect::Mysql => {
+                    format!("CAST(CONV(LEFT(MD5(CONVERT({first} USING utf8mb4)), 8), 16, 10) AS UNSIGNED) % {of}")
+                }
                 _ => format!("('x' || left(md5({first}::text), 8))::bit(32)::bigint % {of}"),
             };
         }
@@ -351,6 +353,14 @@ impl TablePlan {
     fn buckets_across(&self, source: SqlDialect) -> bool {
         let first = self.key.first().map(|&i| self.columns[i].1);
         self.across && source != SqlDialect::Sqlite && matches!(first, Some(ValueClass::Text | ValueClass::PaddedText))
+    }
+
+    /// Every row with its bucket of `of` first, ordered by bucket, the values as
+    /// [`Hashing::Canonical`] reads them: one pass over the table, sorted by the server.
+    pub(super) fn bucketed_rows_sql(&self, side: &Side, of: u64) -> String {
+        let dialect = side.dialect();
+        let values: Vec<String> = (0..self.columns.len()).map(|i| self.text_of(dialect, i)).collect();
+        format!("SELECT {} AS b, {} FROM {} ORDER BY 1", self.bucket(dialect, of), values.join(", "), self.table(side))
     }
 
     /// The sum of the 64-bit hashes of the row texts `row`, as text.
@@ -453,6 +463,32 @@ impl TablePlan {
 }
 
 impl TableCheck<'_> {
+    /// Across dialects, for a table keyed by text: how many buckets its rows go in (about
+    /// half a chunk's rows each), when more than one and both sides hash the key's UTF-8
+    /// text (a PostgreSQL side's server encoding is UTF8).
+    pub(super) async fn buckets_across(&self, source: &mut Side, target: &mut Side) -> anyhow::Result<Option<u64>> {
+        if !self.plan.buckets_across(source.dialect()) {
+            return Ok(None);
+        }
+        for side in [&mut *source, &mut *target] {
+            if side.dialect() == SqlDialect::Postgres {
+                let encoding = side.run("SELECT current_setting('server_encoding')").await?;
+                if encoding.first().and_then(|r| r.first().cloned().flatten()).as_deref() != Some("UTF8") {
+                    return Ok(None);
+                }
+            }
+        }
+        let count = match self.plan.estimated_rows {
+            0 => {
+                let rows = source.run(&format!("SELECT COUNT(*) FROM {}", self.plan.table(source))).await?;
+                rows.first().and_then(|r| r.first().cloned().flatten()).and_then(|v| v.parse().ok()).unwrap_or(0)
+            }
+            estimate => estimate,
+        };
+        let of = count / CANONICAL_CHUNK_ROWS * 2;
+        Ok((of > 1).then_some(of))
+    }
+
     /// Chunk boundaries from the source.
     pub(super) async fn ranges(&self, source: &mut Side) -> anyhow::Result<Vec<Range>> {
         let dialect = source.dialect();
@@ -463,26 +499,6 @@ impl TableCheck<'_> {
             Hashing::Canonical => CANONICAL_CHUNK_ROWS,
         };
         let bounds = match self.plan.key_order {
-            // Across dialects, a text key still splits: into buckets by its md5, each read whole.
-            KeyOrder::Whole if self.plan.buckets_across(dialect) => {
-                let count = match self.plan.estimated_rows {
-                    0 => {
-                        let rows = source.run(&format!("SELECT COUNT(*) FROM {table}")).await?;
-                        rows.first()
-                            .and_then(|r| r.first().cloned().flatten())
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0)
-                    }
-                    estimate => estimate,
-                };
-                // Twice as many buckets as chunks: a bucket holds about half a chunk's rows.
-                let of = (count / chunk_rows * 2).max(1);
-                if of > 1 {
-                    let bucket = |b| Range { lo: None, hi: None, buckets: Some(Buckets { of, these: vec![b] }) };
-                    return Ok((0..of).map(bucket).collect());
-                }
-                Vec::new()
-            }
             KeyOrder::Whole => Vec::new(),
             KeyOrder::Integer if self.hashing == Hashing::Server => {
                 // MIN and MAX come from the index; the row count from the estimate, when there is one.

@@ -4,9 +4,12 @@
 
 use std::cmp::Ordering;
 
-use crate::sql::Rows;
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
 
-use super::plan::{Range, Side, TablePlan};
+use crate::sql::{RowStream, Rows};
+
+use super::plan::{Buckets, Range, Side, TablePlan};
 use super::{Hashing, TableCheck, TableReport};
 
 impl TableCheck<'_> {
@@ -34,6 +37,74 @@ impl TableCheck<'_> {
     pub(super) async fn side_rows(&self, side: &mut Side, range: &Range) -> anyhow::Result<Vec<(String, String)>> {
         let sql = self.plan.rows_sql(side, range, self.hashing);
         Ok(self.plan.keyed_rows(side.table_rows(&sql, self.plan).await?, self.hashing))
+    }
+}
+
+/// One side's rows ordered by bucket ([`TablePlan::bucketed_rows_sql`]), taken a bucket at a time.
+struct Bucketed<'a> {
+    rows: std::pin::Pin<Box<futures_util::stream::Peekable<RowStream<'a>>>>,
+    side: &'static str,
+}
+
+impl Bucketed<'_> {
+    /// The bucket of the next row; `None` at the end.
+    async fn next_bucket(&mut self) -> anyhow::Result<Option<u64>> {
+        let bucket = match self.rows.as_mut().peek().await {
+            None => return Ok(None),
+            Some(Ok(row)) => row.first().cloned().flatten(),
+            Some(Err(_)) => None,
+        };
+        match bucket.and_then(|b| b.parse().ok()) {
+            Some(bucket) => Ok(Some(bucket)),
+            None => {
+                let error = self.rows.next().await.and_then(Result::err);
+                Err(error.unwrap_or_else(|| anyhow::anyhow!("a row without its bucket number")))
+                    .with_context(|| format!("reading the {}'s rows by bucket", self.side))
+            }
+        }
+    }
+
+    /// The rows of `bucket` (the bucket number left out), if it is the next one.
+    async fn take(&mut self, bucket: u64) -> anyhow::Result<Rows> {
+        let mut rows = Vec::new();
+        while self.next_bucket().await? == Some(bucket) {
+            if let Some(Ok(mut row)) = self.rows.next().await {
+                row.remove(0);
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+impl TableCheck<'_> {
+    /// Across dialects, a table keyed by text: each side's rows read once, ordered by
+    /// their key's bucket of `of`, and compared a bucket at a time (one bucket's rows in
+    /// memory, not the table's).
+    pub(super) async fn buckets_in_one_pass(
+        &mut self,
+        source: &mut Side,
+        target: &mut Side,
+        of: u64,
+    ) -> anyhow::Result<()> {
+        let (source_sql, target_sql) =
+            (self.plan.bucketed_rows_sql(source, of), self.plan.bucketed_rows_sql(target, of));
+        let (source_name, target_name) = (source.name, target.name);
+        let (s, t) = tokio::join!(source.client.stream(&source_sql), target.client.stream(&target_sql));
+        let mut s = Bucketed { rows: Box::pin(futures_util::StreamExt::peekable(s?)), side: source_name };
+        let mut t = Bucketed { rows: Box::pin(futures_util::StreamExt::peekable(t?)), side: target_name };
+        loop {
+            let bucket = match (s.next_bucket().await?, t.next_bucket().await?) {
+                (None, None) => return Ok(()),
+                (a, b) => a.into_iter().chain(b).min().unwrap_or_default(),
+            };
+            let (s_rows, t_rows) = (s.take(bucket).await?, t.take(bucket).await?);
+            self.report.chunks += 1;
+            let range = Range { lo: None, hi: None, buckets: Some(Buckets { of, these: vec![bucket] }) };
+            let (s_rows, t_rows) =
+                (self.plan.keyed_rows(s_rows, self.hashing), self.plan.keyed_rows(t_rows, self.hashing));
+            self.leaf(range, &s_rows, &t_rows);
+        }
     }
 }
 

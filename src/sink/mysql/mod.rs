@@ -530,10 +530,12 @@ impl Sink for MysqlSink {
         match op {
             SchemaOp::DropTable | SchemaOp::CreatePartition { .. } => true,
             SchemaOp::AddColumn { existing, .. } => *existing == ExistingRows::Null,
-            // Left out: the target is only less strict than the source, or names differ.
+            // Left out: the target is only less strict than the source (a plain index it
+            // keeps where the source dropped one refuses no row), or names differ.
             SchemaOp::SetDefault { .. }
             | SchemaOp::SetNotNull { not_null: true, .. }
             | SchemaOp::CreateIndex { .. }
+            | SchemaOp::DropIndex { .. }
             | SchemaOp::RenameIndex { .. }
             | SchemaOp::AddConstraint { .. }
             | SchemaOp::RenameConstraint { .. } => true,

@@ -72,6 +72,16 @@ struct Powers {
     replica_role: bool,
 }
 
+/// A user trigger on the target that fires in cutover's session.
+struct UserTrigger {
+    table: TableName,
+    name: String,
+    /// Enabled ALWAYS (else enabled for origin sessions, the default).
+    always: bool,
+    /// `[target] disable_triggers` names its table.
+    consented: bool,
+}
+
 /// The replication origin functions the sink calls, as `has_function_privilege` names them.
 const ORIGIN_FUNCTIONS: [&str; 5] = [
     "pg_replication_origin_create(text)",
@@ -194,15 +204,16 @@ impl PostgresSink {
         PostgresSink { disable_triggers: tables, ..self }
     }
 
-    /// The target's enabled user triggers (table, trigger), and whether `[target]
-    /// disable_triggers` names the table; cutover's own tables are never among them.
-    async fn user_triggers(&self) -> anyhow::Result<Vec<(TableName, String, bool)>> {
+    /// The target's user triggers that fire in cutover's (origin) session — enabled, or
+    /// enabled ALWAYS; not those enabled for REPLICA sessions only — and whether `[target]
+    /// disable_triggers` names the table. cutover's own tables are never among them.
+    async fn user_triggers(&self) -> anyhow::Result<Vec<UserTrigger>> {
         let rows = self
             .client
             .query(
-                "SELECT n.nspname::text, c.relname::text, t.tgname::text FROM pg_trigger t \
+                "SELECT n.nspname::text, c.relname::text, t.tgname::text, t.tgenabled::text FROM pg_trigger t \
                  JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname <> 'cutover' ORDER BY 1, 2, 3",
+                 WHERE NOT t.tgisinternal AND t.tgenabled IN ('O', 'A') AND n.nspname <> 'cutover' ORDER BY 1, 2, 3",
                 &[],
             )
             .await
@@ -212,41 +223,38 @@ impl PostgresSink {
             .map(|r| {
                 let table = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
                 let consented = self.disable_triggers.iter().any(|p| p.matches(&table.to_string()));
-                (table, r.get::<_, String>(2), consented)
+                UserTrigger { table, name: r.get(2), always: r.get::<_, String>(3) == "A", consented }
             })
             .collect())
     }
 
-    /// Disables the consented tables' enabled user triggers, each recorded (in the same
-    /// transaction) in `cutover.disabled_triggers`, so that the switchover and `cleanup`
-    /// enable exactly those again. Triggers created later are disabled at the next start.
+    /// Disables the consented tables' user triggers that fire for cutover, each recorded
+    /// (in the same transaction) in `cutover.disabled_triggers` with how it was enabled,
+    /// so that the switchover and `cleanup` enable exactly those again, as they were.
+    /// Triggers created later are disabled at the next start.
     async fn disable_user_triggers(&self) -> anyhow::Result<()> {
-        let triggers: Vec<(TableName, String)> = self
-            .user_triggers()
-            .await?
-            .into_iter()
-            .filter(|t| t.2)
-            .map(|(table, trigger, _)| (table, trigger))
-            .collect();
+        let triggers: Vec<UserTrigger> = self.user_triggers().await?.into_iter().filter(|t| t.consented).collect();
         if triggers.is_empty() {
             return Ok(());
         }
         let mut sql = vec![
             "CREATE SCHEMA IF NOT EXISTS cutover".to_string(),
             "CREATE TABLE IF NOT EXISTS cutover.disabled_triggers (pipeline text, schema_name text, table_name text, \
-             trigger_name text, PRIMARY KEY (pipeline, schema_name, table_name, trigger_name))"
+             trigger_name text, always boolean NOT NULL, PRIMARY KEY (pipeline, schema_name, table_name, trigger_name))"
                 .to_string(),
         ];
-        for (table, trigger) in &triggers {
-            tracing::info!(%table, trigger, "disabling a user trigger while applying ([target] disable_triggers)");
+        for trigger in &triggers {
+            let (table, name) = (&trigger.table, &trigger.name);
+            tracing::info!(%table, trigger = name, "disabling a user trigger while applying ([target] disable_triggers)");
             sql.push(format!(
-                "INSERT INTO cutover.disabled_triggers VALUES ({}, {}, {}, {}) ON CONFLICT DO NOTHING",
+                "INSERT INTO cutover.disabled_triggers VALUES ({}, {}, {}, {}, {}) ON CONFLICT DO NOTHING",
                 quote_literal(&self.origin),
                 quote_literal(&table.schema),
                 quote_literal(&table.name),
-                quote_literal(trigger)
+                quote_literal(name),
+                trigger.always
             ));
-            sql.push(format!("ALTER TABLE {} DISABLE TRIGGER {}", quote_table(table), quote_ident(trigger)));
+            sql.push(format!("ALTER TABLE {} DISABLE TRIGGER {}", quote_table(table), quote_ident(name)));
         }
         self.client
             .batch_execute(&format!("BEGIN; {}; COMMIT", sql.join(";\n")))
@@ -254,13 +262,18 @@ impl PostgresSink {
             .context("disabling user triggers on the target ([target] disable_triggers; the role must own the tables)")
     }
 
-    /// Enables again the user triggers this pipeline disabled; returns them.
+    /// Enables again, as they were enabled, the user triggers this pipeline disabled that
+    /// are still there and still disabled (a table copied again, or a trigger dropped or
+    /// renamed, leaves its record behind: forgotten); returns them.
     async fn enable_user_triggers(&self) -> anyhow::Result<Vec<String>> {
         let recorded = self
             .client
             .query(
-                "SELECT schema_name, table_name, trigger_name FROM cutover.disabled_triggers WHERE pipeline = $1 \
-                 AND to_regclass(format('%I.%I', schema_name, table_name)) IS NOT NULL ORDER BY 1, 2, 3",
+                "SELECT d.schema_name, d.table_name, d.trigger_name, d.always FROM cutover.disabled_triggers d \
+                 JOIN pg_namespace n ON n.nspname = d.schema_name \
+                 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = d.table_name \
+                 JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = d.trigger_name AND t.tgenabled = 'D' \
+                 WHERE d.pipeline = $1 ORDER BY 1, 2, 3",
                 &[&self.origin],
             )
             .await;
@@ -275,7 +288,8 @@ impl PostgresSink {
         for row in &recorded {
             let (table, trigger) =
                 (TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)), row.get::<_, String>(2));
-            sql.push(format!("ALTER TABLE {} ENABLE TRIGGER {}", quote_table(&table), quote_ident(&trigger)));
+            let always = if row.get::<_, bool>(3) { "ALWAYS " } else { "" };
+            sql.push(format!("ALTER TABLE {} ENABLE {always}TRIGGER {}", quote_table(&table), quote_ident(&trigger)));
             enabled.push(format!("{trigger} on {table}"));
         }
         sql.push(format!("DELETE FROM cutover.disabled_triggers WHERE pipeline = {}", quote_literal(&self.origin)));
@@ -440,11 +454,11 @@ impl Sink for PostgresSink {
                 grant.clone(),
             ));
             let selected: Vec<String> = schema.tables.iter().map(|t| t.schema.name.to_string()).collect();
-            for (table, trigger, _) in self.user_triggers().await?.into_iter().filter(|t| !t.2) {
+            for UserTrigger { table, name, .. } in self.user_triggers().await?.into_iter().filter(|t| !t.consented) {
                 if selected.contains(&table.to_string()) {
                     findings.push(Finding::warning(
                         "target",
-                        format!("trigger {trigger} on {table} fires on every change cutover applies"),
+                        format!("trigger {name} on {table} fires on every change cutover applies"),
                         "triggers at rest while applying, as on a replica",
                         format!(
                             "add \"{table}\" to [target] disable_triggers (cutover disables its user triggers while \
