@@ -61,6 +61,12 @@ pub enum Command {
     Verify {
         #[arg(long)]
         config: PathBuf,
+        /// Write the SQL that gives the target the source's rows where they differ to this file.
+        #[arg(long)]
+        repair_script: Option<PathBuf>,
+        /// Run that SQL on the target (a transaction per table; the pipeline stopped), then verify again.
+        #[arg(long)]
+        repair: bool,
     },
     /// Run each `;`-separated query on source and target: median times and whether the results agree.
     CompareQueries {

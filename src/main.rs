@@ -96,11 +96,21 @@ async fn main_command(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cutover::resync::resync(&config, &tables).await?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { config } => {
+        Command::Verify { config, repair_script, repair } => {
             let config = Config::load(&config)?;
-            let verification = cutover::verify::verify(&config).await?;
+            let asked = cutover::verify::Repair { script: repair_script, apply: repair };
+            let verification = cutover::verify::verify_and_repair(&config, &asked).await?;
             print!("{}", cutover::verify::render(&verification));
-            Ok(if verification.matches() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            if let Some(path) = &asked.script {
+                println!("repair script for {} table(s) written to {}", verification.repaired.len(), path.display());
+            }
+            if !asked.apply || verification.repaired.is_empty() {
+                return Ok(if verification.matches() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+            }
+            println!("\nrepaired {}; verifying again:\n", verification.repaired.join(", "));
+            let again = cutover::verify::verify(&config).await?;
+            print!("{}", cutover::verify::render(&again));
+            Ok(if again.matches() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::CompareQueries { config, queries, runs } => {
             let config = Config::load(&config)?;

@@ -123,8 +123,11 @@ impl SqlClient {
                 }))
             }
             SqlClient::Mysql(conn) => {
-                let rows = conn.query_stream::<mysql_async::Row, _>(sql.to_string()).await?;
-                Box::pin(rows.map(|row| row.map(mysql_row_text).map_err(anyhow::Error::new)))
+                // A statement without rows (START TRANSACTION) has no result set to stream.
+                match conn.query_iter(sql.to_string()).await?.stream_and_drop::<mysql_async::Row>().await? {
+                    Some(rows) => Box::pin(rows.map(|row| row.map(mysql_row_text).map_err(anyhow::Error::new))),
+                    None => Box::pin(futures_util::stream::empty()),
+                }
             }
             SqlClient::Sqlite(conn) => Box::pin(futures_util::stream::iter(sqlite_run(conn, sql)?.into_iter().map(Ok))),
         })

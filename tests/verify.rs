@@ -1,7 +1,9 @@
 //! `cutover verify` against real sandbox servers: a copy that matches is `ok` in
 //! every pairing (PostgreSQL and MariaDB, same dialect and across), then a changed,
-//! a missing and an extra row made on the target are found and named by key; on a
-//! live pipeline, a row the target has not applied yet is read again, not reported.
+//! a missing and an extra row made on the target are found and named by key, and
+//! (same dialect) `--repair` makes the target equal again (keyed, text-keyed and keyless
+//! tables, every column type of the fixture); on a live pipeline, a row the target has
+//! not applied yet is read again, not reported.
 
 mod common;
 
@@ -130,6 +132,36 @@ async fn names_differing_rows(name: &str, source: Server, target: Server) {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("differ: 1 missing, 1 extra, 2 changed") && stdout.contains("4321"), "{stdout}");
+
+    // Repair: the script for the differing rows, then the repair run, which verifies again.
+    let verify = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["verify", "--config"])
+            .arg(&config_path)
+            .args(args)
+            .output()
+            .expect("cutover verify runs");
+        (
+            output.status.code(),
+            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)),
+        )
+    };
+    let script = dir.join("repair.sql");
+    let script_arg = script.to_string_lossy().to_string();
+    if source.kind() != target.kind() {
+        let (code, output) = verify(&["--repair-script", &script_arg]);
+        assert!(code != Some(0) && output.contains("one dialect"), "{output}");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let (code, output) = verify(&["--repair-script", &script_arg]);
+    assert_eq!(code, Some(1), "{output}");
+    let sql = std::fs::read_to_string(&script).expect("repair script");
+    assert!(sql.contains("DELETE FROM") && sql.contains("INSERT INTO") && sql.matches("COMMIT;").count() == 3, "{sql}");
+    let (code, output) = verify(&["--repair"]);
+    assert!(code == Some(0) && output.contains("repaired") && output.contains("3 tables, 3 match"), "{output}");
+    let repaired = cutover::verify::verify(&config).await.expect("verify runs");
+    assert!(repaired.matches(), "{}", cutover::verify::render(&repaired));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -26,9 +26,11 @@
 
 mod hash;
 mod plan;
+mod repair;
 mod report;
 mod rows;
 
+pub use repair::Repair;
 pub use report::{render, Differences, TableReport, Verification};
 
 use std::time::{Duration, Instant};
@@ -117,9 +119,21 @@ impl TableCheck<'_> {
 
 /// Compares every selected table.
 pub async fn verify(config: &Config) -> anyhow::Result<Verification> {
+    verify_and_repair(config, &Repair::default()).await
+}
+
+/// Compares every selected table, then writes (or runs) the SQL that gives the target the
+/// source's rows where they still differ: [`Repair`].
+pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Result<Verification> {
     let started = Instant::now();
     let source_dialect = SqlDialect::of_source(config, "verify")?;
     let target_dialect = SqlDialect::of_target(config);
+    let repairing = repair.apply || repair.script.is_some();
+    anyhow::ensure!(
+        !repairing || source_dialect == target_dialect,
+        "verify --repair and --repair-script are built for a source and target of one dialect (PostgreSQL → \
+         PostgreSQL, MySQL → MySQL) so far; across dialects, `cutover resync --table` copies a differing table again"
+    );
     let hashing = if source_dialect == target_dialect { Hashing::Server } else { Hashing::Canonical };
     let mut source = Side {
         client: SqlClient::open(source_dialect, config.source.endpoint()).await.context("[source]")?,
@@ -131,6 +145,11 @@ pub async fn verify(config: &Config) -> anyhow::Result<Verification> {
     };
     let schema = crate::connect::source(config).await?.schema().await?;
     let live = crate::status::ask(&config.state.dir, &Request::Status).await.ok().flatten().is_some_and(|s| s.running);
+    anyhow::ensure!(
+        !(repair.apply && live),
+        "the pipeline is running: verify --repair writes to the target only while it is stopped (its changes and \
+         the repair's would cross); stop it, or write the SQL with --repair-script and run it when it is"
+    );
 
     let mut checks = Vec::new();
     let plans: Vec<TablePlan> = schema
@@ -175,9 +194,33 @@ pub async fn verify(config: &Config) -> anyhow::Result<Verification> {
             }
         }
     }
+    let mut repaired = Vec::new();
+    if repairing {
+        let mut repairs = Vec::new();
+        for check in checks.iter().filter(|c| !c.differing.is_empty()) {
+            let mut statements = Vec::new();
+            for (range, _, _) in &check.differing {
+                let rows = source.run(&check.plan.literal_rows_sql(&source, range)).await?;
+                let rows: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
+                statements.extend(check.plan.repair_statements(&target, range, &rows));
+            }
+            repairs.push(repair::TableRepair { table: check.plan.display.clone(), statements });
+        }
+        if let Some(path) = &repair.script {
+            let script: String = repairs.iter().map(|r| r.script(target_dialect)).collect();
+            std::fs::write(path, script).with_context(|| format!("writing the repair script {}", path.display()))?;
+        }
+        if repair.apply {
+            for table in &repairs {
+                table.apply(&mut target).await?;
+            }
+        }
+        repaired = repairs.into_iter().map(|r| r.table).collect();
+    }
     Ok(Verification {
         tables: checks.into_iter().map(|c| c.report).collect(),
         consistent_at,
         elapsed: started.elapsed(),
+        repaired,
     })
 }

@@ -436,7 +436,7 @@ impl TablePlan {
 
     /// A column's value as the copy carries it (on MySQL, zero dates are NULL), in a form
     /// both sides print alike.
-    fn stored(&self, dialect: SqlDialect, i: usize) -> String {
+    pub(super) fn stored(&self, dialect: SqlDialect, i: usize) -> String {
         let (name, class) = &self.columns[i];
         let column = dialect.ident(name);
         match (dialect, class) {

@@ -48,6 +48,8 @@ pub struct Verification {
     /// On a live pipeline: the position the target had applied when the last differing rows were read.
     pub consistent_at: Option<String>,
     pub elapsed: Duration,
+    /// Tables whose differing rows a repair covered (`verify --repair` / `--repair-script`).
+    pub repaired: Vec<String>,
 }
 
 impl Verification {
