@@ -61,6 +61,11 @@ wait_marker() { # port note
   until [ "$(psql -tA -h 127.0.0.1 -p "$1" -U cutover postgres -c "SELECT note FROM bench_marker WHERE id = 1" 2>/dev/null)" = "$2" ]; do sleep 0.05; done
 }
 set_marker() { psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "UPDATE bench_marker SET note = '$1' WHERE id = 1" >/dev/null; }
+# CPU seconds used so far by a server's processes (its postmaster's children), to say
+# which process bounds a catch-up on these 2 cores.
+cpu_of() { for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null; done | awk -v hz="$(getconf CLK_TCK)" '{s += $14 + $15} END {printf "%.2f", s / hz}'; }
+server_cpu() { cpu_of $(ps --ppid "$(head -1 "$WORK/$1/data/postmaster.pid")" -o pid=); }
+pid_cpu() { cpu_of "$1"; }
 "$CUTOVER" run --config "$WORK/catchup.toml" 2>>"$WORK/catchup.log" & CPID=$!
 "$BIN/pg_dump" -s -h 127.0.0.1 -p "$SRC2" -U cutover postgres | psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres >/dev/null
 psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "CREATE PUBLICATION bench_native FOR TABLES IN SCHEMA public" >/dev/null
@@ -73,10 +78,14 @@ sleep 1
 "$BIN/pgbench" -n -c 4 -j 2 -T "$BACKLOG_SECONDS" -h 127.0.0.1 -p "$SRC2" -U cutover postgres > "$WORK/pgbench.out" 2>&1
 set_marker backlog
 BACKLOG_TX=$(grep -E "number of transactions actually processed" "$WORK/pgbench.out" | awk '{print $NF}' | cut -d/ -f1)
+S0=$(server_cpu source2); T0=$(server_cpu catchup_cutover)
 t0=$(now); "$CUTOVER" run --config "$WORK/catchup.toml" 2>>"$WORK/catchup.log" & CPID=$!
 wait_marker "$CT" backlog; t1=$(now); CUT_CATCHUP=$(echo "$t1 - $t0" | bc)
+CUT_CPU="source $(echo "$(server_cpu source2) - $S0" | bc) s, target $(echo "$(server_cpu catchup_cutover) - $T0" | bc) s, cutover $(pid_cpu $CPID) s"
+S0=$(server_cpu source2); T0=$(server_cpu catchup_native)
 t0=$(now); psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
 wait_marker "$NT" backlog; t1=$(now); NATIVE_CATCHUP=$(echo "$t1 - $t0" | bc)
+NATIVE_CPU="source $(echo "$(server_cpu source2) - $S0" | bc) s, target $(echo "$(server_cpu catchup_native) - $T0" | bc) s"
 
 # 3. One 2 M-row transaction through the running cutover; VmHWM is its peak RSS so far.
 psql -q -h 127.0.0.1 -p "$SRC2" -U cutover postgres -c "BEGIN; INSERT INTO bench_big SELECT g, md5(g::text) FROM generate_series(1, 2000000) g; UPDATE bench_marker SET note = 'big' WHERE id = 1; COMMIT" >/dev/null
@@ -94,6 +103,6 @@ else
   echo "  pgcopydb clone     (not run: pgcopydb missing or failed)"
 fi
 echo "catch-up of a ${BACKLOG_SECONDS}s pgbench backlog (scale 10, 4 clients, $BACKLOG_TX transactions), seconds:"
-printf "  cutover            %6.1f s\n" "$CUT_CATCHUP"
-printf "  native subscription %5.1f s   ratio cutover/native = %.2f\n" "$NATIVE_CATCHUP" "$(echo "$CUT_CATCHUP / $NATIVE_CATCHUP" | bc -l)"
+printf "  cutover            %6.1f s   CPU: %s\n" "$CUT_CATCHUP" "$CUT_CPU"
+printf "  native subscription %5.1f s   ratio cutover/native = %.2f   CPU: %s\n" "$NATIVE_CATCHUP" "$(echo "$CUT_CATCHUP / $NATIVE_CATCHUP" | bc -l)" "$NATIVE_CPU"
 printf "one 2 M-row transaction applied in %.1f s; cutover peak RSS while streaming: %d MiB\n" "$BIG_SECONDS" "$STREAM_RSS_MB"
