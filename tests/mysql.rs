@@ -1057,7 +1057,9 @@ async fn a_copy_cut_short_resumes_from_its_finished_key_ranges() {
     let log = pipeline.log();
     let resumed: Vec<&str> = log.lines().filter(|l| l.contains("resuming the table's copy")).collect();
     assert_eq!(resumed.len(), 3, "seed {seed}:\n{log}");
-    assert!(resumed[2].contains("finished=2") && resumed[2].contains("left=2"), "seed {seed}: {resumed:?}");
+    // Two workers may both record a range before the failpoint ends the process: at least two.
+    let finished = resumed[2].contains("finished=2 left=2") || resumed[2].contains("finished=3 left=1");
+    assert!(finished, "seed {seed}: {resumed:?}");
     pipeline.assert_tables_match_fresh_copy(&source, &target, &dir, 2).await;
     let rows = "SELECT id || ' ' || md5(t::text) FROM shop.big t ORDER BY id";
     let fresh = pg(&target.url("fresh")).await;

@@ -271,16 +271,8 @@ fn parse_tokens(p: &mut Parser) -> Option<Ddl> {
             Ddl::Rename(pairs)
         }
         "DROP" => {
-            // `DROP INDEX [IF EXISTS] name ON t`: a change of t.
             if p.keyword("INDEX") {
-                if p.keyword("IF") && !p.keyword("EXISTS") {
-                    return None;
-                }
-                p.at += 1;
-                return Some(match p.keyword("ON") {
-                    true => Ddl::Alter { table: p.table()?, renamed_to: None },
-                    false => Ddl::Other,
-                });
+                return index_statement(p);
             }
             if p.keyword("TEMPORARY") || !p.keyword("TABLE") {
                 return Some(Ddl::Other);
@@ -294,21 +286,9 @@ fn parse_tokens(p: &mut Parser) -> Option<Ddl> {
             if p.keyword("OR") && !p.keyword("REPLACE") {
                 return None;
             }
-            // `CREATE [UNIQUE|FULLTEXT|SPATIAL] INDEX [IF NOT EXISTS] name [USING type] ON t`:
-            // a change of t.
             let _ = p.keyword("UNIQUE") || p.keyword("FULLTEXT") || p.keyword("SPATIAL");
             if p.keyword("INDEX") {
-                if p.keyword("IF") && !(p.keyword("NOT") && p.keyword("EXISTS")) {
-                    return None;
-                }
-                p.at += 1;
-                if p.keyword("USING") {
-                    p.at += 1;
-                }
-                return Some(match p.keyword("ON") {
-                    true => Ddl::Alter { table: p.table()?, renamed_to: None },
-                    false => Ddl::Other,
-                });
+                return index_statement(p);
             }
             if p.keyword("TEMPORARY") || !p.keyword("TABLE") {
                 return Some(Ddl::Other);
@@ -319,6 +299,26 @@ fn parse_tokens(p: &mut Parser) -> Option<Ddl> {
             Ddl::Create(p.table()?)
         }
         _ => Ddl::Other,
+    })
+}
+
+/// The rest of `CREATE [UNIQUE|FULLTEXT|SPATIAL] INDEX` or `DROP INDEX`: `[IF [NOT]
+/// EXISTS] name [USING type] ON t`, a change of t.
+fn index_statement(p: &mut Parser) -> Option<Ddl> {
+    if p.keyword("IF") {
+        let _ = p.keyword("NOT");
+        if !p.keyword("EXISTS") {
+            return None;
+        }
+    }
+    // The index's name.
+    p.at += 1;
+    if p.keyword("USING") {
+        p.at += 1;
+    }
+    Some(match p.keyword("ON") {
+        true => Ddl::Alter { table: p.table()?, renamed_to: None },
+        false => Ddl::Other,
     })
 }
 
