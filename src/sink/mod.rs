@@ -153,14 +153,17 @@ pub fn check_no_column_gone(table: &TableSchema, target: &[TargetColumn]) -> any
     )
 }
 
-/// The condition that selects the rows of `chunks` of a table (`column` quoted), or
-/// `None` when one of them is the whole table.
-pub(crate) fn chunks_condition(chunks: &[Chunk], column: &str) -> Option<String> {
-    let conditions: Option<Vec<String>> = chunks.iter().map(|c| c.key_condition(column)).collect();
-    conditions.map(|c| match c.is_empty() {
-        true => "FALSE".to_string(),
-        false => format!("({})", c.join(") OR (")),
-    })
+/// The condition that selects the rows of `chunks` of a table by its (first) key column,
+/// quoted by `quote`: `TRUE` when one of them is the whole table, `FALSE` for none.
+pub(crate) fn chunks_condition(table: &TableDefinition, chunks: &[Chunk], quote: fn(&str) -> String) -> String {
+    let key = table.schema.key_indexes();
+    let column = key.first().map(|&k| quote(&table.schema.columns[k].name)).unwrap_or_default();
+    let conditions: Option<Vec<String>> = chunks.iter().map(|c| c.key_condition(&column)).collect();
+    match conditions {
+        None => "TRUE".to_string(),
+        Some(c) if c.is_empty() => "FALSE".to_string(),
+        Some(c) => format!("({})", c.join(") OR (")),
+    }
 }
 
 /// Bulk loading on a connection of its own.

@@ -28,23 +28,23 @@ pub(super) struct TableRepair {
     pub(super) statements: Vec<String>,
 }
 
+/// The statement that opens a transaction.
+fn begin(dialect: SqlDialect) -> &'static str {
+    match dialect {
+        SqlDialect::Mysql => "START TRANSACTION",
+        _ => "BEGIN",
+    }
+}
+
 impl TableRepair {
     /// The statements inside a transaction, as a script.
     pub(super) fn script(&self, dialect: SqlDialect) -> String {
-        let begin = match dialect {
-            SqlDialect::Mysql => "START TRANSACTION",
-            _ => "BEGIN",
-        };
-        format!("-- {}\n{begin};\n{};\nCOMMIT;\n", self.table, self.statements.join(";\n"))
+        format!("-- {}\n{};\n{};\nCOMMIT;\n", self.table, begin(dialect), self.statements.join(";\n"))
     }
 
     /// Runs the statements on the target in one transaction.
     pub(super) async fn apply(&self, target: &mut Side) -> anyhow::Result<()> {
-        let begin = match target.dialect() {
-            SqlDialect::Mysql => "START TRANSACTION",
-            _ => "BEGIN",
-        };
-        target.run(begin).await?;
+        target.run(begin(target.dialect())).await?;
         for statement in &self.statements {
             if let Err(e) = target.run(statement).await {
                 let _ = target.run("ROLLBACK").await;

@@ -21,14 +21,14 @@ pub(super) struct MysqlTableWriter {
 }
 
 impl MysqlTableWriter {
-    /// The table, qualified, and the condition selecting the rows of key ranges of it
-    /// (`None`: all of them).
-    fn chunks_of(&self, table: &TableDefinition, chunks: &[Chunk]) -> (String, Option<String>) {
+    /// The table, qualified, and the condition selecting the rows of key ranges of it.
+    fn chunks_of(&self, table: &TableDefinition, chunks: &[Chunk]) -> (String, String) {
         let name = &table.schema.name;
         let database = database_for(&self.url_database, &self.home_schema, &name.schema);
-        let key = table.schema.key_indexes();
-        let column = key.first().map(|&k| quote_ident(&table.schema.columns[k].name)).unwrap_or_default();
-        (format!("{}.{}", quote_ident(&database), quote_ident(&name.name)), chunks_condition(chunks, &column))
+        (
+            format!("{}.{}", quote_ident(&database), quote_ident(&name.name)),
+            chunks_condition(table, chunks, quote_ident),
+        )
     }
 }
 
@@ -46,8 +46,7 @@ impl TableWriter for MysqlTableWriter {
 
     async fn count_chunks(&mut self, table: &TableDefinition, chunks: &[Chunk]) -> anyhow::Result<(u64, u64)> {
         let (qualified, condition) = self.chunks_of(table, chunks);
-        let sql =
-            format!("SELECT COALESCE(SUM({}), 0), COUNT(*) FROM {qualified}", condition.as_deref().unwrap_or("TRUE"));
+        let sql = format!("SELECT COALESCE(SUM({condition}), 0), COUNT(*) FROM {qualified}");
         let counts: Option<(u64, u64)> = self.conn.query_first(sql).await.with_context(|| {
             format!("counting the rows of {}'s finished key ranges on the target", table.schema.name)
         })?;
@@ -56,10 +55,7 @@ impl TableWriter for MysqlTableWriter {
 
     async fn delete_chunks(&mut self, table: &TableDefinition, chunks: &[Chunk]) -> anyhow::Result<()> {
         let (qualified, condition) = self.chunks_of(table, chunks);
-        let sql = match condition {
-            Some(condition) => format!("DELETE FROM {qualified} WHERE {condition}"),
-            None => format!("DELETE FROM {qualified}"),
-        };
+        let sql = format!("DELETE FROM {qualified} WHERE {condition}");
         self.conn
             .query_drop(&sql)
             .await

@@ -12,18 +12,6 @@ use crate::schema::postgres as ddl;
 use crate::schema::{quote_ident, quote_table, TableDefinition};
 use crate::sink::{chunks_condition, TableWriter};
 
-/// The table's (first) key column, quoted.
-fn key_column(table: &TableDefinition) -> String {
-    let key = table.schema.key_indexes();
-    key.first().map(|&k| quote_ident(&table.schema.columns[k].name)).unwrap_or_default()
-}
-
-/// ` WHERE` and the condition selecting the rows of key ranges of a table (nothing for
-/// the whole table).
-fn chunks_filter(table: &TableDefinition, chunks: &[Chunk]) -> String {
-    chunks_condition(chunks, &key_column(table)).map(|c| format!(" WHERE {c}")).unwrap_or_default()
-}
-
 /// A copy connection on the target.
 pub(super) struct PostgresTableWriter {
     pub(super) client: Client,
@@ -46,7 +34,7 @@ impl TableWriter for PostgresTableWriter {
         let name = &table.schema.name;
         let sql = format!(
             "SELECT count(*) FILTER (WHERE {}), count(*) FROM ONLY {}",
-            chunks_condition(chunks, &key_column(table)).unwrap_or_else(|| "TRUE".into()),
+            chunks_condition(table, chunks, quote_ident),
             quote_table(name)
         );
         let row = self
@@ -60,7 +48,8 @@ impl TableWriter for PostgresTableWriter {
 
     async fn delete_chunks(&mut self, table: &TableDefinition, chunks: &[Chunk]) -> anyhow::Result<()> {
         let name = &table.schema.name;
-        let sql = format!("DELETE FROM ONLY {}{}", quote_table(name), chunks_filter(table, chunks));
+        let sql =
+            format!("DELETE FROM ONLY {} WHERE {}", quote_table(name), chunks_condition(table, chunks, quote_ident));
         self.client
             .batch_execute(&sql)
             .await
