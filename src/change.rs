@@ -73,7 +73,7 @@ impl TableSchema {
 
 /// A column value. PostgreSQL sources carry values in PostgreSQL's text form,
 /// which a PostgreSQL target casts back without loss.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Value {
     Null,
     /// PostgreSQL's unchanged-TOAST marker: the column keeps the value the target has.

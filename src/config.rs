@@ -468,13 +468,26 @@ pub struct PipelineConfig {
     /// Longest a target transaction stays open while more source transactions arrive.
     #[serde(default = "default_max_batch_ms")]
     pub max_batch_ms: u64,
+    /// Target connections applying streamed changes side by side (1 to
+    /// [`MAX_APPLY_CONNECTIONS`]); unset, this machine's cores, at most 4.
+    #[serde(default)]
+    pub apply_connections: Option<usize>,
     /// How long lost connections are retried before the daemon exits with the last
     /// error: seconds, or a number with `s`, `m` or `h` (`"10m"`).
     #[serde(default = "default_max_retry_time")]
     pub max_retry_time: Duration,
 }
 
+/// Most `[pipeline] apply_connections`; each has its own progress record on the target.
+pub const MAX_APPLY_CONNECTIONS: usize = 16;
+
 impl PipelineConfig {
+    /// `apply_connections`, or the default picked from this machine's cores.
+    pub fn apply_connections(&self) -> usize {
+        self.apply_connections
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+    }
+
     pub fn max_retry_time(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.max_retry_time.0)
     }
@@ -517,6 +530,7 @@ impl Default for PipelineConfig {
             max_batch_changes: default_max_batch_changes(),
             max_batch_bytes: default_max_batch_bytes(),
             max_batch_ms: default_max_batch_ms(),
+            apply_connections: None,
             max_retry_time: default_max_retry_time(),
         }
     }
@@ -645,6 +659,11 @@ impl Config {
         }
         if config.snapshot.workers == 0 {
             return Err(invalid("[snapshot] workers: must be at least 1".into()));
+        }
+        if config.pipeline.apply_connections.is_some_and(|n| n == 0 || n > MAX_APPLY_CONNECTIONS) {
+            return Err(invalid(format!(
+                "[pipeline] apply_connections: must be between 1 and {MAX_APPLY_CONNECTIONS}"
+            )));
         }
         if config.pipeline.max_batch_changes == 0 {
             return Err(invalid("[pipeline] max_batch_changes: must be at least 1".into()));

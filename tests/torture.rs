@@ -16,6 +16,8 @@
 //! - `CUTOVER_TORTURE_SECONDS`: how long the writers write; default 20.
 //! - `CUTOVER_TORTURE_AVOID`: comma-separated patterns to leave out (see [`PATTERNS`]); default
 //!   [`AVOID_BY_DEFAULT`] (known defects not fixed yet), `none` to run everything.
+//! - `CUTOVER_TORTURE_APPLY_CONNECTIONS`: `[pipeline] apply_connections`; default: 1, 2 or 4,
+//!   picked by the seed.
 //! - `CUTOVER_TORTURE_HOLD`: on a failure, keep the servers up this many seconds (their URLs
 //!   are printed) to look at them.
 //!
@@ -1959,8 +1961,14 @@ async fn torture(pipeline: Pipeline, ci_seed: u64) {
     let mut rng = Rng::new(settings.seed, 4);
     let (max_batch_changes, max_batch_ms) = (rng.pick(&[7, 100, 1000, 5000]), rng.pick(&[1, 20, 200, 1000]));
     let config_path = dir.join("torture.toml");
+    // Its own stream, so the other choices of a seed stay what they were.
+    let apply_connections = std::env::var("CUTOVER_TORTURE_APPLY_CONNECTIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| Rng::new(settings.seed, 5).pick(&[1, 2, 4]));
     let extra = format!(
-        "[snapshot]\nworkers = 2\n[pipeline]\nmax_batch_changes = {max_batch_changes}\nmax_batch_ms = {max_batch_ms}\n"
+        "[snapshot]\nworkers = 2\n[pipeline]\nmax_batch_changes = {max_batch_changes}\nmax_batch_ms = {max_batch_ms}\n\
+         apply_connections = {apply_connections}\n"
     );
     common::pipeline_config(&config_path, &source, &target, &dir.join("state"), &extra);
     let config = Config::load(&config_path).expect("config loads");
@@ -2031,7 +2039,7 @@ async fn torture(pipeline: Pipeline, ci_seed: u64) {
     println!(
         "{tag}: ok in {:.0} s (writing ended at {:.0} s, caught up at {:.0} s, rows equal at {:.0} s after {rounds} \
          comparisons): {} + {} units, {} + {} statements; {kills:?}; max_batch_changes={max_batch_changes} \
-         max_batch_ms={max_batch_ms}; source rows: {rows}",
+         max_batch_ms={max_batch_ms} apply_connections={apply_connections}; source rows: {rows}",
         started.elapsed().as_secs_f64(),
         written_at.as_secs_f64(),
         caught_up_at.as_secs_f64(),

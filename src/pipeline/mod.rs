@@ -18,6 +18,7 @@
 //! them and retries what is transient.
 
 mod apply;
+mod lanes;
 mod snapshot;
 
 pub use snapshot::{copy_consistently, CopyOptions, CopySummary, LAST_COPY};
@@ -108,12 +109,19 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
     });
     let mut delay = Duration::from_secs(1);
     let mut failing_since: Option<Instant> = None;
+    // After a failure on several apply connections: the position up to which one applies.
+    let mut serial_until = None;
     let result = loop {
         let attempt = Instant::now();
         // A request made before this attempt is served by it: its copies are already forgotten.
         resync.borrow_and_update();
-        let error = match run_once(config, &store, stop.clone(), resync.clone()).await {
+        let error = match run_once(config, &store, stop.clone(), resync.clone(), serial_until.clone()).await {
             Ok(()) => break Ok(()),
+            Err(e) if e.is::<lanes::ParallelApplyFailed>() => {
+                tracing::warn!(reason = format!("{e:#}"), "resuming from the last checkpoint");
+                serial_until = e.downcast_ref::<lanes::ParallelApplyFailed>().map(|failed| failed.until.clone());
+                continue;
+            }
             Err(e) if is_resume(&e) => {
                 tracing::info!(reason = format!("{e:#}"), "resuming from the last checkpoint");
                 continue;
@@ -198,6 +206,7 @@ async fn run_once(
     store: &Arc<CheckpointStore>,
     stop: watch::Receiver<bool>,
     resync: watch::Receiver<u64>,
+    serial_until: Option<Position>,
 ) -> anyhow::Result<()> {
     let store = store.clone();
     let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
@@ -300,10 +309,14 @@ async fn run_once(
     let (confirmed, confirmed_rx) = watch::channel(start.clone());
     let changes = source.start_stream(&start, confirmed_rx, &copies).await?;
     let signals = apply::Signals { stop, resync };
+    let mut sinks = vec![sink];
+    for lane in 1..config.pipeline.apply_connections() {
+        sinks.push(crate::connect::apply_sink(config, lane).await?);
+    }
     apply::stream(
         changes,
         source.as_mut(),
-        sink.as_mut(),
+        sinks,
         &store,
         start,
         confirmed,
@@ -311,6 +324,7 @@ async fn run_once(
         left_out,
         config,
         signals,
+        serial_until,
     )
     .await
 }

@@ -17,6 +17,23 @@ use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
 
+/// Which schema changes a sink makes in place ([`Sink::in_place`]).
+pub type InPlace = Box<dyn Fn(&SchemaOp) -> bool + Send + Sync>;
+
+/// The name of apply connection `lane`'s progress record, for a pipeline whose record is
+/// named `base`: the first keeps `base` (as records written before there were several).
+pub(crate) fn lane_record(base: &str, lane: usize) -> String {
+    match lane {
+        0 => base.to_string(),
+        lane => format!("{base}#{lane}"),
+    }
+}
+
+/// Every apply connection's progress record name, for a pipeline whose record is `base`.
+pub(crate) fn lane_records(base: &str) -> Vec<String> {
+    (0..crate::config::MAX_APPLY_CONNECTIONS).map(|lane| lane_record(base, lane)).collect()
+}
+
 /// A change sink.
 ///
 /// The contract, as the pipeline drives it:
@@ -29,6 +46,11 @@ use crate::schema::{SourceSchema, TableDefinition};
 ///   batch flushed by size). `commit` records its position atomically with the rows, and
 ///   [`Sink::applied_position`] reads that record back: a replay after a crash then starts
 ///   exactly after what the target has. Changes must apply idempotently by key.
+/// - Several instances may apply at once, one per apply connection (`[pipeline]
+///   apply_connections`), each in its own target transactions, committed one
+///   at a time in source order: each records its position apart ([`lane_record`]), and
+///   `applied_position` is the highest of them. Each waits for a lock at most a few
+///   seconds: a wait longer than that may be on a later transaction that waits for it.
 /// - An instance is dropped after any error (an open transaction rolls back with it) and a
 ///   new one connected: no method needs to recover from a failure of its own.
 /// - [`Sink::cleanup`] must be safe to repeat.
@@ -95,11 +117,15 @@ pub trait Sink: Send + Sync {
     /// (its exactly-once markers); returns what it dropped.
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>>;
 
-    /// Whether [`Sink::apply`] carries out this step of a [`crate::change::SchemaChange`] on
-    /// the table as it stands, rows kept exactly. If not, the pipeline copies the table
+    /// Which steps of a [`crate::change::SchemaChange`] [`Sink::apply`] carries out on the
+    /// table as it stands, rows kept exactly. For the others the pipeline copies the table
     /// again (the change it gets then is one [`SchemaOp::DropTable`]). `DropTable` must
     /// always apply, and succeed when the table is not there.
-    fn applies_in_place(&self, op: &SchemaOp) -> bool;
+    fn in_place(&self) -> InPlace;
+
+    /// Forgets what it read about `tables` on the target: another apply connection
+    /// changed their shape.
+    fn forget_tables(&mut self, _tables: &[TableName]) {}
 
     /// Opens a target transaction.
     async fn begin(&mut self) -> anyhow::Result<()>;

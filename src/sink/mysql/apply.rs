@@ -65,7 +65,7 @@ impl MysqlSink {
         self.add_missing_columns(&table.name, &columns, Some(table)).await
     }
 
-    /// A captured schema change: what [`Sink::applies_in_place`](crate::sink::Sink::applies_in_place) accepted.
+    /// A captured schema change: what [`Sink::in_place`](crate::sink::Sink::in_place) accepted.
     async fn apply_schema(&mut self, change: &SchemaChange) -> anyhow::Result<()> {
         for op in &change.ops {
             match op {

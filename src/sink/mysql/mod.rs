@@ -31,7 +31,7 @@ mod copy;
 
 use self::apply::TargetTable;
 use self::copy::{column_list, foreign_key_clause, MysqlTableWriter};
-use super::{Sink, TableWriter, TargetColumn};
+use super::{InPlace, Sink, TableWriter, TargetColumn};
 use crate::change::{Change, ExistingRows, SchemaOp, TableName, TableSchema, Value};
 use crate::copy::{CopyFormat, SourceDialect};
 use crate::finding::Finding;
@@ -67,6 +67,11 @@ pub struct MysqlSink {
     open: bool,
     /// The open transaction holds writes (DDL would commit them without the progress row).
     written: bool,
+    /// Which apply connection this is, of how many.
+    lane: usize,
+    lanes: usize,
+    /// The session's lock wait is set for applying beside other connections.
+    lock_wait_set: bool,
 }
 
 impl MysqlSink {
@@ -108,9 +113,17 @@ impl MysqlSink {
             tables: HashMap::new(),
             open: false,
             written: false,
+            lane: 0,
+            lanes: 1,
+            lock_wait_set: false,
         };
         sink.finish_drops().await?;
         Ok(sink)
+    }
+
+    /// As apply connection `lane` of `lanes`.
+    pub fn on_lane(self, lane: usize, lanes: usize) -> MysqlSink {
+        MysqlSink { lane, lanes, ..self }
     }
 
     /// Drops the tables committed transactions dropped, and forgets them.
@@ -381,11 +394,19 @@ impl Sink for MysqlSink {
     }
 
     async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {
-        let sql = format!("SELECT position FROM {PROGRESS} WHERE pipeline = ?");
-        match self.conn.exec_first::<String, _, _>(&sql, (&self.pipeline,)).await {
-            Ok(position) => position
-                .map(|p| p.parse().context("cutover.progress on the target holds a position cutover cannot read"))
-                .transpose(),
+        // Every apply connection's record: the highest is where the target stands (they commit in source order).
+        let records = crate::sink::lane_records(&self.pipeline);
+        let sql = format!("SELECT position FROM {PROGRESS} WHERE pipeline IN ({})", vec!["?"; records.len()].join(", "));
+        match self.conn.exec::<String, _, _>(&sql, records).await {
+            Ok(positions) => {
+                let mut highest = None;
+                for text in positions {
+                    let position: Position =
+                        text.parse().context("cutover.progress on the target holds a position cutover cannot read")?;
+                    highest = highest.max(Some(position));
+                }
+                Ok(highest)
+            }
             // 1146: no such table — nothing was applied yet.
             Err(mysql_async::Error::Server(e)) if e.code == 1146 => Ok(None),
             Err(e) => Err(e).context("reading cutover.progress on the target"),
@@ -490,9 +511,10 @@ impl Sink for MysqlSink {
 
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
         self.finish_drops().await?;
-        let sql = format!("DELETE FROM {PROGRESS} WHERE pipeline = ?");
-        match self.conn.exec_drop(&sql, (&self.pipeline,)).await {
-            Ok(()) => Ok(vec![format!("target: cutover.progress row {}", self.pipeline)]),
+        let records = crate::sink::lane_records(&self.pipeline);
+        let sql = format!("DELETE FROM {PROGRESS} WHERE pipeline IN ({})", vec!["?"; records.len()].join(", "));
+        match self.conn.exec_drop(&sql, records).await {
+            Ok(()) => Ok(vec![format!("target: cutover.progress rows of {}", self.pipeline)]),
             Err(mysql_async::Error::Server(e)) if e.code == 1146 => Ok(Vec::new()),
             Err(e) => Err(e).context("cleaning cutover.progress on the target"),
         }
@@ -526,8 +548,8 @@ impl Sink for MysqlSink {
         Ok(missing)
     }
 
-    fn applies_in_place(&self, op: &SchemaOp) -> bool {
-        match op {
+    fn in_place(&self) -> InPlace {
+        Box::new(|op| match op {
             SchemaOp::DropTable | SchemaOp::CreatePartition { .. } => true,
             SchemaOp::AddColumn { existing, .. } => *existing == ExistingRows::Null,
             // Left out: the target is only less strict than the source (a plain index it
@@ -542,10 +564,25 @@ impl Sink for MysqlSink {
             // A key or a NOT NULL the target kept where the source dropped it would merge or
             // refuse rows; a column changed changes rows: copied again.
             _ => false,
+        })
+    }
+
+    fn forget_tables(&mut self, tables: &[TableName]) {
+        for table in tables {
+            self.tables.remove(table);
         }
     }
 
     async fn begin(&mut self) -> anyhow::Result<()> {
+        // Beside other apply connections, a long wait may be on a later transaction that
+        // waits for this one's commit: fail it, and the pipeline applies it alone.
+        if self.lanes > 1 && !self.lock_wait_set {
+            self.conn
+                .query_drop("SET SESSION innodb_lock_wait_timeout = 5")
+                .await
+                .context("setting innodb_lock_wait_timeout on the target")?;
+            self.lock_wait_set = true;
+        }
         self.conn.query_drop("START TRANSACTION").await.context("opening a target transaction")?;
         self.open = true;
         self.written = false;
@@ -591,7 +628,7 @@ impl Sink for MysqlSink {
                      VALUES (?, ?, FROM_UNIXTIME(?)) ON DUPLICATE KEY UPDATE position = VALUES(position), \
                      commit_time = VALUES(commit_time)"
                 ),
-                (&self.pipeline, position.to_string(), seconds),
+                (crate::sink::lane_record(&self.pipeline, self.lane), position.to_string(), seconds),
             )
             .await
             .context("recording the applied position on the target")?;

@@ -26,7 +26,7 @@ mod copy;
 
 use self::apply::{group_by_table, is_unique_violation};
 use self::copy::PostgresTableWriter;
-use super::{Sink, TableWriter, TargetColumn};
+use super::{InPlace, Sink, TableWriter, TargetColumn};
 use crate::change::{Change, SchemaOp, TableName};
 use crate::config::Partitions;
 use crate::copy::{CopyFormat, SourceDialect};
@@ -55,6 +55,9 @@ pub struct PostgresSink {
     /// `[target] disable_triggers`: tables whose user triggers may be disabled while
     /// applying, when the role may not set session_replication_role.
     disable_triggers: Vec<glob::Pattern>,
+    /// Which apply connection this is, of how many.
+    lane: usize,
+    lanes: usize,
 }
 
 /// What the target role may do beyond writing its own tables; a managed service's
@@ -71,6 +74,11 @@ struct Powers {
     /// on a source transaction boundary, where the source had them satisfied.
     replica_role: bool,
 }
+
+/// Where positions go that are no LSN, or when the role may not use replication origins.
+const PROGRESS_TABLE: &str = "CREATE SCHEMA IF NOT EXISTS cutover; \
+     CREATE TABLE IF NOT EXISTS cutover.progress (pipeline text PRIMARY KEY, position text NOT NULL, \
+     commit_time timestamptz, updated_at timestamptz NOT NULL DEFAULT now())";
 
 /// A user trigger on the target that fires in cutover's session.
 struct UserTrigger {
@@ -195,6 +203,8 @@ impl PostgresSink {
             partitions,
             powers,
             disable_triggers: Vec::new(),
+            lane: 0,
+            lanes: 1,
         };
         Ok(sink)
     }
@@ -202,6 +212,16 @@ impl PostgresSink {
     /// With `[target] disable_triggers`: the tables whose user triggers it may disable.
     pub fn disabling_triggers(self, tables: Vec<glob::Pattern>) -> PostgresSink {
         PostgresSink { disable_triggers: tables, ..self }
+    }
+
+    /// As apply connection `lane` of `lanes`.
+    pub fn on_lane(self, lane: usize, lanes: usize) -> PostgresSink {
+        PostgresSink { lane, lanes, ..self }
+    }
+
+    /// This apply connection's replication origin, and its row in `cutover.progress`.
+    fn progress_record(&self) -> String {
+        crate::sink::lane_record(&self.origin, self.lane)
     }
 
     /// The target's user triggers that fire in cutover's (origin) session — enabled, or
@@ -311,6 +331,17 @@ impl PostgresSink {
         if self.powers.origins {
             self.setup_origin().await?;
         }
+        // Beside other apply connections, a long wait may be on a later transaction that
+        // waits for this one's commit: fail it, and the pipeline applies it alone.
+        if self.lanes > 1 {
+            // Created once, before the connections commit side by side: IF NOT EXISTS is no
+            // guard against another session creating it at the same moment.
+            let setup = format!(
+                "SET lock_timeout = '5s'; BEGIN; SELECT pg_advisory_xact_lock(hashtext('cutover.progress')); \
+                 {PROGRESS_TABLE}; COMMIT"
+            );
+            self.client.batch_execute(&setup).await.context("preparing an apply connection on the target")?;
+        }
         if self.powers.replica_role {
             self.client
                 .batch_execute("SET session_replication_role = replica")
@@ -326,18 +357,19 @@ impl PostgresSink {
     /// Creates the replication origin if needed and binds this session to it.
     async fn setup_origin(&self) -> anyhow::Result<()> {
         let needs_grant = "(needs superuser, or GRANT EXECUTE on the pg_replication_origin_* functions)";
+        let origin = self.progress_record();
         self.client
             .execute(
                 "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS \
                  (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
-                &[&self.origin],
+                &[&origin],
             )
             .await
-            .with_context(|| format!("creating replication origin {} on the target {needs_grant}", self.origin))?;
+            .with_context(|| format!("creating replication origin {} on the target {needs_grant}", origin))?;
         // A killed predecessor's session may hold the origin until its backend notices.
         let mut attempts = 0;
         loop {
-            match self.client.execute("SELECT pg_replication_origin_session_setup($1)", &[&self.origin]).await {
+            match self.client.execute("SELECT pg_replication_origin_session_setup($1)", &[&origin]).await {
                 Ok(_) => return Ok(()),
                 Err(e) if attempts < 50 && e.code().map(|c| c.code()) == Some("55006") => {
                     attempts += 1;
@@ -347,7 +379,7 @@ impl PostgresSink {
                     return Err(anyhow::Error::new(e).context(format!(
                         "binding to replication origin {} on the target {needs_grant}; \
                          is another cutover running this pipeline?",
-                        self.origin
+                        origin
                     )))
                 }
             }
@@ -371,34 +403,35 @@ impl Sink for PostgresSink {
     }
 
     async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {
+        // Every apply connection's record: the highest is where the target stands (they commit in source order).
+        let records = crate::sink::lane_records(&self.origin);
         // A function the role may not execute fails the query even where CASE skips it.
-        let origin = match self.powers.origins {
-            true => {
-                "CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1) \
-                     THEN pg_replication_origin_progress($1, true)::text END"
-            }
-            false => "CASE WHEN $1::text IS NULL THEN NULL END::text",
+        let origins = match self.powers.origins {
+            true => "SELECT pg_replication_origin_progress(roname, true)::text FROM pg_replication_origin \
+                     WHERE roname = ANY($1)",
+            false => "SELECT NULL::text WHERE $1::text[] IS NULL",
         };
-        let row = self
+        let progress_table: bool = self
             .client
-            .query_one(&format!("SELECT {origin}, to_regclass('cutover.progress') IS NOT NULL"), &[&self.origin])
+            .query_one("SELECT to_regclass('cutover.progress') IS NOT NULL", &[])
             .await
-            .context("reading the replication origin's progress on the target")?;
-        let lsn: Option<String> = row.get(0);
-        if let Some(text) = lsn.as_deref().filter(|t| *t != "0/0") {
-            return Ok(Some(Position::Lsn(text.parse::<Lsn>()?)));
+            .context("reading the target's progress records")?
+            .get(0);
+        let sql = match progress_table {
+            true => format!("{origins} UNION ALL SELECT position FROM cutover.progress WHERE pipeline = ANY($1)"),
+            false => origins.to_string(),
+        };
+        let rows = self.client.query(&sql, &[&records]).await.context("reading the target's progress records")?;
+        let mut highest = None;
+        for text in rows.iter().filter_map(|r| r.get::<_, Option<String>>(0)) {
+            let position = match text.parse::<Lsn>() {
+                Ok(Lsn(0)) => continue,
+                Ok(lsn) => Position::Lsn(lsn),
+                Err(_) => text.parse().context("cutover.progress holds a position cutover cannot read")?,
+            };
+            highest = highest.max(Some(position));
         }
-        if !row.get::<_, bool>(1) {
-            return Ok(None);
-        }
-        let recorded = self
-            .client
-            .query_opt("SELECT position FROM cutover.progress WHERE pipeline = $1", &[&self.origin])
-            .await
-            .context("reading cutover.progress on the target")?;
-        recorded
-            .map(|r| r.get::<_, String>(0).parse().context("cutover.progress holds a position cutover cannot read"))
-            .transpose()
+        Ok(highest)
     }
 
     async fn preflight(&mut self, schema: &SourceSchema, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
@@ -618,21 +651,24 @@ impl Sink for PostgresSink {
     async fn cleanup(&mut self) -> anyhow::Result<Vec<String>> {
         let triggers = self.enable_user_triggers().await?;
         let mut dropped: Vec<String> = triggers.iter().map(|t| format!("target: trigger {t} enabled again")).collect();
-        let exists = self
+        let records = crate::sink::lane_records(&self.origin);
+        let origins: Vec<String> = self
             .client
-            .query_opt("SELECT 1 FROM pg_replication_origin WHERE roname = $1", &[&self.origin])
+            .query("SELECT roname FROM pg_replication_origin WHERE roname = ANY($1)", &[&records])
             .await
             .context("reading the target's replication origins")?
-            .is_some();
-        if exists {
-            self.client.execute("SELECT pg_replication_origin_drop($1)", &[&self.origin]).await.with_context(|| {
-                format!("dropping replication origin {} (is `cutover run` still running?)", self.origin)
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for origin in origins {
+            self.client.execute("SELECT pg_replication_origin_drop($1)", &[&origin]).await.with_context(|| {
+                format!("dropping replication origin {origin} (is `cutover run` still running?)")
             })?;
-            dropped.push(format!("target: replication origin {}", self.origin));
+            dropped.push(format!("target: replication origin {origin}"));
         }
-        let progress = self.client.execute("DELETE FROM cutover.progress WHERE pipeline = $1", &[&self.origin]).await;
-        if progress.is_ok_and(|rows| rows > 0) {
-            dropped.push(format!("target: row {} of cutover.progress", self.origin));
+        let progress = self.client.query("DELETE FROM cutover.progress WHERE pipeline = ANY($1) RETURNING pipeline", &[&records]).await;
+        for row in progress.iter().flatten() {
+            dropped.push(format!("target: row {} of cutover.progress", row.get::<_, String>(0)));
         }
         // Its tables and the schema go with the last pipeline that used them.
         self.client
@@ -685,12 +721,19 @@ impl Sink for PostgresSink {
         tables_where(&self.client, tables, "JOIN pg_class c ON c.oid = to_regclass(t) WHERE c.relispartition").await
     }
 
-    fn applies_in_place(&self, op: &SchemaOp) -> bool {
-        match op {
+    fn in_place(&self) -> InPlace {
+        let partitions = self.partitions;
+        Box::new(move |op| match op {
             SchemaOp::CreateTable | SchemaOp::CopyAgain { .. } => false,
             // Flattened, a partition's rows are mixed into one table: nothing says which they are.
-            SchemaOp::DetachPartition { .. } | SchemaOp::DropPartition { .. } => self.partitions == Partitions::Keep,
+            SchemaOp::DetachPartition { .. } | SchemaOp::DropPartition { .. } => partitions == Partitions::Keep,
             _ => true,
+        })
+    }
+
+    fn forget_tables(&mut self, tables: &[TableName]) {
+        for table in tables {
+            self.columns.remove(table);
         }
     }
 
@@ -736,13 +779,11 @@ impl Sink for PostgresSink {
         let record = match position.lsn().filter(|_| self.powers.origins) {
             Some(lsn) => format!("SELECT pg_replication_origin_xact_setup('{lsn}', to_timestamp({seconds}))"),
             None => format!(
-                "CREATE SCHEMA IF NOT EXISTS cutover; \
-                 CREATE TABLE IF NOT EXISTS cutover.progress (pipeline text PRIMARY KEY, position text NOT NULL, \
-                     commit_time timestamptz, updated_at timestamptz NOT NULL DEFAULT now()); \
+                "{PROGRESS_TABLE}; \
                  INSERT INTO cutover.progress (pipeline, position, commit_time) VALUES ({}, {}, to_timestamp({seconds})) \
                  ON CONFLICT (pipeline) DO UPDATE SET position = EXCLUDED.position, commit_time = EXCLUDED.commit_time, \
                      updated_at = now()",
-                quote_literal(&self.origin),
+                quote_literal(&self.progress_record()),
                 quote_literal(&position.to_string())
             ),
         };
