@@ -53,6 +53,12 @@ pg_config() {
   printf '[source]\nkind = "postgres"\nurl = "%s"\n[target]\nkind = "postgres"\nurl = "%s"\n[state]\ndir = "%s"\n%s' \
     "$(url "$2")" "$(url "$3" "$4")" "$5" "${6:-}" > "$1"
 }
+# CPU seconds used so far by processes, to say which one bounds a run on these 2 cores:
+# cpu_of PID…; server_cpu NAME: a PostgreSQL server's processes (its postmaster's
+# children); mariadb_cpu NAME: a MariaDB server's.
+cpu_of() { for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null; done | awk -v hz="$(getconf CLK_TCK)" '{s += $14 + $15} END {printf "%.2f", s / hz}'; }
+server_cpu() { cpu_of $(ps --ppid "$(head -1 "$WORK/$1/data/postmaster.pid")" -o pid=); }
+mariadb_cpu() { cpu_of "$(cat "$WORK/$1/pid")"; }
 median() { sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 # Waits until cutover logged that it streams: its snapshot is complete, so what arrives
 # from now on comes through the change stream, not through a copy.

@@ -6,7 +6,7 @@
 # 3. live lag: cutover streaming while sysbench oltp_write_only (4 threads) writes,
 #    cutover_lag_seconds sampled every 100 ms: p99 and max;
 # 4. peak RSS of cutover throughout.
-# Usage: bash bench/mysql.sh [rows per table] [backlog seconds]   (issue targets: 250000, 30)
+# Usage: [APPLY_CONNECTIONS=n] bash bench/mysql.sh [rows per table] [backlog seconds]   (issue targets: 250000, 30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${1:-250000}"
@@ -46,6 +46,8 @@ dir = "$WORK/state"
 workers = 2
 [metrics]
 listen = "127.0.0.1:$MPORT"
+${APPLY_CONNECTIONS:+[pipeline]
+apply_connections = $APPLY_CONNECTIONS}
 TOML
 wait_marker() { until [ "$(psql -tA -h 127.0.0.1 -p "$T2" -U cutover postgres -c "SELECT note FROM sbtest.bench_marker WHERE id = 1" 2>/dev/null)" = "$1" ]; do sleep 0.05; done; }
 set_marker() { mariadb -h 127.0.0.1 -P "$SRC" -u cutover -e "UPDATE sbtest.bench_marker SET note = '$1' WHERE id = 1"; }
@@ -61,9 +63,11 @@ t0=$(now); "${SYSBENCH[@]}" --threads=4 --time="$BACKLOG_SECONDS" oltp_write_onl
 WRITE=$(elapsed "$t0" "$t1")
 set_marker backlog
 TX=$(awk '/transactions:/ {print $2}' "$WORK/sysbench.out")
+S0=$(mariadb_cpu mariadb); T0=$(server_cpu cutover)
 t0=$(now); "$CUTOVER" run --config "$WORK/bench.toml" 2>>"$WORK/cutover.log" & CPID=$!
 wait_marker backlog; t1=$(now)
 CATCHUP=$(elapsed "$t0" "$t1")
+CATCHUP_CPU="source $(echo "$(mariadb_cpu mariadb) - $S0" | bc) s, target $(echo "$(server_cpu cutover) - $T0" | bc) s, cutover $(cpu_of $CPID) s"
 
 # Live: cutover keeps streaming while sysbench writes; sample the lag metric (after a
 # pause, so the catch-up's last lag has given way to the idle pipeline's 0).
@@ -99,7 +103,8 @@ else
 fi
 echo "sysbench oltp_write_only backlog, 4 threads, $TX transactions:"
 printf "  written in         %6.1f s\n" "$WRITE"
-printf "  applied in         %6.1f s   ratio apply/write = %.2f   peak RSS %d MiB\n" "$CATCHUP" "$(echo "$CATCHUP / $WRITE" | bc -l)" "$RSS_STREAM"
+printf "  applied in         %6.1f s   ratio apply/write = %.2f   peak RSS %d MiB   apply_connections %s\n" "$CATCHUP" "$(echo "$CATCHUP / $WRITE" | bc -l)" "$RSS_STREAM" "${APPLY_CONNECTIONS:-default}"
+echo "  CPU while applying: $CATCHUP_CPU"
 echo "  target after catch-up and live load (count, sum(id), sum(k) per table): $CHECK"
 echo "live: sysbench oltp_write_only, 4 threads, ${BACKLOG_SECONDS}s, $LIVE_TX transactions while cutover streams:"
 printf "  cutover_lag_seconds p99 %.2f s, max %.2f s (%d samples every 100 ms)\n" "$P99" "$LAG_MAX" "$SAMPLES"

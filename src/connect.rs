@@ -58,19 +58,19 @@ pub async fn sink(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
     apply_sink(config, 0).await
 }
 
-/// Opens the configured sink as apply connection `lane` of `[pipeline] apply_connections`:
-/// each records its progress apart.
+/// Opens the configured sink as apply connection `lane` (of `[pipeline]
+/// apply_connections`): each records its progress apart.
 pub async fn apply_sink(config: &Config, lane: usize) -> anyhow::Result<Box<dyn Sink>> {
-    let lanes = config.pipeline.apply_connections();
     Ok(match config.target.kind {
         TargetKind::Postgres => {
             let params = ConnectParams::from_endpoint(config.target.endpoint()).context("[target] url")?;
             let sink = PostgresSink::connect(params, &config.name, config.target.partitions());
-            Box::new(sink.await?.disabling_triggers(config.target.disable_triggers()).on_lane(lane, lanes))
+            let lsn_positions = config.source.kind == SourceKind::Postgres;
+            Box::new(sink.await?.disabling_triggers(config.target.disable_triggers()).on_lane(lane, lsn_positions))
         }
         TargetKind::Mysql => {
             let params = MysqlParams::from_endpoint(config.target.endpoint()).context("[target] url")?;
-            Box::new(MysqlSink::connect(params, &config.name, &home_schema(config)?).await?.on_lane(lane, lanes))
+            Box::new(MysqlSink::connect(params, &config.name, &home_schema(config)?).await?.on_lane(lane))
         }
     })
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::lanes::{Lanes, ParallelApplyFailed};
+use super::lanes::{Lanes, ParallelApplyFailed, Serial};
 use super::stopped;
 use crate::change::{Change, Event, Row, SchemaChange, SchemaOp, TableName, TableSchema, Value};
 use crate::checkpoint::{CheckpointStore, TableProgress};
@@ -54,9 +54,9 @@ struct Applier<'a> {
     /// A target transaction is open.
     open: bool,
     /// The last source transaction begun (a failure in parallel is retried on one
-    /// connection up to it), and `until` of such a retry in progress.
+    /// connection up to it), and which groups run on one connection.
     latest: Option<Position>,
-    serial_until: Option<Position>,
+    serial: Serial,
     /// The last source transaction in the open target transaction that ended.
     ended: Option<(Position, SystemTime)>,
     group_started: Instant,
@@ -110,7 +110,7 @@ impl<'a> Applier<'a> {
         left_out: HashSet<TableName>,
         config: &Config,
         start: Position,
-        serial_until: Option<Position>,
+        serial: Serial,
     ) -> anyhow::Result<Applier<'a>> {
         let Some(first) = sinks.first() else { anyhow::bail!("internal error: no apply connection") };
         let in_place = first.in_place();
@@ -128,7 +128,7 @@ impl<'a> Applier<'a> {
             group_size: 0,
             open: false,
             latest: None,
-            serial_until,
+            serial,
             ended: None,
             group_started: Instant::now(),
             current: None,
@@ -188,7 +188,7 @@ impl<'a> Applier<'a> {
                 }
                 if !self.skipping && !self.open {
                     // After a failure in parallel, up to where it was, on one connection.
-                    self.lanes.set_serial(self.serial_until.as_ref().is_some_and(|until| &position <= until));
+                    self.lanes.set_serial(self.serial.covers(&position));
                     self.lanes.begin().await?;
                     self.open = true;
                     self.group_started = Instant::now();
@@ -408,6 +408,19 @@ impl<'a> Applier<'a> {
         self.take_committed()
     }
 
+    /// What an error that ended the stream means: one that a target transaction met beside
+    /// others (it may have waited for a lock a later one held) asks for the stretch to be
+    /// applied again on one connection.
+    fn explain_failure(&self, error: anyhow::Error) -> anyhow::Error {
+        match &self.latest {
+            Some(until) if self.lanes.failed_in_parallel() && !is_transient(&error) && !is_resume(&error) => {
+                let cause = format!("{error:#}");
+                ParallelApplyFailed { until: until.clone(), lanes: self.lanes.count(), cause }.into()
+            }
+            _ => error,
+        }
+    }
+
     /// Ends the open target transaction and waits until it and every one before it committed.
     async fn drain(&mut self) -> anyhow::Result<()> {
         self.commit().await?;
@@ -566,7 +579,7 @@ pub(super) async fn stream(
     left_out: HashSet<TableName>,
     config: &Config,
     signals: Signals,
-    serial_until: Option<Position>,
+    serial: Serial,
 ) -> anyhow::Result<()> {
     let Signals { mut stop, mut resync } = signals;
     tracing::info!(from = %start, "streaming changes");
@@ -583,7 +596,7 @@ pub(super) async fn stream(
             }
         }
     });
-    let mut applier = Applier::new(sinks, store, confirmed, copies, left_out, config, start, serial_until)?;
+    let mut applier = Applier::new(sinks, store, confirmed, copies, left_out, config, start, serial)?;
     METRICS.set_phase("catch-up");
     let stop_time = match &applier.stop_at {
         Some(StopAt::Time(time)) => Some(*time),
@@ -701,14 +714,7 @@ pub(super) async fn stream(
     };
     reader.abort();
     applier.lanes.shutdown().await;
-    // A target transaction that failed beside others may have waited for a lock a later
-    // one held: the stretch is applied again on one connection.
-    let result = match (result, applier.latest.clone()) {
-        (Err(e), Some(until)) if applier.lanes.failed_in_parallel() && !is_transient(&e) && !is_resume(&e) => {
-            Err(ParallelApplyFailed { until, lanes: applier.lanes.count(), cause: format!("{e:#}") }.into())
-        }
-        (result, _) => result,
-    };
+    let result = result.map_err(|e| applier.explain_failure(e));
     // Drained for `cutover resync` (and not told to stop meanwhile): resume, copying again.
     let result = match result {
         Ok(()) if resyncing && !*stop.borrow() => Err(ResumeFromCheckpoint("asked to copy tables again".into()).into()),
@@ -716,7 +722,7 @@ pub(super) async fn stream(
     };
     // A skip entry that named nothing is said whenever the daemon stops, for any reason
     // (not when it only resumes from its checkpoint).
-    if result.as_ref().err().is_none_or(|e| !is_transient(e) && !is_resume(e)) {
+    if result.as_ref().err().is_none_or(|e| !is_transient(e) && !is_resume(e) && !e.is::<ParallelApplyFailed>()) {
         applier.report_unseen_skips();
     }
     if result.is_ok() {
@@ -740,7 +746,7 @@ mod tests {
     use async_trait::async_trait;
     use tokio::sync::watch;
 
-    use super::Applier;
+    use super::{Applier, Serial};
     use crate::change::{Change, Column, Event, Identity, Row, SchemaChange, SchemaOp, TableName, TableSchema, Value};
     use crate::checkpoint::{CheckpointStore, ChunkCopy, TableProgress};
     use crate::config::Config;
@@ -757,8 +763,10 @@ mod tests {
     struct MemorySink {
         log: Arc<std::sync::Mutex<Vec<String>>>,
         /// Set when several sinks apply side by side: each takes `lane` ms per batch and
-        /// logs only writes (`key=value`) and commits.
+        /// logs only writes (`key=value` after `lane:`) and commits.
         lane: Option<u64>,
+        /// Fails every batch, after 20 ms.
+        fails: bool,
     }
 
     impl MemorySink {
@@ -809,6 +817,10 @@ mod tests {
             Box::new(|op| !matches!(op, SchemaOp::CreateTable | SchemaOp::CopyAgain { .. } | SchemaOp::SetType { .. }))
         }
         async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+            if self.fails {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                anyhow::bail!("a unique value taken by a transaction not yet applied");
+            }
             if let Some(lane) = self.lane {
                 tokio::time::sleep(Duration::from_millis(lane * 2)).await;
                 for change in changes {
@@ -919,6 +931,18 @@ mod tests {
         events: Vec<Option<Event>>,
         log_end_after_stop: Option<Position>,
     ) -> (Vec<String>, bool) {
+        run_with(config, events, log_end_after_stop, Serial::No, None).await
+    }
+
+    /// As [`run`], with groups run on one connection as `serial` says, and the sink of
+    /// connection `failing` failing its batches.
+    async fn run_with(
+        config: &Config,
+        events: Vec<Option<Event>>,
+        log_end_after_stop: Option<Position>,
+        serial: Serial,
+        failing: Option<u64>,
+    ) -> (Vec<String>, bool) {
         let dir = std::env::temp_dir().join(format!(
             "cutover-applier-{}-{:?}",
             std::process::id(),
@@ -933,8 +957,9 @@ mod tests {
         let lanes = config.pipeline.apply_connections.unwrap_or(1);
         let sinks: Vec<Box<dyn Sink>> = (0..lanes)
             .map(|lane| {
+                let fails = failing == Some(lane as u64);
                 let lane = (lanes > 1).then_some(lane as u64);
-                Box::new(MemorySink { log: log.clone(), lane }) as Box<dyn Sink>
+                Box::new(MemorySink { log: log.clone(), lane, fails }) as Box<dyn Sink>
             })
             .collect();
         let (confirmed, _rx) = watch::channel(lsn(0));
@@ -951,7 +976,7 @@ mod tests {
         let mut stopped = false;
         let mut error = None;
         {
-            let applier = Applier::new(sinks, &store, confirmed, copies, HashSet::new(), config, lsn(0), None);
+            let applier = Applier::new(sinks, &store, confirmed, copies, HashSet::new(), config, lsn(0), serial);
             let mut applier = match applier {
                 Ok(applier) => applier,
                 Err(e) => panic!("applier: {e:#}"),
@@ -962,7 +987,7 @@ mod tests {
                 let Some(event) = event else { continue };
                 let more_waiting = matches!(events.peek(), Some(Some(_)));
                 if let Err(e) = applier.handle(event, more_waiting).await {
-                    error = Some(format!("error {e:#}"));
+                    error = Some(format!("error {:#}", applier.explain_failure(e)));
                     break;
                 }
                 if applier.reached_stop || applier.passed_stop_time() {
@@ -975,7 +1000,7 @@ mod tests {
             }
             if error.is_none() {
                 if let Err(e) = applier.settle().await {
-                    error = Some(format!("error {e:#}"));
+                    error = Some(format!("error {:#}", applier.explain_failure(e)));
                 }
             }
             // What was sent reaches the sink before the log is read.
@@ -1188,6 +1213,25 @@ mod tests {
                 .collect();
             assert_eq!(applied.iter().collect::<Vec<_>>(), wanted, "key {key}: {log:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_failure_beside_other_connections_is_applied_again_on_one_up_to_where_it_was() {
+        let config = config("[pipeline]\napply_connections = 2\nmax_batch_changes = 1\n");
+        let events = || {
+            let transactions = (0..6u64).map(|t| ranged_transaction(1000 + 10 * t, 1005 + 10 * t, vec![update(None, 100 + t as i64, Some("v"))]));
+            queued(transactions.collect())
+        };
+        // The second connection fails while the first has a group in flight.
+        let (log, _) = run_with(&config, events(), None, Serial::No, Some(1)).await;
+        let until = "applying again on one connection up to lsn:0/";
+        assert!(log.last().is_some_and(|l| l.contains("applying on 2 connections failed") && l.contains(until)), "{log:?}");
+        // Run again up to there on one connection (the failing one is not used), then on both.
+        let (log, _) = run_with(&config, events(), None, Serial::Until(lsn(1020)), None).await;
+        let commits: Vec<&String> = log.iter().filter(|l| l.starts_with("commit")).collect();
+        assert_eq!(commits.len(), 6, "{log:?}");
+        let (log, _) = run_with(&config, events(), None, Serial::Always, Some(1)).await;
+        assert_eq!(log.iter().filter(|l| l.starts_with("commit")).count(), 6, "{log:?}");
     }
 
     #[tokio::test]

@@ -45,18 +45,41 @@ pub struct ParallelApplyFailed {
     pub cause: String,
 }
 
+/// Which groups run on one lane only, after failures beside others.
+#[derive(Clone, Debug, Default)]
+pub(super) enum Serial {
+    #[default]
+    No,
+    /// Those beginning at or before this position (the last one sent before a failure).
+    Until(Position),
+    /// All: failures beside others came back again and again.
+    Always,
+}
+
+impl Serial {
+    /// Whether a group beginning with the source transaction at `position` runs alone.
+    pub(super) fn covers(&self, position: &Position) -> bool {
+        match self {
+            Serial::No => false,
+            Serial::Until(until) => position <= until,
+            Serial::Always => true,
+        }
+    }
+}
+
 /// What a lane is told, in order.
 enum Command {
     /// Another lane changes these tables' shape: what was read about them is stale.
     Forget(Vec<TableName>),
-    Begin,
+    /// Opens a group; `beside_others`: other lanes may run groups meanwhile.
+    Begin { beside_others: bool },
     Apply(Vec<Change>),
     Commit { seq: u64, position: Position, commit_time: SystemTime },
 }
 
-/// What a lane says back about a group.
+/// What a lane says back.
 enum Report {
-    Committed,
+    Committed(u64),
     Failed(anyhow::Error),
 }
 
@@ -149,9 +172,10 @@ struct Open {
 pub(super) struct Lanes<T> {
     commands: Vec<mpsc::Sender<Command>>,
     tasks: Vec<JoinHandle<()>>,
-    /// Tells the lanes to stop: what they run is cut short, but not a commit under way.
-    stop: watch::Sender<bool>,
-    reports: mpsc::UnboundedReceiver<(u64, Report)>,
+    /// Tells the lanes to stop (a failing lane tells the others): what they run is cut
+    /// short, but not a commit under way.
+    stop: std::sync::Arc<watch::Sender<bool>>,
+    reports: mpsc::UnboundedReceiver<Report>,
     in_flight: VecDeque<InFlight<T>>,
     open: Option<Open>,
     /// Groups committed, in order, not yet taken by the applier.
@@ -173,14 +197,16 @@ impl<T> Lanes<T> {
         // The number of the last group committed: a lane's turn comes when it is the one before its group.
         let (turn_tx, turn) = watch::channel(0u64);
         let turn_tx = std::sync::Arc::new(turn_tx);
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = std::sync::Arc::new(watch::channel(false).0);
         let mut commands = Vec::new();
         let mut tasks = Vec::new();
         for sink in sinks {
             let (tx, rx) = mpsc::channel(LANE_QUEUE);
             commands.push(tx);
-            let lane = run_lane(sink, rx, turn.clone(), turn_tx.clone(), report_tx.clone(), stop_rx.clone());
-            tasks.push(tokio::spawn(lane));
+            let ends = LaneEnd { reports: report_tx.clone(), stop: stop.clone(), said: false };
+            // Subscribed here, not in the task: a stop sent before the task first runs is seen.
+            let stopping = stop.subscribe();
+            tasks.push(tokio::spawn(run_lane(sink, rx, turn.clone(), turn_tx.clone(), ends, stopping)));
         }
         let active = commands.len();
         Lanes {
@@ -232,7 +258,7 @@ impl<T> Lanes<T> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let lane = usize::try_from(seq).unwrap_or(0) % self.active.max(1);
-        self.send(lane, Command::Begin).await?;
+        self.send(lane, Command::Begin { beside_others: self.active > 1 }).await?;
         self.open = Some(Open { seq, lane, footprint: Footprint::default() });
         Ok(())
     }
@@ -251,8 +277,8 @@ impl<T> Lanes<T> {
             self.next_report().await?;
         }
         if footprint.everything {
-            // Every earlier group has committed and no later one exists: the other lanes are
-            // idle, and forget before they apply anything after this.
+            // Every earlier group on another lane has committed and no later group exists:
+            // the other lanes forget before they apply anything after this.
             let reshaped: Vec<TableName> = changes
                 .iter()
                 .filter(|c| matches!(c, Change::Relation(_) | Change::Schema(_)))
@@ -300,27 +326,33 @@ impl<T> Lanes<T> {
     /// Waits for what a lane says next and takes it in; an error if a lane failed.
     /// Cancel-safe: nothing is lost if the future is dropped before it resolves.
     pub(super) async fn next_report(&mut self) -> anyhow::Result<()> {
-        let Some((seq, report)) = self.reports.recv().await else {
-            anyhow::bail!("internal error: every apply connection's task ended")
-        };
+        let report = self.reports.recv().await;
+        self.take_report(report)
+    }
+
+    fn take_report(&mut self, report: Option<Report>) -> anyhow::Result<()> {
         match report {
-            Report::Committed => match self.in_flight.pop_front() {
+            Some(Report::Committed(seq)) => match self.in_flight.pop_front() {
                 Some(group) if group.seq == seq => self.committed.push_back(group.done),
                 _ => anyhow::bail!("internal error: target transactions committed out of order"),
             },
-            Report::Failed(error) => {
+            Some(Report::Failed(error)) => {
                 self.failed_in_parallel = self.parallel();
                 return Err(error);
             }
+            None => anyhow::bail!("internal error: every apply connection's task ended"),
         }
         Ok(())
     }
 
     /// Stops every lane and waits until it has: groups not committed roll back with their
     /// connections, a commit under way is seen through. The target's progress records are
-    /// final once this returns, so a restart reads where the target really stands.
+    /// final once this returns, so a restart reads where the target really stands. (A
+    /// statement cut short may still hold its locks on the server until its connection's
+    /// end reaches it.)
     pub(super) async fn shutdown(&mut self) {
-        let _ = self.stop.send(true);
+        // Kept even with no receiver yet (send would drop it).
+        self.stop.send_replace(true);
         for task in &mut self.tasks {
             let _ = task.await;
         }
@@ -335,16 +367,39 @@ impl<T> Lanes<T> {
         }
     }
 
+    /// Sends a command to a lane, taking in what the lanes say while its queue is full: a
+    /// lane that failed stops the others, which then take no command.
     async fn send(&mut self, lane: usize, command: Command) -> anyhow::Result<()> {
-        let Some(sender) = self.commands.get(lane) else {
-            anyhow::bail!("internal error: no apply connection {lane}")
-        };
-        if sender.send(command).await.is_ok() {
-            return Ok(());
+        /// What happened first.
+        enum Ready {
+            Sent,
+            LaneEnded,
+            Report(Option<Report>),
         }
-        // The lane ended: it failed, and said why.
+        let mut command = Some(command);
         loop {
-            self.next_report().await?;
+            let Some(sender) = self.commands.get(lane) else {
+                anyhow::bail!("internal error: no apply connection {lane}")
+            };
+            let ready = tokio::select! {
+                permit = sender.reserve() => match (permit, command.take()) {
+                    (Ok(permit), Some(command)) => {
+                        permit.send(command);
+                        Ready::Sent
+                    }
+                    _ => Ready::LaneEnded,
+                },
+                report = self.reports.recv() => Ready::Report(report),
+            };
+            match ready {
+                Ready::Sent => return Ok(()),
+                // It failed or was stopped, and a report says why.
+                Ready::LaneEnded => {
+                    let report = self.reports.recv().await;
+                    return self.take_report(report);
+                }
+                Ready::Report(report) => self.take_report(report)?,
+            }
         }
     }
 }
@@ -359,6 +414,31 @@ impl<T> Drop for Lanes<T> {
     }
 }
 
+/// How a lane's task ends, said to the others: a lane that ends on an error, or
+/// unexpectedly (a panic), stops the others and reports why.
+struct LaneEnd {
+    reports: mpsc::UnboundedSender<Report>,
+    stop: std::sync::Arc<watch::Sender<bool>>,
+    said: bool,
+}
+
+impl LaneEnd {
+    fn failed(mut self, error: anyhow::Error) {
+        let _ = self.reports.send(Report::Failed(error));
+        self.stop.send_replace(true);
+        self.said = true;
+    }
+}
+
+impl Drop for LaneEnd {
+    fn drop(&mut self) {
+        if !self.said && !*self.stop.borrow() {
+            let _ = self.reports.send(Report::Failed(anyhow::anyhow!("an apply connection's task ended unexpectedly")));
+            self.stop.send_replace(true);
+        }
+    }
+}
+
 /// One lane: runs the commands it is sent on its sink, committing each group in its turn,
 /// until its commands end or it is told to stop.
 async fn run_lane(
@@ -366,56 +446,61 @@ async fn run_lane(
     mut commands: mpsc::Receiver<Command>,
     mut turn: watch::Receiver<u64>,
     turn_tx: std::sync::Arc<watch::Sender<u64>>,
-    reports: mpsc::UnboundedSender<(u64, Report)>,
+    mut end: LaneEnd,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut seq = 0;
+    // Whether lock waits are bounded now (other lanes beside this one).
+    let mut bounded = false;
     loop {
         let command = tokio::select! {
             command = commands.recv() => match command {
                 Some(command) => command,
-                None => return,
+                None => break,
             },
-            _ = stopped(&mut stop) => return,
+            _ = stopped(&mut stop) => break,
         };
         let result = match command {
             Command::Forget(tables) => {
                 sink.forget_tables(&tables);
                 Ok(())
             }
-            Command::Begin => tokio::select! {
-                result = sink.begin() => result,
-                _ = stopped(&mut stop) => return,
+            Command::Begin { beside_others } => tokio::select! {
+                result = async {
+                    if beside_others != bounded {
+                        sink.bound_lock_waits(beside_others).await?;
+                        bounded = beside_others;
+                    }
+                    sink.begin().await
+                } => result,
+                _ = stopped(&mut stop) => break,
             },
             Command::Apply(changes) => tokio::select! {
                 result = sink.apply(&changes) => result,
-                _ = stopped(&mut stop) => return,
+                _ = stopped(&mut stop) => break,
             },
-            Command::Commit { seq: group, position, commit_time } => {
-                seq = group;
+            Command::Commit { seq, position, commit_time } => {
                 tokio::select! {
                     // The sender lives as long as the lanes.
-                    _ = turn.wait_for(|&last| last + 1 >= group) => {}
-                    _ = stopped(&mut stop) => return,
+                    _ = turn.wait_for(|&last| last + 1 >= seq) => {}
+                    _ = stopped(&mut stop) => break,
                 }
                 // Never cut short once sent: whoever reads the target's progress next must
                 // find the commit's outcome there, not have it land after.
-                match sink.commit(&position, commit_time).await {
-                    Ok(()) => {
-                        // Said before the turn passes on, so the reports arrive in commit order.
-                        let _ = reports.send((group, Report::Committed));
-                        turn_tx.send_replace(group);
-                        continue;
-                    }
-                    Err(e) => Err(e),
+                let committed = sink.commit(&position, commit_time).await;
+                if committed.is_ok() {
+                    // Said before the turn passes on, so the reports arrive in commit order.
+                    let _ = end.reports.send(Report::Committed(seq));
+                    turn_tx.send_replace(seq);
                 }
+                committed
             }
         };
         if let Err(error) = result {
-            let _ = reports.send((seq, Report::Failed(error)));
+            end.failed(error);
             return;
         }
     }
+    end.said = true;
 }
 
 #[cfg(test)]

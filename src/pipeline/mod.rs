@@ -109,17 +109,30 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
     });
     let mut delay = Duration::from_secs(1);
     let mut failing_since: Option<Instant> = None;
-    // After a failure on several apply connections: the position up to which one applies.
-    let mut serial_until = None;
+    // After failures on several apply connections: which groups run on one.
+    let mut serial = lanes::Serial::No;
+    let mut parallel_failures = 0;
     let result = loop {
         let attempt = Instant::now();
         // A request made before this attempt is served by it: its copies are already forgotten.
         resync.borrow_and_update();
-        let error = match run_once(config, &store, stop.clone(), resync.clone(), serial_until.clone()).await {
+        let error = match run_once(config, &store, stop.clone(), resync.clone(), serial.clone()).await {
             Ok(()) => break Ok(()),
             Err(e) if e.is::<lanes::ParallelApplyFailed>() => {
+                METRICS.errors.with_label_values(&["parallel_apply"]).inc();
+                crate::status::set_last_error(Some(format!("{e:#}")));
+                parallel_failures += 1;
+                serial = match e.downcast_ref::<lanes::ParallelApplyFailed>() {
+                    Some(failed) if parallel_failures < MAX_PARALLEL_FAILURES => lanes::Serial::Until(failed.until.clone()),
+                    _ => {
+                        tracing::warn!(
+                            "applying on one connection from now on: applying beside others failed {parallel_failures} \
+                             times (set [pipeline] apply_connections = 1 to start so)"
+                        );
+                        lanes::Serial::Always
+                    }
+                };
                 tracing::warn!(reason = format!("{e:#}"), "resuming from the last checkpoint");
-                serial_until = e.downcast_ref::<lanes::ParallelApplyFailed>().map(|failed| failed.until.clone());
                 continue;
             }
             Err(e) if is_resume(&e) => {
@@ -172,6 +185,9 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
     result
 }
 
+/// Failures beside other apply connections after which a daemon applies on one for good.
+const MAX_PARALLEL_FAILURES: u32 = 3;
+
 /// Where the stream begins: after the last transaction the target committed (its record
 /// wins over the checkpoint store's, which it brings up to date), else where the
 /// configuration or the first snapshot says.
@@ -206,7 +222,7 @@ async fn run_once(
     store: &Arc<CheckpointStore>,
     stop: watch::Receiver<bool>,
     resync: watch::Receiver<u64>,
-    serial_until: Option<Position>,
+    serial: lanes::Serial,
 ) -> anyhow::Result<()> {
     let store = store.clone();
     let (mut source, mut sink) = crate::connect::source_and_sink(config).await?;
@@ -324,7 +340,7 @@ async fn run_once(
         left_out,
         config,
         signals,
-        serial_until,
+        serial,
     )
     .await
 }

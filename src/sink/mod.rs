@@ -17,6 +17,9 @@ use crate::copy::{Chunk, CopyFormat, CopyStream, SourceDialect};
 use crate::position::Position;
 use crate::schema::{SourceSchema, TableDefinition};
 
+/// How long an apply connection waits for a lock while others run beside it.
+pub const LOCK_WAIT_BOUND_SECONDS: u32 = 5;
+
 /// Which schema changes a sink makes in place ([`Sink::in_place`]).
 pub type InPlace = Box<dyn Fn(&SchemaOp) -> bool + Send + Sync>;
 
@@ -49,8 +52,7 @@ pub(crate) fn lane_records(base: &str) -> Vec<String> {
 /// - Several instances may apply at once, one per apply connection (`[pipeline]
 ///   apply_connections`), each in its own target transactions, committed one
 ///   at a time in source order: each records its position apart ([`lane_record`]), and
-///   `applied_position` is the highest of them. Each waits for a lock at most a few
-///   seconds: a wait longer than that may be on a later transaction that waits for it.
+///   `applied_position` is the highest of them.
 /// - An instance is dropped after any error (an open transaction rolls back with it) and a
 ///   new one connected: no method needs to recover from a failure of its own.
 /// - [`Sink::cleanup`] must be safe to repeat.
@@ -126,6 +128,14 @@ pub trait Sink: Send + Sync {
     /// Forgets what it read about `tables` on the target: another apply connection
     /// changed their shape.
     fn forget_tables(&mut self, _tables: &[TableName]) {}
+
+    /// Bounds how long a statement waits for a lock ([`LOCK_WAIT_BOUND_SECONDS`]) while other
+    /// apply connections run beside this one, or lets it wait as long as the target's
+    /// settings say: a long wait beside them may be on a later transaction that waits for
+    /// this one's commit.
+    async fn bound_lock_waits(&mut self, _bounded: bool) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     /// Opens a target transaction.
     async fn begin(&mut self) -> anyhow::Result<()>;

@@ -67,11 +67,8 @@ pub struct MysqlSink {
     open: bool,
     /// The open transaction holds writes (DDL would commit them without the progress row).
     written: bool,
-    /// Which apply connection this is, of how many.
+    /// Which apply connection this is.
     lane: usize,
-    lanes: usize,
-    /// The session's lock wait is set for applying beside other connections.
-    lock_wait_set: bool,
 }
 
 impl MysqlSink {
@@ -114,16 +111,14 @@ impl MysqlSink {
             open: false,
             written: false,
             lane: 0,
-            lanes: 1,
-            lock_wait_set: false,
         };
         sink.finish_drops().await?;
         Ok(sink)
     }
 
-    /// As apply connection `lane` of `lanes`.
-    pub fn on_lane(self, lane: usize, lanes: usize) -> MysqlSink {
-        MysqlSink { lane, lanes, ..self }
+    /// As apply connection `lane`.
+    pub fn on_lane(self, lane: usize) -> MysqlSink {
+        MysqlSink { lane, ..self }
     }
 
     /// Drops the tables committed transactions dropped, and forgets them.
@@ -573,16 +568,15 @@ impl Sink for MysqlSink {
         }
     }
 
+    async fn bound_lock_waits(&mut self, bounded: bool) -> anyhow::Result<()> {
+        let sql = match bounded {
+            true => format!("SET SESSION innodb_lock_wait_timeout = {}", super::LOCK_WAIT_BOUND_SECONDS),
+            false => "SET SESSION innodb_lock_wait_timeout = DEFAULT".to_string(),
+        };
+        self.conn.query_drop(&sql).await.with_context(|| format!("{sql} on the target"))
+    }
+
     async fn begin(&mut self) -> anyhow::Result<()> {
-        // Beside other apply connections, a long wait may be on a later transaction that
-        // waits for this one's commit: fail it, and the pipeline applies it alone.
-        if self.lanes > 1 && !self.lock_wait_set {
-            self.conn
-                .query_drop("SET SESSION innodb_lock_wait_timeout = 5")
-                .await
-                .context("setting innodb_lock_wait_timeout on the target")?;
-            self.lock_wait_set = true;
-        }
         self.conn.query_drop("START TRANSACTION").await.context("opening a target transaction")?;
         self.open = true;
         self.written = false;

@@ -55,9 +55,10 @@ pub struct PostgresSink {
     /// `[target] disable_triggers`: tables whose user triggers may be disabled while
     /// applying, when the role may not set session_replication_role.
     disable_triggers: Vec<glob::Pattern>,
-    /// Which apply connection this is, of how many.
+    /// Which apply connection this is.
     lane: usize,
-    lanes: usize,
+    /// The source's positions are LSNs, which a replication origin can hold.
+    lsn_positions: bool,
 }
 
 /// What the target role may do beyond writing its own tables; a managed service's
@@ -76,9 +77,11 @@ struct Powers {
 }
 
 /// Where positions go that are no LSN, or when the role may not use replication origins.
-const PROGRESS_TABLE: &str = "CREATE SCHEMA IF NOT EXISTS cutover; \
-     CREATE TABLE IF NOT EXISTS cutover.progress (pipeline text PRIMARY KEY, position text NOT NULL, \
-     commit_time timestamptz, updated_at timestamptz NOT NULL DEFAULT now())";
+const PROGRESS_TABLE: [&str; 2] = [
+    "CREATE SCHEMA IF NOT EXISTS cutover",
+    "CREATE TABLE IF NOT EXISTS cutover.progress (pipeline text PRIMARY KEY, position text NOT NULL, \
+     commit_time timestamptz, updated_at timestamptz NOT NULL DEFAULT now())",
+];
 
 /// A user trigger on the target that fires in cutover's session.
 struct UserTrigger {
@@ -204,7 +207,7 @@ impl PostgresSink {
             powers,
             disable_triggers: Vec::new(),
             lane: 0,
-            lanes: 1,
+            lsn_positions: true,
         };
         Ok(sink)
     }
@@ -214,9 +217,9 @@ impl PostgresSink {
         PostgresSink { disable_triggers: tables, ..self }
     }
 
-    /// As apply connection `lane` of `lanes`.
-    pub fn on_lane(self, lane: usize, lanes: usize) -> PostgresSink {
-        PostgresSink { lane, lanes, ..self }
+    /// As apply connection `lane`, for a source whose positions are LSNs or not.
+    pub fn on_lane(self, lane: usize, lsn_positions: bool) -> PostgresSink {
+        PostgresSink { lane, lsn_positions, ..self }
     }
 
     /// This apply connection's replication origin, and its row in `cutover.progress`.
@@ -276,8 +279,8 @@ impl PostgresSink {
             ));
             sql.push(format!("ALTER TABLE {} DISABLE TRIGGER {}", quote_table(table), quote_ident(name)));
         }
-        self.client
-            .batch_execute(&format!("BEGIN; {}; COMMIT", sql.join(";\n")))
+        // Each apply connection does this as it starts, maybe at the same moment as another.
+        create_if_missing(&self.client, &format!("BEGIN; {}; COMMIT", sql.join(";\n")))
             .await
             .context("disabling user triggers on the target ([target] disable_triggers; the role must own the tables)")
     }
@@ -331,16 +334,8 @@ impl PostgresSink {
         if self.powers.origins {
             self.setup_origin().await?;
         }
-        // Beside other apply connections, a long wait may be on a later transaction that
-        // waits for this one's commit: fail it, and the pipeline applies it alone.
-        if self.lanes > 1 {
-            // Created once, before the connections commit side by side: IF NOT EXISTS is no
-            // guard against another session creating it at the same moment.
-            let setup = format!(
-                "SET lock_timeout = '5s'; BEGIN; SELECT pg_advisory_xact_lock(hashtext('cutover.progress')); \
-                 {PROGRESS_TABLE}; COMMIT"
-            );
-            self.client.batch_execute(&setup).await.context("preparing an apply connection on the target")?;
+        if !self.powers.origins || !self.lsn_positions {
+            self.create_progress_table().await?;
         }
         if self.powers.replica_role {
             self.client
@@ -351,6 +346,16 @@ impl PostgresSink {
             self.disable_user_triggers().await?;
         }
         self.session_ready = true;
+        Ok(())
+    }
+
+    /// Creates `cutover.progress` if needed, before any apply transaction: inside one
+    /// that began before another connection created it, `IF NOT EXISTS` can miss it (the
+    /// transaction's catalog lookups may not see it yet) and fail on the duplicate.
+    async fn create_progress_table(&self) -> anyhow::Result<()> {
+        for sql in PROGRESS_TABLE {
+            create_if_missing(&self.client, sql).await.with_context(|| format!("{sql} on the target"))?;
+        }
         Ok(())
     }
 
@@ -737,6 +742,14 @@ impl Sink for PostgresSink {
         }
     }
 
+    async fn bound_lock_waits(&mut self, bounded: bool) -> anyhow::Result<()> {
+        let sql = match bounded {
+            true => format!("SET lock_timeout = '{}s'", super::LOCK_WAIT_BOUND_SECONDS),
+            false => "RESET lock_timeout".to_string(),
+        };
+        self.client.batch_execute(&sql).await.with_context(|| format!("{sql} on the target"))
+    }
+
     async fn begin(&mut self) -> anyhow::Result<()> {
         self.prepare_session().await?;
         // Without session_replication_role, foreign keys (created DEFERRABLE) are checked
@@ -779,8 +792,7 @@ impl Sink for PostgresSink {
         let record = match position.lsn().filter(|_| self.powers.origins) {
             Some(lsn) => format!("SELECT pg_replication_origin_xact_setup('{lsn}', to_timestamp({seconds}))"),
             None => format!(
-                "{PROGRESS_TABLE}; \
-                 INSERT INTO cutover.progress (pipeline, position, commit_time) VALUES ({}, {}, to_timestamp({seconds})) \
+                "INSERT INTO cutover.progress (pipeline, position, commit_time) VALUES ({}, {}, to_timestamp({seconds})) \
                  ON CONFLICT (pipeline) DO UPDATE SET position = EXCLUDED.position, commit_time = EXCLUDED.commit_time, \
                      updated_at = now()",
                 quote_literal(&self.progress_record()),
@@ -791,6 +803,24 @@ impl Sink for PostgresSink {
             .batch_execute(&format!("{record}; COMMIT"))
             .await
             .with_context(|| format!("committing the target transaction that reaches {position}"))
+    }
+}
+
+/// Runs statements that create what may be missing (`IF NOT EXISTS`). That is no guard
+/// against another session creating the same at the same moment, nor inside a transaction
+/// that began before another session created it (its catalog lookups may not see it yet):
+/// the duplicate fails, and a new transaction finds it there.
+async fn create_if_missing(client: &Client, sql: &str) -> Result<(), tokio_postgres::Error> {
+    let mut attempts = 0;
+    loop {
+        match client.batch_execute(sql).await {
+            Err(e) if attempts < 3 && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                attempts += 1;
+                // A transaction the statements opened is aborted: end it (a warning if none).
+                client.batch_execute("ROLLBACK").await?;
+            }
+            result => return result,
+        }
     }
 }
 
