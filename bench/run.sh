@@ -75,7 +75,8 @@ psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "CREATE SUBSCRIPTION bench_
 set_marker synced; wait_marker "$NT" synced
 psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
 sleep 1
-"$BIN/pgbench" -n -c 4 -j 2 -T "$BACKLOG_SECONDS" -h 127.0.0.1 -p "$SRC2" -U cutover postgres > "$WORK/pgbench.out" 2>&1
+# PGBENCH_ARGS="-N" writes pgbench's simple-update mix (no hot branch and teller rows).
+"$BIN/pgbench" -n ${PGBENCH_ARGS:-} -c 4 -j 2 -T "$BACKLOG_SECONDS" -h 127.0.0.1 -p "$SRC2" -U cutover postgres > "$WORK/pgbench.out" 2>&1
 set_marker backlog
 BACKLOG_TX=$(grep -E "number of transactions actually processed" "$WORK/pgbench.out" | awk '{print $NF}' | cut -d/ -f1)
 S0=$(server_cpu source2); T0=$(server_cpu catchup_native)
@@ -111,7 +112,7 @@ if [ -n "$PGCOPYDB" ]; then
 else
   echo "  pgcopydb clone     (not run: pgcopydb missing or failed)"
 fi
-echo "catch-up of a ${BACKLOG_SECONDS}s pgbench backlog (scale 10, 4 clients, $BACKLOG_TX transactions), seconds:"
+echo "catch-up of a ${BACKLOG_SECONDS}s pgbench ${PGBENCH_ARGS:-} backlog (scale 10, 4 clients, $BACKLOG_TX transactions), seconds:"
 printf "  native subscription            %5.1f s   CPU: %s\n" "$NATIVE_CATCHUP" "$NATIVE_CPU"
 cat "$WORK/catchup.lines"
 printf "one 2 M-row transaction applied in %.1f s; cutover peak RSS while streaming: %d MiB\n" "$BIG_SECONDS" "$STREAM_RSS_MB"
