@@ -240,8 +240,7 @@ impl<'a> Applier<'a> {
                 self.transactions += 1;
                 self.grouped += 1;
                 if let Some(why) = self.resume_after_commit.take() {
-                    self.commit().await?;
-                    self.settle().await?;
+                    self.drain().await?;
                     return Err(ResumeFromCheckpoint(why).into());
                 }
                 // On more than one connection, a backlog is cut into groups of about a batch
@@ -377,8 +376,7 @@ impl<'a> Applier<'a> {
 
     /// Commits what is complete before the stop point and reports where the replay stopped.
     async fn finish_at_stop(&mut self) -> anyhow::Result<()> {
-        self.commit().await?;
-        self.settle().await?;
+        self.drain().await?;
         let time = self.last_commit_time.map(crate::position::format_rfc3339).unwrap_or_else(|| "none".into());
         let message = format!(
             "reached stop_at: the target has every transaction up to {} (last commit time: {time}); {} transaction(s) applied in this run",

@@ -353,15 +353,18 @@ impl<T> Lanes<T> {
     pub(super) async fn shutdown(&mut self) {
         // Kept even with no receiver yet (send would drop it).
         self.stop.send_replace(true);
-        for task in &mut self.tasks {
-            let _ = task.await;
-        }
+        self.join().await;
     }
 
     /// Lets every lane run what it was sent, then end.
     #[cfg(test)]
     pub(super) async fn finish(&mut self) {
         self.commands.clear();
+        self.join().await;
+    }
+
+    /// Waits until every lane's task has ended.
+    async fn join(&mut self) {
         for task in &mut self.tasks {
             let _ = task.await;
         }
