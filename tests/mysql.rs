@@ -752,6 +752,56 @@ async fn a_table_truncated_while_the_snapshot_is_copied_is_copied_again() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Columns dropped, renamed, added and widened as the first copy starts: after the
+/// catalog was read but before the snapshot was pinned (`schema-read`; only added and
+/// widened ones leave every name the copy reads in place), and after the snapshot was
+/// pinned but before the table was read (`snapshot-pinned`). Each table is copied with
+/// the columns its snapshot has, and the stream brings the rest; the target then equals
+/// a fresh copy of the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_changed_as_the_copy_starts_are_copied_as_the_snapshot_has_them() {
+    const ADDED: &str = "ALTER TABLE t ADD COLUMN d int DEFAULT 5; ALTER TABLE t MODIFY e varchar(40);";
+    const GONE: &str = "UPDATE t SET a = -a WHERE id <= 10; ALTER TABLE t DROP COLUMN a; ALTER TABLE t CHANGE b b2 varchar(20);";
+    for (case, (point, ddl)) in
+        [("schema-read", ADDED), ("schema-read", GONE), ("snapshot-pinned", &format!("{GONE} {ADDED}"))]
+            .into_iter()
+            .enumerate()
+    {
+        let (source, target, mut conn, dir) = start_with(
+            &format!("columns_at_{}_{case}", point.replace('-', "_")),
+            "CREATE DATABASE shop;
+             CREATE TABLE shop.t (id int PRIMARY KEY, a int, b varchar(20), c int, e varchar(10));
+             INSERT INTO shop.t SELECT seq, seq, CONCAT('b', seq), seq % 5, 'e' FROM seq_1_to_300;
+             CREATE TABLE shop.marker (id int PRIMARY KEY);",
+        )
+        .await;
+        let pipeline = Streaming::new(&source, &target, &dir);
+        let streamed = pg(&target.url("postgres")).await;
+        let failpoint = std::path::PathBuf::from(format!("{point}:sleep=3"));
+        let mut child = pipeline.spawn_with_env(&[("CUTOVER_FAILPOINT", &failpoint)]);
+        let started = std::time::Instant::now();
+        while !pipeline.log().contains(&format!("failpoint {point}")) {
+            assert!(started.elapsed() < std::time::Duration::from_secs(60), "never paused at {point}:\n{}", pipeline.log());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let wide = if ddl.contains("varchar(40)") { 30 } else { 8 };
+        let after = match ddl.contains("DROP") {
+            true => "INSERT INTO t (id, b2, c) VALUES (1000, 'new', 1);",
+            false => "INSERT INTO t (id, a, b, c) VALUES (1000, 1, 'new', 1);",
+        };
+        conn.query_drop(format!(
+            "USE shop; {ddl} UPDATE t SET c = -c, e = REPEAT('w', {wide}) WHERE id % 3 = 0; DELETE FROM t WHERE id % 7 = 0;
+             {after} INSERT INTO marker VALUES (1);"
+        ))
+        .await
+        .expect("schema changes");
+        wait_for_marker(&streamed, 1, &mut child, &pipeline.log).await;
+        pipeline.assert_tables_match_fresh_copy(&source, &target, &dir, 2).await;
+        signal(&mut child, libc::SIGTERM);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// VIRTUAL and PERSISTENT (STORED) generated columns become plain columns on the target,
 /// filled with the source's values by the copy and by the stream alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1122,6 +1122,52 @@ async fn a_table_truncated_while_the_snapshot_is_copied_is_copied_again() {
     stop(&mut child);
 }
 
+/// Columns dropped, renamed, added and retyped as the first copy starts: after the
+/// catalog was read but before the snapshot was pinned (`schema-read`; only added and
+/// retyped ones leave every name the copy reads in place), and after it was pinned but
+/// before the table was read (`snapshot-pinned`). The target ends as the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_changed_as_the_copy_starts_are_copied_as_the_snapshot_has_them() {
+    const ADDED: &str = "ALTER TABLE t ADD COLUMN d int DEFAULT 5; ALTER TABLE t ALTER e TYPE varchar(40);";
+    const GONE: &str = "UPDATE t SET a = -a WHERE id <= 10; ALTER TABLE t DROP COLUMN a; ALTER TABLE t RENAME b TO b2;";
+    for (case, (point, ddl)) in
+        [("schema-read", ADDED), ("schema-read", GONE), ("snapshot-pinned", &format!("{GONE} {ADDED}"))]
+            .into_iter()
+            .enumerate()
+    {
+        let pair = Pair::start(&format!("columns_at_{}_{case}", point.replace('-', "_")), "");
+        let source = connect(&pair.source.url("postgres")).await;
+        source
+            .batch_execute(
+                "CREATE TABLE t (id int PRIMARY KEY, a int, b text, c int, e varchar(10));
+                 INSERT INTO t SELECT g, g, 'b' || g, g % 5, 'e' FROM generate_series(1, 300) g;",
+            )
+            .await
+            .expect("table");
+        let failpoint = std::path::PathBuf::from(format!("{point}:sleep=3"));
+        let mut child = pair.spawn_with_env(&[("CUTOVER_FAILPOINT", &failpoint)]);
+        let started = std::time::Instant::now();
+        while !pair.log().contains(&format!("failpoint {point}")) {
+            assert!(started.elapsed() < Duration::from_secs(60), "never paused at {point}:\n{}", pair.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let wide = if ddl.contains("varchar(40)") { 30 } else { 8 };
+        let after = match ddl.contains("DROP") {
+            true => "INSERT INTO t (id, b2, c) VALUES (1000, 'new', 1);",
+            false => "INSERT INTO t (id, a, b, c) VALUES (1000, 1, 'new', 1);",
+        };
+        source
+            .batch_execute(&format!(
+                "{ddl} UPDATE t SET c = -c, e = repeat('w', {wide}) WHERE id % 3 = 0; DELETE FROM t WHERE id % 7 = 0; {after}"
+            ))
+            .await
+            .expect("schema changes");
+        pair.wait_caught_up(&mut child).await;
+        pair.assert_identical().await;
+        stop(&mut child);
+    }
+}
+
 /// Range, list and hash partitioning, a sub-partitioned partition and default partitions:
 /// kept as the same partitioned tables on one target database and flattened into plain
 /// tables on another (`[target] partitions = "flatten"`), both from one source, while

@@ -329,8 +329,9 @@ impl<'a> Applier<'a> {
         let mut again = Vec::new();
         match change {
             // The sink follows a description of a table (adds what the source added), so none
-            // reaches it for a table it dropped to copy again.
-            Change::Relation(table) if self.left_out.contains(&table.name) => {}
+            // reaches it for a table it dropped to copy again, nor one that describes the table
+            // before its copy (which has the shape the table had later).
+            Change::Relation(table) if copied_later(&table.name) => {}
             Change::Relation(_) => kept.push(change),
             Change::Truncate { tables, cascade, restart_identity } => {
                 let (split_tables, tables): (Vec<_>, Vec<_>) =

@@ -229,6 +229,7 @@ async fn run_once(
     METRICS.set_healthy(true);
     crate::notify::notify("READY=1\nSTATUS=connected to source and target");
     let schema = source.schema().await?;
+    crate::failpoint::hit("schema-read");
     if schema.tables.is_empty() {
         anyhow::bail!("[source] tables / exclude select no table on the source: nothing to replicate");
     }

@@ -202,12 +202,6 @@ pub async fn copy_consistently(
     Ok(summary)
 }
 
-/// A table's columns, names, types and key, as a chunk plan records them.
-fn column_signature(table: &TableDefinition) -> Vec<String> {
-    let columns = table.schema.columns.iter().map(|c| format!("{} {} {}", c.name, c.type_name, c.is_key));
-    columns.chain(table.generated.iter().map(|g| format!("{} {} ({})", g.name, g.type_name, g.expression))).collect()
-}
-
 /// Whether a copy of the table may finish under another snapshot than it began: only
 /// when its rows are split by key ranges and no other unique index holds them, since
 /// ranges copied at different moments may hold a unique value twice until the stream
@@ -242,7 +236,7 @@ async fn plan_table(
     options: &CopyOptions,
 ) -> anyhow::Result<TableWork> {
     let name = &table.schema.name;
-    let columns = column_signature(table);
+    let columns = table.signature();
     let previous = store.chunk_plan(name)?;
     if let (Some(plan), Some(from)) = (&previous, &options.resume_from) {
         let holds = plan.columns == columns

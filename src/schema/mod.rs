@@ -156,6 +156,13 @@ pub struct Partition {
 }
 
 impl TableDefinition {
+    /// Its columns' names, types and key, data and generated: what a copy of it reads and
+    /// a chunk plan records.
+    pub fn signature(&self) -> Vec<String> {
+        let columns = self.schema.columns.iter().map(|c| format!("{} {} {}", c.name, c.type_name, c.is_key));
+        columns.chain(self.generated.iter().map(|g| format!("{} {} ({})", g.name, g.type_name, g.expression))).collect()
+    }
+
     /// The names of every column, data and generated.
     pub fn column_names(&self) -> Vec<&str> {
         let data = self.schema.columns.iter().map(|c| c.name.as_str());

@@ -225,6 +225,24 @@ impl Source for MysqlSource {
             format!("FLUSH TABLES WITH READ LOCK on {} (needs the RELOAD privilege)", self.params.endpoint)
         })?;
         let position = Position::Binlog(binlog_position(&mut lock).await?);
+        // The copy reads the tables with the columns `schema()` read before the lock: DDL in
+        // between would have it read other columns than the snapshot's, or none at all.
+        let filter = self.filter.clone();
+        let (_, now) =
+            catalog::read_tables(&mut lock, &self.params.database, |name| filter.includes(&name.to_string())).await?;
+        let changed = now.len() != self.tables.len()
+            || now.iter().any(|(name, table)| self.tables.get(name).is_none_or(|read| read.shape() != table.shape()));
+        if changed {
+            if let Err(e) = lock.query_drop("UNLOCK TABLES").await {
+                tracing::warn!("UNLOCK TABLES failed ({e}); the lock ends with the connection");
+            }
+            return Err(crate::retry::ResumeFromCheckpoint(
+                "the source's tables changed between reading its catalog and pinning the snapshot (DDL running): \
+                 reading the catalog again"
+                    .into(),
+            )
+            .into());
+        }
         self.locked = Some(lock);
         let shapes = self.tables.iter().map(|(name, table)| (name.to_string(), table.shape())).collect();
         Ok(SnapshotPoint { position, id: String::new(), untracked: HashMap::new(), shapes })
@@ -408,9 +426,13 @@ impl TableReader for MysqlTableReader {
                         let _ = started_tx.send(Err(TableRewritten(name.clone()).into()));
                         return Ok(());
                     }
-                    // Dropped or renamed since the catalog was read: the next attempt reads it again.
-                    Err(mysql_async::Error::Server(e)) if e.code == ER_NO_SUCH_TABLE => {
-                        let why = format!("{name} was dropped or renamed on the source while it was to be copied");
+                    // The table, or one of the columns read, dropped or renamed since the snapshot
+                    // was pinned (names resolve against the table as it is now): the next
+                    // attempt reads the catalog again.
+                    Err(mysql_async::Error::Server(e)) if [ER_NO_SUCH_TABLE, ER_BAD_FIELD].contains(&e.code) => {
+                        let why = format!(
+                            "{name}, or a column of it, was dropped or renamed on the source while it was to be copied"
+                        );
                         let _ = started_tx.send(Err(crate::retry::ResumeFromCheckpoint(why).into()));
                         return Ok(());
                     }
@@ -486,6 +508,9 @@ const ER_TABLE_DEF_CHANGED: u16 = 1412;
 
 /// "Table doesn't exist".
 const ER_NO_SUCH_TABLE: u16 = 1146;
+
+/// "Unknown column": a column the copy names is gone from the table.
+const ER_BAD_FIELD: u16 = 1054;
 
 /// "Lock wait timeout exceeded": a consistent read takes no row locks, so this is the
 /// table's metadata lock, which a waiting TRUNCATE or ALTER holds up.

@@ -68,6 +68,26 @@ pub async fn read_schema(client: &impl GenericClient, include: impl Fn(&str) -> 
     Ok(schema)
 }
 
+/// The table of that name as the client's transaction sees the catalog (inside an
+/// imported snapshot: as of the snapshot), its keys and sizes aside; `None` if it had no
+/// table of that name.
+pub(super) async fn read_table_as_seen(
+    client: &impl GenericClient,
+    name: &TableName,
+) -> anyhow::Result<Option<TableDefinition>> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&name.schema, &name.name],
+        )
+        .await
+        .with_context(|| format!("reading {name} in the catalog"))?;
+    let Some(row) = row else { return Ok(None) };
+    let replident: String = row.get(1);
+    Ok(Some(read_table(client, row.get(0), name.clone(), &replident, 0, 0, |_| true).await?))
+}
+
 async fn read_table(
     client: &impl GenericClient,
     oid: u32,

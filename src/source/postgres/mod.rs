@@ -35,7 +35,7 @@ mod reader;
 mod replication;
 mod stream;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -440,7 +440,7 @@ impl Source for PostgresSource {
             ))
             .await
             .context("importing the exported snapshot into a copy connection")?;
-        Ok(Box::new(PostgresTableReader { client }))
+        Ok(Box::new(PostgresTableReader { client, checked: HashSet::new() }))
     }
 
     async fn release_snapshot(&mut self) {

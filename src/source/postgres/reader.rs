@@ -1,10 +1,15 @@
 //! The snapshot readers: a table split into chunks, each copied out inside the exported snapshot.
 
+use std::collections::HashSet;
+
 use anyhow::Context as _;
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
+use tokio_postgres::error::SqlState;
 
+use crate::change::TableName;
 use crate::copy::{Chunk, CopyFormat, CopyStream};
+use crate::retry::ResumeFromCheckpoint;
 use crate::schema::{quote_ident, quote_table, TableDefinition};
 use crate::source::{TableReader, TableRewritten};
 
@@ -42,11 +47,38 @@ pub(super) fn chunks(table: &TableDefinition, workers: usize) -> Vec<Chunk> {
 /// A copy connection inside the exported snapshot.
 pub(super) struct PostgresTableReader {
     pub(super) client: tokio_postgres::Client,
+    /// Tables the snapshot's catalog shows with the columns the copy reads.
+    pub(super) checked: HashSet<TableName>,
+}
+
+/// The copy names the table and its columns as the catalog was read before the snapshot
+/// was pinned; DDL since then makes the next attempt read the catalog again.
+fn changed_since_read(table: &TableName) -> anyhow::Error {
+    ResumeFromCheckpoint(format!(
+        "{table}, or a column of it, was created, dropped, renamed or retyped on the source while it was to be \
+         copied (DDL running): reading the catalog again"
+    ))
+    .into()
+}
+
+/// A name the copy uses resolves to nothing now (names resolve against the catalog as it
+/// is, not as the snapshot has it): dropped or renamed since the snapshot was pinned.
+fn names_gone(error: &tokio_postgres::Error) -> bool {
+    error.code().is_some_and(|code| *code == SqlState::UNDEFINED_TABLE || *code == SqlState::UNDEFINED_COLUMN)
 }
 
 #[async_trait]
 impl TableReader for PostgresTableReader {
     async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
+        // The definition was read before the snapshot was pinned: DDL in between would have
+        // the copy read other columns than the snapshot's.
+        if !self.checked.contains(&table.schema.name) {
+            let seen = super::catalog::read_table_as_seen(&self.client, &table.schema.name).await?;
+            if seen.is_none_or(|seen| seen.signature() != table.signature()) {
+                return Err(changed_since_read(&table.schema.name));
+            }
+            self.checked.insert(table.schema.name.clone());
+        }
         let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
         // The table that holds the chunk's rows: a partition, or the table itself.
         let name = match chunk {
@@ -96,10 +128,11 @@ impl TableReader for PostgresTableReader {
         );
         match self.client.batch_execute(&lock).await {
             Ok(()) => {}
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 self.client.batch_execute("ROLLBACK TO SAVEPOINT cutover_lock").await.with_context(checking)?;
                 return Err(TableRewritten(name).into());
             }
+            Err(e) if names_gone(&e) => return Err(changed_since_read(&table.schema.name)),
             Err(e) => return Err(e).with_context(checking),
         }
         let rewritten = self
@@ -115,11 +148,12 @@ impl TableReader for PostgresTableReader {
         if rewritten {
             return Err(TableRewritten(name).into());
         }
-        let stream = self
-            .client
-            .copy_out(&format!("COPY {source} TO STDOUT ({options})"))
-            .await
-            .with_context(|| format!("starting to copy {name} out of the source"))?
+        let stream = match self.client.copy_out(&format!("COPY {source} TO STDOUT ({options})")).await {
+            Ok(stream) => stream,
+            Err(e) if names_gone(&e) => return Err(changed_since_read(&table.schema.name)),
+            Err(e) => return Err(e).with_context(|| format!("starting to copy {name} out of the source")),
+        };
+        let stream = stream
             .map_err(move |e| anyhow::anyhow!("copying {name} out of the source: {e:#}"));
         Ok(CopyStream { format, data: Box::pin(stream) })
     }
