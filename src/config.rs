@@ -484,8 +484,7 @@ pub const MAX_APPLY_CONNECTIONS: usize = 16;
 impl PipelineConfig {
     /// `apply_connections`, or the default picked from this machine's cores.
     pub fn apply_connections(&self) -> usize {
-        self.apply_connections
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+        self.apply_connections.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
     }
 
     pub fn max_retry_time(&self) -> std::time::Duration {

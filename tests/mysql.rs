@@ -761,7 +761,8 @@ async fn a_table_truncated_while_the_snapshot_is_copied_is_copied_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn columns_changed_as_the_copy_starts_are_copied_as_the_snapshot_has_them() {
     const ADDED: &str = "ALTER TABLE t ADD COLUMN d int DEFAULT 5; ALTER TABLE t MODIFY e varchar(40);";
-    const GONE: &str = "UPDATE t SET a = -a WHERE id <= 10; ALTER TABLE t DROP COLUMN a; ALTER TABLE t CHANGE b b2 varchar(20);";
+    const GONE: &str =
+        "UPDATE t SET a = -a WHERE id <= 10; ALTER TABLE t DROP COLUMN a; ALTER TABLE t CHANGE b b2 varchar(20);";
     for (case, (point, ddl)) in
         [("schema-read", ADDED), ("schema-read", GONE), ("snapshot-pinned", &format!("{GONE} {ADDED}"))]
             .into_iter()
@@ -781,7 +782,11 @@ async fn columns_changed_as_the_copy_starts_are_copied_as_the_snapshot_has_them(
         let mut child = pipeline.spawn_with_env(&[("CUTOVER_FAILPOINT", &failpoint)]);
         let started = std::time::Instant::now();
         while !pipeline.log().contains(&format!("failpoint {point}")) {
-            assert!(started.elapsed() < std::time::Duration::from_secs(60), "never paused at {point}:\n{}", pipeline.log());
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "never paused at {point}:\n{}",
+                pipeline.log()
+            );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let wide = if ddl.contains("varchar(40)") { 30 } else { 8 };

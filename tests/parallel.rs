@@ -32,11 +32,7 @@ fn random_transaction(rng: &mut Rng, round: i64) -> String {
         // A unique code freed by one row here, taken by another in a later transaction.
         2 => match rng.percent(50) {
             true => format!("UPDATE accounts SET code = NULL WHERE code = 'k{}';", rng.range(1, 40)),
-            false => format!(
-                "UPDATE accounts SET code = 'k{}' WHERE id = {};",
-                rng.range(1, 40),
-                rng.range(1, 200)
-            ),
+            false => format!("UPDATE accounts SET code = 'k{}' WHERE id = {};", rng.range(1, 40), rng.range(1, 200)),
         },
         // A parent with children, or a parent deleted with its children: the same keys
         // come and go all the time.
@@ -63,10 +59,9 @@ fn random_transaction(rng: &mut Rng, round: i64) -> String {
             )
         }
         // One of several identical rows of the table without a key deleted.
-        _ => format!(
-            "DELETE FROM ledger WHERE ctid IN (SELECT ctid FROM ledger WHERE account = {} LIMIT 1);",
-            account()
-        ),
+        _ => {
+            format!("DELETE FROM ledger WHERE ctid IN (SELECT ctid FROM ledger WHERE account = {} LIMIT 1);", account())
+        }
     }
 }
 
@@ -120,7 +115,9 @@ async fn parallel_apply_killed_at_random_moments_loses_doubles_and_reorders_noth
     let target_url = pair.target.url("postgres");
     connect(&target_url)
         .await
-        .batch_execute("CREATE ROLE app LOGIN; GRANT CREATE ON DATABASE postgres TO app; GRANT CREATE ON SCHEMA public TO app;")
+        .batch_execute(
+            "CREATE ROLE app LOGIN; GRANT CREATE ON DATABASE postgres TO app; GRANT CREATE ON SCHEMA public TO app;",
+        )
         .await
         .expect("target role");
     let config = std::fs::read_to_string(&pair.config_path).expect("config");

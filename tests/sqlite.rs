@@ -213,6 +213,38 @@ async fn a_sqlite_file_is_copied_with_its_types_keys_and_indexes() {
     assert!(pg.execute("INSERT INTO public.tags VALUES (99, 'orphan')", &[]).await.is_err());
     pg.execute("DELETE FROM public.items WHERE id = 3", &[]).await.expect("cascade");
     assert_eq!(count(&pg, "SELECT count(*) FROM public.tags").await, 1);
+
+    // verify names what the target lost and gained; --repair gives the target the file's
+    // rows again, parents kept in place (a delete would cascade to rows already repaired).
+    pg.batch_execute(
+        "UPDATE public.items SET notes = 'drift', payload = '\\x00' WHERE id = 4;
+         DELETE FROM public.log WHERE line LIKE '%7'; INSERT INTO public.log VALUES (now(), 'extra');",
+    )
+    .await
+    .expect("drift");
+    let drifted = cutover("verify", &config);
+    let report = text(&drifted);
+    assert_eq!(drifted.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("public.items") && report.contains("public.tags") && report.contains("public.log"),
+        "{report}"
+    );
+    let repair = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["verify", "--repair", "--config"])
+            .arg(&config)
+            .output()
+            .expect("cutover verify --repair runs");
+        let report = text(&output);
+        assert!(output.status.success() && report.contains("3 tables, 3 match"), "{report}");
+    };
+    repair();
+    assert_eq!(count(&pg, "SELECT count(*) FROM public.tags").await, 3);
+    assert_eq!(count(&pg, "SELECT count(*) FROM public.log").await, 20_000);
+    // Only the parent differs now: its repair leaves the children that reference it alone.
+    pg.execute("UPDATE public.items SET notes = 'drift again' WHERE id = 4", &[]).await.expect("drift");
+    repair();
+    assert_eq!(count(&pg, "SELECT count(*) FROM public.tags").await, 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

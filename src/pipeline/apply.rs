@@ -1218,13 +1218,18 @@ mod tests {
     async fn a_failure_beside_other_connections_is_applied_again_on_one_up_to_where_it_was() {
         let config = config("[pipeline]\napply_connections = 2\nmax_batch_changes = 1\n");
         let events = || {
-            let transactions = (0..6u64).map(|t| ranged_transaction(1000 + 10 * t, 1005 + 10 * t, vec![update(None, 100 + t as i64, Some("v"))]));
+            let transactions = (0..6u64).map(|t| {
+                ranged_transaction(1000 + 10 * t, 1005 + 10 * t, vec![update(None, 100 + t as i64, Some("v"))])
+            });
             queued(transactions.collect())
         };
         // The second connection fails while the first has a group in flight.
         let (log, _) = run_with(&config, events(), None, Serial::No, Some(1)).await;
         let until = "applying again on one connection up to lsn:0/";
-        assert!(log.last().is_some_and(|l| l.contains("applying on 2 connections failed") && l.contains(until)), "{log:?}");
+        assert!(
+            log.last().is_some_and(|l| l.contains("applying on 2 connections failed") && l.contains(until)),
+            "{log:?}"
+        );
         // Run again up to there on one connection (the failing one is not used), then on both.
         let (log, _) = run_with(&config, events(), None, Serial::Until(lsn(1020)), None).await;
         let commits: Vec<&String> = log.iter().filter(|l| l.starts_with("commit")).collect();

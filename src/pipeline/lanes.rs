@@ -72,9 +72,15 @@ enum Command {
     /// Another lane changes these tables' shape: what was read about them is stale.
     Forget(Vec<TableName>),
     /// Opens a group; `beside_others`: other lanes may run groups meanwhile.
-    Begin { beside_others: bool },
+    Begin {
+        beside_others: bool,
+    },
     Apply(Vec<Change>),
-    Commit { seq: u64, position: Position, commit_time: SystemTime },
+    Commit {
+        seq: u64,
+        position: Position,
+        commit_time: SystemTime,
+    },
 }
 
 /// What a lane says back.
@@ -301,12 +307,7 @@ impl<T> Lanes<T> {
             anyhow::bail!("internal error: a commit with no target transaction open")
         };
         self.send(open.lane, Command::Commit { seq: open.seq, position, commit_time }).await?;
-        self.in_flight.push_back(InFlight {
-            seq: open.seq,
-            lane: open.lane,
-            footprint: open.footprint,
-            done,
-        });
+        self.in_flight.push_back(InFlight { seq: open.seq, lane: open.lane, footprint: open.footprint, done });
         Ok(())
     }
 

@@ -123,7 +123,9 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
                 crate::status::set_last_error(Some(format!("{e:#}")));
                 parallel_failures += 1;
                 serial = match e.downcast_ref::<lanes::ParallelApplyFailed>() {
-                    Some(failed) if parallel_failures < MAX_PARALLEL_FAILURES => lanes::Serial::Until(failed.until.clone()),
+                    Some(failed) if parallel_failures < MAX_PARALLEL_FAILURES => {
+                        lanes::Serial::Until(failed.until.clone())
+                    }
                     _ => {
                         tracing::warn!(
                             "applying on one connection from now on: applying beside others failed {parallel_failures} \

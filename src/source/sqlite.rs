@@ -367,6 +367,25 @@ impl Source for SqliteSource {
         })
     }
 
+    async fn read_rows(
+        &mut self,
+        table: &TableDefinition,
+        condition: &str,
+    ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+        let name = &table.schema.name;
+        let source = self.tables.get(name).with_context(|| format!("no column mapping for {name}"))?;
+        let conn =
+            self.conn.lock().map_err(|_| anyhow::anyhow!("the SQLite connection was poisoned by a failed read"))?;
+        let mut statement =
+            conn.prepare(&source.select(Some(condition))).with_context(|| format!("reading rows of {name}"))?;
+        let mut rows = statement.query([]).with_context(|| format!("reading rows of {name}"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().with_context(|| format!("reading rows of {name}"))? {
+            out.push(pg_text_row(row, name, source)?);
+        }
+        Ok(out)
+    }
+
     async fn snapshot_reader(&self, _snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>> {
         Ok(Box::new(SqliteReader { conn: self.conn.clone(), tables: self.tables.clone() }))
     }
@@ -412,6 +431,50 @@ impl TableReader for SqliteReader {
     }
 }
 
+impl SqliteTable {
+    /// `SELECT` of its columns as the copy reads them, the rowid first when there is one
+    /// (to name a bad row), where `condition` holds.
+    fn select(&self, condition: Option<&str>) -> String {
+        let columns: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        let lead = if self.has_rowid { "rowid, " } else { "" };
+        let mut sql = format!("SELECT {lead}{} FROM {}", columns.join(", "), quote_ident(&self.name));
+        if let Some(condition) = condition {
+            sql.push_str(&format!(" WHERE {condition}"));
+        }
+        sql
+    }
+}
+
+/// A row read by [`SqliteTable::select`], each value in PostgreSQL's text form by the
+/// copy's rule; a value that does not fit its column's type is named by its row.
+fn pg_text_row(row: &rusqlite::Row<'_>, name: &TableName, table: &SqliteTable) -> anyhow::Result<Vec<Option<String>>> {
+    let offset = usize::from(table.has_rowid);
+    let mut values = Vec::with_capacity(table.types.len());
+    for (i, target) in table.types.iter().enumerate() {
+        let value = row.get_ref(i + offset).with_context(|| format!("reading {name}"))?;
+        let text = encode(*target, Stored::from(value)).map_err(|e| {
+            let which = match table.has_rowid {
+                true => format!("rowid {}", row.get::<_, i64>(0).unwrap_or_default()),
+                false => {
+                    let key: Vec<String> = table
+                        .key
+                        .iter()
+                        .map(|&k| format!("{}={:?}", table.columns[k], row.get_ref(k).ok().map(Stored::from)))
+                        .collect();
+                    format!("key ({})", key.join(", "))
+                }
+            };
+            anyhow::anyhow!(
+                "table {name}, {which}, column {}: {e}; fix the value in the SQLite file, or set \
+                 [source] on_type_mismatch = \"text\" to copy such columns as text",
+                table.columns[i]
+            )
+        })?;
+        values.push(text);
+    }
+    Ok(values)
+}
+
 /// Streams one table as PostgreSQL text `COPY` rows into `tx`.
 fn read_table(
     conn: &Mutex<rusqlite::Connection>,
@@ -420,40 +483,17 @@ fn read_table(
     tx: &mpsc::Sender<anyhow::Result<Bytes>>,
 ) -> anyhow::Result<()> {
     let conn = conn.lock().map_err(|_| anyhow::anyhow!("the SQLite connection was poisoned by a failed read"))?;
-    let columns: Vec<String> = table.columns.iter().map(|c| quote_ident(c)).collect();
-    // The rowid leads when there is one, to name a bad row.
-    let lead = if table.has_rowid { "rowid, " } else { "" };
-    let sql = format!("SELECT {lead}{} FROM {}", columns.join(", "), quote_ident(&table.name));
-    let mut statement = conn.prepare(&sql).with_context(|| format!("reading {name} from the SQLite file"))?;
+    let mut statement =
+        conn.prepare(&table.select(None)).with_context(|| format!("reading {name} from the SQLite file"))?;
     let mut rows = statement.query([]).with_context(|| format!("reading {name} from the SQLite file"))?;
-    let offset = usize::from(table.has_rowid);
     let mut buffer = BytesMut::with_capacity(COPY_CHUNK);
     let mut line = Vec::new();
     while let Some(row) = rows.next().with_context(|| format!("reading {name} from the SQLite file"))? {
         line.clear();
-        for (i, target) in table.types.iter().enumerate() {
+        for (i, text) in pg_text_row(row, name, table)?.iter().enumerate() {
             if i > 0 {
                 line.push(b'\t');
             }
-            let value = row.get_ref(i + offset).with_context(|| format!("reading {name}"))?;
-            let text = encode(*target, Stored::from(value)).map_err(|e| {
-                let which = match table.has_rowid {
-                    true => format!("rowid {}", row.get::<_, i64>(0).unwrap_or_default()),
-                    false => {
-                        let key: Vec<String> = table
-                            .key
-                            .iter()
-                            .map(|&k| format!("{}={:?}", table.columns[k], row.get_ref(k).ok().map(Stored::from)))
-                            .collect();
-                        format!("key ({})", key.join(", "))
-                    }
-                };
-                anyhow::anyhow!(
-                    "table {name}, {which}, column {}: {e}; fix the value in the SQLite file, or set \
-                     [source] on_type_mismatch = \"text\" to copy such columns as text",
-                    table.columns[i]
-                )
-            })?;
             push_copy_field(&mut line, text.as_deref());
         }
         line.push(b'\n');

@@ -69,6 +69,8 @@ enum Hashing {
 /// Verifies one table: its report and the ranges that held differing rows.
 struct TableCheck<'a> {
     plan: &'a TablePlan,
+    /// The table as the source's catalog describes it.
+    table: &'a crate::schema::TableDefinition,
     hashing: Hashing,
     report: TableReport,
     /// Ranges that held differing rows, with the rows each side had in them.
@@ -129,11 +131,6 @@ pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Resu
     let source_dialect = SqlDialect::of_source(config, "verify")?;
     let target_dialect = SqlDialect::of_target(config);
     let repairing = repair.apply || repair.script.is_some();
-    anyhow::ensure!(
-        !repairing || source_dialect == target_dialect,
-        "verify --repair and --repair-script are built for a source and target of one dialect (PostgreSQL → \
-         PostgreSQL, MySQL → MySQL) so far; across dialects, `cutover resync --table` copies a differing table again"
-    );
     let hashing = if source_dialect == target_dialect { Hashing::Server } else { Hashing::Canonical };
     let mut source = Side {
         client: SqlClient::open(source_dialect, config.source.endpoint()).await.context("[source]")?,
@@ -143,7 +140,9 @@ pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Resu
         client: SqlClient::open(target_dialect, config.target.endpoint()).await.context("[target]")?,
         name: "target",
     };
-    let schema = crate::connect::source(config).await?.schema().await?;
+    // Also what a repair reads the source's rows through, as the copy reads them.
+    let mut source_rows = crate::connect::source(config).await?;
+    let schema = source_rows.schema().await?;
     let live = crate::status::ask(&config.state.dir, &Request::Status).await.ok().flatten().is_some_and(|s| s.running);
     anyhow::ensure!(
         !(repair.apply && live),
@@ -157,9 +156,10 @@ pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Resu
         .iter()
         .map(|table| TablePlan::new(config, table, source_dialect, target_dialect))
         .collect::<anyhow::Result<_>>()?;
-    for plan in &plans {
+    for (plan, table) in plans.iter().zip(&schema.tables) {
         let mut check = TableCheck {
             plan,
+            table,
             hashing,
             report: TableReport { table: plan.display.clone(), ..TableReport::default() },
             differing: Vec::new(),
@@ -198,16 +198,16 @@ pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Resu
     if repairing {
         let mut repairs = Vec::new();
         for check in checks.iter().filter(|c| !c.differing.is_empty()) {
-            let mut statements = Vec::new();
-            for (range, _, _) in &check.differing {
-                let rows = source.run(&check.plan.literal_rows_sql(&source, range)).await?;
-                let rows: Vec<String> = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
-                statements.extend(check.plan.repair_statements(&target, range, &rows));
-            }
-            repairs.push(repair::TableRepair { table: check.plan.display.clone(), statements });
+            let ranges = check.differing.iter().map(|(range, _, _)| range);
+            let table = repair::TableRepair::of(check.plan, check.table, ranges, source_rows.as_mut(), &mut target)
+                .await
+                .with_context(|| format!("writing the repair of {}", check.plan.display))?;
+            repairs.push(table);
         }
         if let Some(path) = &repair.script {
-            let script: String = repairs.iter().map(|r| r.script(target_dialect)).collect();
+            let script: String = std::iter::once(repair::script_session(target_dialect).to_string())
+                .chain(repairs.iter().map(|r| r.script(target_dialect)))
+                .collect();
             std::fs::write(path, script).with_context(|| format!("writing the repair script {}", path.display()))?;
         }
         if repair.apply {

@@ -170,6 +170,10 @@ pub(super) struct TablePlan {
     /// The table, quoted for the source and for the target.
     source_table: String,
     target_table: String,
+    /// The source's dialect.
+    source: SqlDialect,
+    /// The target's schema (MySQL: database) and table, unquoted.
+    target_name: (String, String),
     pub(super) columns: Vec<(String, ValueClass)>,
     /// Indexes of the key columns, in column order; empty for a table without a key.
     pub(super) key: Vec<usize>,
@@ -252,6 +256,7 @@ impl TablePlan {
             TargetKind::Mysql => crate::connect::target_database(config, &name.schema)?,
         };
         let target_table = format!("{}{}.{}", only(target), target.ident(&target_schema), target.ident(&name.name));
+        let target_name = (target_schema, name.name.clone());
         let columns: Vec<(String, ValueClass)> =
             table.schema.columns.iter().map(|c| (c.name.clone(), ValueClass::of(&c.type_name))).collect();
         let key = table.schema.key_indexes();
@@ -282,6 +287,8 @@ impl TablePlan {
             display: name.to_string(),
             source_table,
             target_table,
+            source,
+            target_name,
             columns,
             key,
             key_order,
@@ -297,6 +304,16 @@ impl TablePlan {
         } else {
             &self.target_table
         }
+    }
+
+    /// The target's schema (MySQL: database) and table, unquoted.
+    pub(super) fn target_name(&self) -> (&str, &str) {
+        (&self.target_name.0, &self.target_name.1)
+    }
+
+    /// The rows of a range, in the source's SQL.
+    pub(super) fn source_predicate(&self, range: &Range) -> String {
+        self.predicate(self.source, range)
     }
 
     pub(super) fn first_key(&self, dialect: SqlDialect) -> Option<String> {

@@ -1,13 +1,22 @@
-//! Repair: what makes the target's differing ranges hold the source's rows — each
-//! range's rows deleted on the target and the source's rows of it inserted, in one
-//! transaction per table — written as a script, or run. Within one dialect: the source
-//! server prints each value as a literal its own kind of server reads back.
+//! Repair: what makes the target's differing ranges hold the source's rows — in one
+//! transaction per table, the rows of each range the source lacks deleted and the
+//! source's rows upserted by key (a table without a key: the range's rows deleted and
+//! the source's inserted) — written as a script, or run. Upserts leave a row that
+//! matches in place, so a foreign key's `ON DELETE CASCADE` never takes rows of other
+//! tables with it. The source's rows are read as
+//! the copy reads them, in PostgreSQL's text form ([`Source::read_rows`]), and written as
+//! literals of the target's dialect converted as the copy converts them, so any pair the
+//! copy serves is repaired alike.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use super::plan::{Range, Side, TablePlan, ValueClass};
+use super::plan::{Range, Side, TablePlan};
+use crate::schema::mysql_target::Conversion;
+use crate::schema::TableDefinition;
+use crate::source::Source;
 use crate::sql::SqlDialect;
 
 /// Rows per INSERT statement.
@@ -36,7 +45,37 @@ fn begin(dialect: SqlDialect) -> &'static str {
     }
 }
 
+/// What a script sets first: the session verify's own connections have, which the
+/// literals are written for (UTC, backslashes as escapes on MySQL, as text on PostgreSQL).
+pub(super) fn script_session(dialect: SqlDialect) -> &'static str {
+    match dialect {
+        SqlDialect::Mysql => {
+            "SET time_zone = '+00:00', NAMES utf8mb4;\n\
+             SET SESSION sql_mode = REPLACE(@@sql_mode, 'NO_BACKSLASH_ESCAPES', '');\n"
+        }
+        _ => "SET TimeZone = 'UTC';\nSET standard_conforming_strings = on;\n",
+    }
+}
+
 impl TableRepair {
+    /// The range's source rows read, and the statements that give the target those rows.
+    pub(super) async fn of(
+        plan: &TablePlan,
+        table: &TableDefinition,
+        ranges: impl Iterator<Item = &Range>,
+        source: &mut dyn Source,
+        target: &mut Side,
+    ) -> anyhow::Result<TableRepair> {
+        let literals = Literals::of(plan, table, target).await?;
+        let mut statements = Vec::new();
+        for range in ranges {
+            let rows = source.read_rows(table, &plan.source_predicate(range)).await?;
+            let rows = rows.iter().map(|row| literals.row(row)).collect::<anyhow::Result<Vec<_>>>()?;
+            statements.extend(plan.repair_statements(target, range, &rows));
+        }
+        Ok(TableRepair { table: plan.display.clone(), statements })
+    }
+
     /// The statements inside a transaction, as a script.
     pub(super) fn script(&self, dialect: SqlDialect) -> String {
         format!("-- {}\n{};\n{};\nCOMMIT;\n", self.table, begin(dialect), self.statements.join(";\n"))
@@ -56,52 +95,124 @@ impl TableRepair {
     }
 }
 
-impl TablePlan {
-    /// Each row of a range on `side` as a values tuple `(v1, v2, …)` of SQL literals,
-    /// values as verify reads them (MySQL zero dates as NULL, floats exact).
-    pub(super) fn literal_rows_sql(&self, side: &Side, range: &Range) -> String {
-        let dialect = side.dialect();
-        let values: Vec<String> = (0..self.columns.len()).map(|i| self.literal_of(dialect, i)).collect();
-        let tuple = match dialect {
-            // QUOTE(NULL) is the word NULL, so CONCAT_WS drops nothing.
-            SqlDialect::Mysql => format!("CONCAT('(', CONCAT_WS(', ', {}), ')')", values.join(", ")),
-            _ => format!("'(' || concat_ws(', ', {}) || ')'", values.join(", ")),
-        };
-        format!("SELECT {tuple} FROM {} WHERE {}", self.table(side), self.predicate(dialect, range))
-    }
+/// How one table's values, in PostgreSQL's text form, become literals of the target.
+struct Literals {
+    dialect: SqlDialect,
+    /// A MySQL target's conversion per column, as its copy applies them (by the
+    /// column's `DATA_TYPE` there); empty for PostgreSQL, which reads the text form.
+    conversions: Vec<Conversion>,
+}
 
-    /// A column's value as a SQL literal (or NULL), printed by the server.
-    fn literal_of(&self, dialect: SqlDialect, i: usize) -> String {
-        let value = self.stored(dialect, i);
-        match (dialect, self.columns[i].1) {
-            (SqlDialect::Mysql, ValueClass::Binary) => {
-                format!("IF({value} IS NULL, 'NULL', CONCAT('0x', HEX({value})))")
+impl Literals {
+    async fn of(plan: &TablePlan, table: &TableDefinition, target: &mut Side) -> anyhow::Result<Literals> {
+        let dialect = target.dialect();
+        let mut conversions = Vec::new();
+        if dialect == SqlDialect::Mysql {
+            let (schema, name) = plan.target_name();
+            let types = target
+                .run(&format!(
+                    "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = {} \
+                     AND TABLE_NAME = {}",
+                    dialect.literal(schema),
+                    dialect.literal(name)
+                ))
+                .await?;
+            for column in &table.schema.columns {
+                let data_type = types
+                    .iter()
+                    .find(|row| row.first().cloned().flatten().as_deref() == Some(column.name.as_str()))
+                    .and_then(|row| row.get(1).cloned().flatten())
+                    .with_context(|| format!("{}: the target has no column {}", plan.display, column.name))?;
+                conversions.push(Conversion::between(&column.type_name, &data_type));
             }
-            (SqlDialect::Mysql, ValueClass::Bits) => {
-                format!("IF({value} IS NULL, 'NULL', CONCAT('b''', BIN({value}), ''''))")
-            }
-            (SqlDialect::Mysql, _) => format!("QUOTE({value})"),
-            _ => format!("quote_nullable({value})"),
         }
+        Ok(Literals { dialect, conversions })
     }
 
+    /// A row's values as the target's literals.
+    fn row(&self, values: &[Option<String>]) -> anyhow::Result<Vec<String>> {
+        let mut literals = Vec::with_capacity(values.len());
+        for (i, value) in values.iter().enumerate() {
+            literals.push(match (value, self.conversions.get(i)) {
+                (None, _) => "NULL".to_string(),
+                (Some(text), None) => self.dialect.literal(text),
+                (Some(text), Some(conversion)) => {
+                    let stored = conversion.apply(text).map_err(|e| anyhow::anyhow!("a value of column {i}: {e}"))?;
+                    match conversion {
+                        Conversion::Bytes => {
+                            let mut hex = String::from("X'");
+                            for byte in &stored {
+                                let _ = write!(hex, "{byte:02x}");
+                            }
+                            hex + "'"
+                        }
+                        // A BIT column reads a number; a quoted one would be its characters' bytes.
+                        Conversion::Bits => String::from_utf8_lossy(&stored).into_owned(),
+                        _ => self
+                            .dialect
+                            .literal(&String::from_utf8(stored).context("a converted value that is not UTF-8")?),
+                    }
+                }
+            });
+        }
+        Ok(literals)
+    }
+}
+
+impl TablePlan {
     /// The statements that give the target a range's rows as the source has them
-    /// (`rows` from [`TablePlan::literal_rows_sql`] on the source).
-    pub(super) fn repair_statements(&self, target: &Side, range: &Range, rows: &[String]) -> Vec<String> {
+    /// (`rows`: each row's values as the target's literals).
+    pub(super) fn repair_statements(&self, target: &Side, range: &Range, rows: &[Vec<String>]) -> Vec<String> {
         let dialect = target.dialect();
         let table = self.table(target);
-        let mut statements = vec![format!("DELETE FROM {table} WHERE {}", self.predicate(dialect, range))];
-        let columns: Vec<String> = self.columns.iter().map(|(name, _)| dialect.ident(name)).collect();
+        let predicate = self.predicate(dialect, range);
+        let tuple = |values: &[String]| format!("({})", values.join(", "));
+        let names =
+            |columns: &[usize]| -> Vec<String> { columns.iter().map(|&i| dialect.ident(&self.columns[i].0)).collect() };
+        let keys: Vec<String> =
+            rows.iter().map(|row| tuple(&self.key.iter().map(|&k| row[k].clone()).collect::<Vec<_>>())).collect();
+        let mut statements = vec![match (self.key.is_empty(), keys.is_empty()) {
+            (false, false) => {
+                format!(
+                    "DELETE FROM {table} WHERE {predicate} AND {} NOT IN ({})",
+                    tuple(&names(&self.key)),
+                    keys.join(", ")
+                )
+            }
+            _ => format!("DELETE FROM {table} WHERE {predicate}"),
+        }];
+        let all: Vec<usize> = (0..self.columns.len()).collect();
+        let others: Vec<usize> = all.iter().copied().filter(|i| !self.key.contains(i)).collect();
         // Identity columns generated ALWAYS take the source's values too.
         let (into, overriding) = match dialect {
             SqlDialect::Postgres => (table.trim_start_matches("ONLY "), " OVERRIDING SYSTEM VALUE"),
             _ => (table, ""),
         };
+        let on_conflict = match (self.key.is_empty(), dialect) {
+            (true, _) => String::new(),
+            (false, SqlDialect::Mysql) => {
+                // Nothing to set but the key: a no-op update keeps the row.
+                let set = match others.is_empty() {
+                    true => names(&self.key).iter().map(|k| format!("{k} = {k}")).collect::<Vec<_>>(),
+                    false => names(&others).iter().map(|c| format!("{c} = VALUES({c})")).collect(),
+                };
+                format!(" ON DUPLICATE KEY UPDATE {}", set.join(", "))
+            }
+            (false, _) => match others.is_empty() {
+                true => format!(" ON CONFLICT ({}) DO NOTHING", names(&self.key).join(", ")),
+                false => format!(
+                    " ON CONFLICT ({}) DO UPDATE SET {}",
+                    names(&self.key).join(", "),
+                    names(&others).iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect::<Vec<_>>().join(", ")
+                ),
+            },
+        };
         for batch in rows.chunks(ROWS_PER_INSERT) {
+            let values: Vec<String> = batch.iter().map(|row| tuple(row)).collect();
             statements.push(format!(
-                "INSERT INTO {into} ({}){overriding} VALUES {}",
-                columns.join(", "),
-                batch.join(", ")
+                "INSERT INTO {into} ({}){overriding} VALUES {}{on_conflict}",
+                names(&all).join(", "),
+                values.join(", ")
             ));
         }
         statements

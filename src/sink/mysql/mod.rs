@@ -391,7 +391,8 @@ impl Sink for MysqlSink {
     async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {
         // Every apply connection's record: the highest is where the target stands (they commit in source order).
         let records = crate::sink::lane_records(&self.pipeline);
-        let sql = format!("SELECT position FROM {PROGRESS} WHERE pipeline IN ({})", vec!["?"; records.len()].join(", "));
+        let sql =
+            format!("SELECT position FROM {PROGRESS} WHERE pipeline IN ({})", vec!["?"; records.len()].join(", "));
         match self.conn.exec::<String, _, _>(&sql, records).await {
             Ok(positions) => {
                 let mut highest = None;

@@ -412,8 +412,10 @@ impl Sink for PostgresSink {
         let records = crate::sink::lane_records(&self.origin);
         // A function the role may not execute fails the query even where CASE skips it.
         let origins = match self.powers.origins {
-            true => "SELECT pg_replication_origin_progress(roname, true)::text FROM pg_replication_origin \
-                     WHERE roname = ANY($1)",
+            true => {
+                "SELECT pg_replication_origin_progress(roname, true)::text FROM pg_replication_origin \
+                     WHERE roname = ANY($1)"
+            }
             false => "SELECT NULL::text WHERE $1::text[] IS NULL",
         };
         let progress_table: bool = self
@@ -666,12 +668,16 @@ impl Sink for PostgresSink {
             .map(|r| r.get(0))
             .collect();
         for origin in origins {
-            self.client.execute("SELECT pg_replication_origin_drop($1)", &[&origin]).await.with_context(|| {
-                format!("dropping replication origin {origin} (is `cutover run` still running?)")
-            })?;
+            self.client
+                .execute("SELECT pg_replication_origin_drop($1)", &[&origin])
+                .await
+                .with_context(|| format!("dropping replication origin {origin} (is `cutover run` still running?)"))?;
             dropped.push(format!("target: replication origin {origin}"));
         }
-        let progress = self.client.query("DELETE FROM cutover.progress WHERE pipeline = ANY($1) RETURNING pipeline", &[&records]).await;
+        let progress = self
+            .client
+            .query("DELETE FROM cutover.progress WHERE pipeline = ANY($1) RETURNING pipeline", &[&records])
+            .await;
         for row in progress.iter().flatten() {
             dropped.push(format!("target: row {} of cutover.progress", row.get::<_, String>(0)));
         }

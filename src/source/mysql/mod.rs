@@ -263,6 +263,27 @@ impl Source for MysqlSource {
         Ok(Box::new(MysqlTableReader { conn: Arc::new(Mutex::new(conn)), encodings }))
     }
 
+    async fn read_rows(
+        &mut self,
+        table: &TableDefinition,
+        condition: &str,
+    ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+        let name = &table.schema.name;
+        let encodings = self
+            .tables
+            .get(name)
+            .map(|t| t.encodings.clone())
+            .with_context(|| format!("no column mapping for {name}"))?;
+        let rows: Vec<mysql_async::Row> = self
+            .conn
+            .query(copy_select(table, Some(condition)))
+            .await
+            .with_context(|| format!("reading rows of {name}"))?;
+        let columns: Vec<String> = table.schema.columns.iter().map(|c| c.name.clone()).collect();
+        let key = table.schema.key_indexes();
+        rows.iter().map(|row| Ok(pg_text_row(row, &encodings, name, &columns, &key)?.0)).collect()
+    }
+
     async fn release_snapshot(&mut self) {
         if let Some(mut lock) = self.locked.take() {
             if let Err(e) = lock.query_drop("UNLOCK TABLES").await {
@@ -380,31 +401,10 @@ impl TableReader for MysqlTableReader {
         anyhow::ensure!(format == CopyFormat::PostgresText, "a MySQL source copies into PostgreSQL's text format only");
         let name = table.schema.name.clone();
         let encodings = self.encodings.get(&name).cloned().with_context(|| format!("no column mapping for {name}"))?;
-        // A FLOAT prints with 6 significant digits over the text protocol; as a DOUBLE it
-        // prints the exact value, which the target's real (or FLOAT) reads back bit for bit.
-        let columns: Vec<String> = table
-            .schema
-            .columns
-            .iter()
-            .map(|c| match c.type_name.as_str() {
-                // `* 1e0` is a double on every MySQL version (CAST … AS DOUBLE needs 8.0.17) and keeps -0.
-                "real" => format!("`{}` * 1e0", c.name.replace('`', "``")),
-                _ => format!("`{}`", c.name.replace('`', "``")),
-            })
-            .collect();
-        let mut sql = format!(
-            "SELECT {} FROM `{}`.`{}`",
-            columns.join(", "),
-            name.schema.replace('`', "``"),
-            name.name.replace('`', "``")
-        );
         let key = table.schema.key_indexes();
         let column = key.first().map(|&k| format!("`{}`", table.schema.columns[k].name.replace('`', "``")));
-        if let Some(condition) = column.and_then(|column| chunk.key_condition(&column)) {
-            sql.push_str(&format!(" WHERE {condition}"));
-        }
+        let sql = copy_select(table, column.and_then(|column| chunk.key_condition(&column)).as_deref());
         let columns: Vec<String> = table.schema.columns.iter().map(|c| c.name.clone()).collect();
-        let key = table.schema.key_indexes();
         let mut conn = self.conn.clone().lock_owned().await;
         let (tx, mut rx) = mpsc::channel::<anyhow::Result<Bytes>>(8);
         // Whether the read started, told by its first row (or its end): a table truncated or
@@ -446,34 +446,13 @@ impl TableReader for MysqlTableReader {
                 let mut zero_dates = 0u64;
                 while let Some(row) = next.take() {
                     line.clear();
-                    for (i, encoding) in encodings.iter().enumerate() {
+                    let (values, zeros) = pg_text_row(&row, &encodings, &name, &columns, &key)
+                        .map_err(|e| e.context("cutover stopped before loading the table"))?;
+                    zero_dates += zeros;
+                    for (i, value) in values.iter().enumerate() {
                         if i > 0 {
                             line.push(b'\t');
                         }
-                        let value = match row.as_ref(i) {
-                            None | Some(mysql_async::Value::NULL) => None,
-                            Some(mysql_async::Value::Bytes(bytes)) => {
-                                let value = encode(encoding, bytes).map_err(|e| {
-                                    let key: Vec<String> = key
-                                        .iter()
-                                        .map(|&k| match row.as_ref(k) {
-                                            Some(mysql_async::Value::Bytes(b)) => {
-                                                format!("{}={}", columns[k], String::from_utf8_lossy(b))
-                                            }
-                                            _ => format!("{}=NULL", columns[k]),
-                                        })
-                                        .collect();
-                                    anyhow::anyhow!(
-                                        "table {name}, row ({}), column {}: {e}; cutover stopped before loading the table",
-                                        if key.is_empty() { "no key".to_string() } else { key.join(", ") },
-                                        columns[i]
-                                    )
-                                })?;
-                                zero_dates += u64::from(value.is_none());
-                                value
-                            }
-                            Some(other) => Some(other.as_sql(true).trim_matches('\'').to_string()),
-                        };
                         push_copy_field(&mut line, value.as_deref());
                     }
                     line.push(b'\n');
@@ -500,6 +479,74 @@ impl TableReader for MysqlTableReader {
         let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Ok(CopyStream { format, data: Box::pin(stream) })
     }
+}
+
+/// `SELECT` of a table's columns as the copy reads them, where `condition` holds.
+fn copy_select(table: &TableDefinition, condition: Option<&str>) -> String {
+    let name = &table.schema.name;
+    // A FLOAT prints with 6 significant digits over the text protocol; as a DOUBLE it
+    // prints the exact value, which the target's real (or FLOAT) reads back bit for bit.
+    let columns: Vec<String> = table
+        .schema
+        .columns
+        .iter()
+        .map(|c| match c.type_name.as_str() {
+            // `* 1e0` is a double on every MySQL version (CAST … AS DOUBLE needs 8.0.17) and keeps -0.
+            "real" => format!("`{}` * 1e0", c.name.replace('`', "``")),
+            _ => format!("`{}`", c.name.replace('`', "``")),
+        })
+        .collect();
+    let mut sql = format!(
+        "SELECT {} FROM `{}`.`{}`",
+        columns.join(", "),
+        name.schema.replace('`', "``"),
+        name.name.replace('`', "``")
+    );
+    if let Some(condition) = condition {
+        sql.push_str(&format!(" WHERE {condition}"));
+    }
+    sql
+}
+
+/// A row read by [`copy_select`] in PostgreSQL's text form, and how many zero dates in it
+/// became NULL; a value that does not map is named by the row's key.
+fn pg_text_row(
+    row: &mysql_async::Row,
+    encodings: &[Encoding],
+    name: &TableName,
+    columns: &[String],
+    key: &[usize],
+) -> anyhow::Result<(Vec<Option<String>>, u64)> {
+    let mut values = Vec::with_capacity(encodings.len());
+    let mut zero_dates = 0;
+    for (i, encoding) in encodings.iter().enumerate() {
+        let value = match row.as_ref(i) {
+            None | Some(mysql_async::Value::NULL) => None,
+            Some(mysql_async::Value::Bytes(bytes)) => {
+                let value = encode(encoding, bytes).map_err(|e| {
+                    let key: Vec<String> = key
+                        .iter()
+                        .map(|&k| match row.as_ref(k) {
+                            Some(mysql_async::Value::Bytes(b)) => {
+                                format!("{}={}", columns[k], String::from_utf8_lossy(b))
+                            }
+                            _ => format!("{}=NULL", columns[k]),
+                        })
+                        .collect();
+                    anyhow::anyhow!(
+                        "table {name}, row ({}), column {}: {e}",
+                        if key.is_empty() { "no key".to_string() } else { key.join(", ") },
+                        columns[i]
+                    )
+                })?;
+                zero_dates += u64::from(value.is_none());
+                value
+            }
+            Some(other) => Some(other.as_sql(true).trim_matches('\'').to_string()),
+        };
+        values.push(value);
+    }
+    Ok((values, zero_dates))
 }
 
 /// "Table definition has changed, please retry transaction": the table was truncated or

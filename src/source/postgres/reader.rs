@@ -153,8 +153,7 @@ impl TableReader for PostgresTableReader {
             Err(e) if names_gone(&e) => return Err(changed_since_read(&table.schema.name)),
             Err(e) => return Err(e).with_context(|| format!("starting to copy {name} out of the source")),
         };
-        let stream = stream
-            .map_err(move |e| anyhow::anyhow!("copying {name} out of the source: {e:#}"));
+        let stream = stream.map_err(move |e| anyhow::anyhow!("copying {name} out of the source: {e:#}"));
         Ok(CopyStream { format, data: Box::pin(stream) })
     }
 }
