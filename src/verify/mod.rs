@@ -9,8 +9,10 @@
 //! Chunks are ranges of the first key column. Only types every dialect orders
 //! alike (integers, decimals, dates and times) are split by range; a table keyed
 //! by text (whose order depends on collations) or without a key is split by key
-//! hash into buckets where the servers hash (one pass per side gives every
-//! bucket's digest), and compared whole across dialects.
+//! hash into buckets: where the servers hash, one pass per side gives every bucket's
+//! digest; across dialects, by the md5 of a column both print alike (the key if it is
+//! text or uuid, without a key the first text, uuid or integer column), one ordered
+//! pass per side, a bucket at a time in memory.
 //!
 //! On a live pipeline a row the target has not caught up with yet looks changed:
 //! rows found different are read again on the source, then on the target once it

@@ -178,6 +178,10 @@ pub(super) struct TablePlan {
     /// Indexes of the key columns, in column order; empty for a table without a key.
     pub(super) key: Vec<usize>,
     pub(super) key_order: KeyOrder,
+    /// Across dialects, the column whose text both sides print alike (text, uuid, an
+    /// integer) that buckets go by: the first key column, or without a key the first such
+    /// column; `None` when there is none.
+    bucket_column: Option<usize>,
     /// The source's row estimate (0 when it has none): sizes the chunks.
     estimated_rows: u64,
     /// Source and target speak different dialects: buckets go by a hash both compute alike.
@@ -269,6 +273,16 @@ impl TablePlan {
             },
             None => KeyOrder::Whole,
         };
+        let same_text = |i: usize| {
+            let type_name = table.schema.columns[i].type_name.to_ascii_lowercase();
+            matches!(columns[i].1, ValueClass::Text | ValueClass::PaddedText)
+                || type_name == "uuid"
+                || KeyOrder::of(&type_name) == KeyOrder::Integer
+        };
+        let bucket_column = match key.first() {
+            Some(&first) => same_text(first).then_some(first),
+            None => (0..columns.len()).find(|&i| same_text(i)),
+        };
         let sqlite_types = match source {
             SqlDialect::Sqlite => Some(
                 table
@@ -292,6 +306,7 @@ impl TablePlan {
             columns,
             key,
             key_order,
+            bucket_column,
             estimated_rows: table.estimated_rows,
             across: source != target,
             sqlite_types,
@@ -342,16 +357,16 @@ impl TablePlan {
     }
 
     /// A row's bucket of `of`, by its key's text (its whole text without a key) within one
-    /// dialect; across dialects by the md5 of the first key column's UTF-8 text, which both
-    /// compute alike for the text keys [`TablePlan::buckets_across`] allows.
+    /// dialect; across dialects by the md5 of the UTF-8 text of its bucket column, which
+    /// both sides print alike (NULL as the empty text).
     fn bucket(&self, dialect: SqlDialect, of: u64) -> String {
         if self.across {
-            let first = self.first_key(dialect).unwrap_or_default();
+            let column = self.bucket_column.map(|i| dialect.ident(&self.columns[i].0)).unwrap_or_default();
             return match dialect {
-                SqlDialect::Mysql => {
-                    format!("CAST(CONV(LEFT(MD5(CONVERT({first} USING utf8mb4)), 8), 16, 10) AS UNSIGNED) % {of}")
-                }
-                _ => format!("('x' || left(md5({first}::text), 8))::bit(32)::bigint % {of}"),
+                SqlDialect::Mysql => format!(
+                    "CAST(CONV(LEFT(MD5(COALESCE(CONVERT({column} USING utf8mb4), '')), 8), 16, 10) AS UNSIGNED) % {of}"
+                ),
+                _ => format!("('x' || left(md5(coalesce({column}::text, '')), 8))::bit(32)::bigint % {of}"),
             };
         }
         let key = match self.key.is_empty() {
@@ -364,12 +379,15 @@ impl TablePlan {
         }
     }
 
-    /// Across dialects, whether the table's rows can go in buckets: its first key column
-    /// holds text, whose UTF-8 bytes both sides hash alike (trailing blanks of a padded
-    /// column dropped by both), and neither side is SQLite (no md5).
+    /// Across dialects, whether the table's rows go in buckets: no range splits them alike
+    /// on both sides (a key by collation, or none), a column holds values whose UTF-8 text
+    /// both sides hash alike (trailing blanks of a padded column dropped by both), and
+    /// neither side is SQLite (no md5).
     fn buckets_across(&self, source: SqlDialect) -> bool {
-        let first = self.key.first().map(|&i| self.columns[i].1);
-        self.across && source != SqlDialect::Sqlite && matches!(first, Some(ValueClass::Text | ValueClass::PaddedText))
+        self.across
+            && source != SqlDialect::Sqlite
+            && self.key_order == KeyOrder::Whole
+            && self.bucket_column.is_some()
     }
 
     /// Every row with its bucket of `of` first, ordered by bucket, the values as
