@@ -107,7 +107,7 @@ pub async fn check(config: &crate::config::Config) -> anyhow::Result<bool> {
         crate::config::SnapshotMode::Never => 0,
         _ => schema.tables.iter().map(|t| t.pages.saturating_mul(8192)).sum(),
     };
-    findings.extend(sink.preflight(&schema, copy_bytes).await?);
+    findings.extend(sink.preflight(&schema, copy_bytes, config.pipeline.apply_connections()).await?);
     println!("plan for pipeline {}: {} table(s)\n", config.name, schema.tables.len());
     print!("{}", render_plan(&schema, &config.target));
     println!();

@@ -7,10 +7,15 @@ use cutover::sandbox::{MariaDbServer, PostgresServer};
 use mysql_async::prelude::Queryable;
 
 fn check(name: &str, source_kind: &str, source_url: &str, target_url: &str) -> Output {
+    check_with(name, source_kind, source_url, target_url, "")
+}
+
+fn check_with(name: &str, source_kind: &str, source_url: &str, target_url: &str, extra: &str) -> Output {
     let dir = std::env::temp_dir().join(format!("cutover-check-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join(format!("{name}.toml"));
-    cutover::demo::write_config(&config, source_kind, source_url, target_url, &dir.join("state"), "").expect("config");
+    cutover::demo::write_config(&config, source_kind, source_url, target_url, &dir.join("state"), extra)
+        .expect("config");
     let output =
         Command::new(env!("CARGO_BIN_EXE_cutover")).args(["check", "--config"]).arg(&config).output().expect("runs");
     let _ = std::fs::remove_dir_all(&dir);
@@ -29,6 +34,26 @@ fn postgres_with_wal_level_replica_is_refused_with_the_fix() {
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(text.contains("wal_level = replica") && text.contains("ALTER SYSTEM SET wal_level = logical"), "{text}");
+}
+
+/// Each apply connection needs a replication origin of its own on the target, and the
+/// target keeps the progress of at most `max_replication_slots` of them.
+#[test]
+fn too_few_replication_origins_for_the_apply_connections_are_named_with_the_fix() {
+    let source = PostgresServer::start(&[]).expect("source");
+    let target = PostgresServer::start(&[("max_replication_slots", "2")]).expect("target");
+    let (source_url, target_url) = (source.url("postgres"), target.url("postgres"));
+    let two = check_with("origins2", "postgres", &source_url, &target_url, "[pipeline]\napply_connections = 2\n");
+    assert_eq!(two.status.code(), Some(0), "{}", stdout(&two));
+    let four = check_with("origins4", "postgres", &source_url, &target_url, "[pipeline]\napply_connections = 4\n");
+    let text = stdout(&four);
+    assert_eq!(four.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("max_replication_slots = 2 on the target, 0 replication origin(s) in use")
+            && text.contains("apply_connections = 4 needs 4 more")
+            && text.contains("ALTER SYSTEM SET max_replication_slots = 4"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -781,7 +781,12 @@ mod tests {
         fn copy_format(&self, _table: &TableDefinition, _source: SourceDialect) -> CopyFormat {
             CopyFormat::PostgresText
         }
-        async fn preflight(&mut self, _: &SourceSchema, _: u64) -> anyhow::Result<Vec<crate::finding::Finding>> {
+        async fn preflight(
+            &mut self,
+            _: &SourceSchema,
+            _: u64,
+            _: usize,
+        ) -> anyhow::Result<Vec<crate::finding::Finding>> {
             Ok(Vec::new())
         }
         async fn applied_position(&mut self) -> anyhow::Result<Option<Position>> {

@@ -63,11 +63,12 @@ pub trait Sink: Send + Sync {
 
     /// What the target must allow for the pipeline: one finding per problem.
     /// `schema` is what will be replicated; `copy_bytes` the size of the source tables
-    /// the snapshot will copy.
+    /// the snapshot will copy; `apply_connections` how many connections apply changes.
     async fn preflight(
         &mut self,
         schema: &SourceSchema,
         copy_bytes: u64,
+        apply_connections: usize,
     ) -> anyhow::Result<Vec<crate::finding::Finding>>;
 
     /// The position of the last source transaction committed here, as recorded

@@ -384,10 +384,7 @@ impl TablePlan {
     /// both sides hash alike (trailing blanks of a padded column dropped by both), and
     /// neither side is SQLite (no md5).
     fn buckets_across(&self, source: SqlDialect) -> bool {
-        self.across
-            && source != SqlDialect::Sqlite
-            && self.key_order == KeyOrder::Whole
-            && self.bucket_column.is_some()
+        self.across && source != SqlDialect::Sqlite && self.key_order == KeyOrder::Whole && self.bucket_column.is_some()
     }
 
     /// Every row with its bucket of `of` first, ordered by bucket, the values as

@@ -333,7 +333,12 @@ impl Sink for MysqlSink {
         CopyFormat::PostgresText
     }
 
-    async fn preflight(&mut self, schema: &SourceSchema, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
+    async fn preflight(
+        &mut self,
+        schema: &SourceSchema,
+        copy_bytes: u64,
+        _apply_connections: usize,
+    ) -> anyhow::Result<Vec<Finding>> {
         let mut findings = Vec::new();
         // What MySQL's types cannot hold, column by column (the plan shows PostgreSQL's types).
         for table in &schema.tables {

@@ -323,6 +323,44 @@ impl PostgresSink {
         Ok(enabled)
     }
 
+    /// Each apply connection records its position in a replication origin of its own, and
+    /// the server keeps the progress of at most `max_replication_slots` origins
+    /// (`max_active_replication_origins` from PostgreSQL 18): too few free for the
+    /// connections' origins not there yet fails the first parallel apply.
+    async fn origin_slots_finding(&self, apply_connections: usize) -> anyhow::Result<Option<Finding>> {
+        let setting = if self.major >= 18 { "max_active_replication_origins" } else { "max_replication_slots" };
+        let records: Vec<String> =
+            (0..apply_connections).map(|lane| crate::sink::lane_record(&self.origin, lane)).collect();
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_setting($1)::int8, \
+                        (SELECT count(*) FROM pg_replication_origin_status), \
+                        (SELECT count(*) FROM pg_replication_origin_status s \
+                         JOIN pg_replication_origin o ON o.roident = s.local_id WHERE o.roname = ANY($2))",
+                &[&setting, &records],
+            )
+            .await
+            .context("reading the target's replication origins")?;
+        let (limit, in_use, ours): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        let needed = i64::try_from(apply_connections).unwrap_or(i64::MAX) - ours;
+        if in_use + needed <= limit {
+            return Ok(None);
+        }
+        Ok(Some(Finding::error(
+            "target",
+            format!(
+                "{setting} = {limit} on the target, {in_use} replication origin(s) in use: [pipeline] \
+                 apply_connections = {apply_connections} needs {needed} more"
+            ),
+            &format!("{setting} of at least {}", in_use + needed),
+            format!(
+                "ALTER SYSTEM SET {setting} = {}; then restart the target, or lower [pipeline] apply_connections",
+                in_use + needed
+            ),
+        )))
+    }
+
     /// Before the first apply: binds this session to the replication origin (created if
     /// needed) and, as PostgreSQL's own subscriber does, turns off triggers and
     /// foreign-key checks (the source checked them), which also lets a batch group its
@@ -441,7 +479,12 @@ impl Sink for PostgresSink {
         Ok(highest)
     }
 
-    async fn preflight(&mut self, schema: &SourceSchema, copy_bytes: u64) -> anyhow::Result<Vec<Finding>> {
+    async fn preflight(
+        &mut self,
+        schema: &SourceSchema,
+        copy_bytes: u64,
+        apply_connections: usize,
+    ) -> anyhow::Result<Vec<Finding>> {
         let row = self
             .client
             .query_one("SELECT current_user::text, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
@@ -507,6 +550,9 @@ impl Sink for PostgresSink {
                     ));
                 }
             }
+        }
+        if self.powers.origins && self.lsn_positions {
+            findings.extend(self.origin_slots_finding(apply_connections).await?);
         }
         if copy_bytes > 0 {
             findings.extend(self.free_space_finding(copy_bytes).await);
