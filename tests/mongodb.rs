@@ -76,9 +76,7 @@ struct Pipeline {
 impl Pipeline {
     fn new(test: &str, source: &Source, mapping: &str) -> Pipeline {
         let target = PostgresServer::start(&[]).expect("target server");
-        let dir = std::env::temp_dir().join(format!("cutover-test-mongo-{test}-{}", target.port()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("test dir");
+        let dir = common::test_dir(&format!("cutover-test-mongo-{test}-{}", target.port()));
         let config = dir.join(format!("{test}.toml"));
         let text = format!(
             "[source]\nkind = \"mongodb\"\nurl = \"{}\"\nmapping = \"{mapping}\"\n[target]\nkind = \"postgres\"\n\

@@ -34,8 +34,7 @@ async fn start_with(name: &str, sql: &str) -> (MariaDbServer, PostgresServer, my
         .await
         .expect("connects to mariadb");
     conn.query_drop(sql).await.expect("source data");
-    let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = common::test_dir(&format!("cutover-test-{name}-{}", source.port()));
     (source, target, conn, dir)
 }
 
@@ -322,8 +321,7 @@ async fn restored_copy(
     let mut conn =
         mysql_async::Conn::new(mysql_async::Opts::from_url(&source.url("mysql")).expect("url")).await.expect("mariadb");
     conn.query_drop(setup).await.expect("setup");
-    let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = common::test_dir(&format!("cutover-test-{name}-{}", source.port()));
     let copy = dir.join("copy.toml");
     write_config(&copy, &source.url("shop"), &target.url("postgres"), &dir.join("copy-state"), "only");
     let output =
@@ -448,8 +446,7 @@ async fn a_mariadb_switchover_fences_the_source_and_falls_back() {
     )
     .await
     .expect("source data");
-    let dir = std::env::temp_dir().join(format!("cutover-test-mysql-switchover-{}", source.port()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = common::test_dir(&format!("cutover-test-mysql-switchover-{}", source.port()));
     let config = dir.join("shop_switch.toml");
     let extra = "[snapshot]\nworkers = 2\n[switchover]\nfallback = true\n[metrics]\nlisten = \"off\"\n";
     cutover::demo::write_config(

@@ -129,9 +129,7 @@ async fn mysql(url: &str) -> mysql_async::Conn {
 }
 
 fn test_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", free_port().expect("port")));
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
+    common::test_dir(&format!("cutover-test-{name}-{}", free_port().expect("port")))
 }
 
 fn write_config(dir: &Path, name: &str, source_kind: &str, source_url: &str, target_url: &str, extra: &str) -> PathBuf {

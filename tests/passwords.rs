@@ -157,8 +157,7 @@ async fn mariadb_urls_with_odd_passwords_connect_and_never_print() {
         )
         .await
         .expect("source data");
-    let dir = std::env::temp_dir().join(format!("cutover-test-mypassword-{}", source.port()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = common::test_dir(&format!("cutover-test-mypassword-{}", source.port()));
     let log_path = dir.join("cutover.log");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let source_url = format!("mysql://app:{PASSWORD}@127.0.0.1:{}/shop", source.port());
@@ -214,8 +213,7 @@ async fn mariadb_urls_with_odd_passwords_connect_and_never_print() {
 async fn a_mongodb_url_with_an_odd_password_is_read_and_never_printed() {
     let server = mongo_server::MongoTestServer::start();
     let target = PostgresServer::start(&[]).expect("target");
-    let dir = std::env::temp_dir().join(format!("cutover-test-mongopassword-{}", target.port()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = common::test_dir(&format!("cutover-test-mongopassword-{}", target.port()));
     let config = dir.join("mongopassword.toml");
     let url = server.uri("shop").replacen("mongodb://", &format!("mongodb://app:{PASSWORD}@"), 1);
     cutover::demo::write_config(&config, "mongodb", &url, &target.url("postgres"), &dir.join("state"), "")

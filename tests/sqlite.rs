@@ -113,9 +113,7 @@ fn text(output: &Output) -> String {
 }
 
 fn test_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cutover-test-sqlite-{name}-{}", free_port().expect("port")));
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
+    common::test_dir(&format!("cutover-test-sqlite-{name}-{}", free_port().expect("port")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

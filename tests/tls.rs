@@ -19,7 +19,7 @@ fn check(config: &std::path::Path) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_source_over_verified_tls_snapshots_and_streams() {
-    let dir = std::env::temp_dir().join(format!("cutover-test-tls-pg-{}", free_port().expect("port")));
+    let dir = common::test_dir(&format!("cutover-test-tls-pg-{}", free_port().expect("port")));
     let certs = make_certs(&dir.join("certs"));
     // Encrypted connections only: a plain one finds no pg_hba.conf entry.
     let hba = dir.join("certs").join("pg_hba.conf");
@@ -85,7 +85,7 @@ async fn postgres_source_over_verified_tls_snapshots_and_streams() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_source_over_verified_tls_copies() {
-    let dir = std::env::temp_dir().join(format!("cutover-test-tls-my-{}", free_port().expect("port")));
+    let dir = common::test_dir(&format!("cutover-test-tls-my-{}", free_port().expect("port")));
     let certs = make_certs(&dir.join("certs"));
     let option = |name: &str, path: &std::path::Path| format!("--{name}={}", path.display());
     let source = MariaDbServer::start(&[

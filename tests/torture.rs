@@ -1924,9 +1924,7 @@ async fn torture(pipeline: Pipeline, ci_seed: u64) {
 
     let source = Arc::new(Pipeline::server(pipeline.source));
     let target = Pipeline::server(pipeline.target);
-    let dir = std::env::temp_dir().join(format!("cutover-torture-{}-{}", pipeline.name(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = common::test_dir(&format!("cutover-torture-{}-{}", pipeline.name(), std::process::id()));
 
     // Tables and their first rows, before `cutover run` starts.
     source

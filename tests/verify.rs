@@ -95,8 +95,7 @@ fn keys(keys: &[String]) -> BTreeSet<&str> {
 
 /// Copies the source, verifies (all `ok`), makes the target drift, verifies again.
 async fn names_differing_rows(name: &str, source: Server, target: Server) {
-    let dir = std::env::temp_dir().join(format!("cutover-test-verify-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = common::test_dir(&format!("cutover-test-verify-{name}-{}", std::process::id()));
     let setup = match &source {
         Server::Postgres(_) => PG_SOURCE,
         Server::Mariadb(_) => MARIADB_SOURCE,

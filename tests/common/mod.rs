@@ -49,8 +49,7 @@ impl Pair {
         source_url: &str,
         extra_config: &str,
     ) -> Pair {
-        let dir = std::env::temp_dir().join(format!("cutover-test-{name}-{}", source.port()));
-        std::fs::create_dir_all(&dir).expect("test dir");
+        let dir = test_dir(&format!("cutover-test-{name}-{}", source.port()));
         let config_path = dir.join(format!("{name}.toml"));
         cutover::demo::write_config(
             &config_path,
@@ -488,6 +487,16 @@ impl Rng {
     pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.below(hi - lo + 1))
     }
+}
+
+/// A test's own directory in the temp dir, `name` (which carries a port or a pid, both
+/// reused between runs), emptied of what an earlier run left there: a stale log would
+/// be read as this run's.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("test dir");
+    dir
 }
 
 /// A randomized test's seed: `var` in the environment (a number, or `random`), else `default`.
