@@ -10,8 +10,8 @@ use crate::tls::{Driver, PostgresTls, TlsSettings};
 
 /// Session settings every cutover connection uses, so that values print and
 /// parse the same way on both sides.
-pub const SESSION_OPTIONS: &str =
-    "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex";
+pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3 \
+     -c bytea_output=hex -c standard_conforming_strings=on";
 
 /// Where a PostgreSQL server is and how to log in.
 #[derive(Clone)]

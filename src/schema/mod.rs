@@ -9,7 +9,7 @@ pub mod mysql_target;
 pub mod postgres;
 pub mod sqlite;
 
-use crate::change::{TableName, TableSchema};
+use crate::change::{Column, TableName, TableSchema};
 
 /// `"ident"`, with embedded quotes doubled.
 pub fn quote_ident(ident: &str) -> String {
@@ -155,12 +155,17 @@ pub struct Partition {
     pub key: Option<String>,
 }
 
+/// A table's columns' names, types and key, data and generated ([`TableDefinition::signature`]).
+pub fn signature(columns: &[Column], generated: &[GeneratedColumn]) -> Vec<String> {
+    let data = columns.iter().map(|c| format!("{} {} {}", c.name, c.type_name, c.is_key));
+    data.chain(generated.iter().map(|g| format!("{} {} ({})", g.name, g.type_name, g.expression))).collect()
+}
+
 impl TableDefinition {
     /// Its columns' names, types and key, data and generated: what a copy of it reads and
     /// a chunk plan records.
     pub fn signature(&self) -> Vec<String> {
-        let columns = self.schema.columns.iter().map(|c| format!("{} {} {}", c.name, c.type_name, c.is_key));
-        columns.chain(self.generated.iter().map(|g| format!("{} {} ({})", g.name, g.type_name, g.expression))).collect()
+        signature(&self.schema.columns, &self.generated)
     }
 
     /// The names of every column, data and generated.

@@ -1,9 +1,11 @@
 //! Repair: what makes the target's differing ranges hold the source's rows — in one
 //! transaction per table, the rows of each range the source lacks deleted and the
-//! source's rows upserted by key (a table without a key: the range's rows deleted and
-//! the source's inserted) — written as a script, or run. Upserts leave a row that
-//! matches in place, so a foreign key's `ON DELETE CASCADE` never takes rows of other
-//! tables with it. The source's rows are read as
+//! source's rows upserted by key — written as a script, or run. Upserts leave a row that
+//! matches in place, so a foreign key's `ON DELETE CASCADE` does not take rows of other
+//! tables with it. Where an upsert could go wrong, the range's rows are deleted and the
+//! source's inserted instead ([`TablePlan::upserts_safely`]): a table without a key, on
+//! MySQL one with another unique index, on PostgreSQL one with a deferrable constraint or
+//! an identity column generated ALWAYS besides the key. The source's rows are read as
 //! the copy reads them, in PostgreSQL's text form ([`Source::read_rows`]), and written as
 //! literals of the target's dialect converted as the copy converts them, so any pair the
 //! copy serves is repaired alike.
@@ -67,11 +69,12 @@ impl TableRepair {
         target: &mut Side,
     ) -> anyhow::Result<TableRepair> {
         let literals = Literals::of(plan, table, target).await?;
+        let upsert = plan.upserts_safely(target).await?;
         let mut statements = Vec::new();
         for range in ranges {
             let rows = source.read_rows(table, &plan.source_predicate(range)).await?;
             let rows = rows.iter().map(|row| literals.row(row)).collect::<anyhow::Result<Vec<_>>>()?;
-            statements.extend(plan.repair_statements(target, range, &rows));
+            statements.extend(plan.repair_statements(target, range, &rows, upsert));
         }
         Ok(TableRepair { table: plan.display.clone(), statements })
     }
@@ -160,9 +163,54 @@ impl Literals {
 }
 
 impl TablePlan {
+    /// Whether the target's table takes the source's rows as upserts by the key: it has a
+    /// key; on MySQL no other unique index (`ON DUPLICATE KEY UPDATE` would update the
+    /// row holding the other value); on PostgreSQL no deferrable constraint (no `ON
+    /// CONFLICT` arbiter) and no identity generated ALWAYS besides the key (which `UPDATE`
+    /// may not set). Another unique value met on PostgreSQL fails the table's repair,
+    /// rolled back.
+    async fn upserts_safely(&self, target: &mut Side) -> anyhow::Result<bool> {
+        if self.key.is_empty() {
+            return Ok(false);
+        }
+        let dialect = target.dialect();
+        let (schema, name) = self.target_name();
+        let sql = match dialect {
+            SqlDialect::Mysql => format!(
+                "SELECT COUNT(DISTINCT INDEX_NAME) = 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = {} \
+                 AND TABLE_NAME = {} AND NON_UNIQUE = 0",
+                dialect.literal(schema),
+                dialect.literal(name)
+            ),
+            _ => {
+                let table = format!(
+                    "{}::regclass",
+                    dialect.literal(&format!("{}.{}", dialect.ident(schema), dialect.ident(name)))
+                );
+                let keys: Vec<String> = self.key.iter().map(|&k| dialect.literal(&self.columns[k].0)).collect();
+                format!(
+                    "SELECT NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = {table} AND condeferrable) \
+                     AND NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = {table} AND attidentity = 'a' \
+                                     AND attnum > 0 AND NOT attisdropped AND attname::text <> ALL (ARRAY[{}]::text[]))",
+                    keys.join(", ")
+                )
+            }
+        };
+        let rows = target.run(&sql).await?;
+        let answer = rows.first().and_then(|row| row.first().cloned().flatten());
+        Ok(matches!(answer.as_deref(), Some("1" | "t")))
+    }
+
     /// The statements that give the target a range's rows as the source has them
-    /// (`rows`: each row's values as the target's literals).
-    pub(super) fn repair_statements(&self, target: &Side, range: &Range, rows: &[Vec<String>]) -> Vec<String> {
+    /// (`rows`: each row's values as the target's literals), as upserts by key or, where
+    /// that is not safe, the range's rows deleted and the source's inserted.
+    pub(super) fn repair_statements(
+        &self,
+        target: &Side,
+        range: &Range,
+        rows: &[Vec<String>],
+        upsert: bool,
+    ) -> Vec<String> {
         let dialect = target.dialect();
         let table = self.table(target);
         let predicate = self.predicate(dialect, range);
@@ -171,8 +219,8 @@ impl TablePlan {
             |columns: &[usize]| -> Vec<String> { columns.iter().map(|&i| dialect.ident(&self.columns[i].0)).collect() };
         let keys: Vec<String> =
             rows.iter().map(|row| tuple(&self.key.iter().map(|&k| row[k].clone()).collect::<Vec<_>>())).collect();
-        let mut statements = vec![match (self.key.is_empty(), keys.is_empty()) {
-            (false, false) => {
+        let mut statements = vec![match (upsert, keys.is_empty()) {
+            (true, false) => {
                 format!(
                     "DELETE FROM {table} WHERE {predicate} AND {} NOT IN ({})",
                     tuple(&names(&self.key)),
@@ -188,9 +236,9 @@ impl TablePlan {
             SqlDialect::Postgres => (table.trim_start_matches("ONLY "), " OVERRIDING SYSTEM VALUE"),
             _ => (table, ""),
         };
-        let on_conflict = match (self.key.is_empty(), dialect) {
-            (true, _) => String::new(),
-            (false, SqlDialect::Mysql) => {
+        let on_conflict = match (upsert, dialect) {
+            (false, _) => String::new(),
+            (true, SqlDialect::Mysql) => {
                 // Nothing to set but the key: a no-op update keeps the row.
                 let set = match others.is_empty() {
                     true => names(&self.key).iter().map(|k| format!("{k} = {k}")).collect::<Vec<_>>(),
@@ -198,7 +246,7 @@ impl TablePlan {
                 };
                 format!(" ON DUPLICATE KEY UPDATE {}", set.join(", "))
             }
-            (false, _) => match others.is_empty() {
+            (true, _) => match others.is_empty() {
                 true => format!(" ON CONFLICT ({}) DO NOTHING", names(&self.key).join(", ")),
                 false => format!(
                     " ON CONFLICT ({}) DO UPDATE SET {}",

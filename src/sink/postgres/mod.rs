@@ -331,6 +331,16 @@ impl PostgresSink {
         let setting = if self.major >= 18 { "max_active_replication_origins" } else { "max_replication_slots" };
         let records: Vec<String> =
             (0..apply_connections).map(|lane| crate::sink::lane_record(&self.origin, lane)).collect();
+        // pg_replication_origin_status is for superusers unless granted: without it, no count.
+        let readable: bool = self
+            .client
+            .query_one("SELECT has_table_privilege('pg_replication_origin_status', 'SELECT')", &[])
+            .await
+            .context("reading the target role's privileges")?
+            .get(0);
+        if !readable {
+            return Ok(None);
+        }
         let row = self
             .client
             .query_one(

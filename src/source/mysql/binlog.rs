@@ -407,7 +407,8 @@ impl<E: BinlogEvents> BinlogChangeStream<E> {
             Some(catalog) => catalog,
             None => self.catalog.insert(self.params.connect().await?),
         };
-        let (_, mut read) = catalog::read_tables(catalog, &self.params.database, |t| t == &name).await?;
+        let (_, mut read) =
+            catalog::read_tables(catalog, &self.params.database, catalog::CatalogRead::Settled, |t| t == &name).await?;
         let copy_again = |why: String| vec![schema_change(name.clone(), query, SchemaOp::CopyAgain { why })];
         let Some(table) = read.remove(&name) else {
             return Ok(copy_again(format!("it changed at {at} and is gone from the source since")));

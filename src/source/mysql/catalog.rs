@@ -137,9 +137,19 @@ impl TableKey {
 const CATALOG_READS: usize = 20;
 
 /// The selected tables of database `db` with the value encoding of each column.
+/// How [`read_tables`] reads `information_schema`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum CatalogRead {
+    /// DDL may run: read until two reads in a row agree.
+    Settled,
+    /// Under `FLUSH TABLES WITH READ LOCK`, where no DDL runs: once.
+    Locked,
+}
+
 pub async fn read_tables(
     conn: &mut mysql_async::Conn,
     db: &str,
+    read: CatalogRead,
     include: impl Fn(&TableName) -> bool,
 ) -> anyhow::Result<(SourceSchema, HashMap<TableName, MysqlTable>)> {
     let db = db.to_string();
@@ -150,7 +160,7 @@ pub async fn read_tables(
     // table renamed after the tables were listed, before its columns were) gives a view
     // of no one moment. Read until two reads in a row agree.
     let mut rows = CatalogRows::read(conn, &db).await?;
-    for attempt in 1.. {
+    for attempt in (read == CatalogRead::Settled).then_some(1..).into_iter().flatten() {
         let again = CatalogRows::read(conn, &db).await?;
         if again.same_shape(&rows) {
             break;

@@ -99,8 +99,10 @@ impl Source for MysqlSource {
     async fn schema(&mut self) -> anyhow::Result<SourceSchema> {
         let filter = self.filter.clone();
         let (mut schema, tables) =
-            catalog::read_tables(&mut self.conn, &self.params.database, |name| filter.includes(&name.to_string()))
-                .await?;
+            catalog::read_tables(&mut self.conn, &self.params.database, catalog::CatalogRead::Settled, |name| {
+                filter.includes(&name.to_string())
+            })
+            .await?;
         self.tables.clear();
         for t in &mut schema.tables {
             let key = t.schema.key_indexes();
@@ -228,8 +230,10 @@ impl Source for MysqlSource {
         // The copy reads the tables with the columns `schema()` read before the lock: DDL in
         // between would have it read other columns than the snapshot's, or none at all.
         let filter = self.filter.clone();
-        let (_, now) =
-            catalog::read_tables(&mut lock, &self.params.database, |name| filter.includes(&name.to_string())).await?;
+        let (_, now) = catalog::read_tables(&mut lock, &self.params.database, catalog::CatalogRead::Locked, |name| {
+            filter.includes(&name.to_string())
+        })
+        .await?;
         let changed = now.len() != self.tables.len()
             || now.iter().any(|(name, table)| self.tables.get(name).is_none_or(|read| read.shape() != table.shape()));
         if changed {

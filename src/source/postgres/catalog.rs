@@ -8,8 +8,8 @@ use tokio_postgres::GenericClient;
 
 use crate::change::{Column, Identity, TableName, TableSchema};
 use crate::schema::{
-    quote_ident, quote_table, ColumnDefinition, EnumType, Extension, GeneratedColumn, Partition, Partitioning,
-    Sequence, SourceSchema, TableDefinition, UserType, UserTypeKind,
+    quote_ident, quote_table, signature, ColumnDefinition, EnumType, Extension, GeneratedColumn, Partition,
+    Partitioning, Sequence, SourceSchema, TableDefinition, UserType, UserTypeKind,
 };
 
 /// First OID a user object can have; types below it are built in.
@@ -68,13 +68,14 @@ pub async fn read_schema(client: &impl GenericClient, include: impl Fn(&str) -> 
     Ok(schema)
 }
 
-/// The table of that name as the client's transaction sees the catalog (inside an
-/// imported snapshot: as of the snapshot), its keys and sizes aside; `None` if it had no
-/// table of that name.
-pub(super) async fn read_table_as_seen(
+/// The [`signature`] of the table of that name as the client's transaction sees the
+/// catalog (inside an imported snapshot: as of the snapshot); `None` if it had no table of
+/// that name. Only columns are read: an index or constraint dropped since has no
+/// definition to print any more.
+pub(super) async fn signature_as_seen(
     client: &impl GenericClient,
     name: &TableName,
-) -> anyhow::Result<Option<TableDefinition>> {
+) -> anyhow::Result<Option<Vec<String>>> {
     let row = client
         .query_opt(
             "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -85,18 +86,25 @@ pub(super) async fn read_table_as_seen(
         .with_context(|| format!("reading {name} in the catalog"))?;
     let Some(row) = row else { return Ok(None) };
     let replident: String = row.get(1);
-    Ok(Some(read_table(client, row.get(0), name.clone(), &replident, 0, 0, |_| true).await?))
+    let TableColumns { columns, generated, .. } = read_columns(client, row.get(0), name, &replident).await?;
+    Ok(Some(signature(&columns, &generated)))
 }
 
-async fn read_table(
+/// A table's columns as its catalog rows give them, without reading indexes or constraints.
+struct TableColumns {
+    columns: Vec<Column>,
+    definitions: Vec<ColumnDefinition>,
+    generated: Vec<GeneratedColumn>,
+    has_user_types: bool,
+    identity: Identity,
+}
+
+async fn read_columns(
     client: &impl GenericClient,
     oid: u32,
-    name: TableName,
+    name: &TableName,
     replident: &str,
-    estimated_rows: i64,
-    pages: i64,
-    include: impl Fn(&str) -> bool,
-) -> anyhow::Result<TableDefinition> {
+) -> anyhow::Result<TableColumns> {
     let context = || format!("reading the columns of {name}");
     let column_rows = client
         .query(
@@ -167,7 +175,21 @@ async fn read_table(
         }
         _ => Identity::Nothing,
     };
+    Ok(TableColumns { columns, definitions, generated, has_user_types, identity })
+}
 
+async fn read_table(
+    client: &impl GenericClient,
+    oid: u32,
+    name: TableName,
+    replident: &str,
+    estimated_rows: i64,
+    pages: i64,
+    include: impl Fn(&str) -> bool,
+) -> anyhow::Result<TableDefinition> {
+    let context = || format!("reading the columns of {name}");
+    let TableColumns { columns, definitions, generated, has_user_types, identity } =
+        read_columns(client, oid, &name, replident).await?;
     let constraint_rows = client
         .query(
             "SELECT k.conname, k.contype::text, pg_get_constraintdef(k.oid), rn.nspname || '.' || r.relname \

@@ -73,8 +73,8 @@ impl TableReader for PostgresTableReader {
         // The definition was read before the snapshot was pinned: DDL in between would have
         // the copy read other columns than the snapshot's.
         if !self.checked.contains(&table.schema.name) {
-            let seen = super::catalog::read_table_as_seen(&self.client, &table.schema.name).await?;
-            if seen.is_none_or(|seen| seen.signature() != table.signature()) {
+            let seen = super::catalog::signature_as_seen(&self.client, &table.schema.name).await?;
+            if seen.is_none_or(|seen| seen != table.signature()) {
                 return Err(changed_since_read(&table.schema.name));
             }
             self.checked.insert(table.schema.name.clone());
@@ -109,7 +109,7 @@ impl TableReader for PostgresTableReader {
             }
             Chunk::Pages { start, end } => {
                 let upper = if end == u32::MAX { String::new() } else { format!(" AND ctid < '({end},0)'::tid") };
-                format!("(SELECT {} FROM {qualified} WHERE ctid >= '({start},0)'::tid{upper})", columns.join(", "))
+                format!("(SELECT {} FROM ONLY {qualified} WHERE ctid >= '({start},0)'::tid{upper})", columns.join(", "))
             }
         };
         let options = match format {
