@@ -13,6 +13,7 @@ pub mod copy;
 pub mod demo;
 pub mod failpoint;
 pub mod finding;
+pub mod hold;
 pub mod metrics;
 pub mod myconn;
 pub mod notify;

@@ -106,6 +106,27 @@ impl SqlClient {
         }
     }
 
+    /// Reads inside `snapshot`, which the source pinned ([`crate::source::Source::new_snapshot`])
+    /// and has not let go of yet, until the transaction this opens ends: PostgreSQL imports
+    /// it by name; on MySQL a consistent-snapshot transaction is it while the source holds
+    /// its read lock. A SQLite file has no other writer to read apart from.
+    pub async fn join_snapshot(&mut self, snapshot: &crate::source::SnapshotPoint) -> anyhow::Result<()> {
+        match self {
+            SqlClient::Postgres(client) => client
+                .batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                    crate::schema::quote_literal(&snapshot.id)
+                ))
+                .await
+                .context("importing the source's pinned snapshot"),
+            SqlClient::Mysql(conn) => conn
+                .query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+                .await
+                .context("opening a consistent-snapshot transaction on the source"),
+            SqlClient::Sqlite(conn) => conn.execute_batch("BEGIN").context("opening a read transaction"),
+        }
+    }
+
     /// Runs one statement; its rows as they arrive, without holding them all (a SQLite
     /// file's are read at once).
     pub async fn stream<'a>(&'a mut self, sql: &str) -> anyhow::Result<RowStream<'a>> {

@@ -5,13 +5,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use anyhow::Context as _;
 
 use crate::checkpoint::{CheckpointStore, SwitchoverRecord};
+use crate::hold::{Hold, HoldPoint};
 use crate::metrics::{METRICS, PHASES};
+use crate::position::Position;
 
 /// A pipeline's state, as `status` prints it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -85,15 +90,33 @@ pub enum Request {
     Resync {
         tables: Vec<String>,
     },
+    /// Hold the applier: before its next transaction, or (`before`, a position) after every
+    /// transaction ordered before that and before the rest. Kept while the connection is.
+    Hold {
+        before: Option<String>,
+    },
 }
 
-/// Answers requests on the control socket until the task is aborted; `stop` ends
-/// the pipeline after a switchover.
+/// What the control socket can ask of the running pipeline.
+pub struct Controls {
+    /// Ends the pipeline after a switchover.
+    pub stop: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Bumped to copy forgotten tables again.
+    pub resync: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Holds the applier for `verify --repair`.
+    pub hold: Arc<Hold>,
+}
+
+/// How long a hold waits for the applier to reach its point.
+const HOLD_WAIT: Duration = Duration::from_secs(60);
+
+/// Answers requests on the control socket until the task is aborted. A request is one
+/// line of JSON (or all a client sends before it shuts its side); a hold keeps its
+/// connection, and lasts as long as it.
 pub async fn serve(
     state_dir: &Path,
     store: Arc<CheckpointStore>,
-    stop: Arc<tokio::sync::watch::Sender<bool>>,
-    resync: Arc<tokio::sync::watch::Sender<u64>>,
+    controls: Controls,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let path = socket_path(state_dir);
     // A socket left by a killed predecessor; the RocksDB lock proves it is gone.
@@ -104,19 +127,24 @@ pub async fn serve(
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else { continue };
-            let mut request = Vec::new();
-            let read = tokio::time::timeout(std::time::Duration::from_secs(1), socket.read_to_end(&mut request)).await;
-            match (read, serde_json::from_slice::<Request>(&request)) {
-                (Ok(Ok(_)), Ok(Request::SwitchedOver(record))) => {
+            let Ok((socket, _)) = listener.accept().await else { continue };
+            let (read, mut write) = socket.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let line = tokio::time::timeout(Duration::from_secs(1), lines.next_line()).await;
+            let request = match line {
+                Ok(Ok(Some(line))) => serde_json::from_str::<Request>(&line).ok(),
+                _ => None,
+            };
+            match request {
+                Some(Request::SwitchedOver(record)) => {
                     if let Err(e) = store.save_switchover(&record) {
                         tracing::error!("recording the switchover: {e:#}");
                     }
                     METRICS.set_phase("switched-over");
                     tracing::info!(final_position = record.final_position, fallback = record.fallback, "switched over");
-                    let _ = stop.send(true);
+                    let _ = controls.stop.send(true);
                 }
-                (Ok(Ok(_)), Ok(Request::Resync { tables })) => {
+                Some(Request::Resync { tables }) => {
                     for table in &tables {
                         if let Err(e) = store.forget_table(table) {
                             tracing::error!("forgetting the copy of {table}: {e:#}");
@@ -126,17 +154,132 @@ pub async fn serve(
                         tables = tables.join(", "),
                         "asked to copy again: resuming from the checkpoint to copy them"
                     );
-                    resync.send_modify(|generation| *generation += 1);
+                    controls.resync.send_modify(|generation| *generation += 1);
                 }
-                _ => {}
+                Some(Request::Hold { before }) => {
+                    if controls.hold.is_asked() {
+                        let busy = HoldAnswer::refused("another verify --repair holds this pipeline: wait for it");
+                        let _ = write.write_all(&busy.line()).await;
+                    } else {
+                        // Asked here, before the next connection is accepted: one hold at a time.
+                        controls.hold.ask(Some(HoldPoint::Next));
+                        tokio::spawn(serve_hold(lines, write, before, controls.hold.clone()));
+                    }
+                    continue;
+                }
+                Some(Request::Status) | None => {}
             }
             let body = match live(&store).and_then(|s| Ok(serde_json::to_vec(&s)?)) {
                 Ok(body) => body,
                 Err(e) => format!("{{\"error\": {:?}}}", e.to_string()).into_bytes(),
             };
-            let _ = socket.write_all(&body).await;
+            let _ = write.write_all(&body).await;
         }
     }))
+}
+
+/// Serves one hold: holds where asked, says where, and waits for the next point, until
+/// the client lets go (shuts its side or closes the connection) or a hold fails.
+async fn serve_hold(
+    mut lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    mut write: OwnedWriteHalf,
+    mut before: Option<String>,
+    hold: Arc<Hold>,
+) {
+    loop {
+        let point = match before.as_deref().map(str::parse::<Position>) {
+            None => HoldPoint::Next,
+            Some(Ok(position)) => HoldPoint::Before(position),
+            Some(Err(e)) => {
+                let _ = write.write_all(&HoldAnswer::refused(format!("not a position: {e:#}")).line()).await;
+                break;
+            }
+        };
+        hold.ask(Some(point.clone()));
+        let answer = tokio::select! {
+            held = hold.held(&point) => match held {
+                Ok(position) => HoldAnswer { held_at: Some(position.to_string()), error: None },
+                Err(e) => HoldAnswer::refused(format!("cannot hold before {point}: {e:#}")),
+            },
+            _ = tokio::time::sleep(HOLD_WAIT) => HoldAnswer::refused(format!(
+                "the pipeline did not reach {point} within {} s (is it still copying, or far behind?)",
+                HOLD_WAIT.as_secs()
+            )),
+            // The client sends nothing while it waits: anything is it going away.
+            _ = lines.next_line() => break,
+        };
+        let refused = answer.error.is_some();
+        if write.write_all(&answer.line()).await.is_err() || refused {
+            break;
+        }
+        match lines.next_line().await {
+            Ok(Some(line)) => match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Hold { before: next }) => before = next,
+                _ => break,
+            },
+            _ => break,
+        }
+    }
+    hold.ask(None);
+}
+
+/// The daemon's answer to a hold.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HoldAnswer {
+    /// The position the target has applied, held there.
+    held_at: Option<String>,
+    error: Option<String>,
+}
+
+impl HoldAnswer {
+    fn refused(why: impl Into<String>) -> HoldAnswer {
+        HoldAnswer { held_at: None, error: Some(why.into()) }
+    }
+
+    fn line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+}
+
+/// A hold on a running daemon's applier ([`crate::hold::Hold`]): it applies nothing
+/// past the point last asked for until this is dropped, or this process ends.
+pub struct HeldPipeline {
+    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    write: OwnedWriteHalf,
+}
+
+impl HeldPipeline {
+    /// Holds the daemon's applier before its next transaction: the hold, and the position
+    /// the target has applied. `None` when no daemon runs.
+    pub async fn next(state_dir: &Path) -> anyhow::Result<Option<(HeldPipeline, Position)>> {
+        let Ok(socket) = tokio::net::UnixStream::connect(socket_path(state_dir)).await else { return Ok(None) };
+        let (read, write) = socket.into_split();
+        let mut held = HeldPipeline { lines: BufReader::new(read).lines(), write };
+        let at = held.ask(None).await?;
+        Ok(Some((held, at)))
+    }
+
+    /// Has the applier apply every transaction ordered before `position` (a snapshot's)
+    /// and hold before the rest: the position the target has applied then.
+    pub async fn before(&mut self, position: &Position) -> anyhow::Result<Position> {
+        self.ask(Some(position.to_string())).await
+    }
+
+    async fn ask(&mut self, before: Option<String>) -> anyhow::Result<Position> {
+        let mut request = serde_json::to_vec(&Request::Hold { before })?;
+        request.push(b'\n');
+        self.write.write_all(&request).await.context("asking the daemon to hold")?;
+        let line = self.lines.next_line().await.context("waiting for the daemon to hold")?;
+        let answer: HoldAnswer = serde_json::from_str(&line.context("the daemon closed the control connection")?)
+            .context("the daemon's answer to a hold")?;
+        match (answer.held_at, answer.error) {
+            (_, Some(error)) => anyhow::bail!("the daemon cannot hold: {error}"),
+            (Some(at), None) => at.parse().context("the daemon's held position"),
+            (None, None) => anyhow::bail!("the daemon's answer to a hold says nothing"),
+        }
+    }
 }
 
 /// The running daemon's status; an error saying how to start one when none answers.

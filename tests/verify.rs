@@ -196,30 +196,47 @@ async fn names_differing_rows(name: &str, source: Server, target: Server) {
     }
     let (code, output) = verify(&["--repair"]);
     assert!(code == Some(0) && output.contains("4 tables, 4 match"), "seed {seed}: {output}");
-    let fresh_url = match &target {
+    assert_equals_a_fresh_copy(&dir, &config_path, &source, &target, seed).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Copies the source afresh into another database on the target's server, then has the
+/// target server compare every table of the pipeline's target with it, by digests of its
+/// own: a blind spot verify shares with its repair would show here.
+async fn assert_equals_a_fresh_copy(
+    dir: &std::path::Path,
+    config_path: &std::path::Path,
+    source: &Server,
+    target: &Server,
+    seed: u64,
+) {
+    let fresh_url = match target {
         Server::Postgres(server) => {
+            target.execute(false, "DROP DATABASE IF EXISTS fresh").await;
             target.execute(false, "CREATE DATABASE fresh").await;
             server.url("fresh")
         }
         Server::Mariadb(server) => server.url("fresh"),
     };
     let fresh_config = dir.join("fresh.toml");
-    let text = std::fs::read_to_string(&config_path).expect("config");
-    let text = text
+    let text = std::fs::read_to_string(config_path).expect("config");
+    let mut text = text
         .replace(&target.url(false), &fresh_url)
         .replace(&dir.join("state").display().to_string(), &dir.join("fresh-state").display().to_string());
+    if !text.contains("mode = \"only\"") {
+        text.push_str("[snapshot]\nmode = \"only\"\n");
+    }
     std::fs::write(&fresh_config, text).expect("fresh config");
     let fresh_config = Config::load(&fresh_config).expect("config loads");
     cutover::pipeline::run(&fresh_config, std::future::pending()).await.expect("the fresh copy runs");
-    let schema = match (&source, &target) {
+    let schema = match (source, target) {
         (Server::Mariadb(_), Server::Postgres(_)) => "shop",
         (_, Server::Postgres(_)) => "public",
         (_, Server::Mariadb(_)) => "",
     };
-    let repaired = table_digests(&target, &target.url(false), schema).await;
-    assert_eq!(repaired.len(), 4, "{repaired:?}");
-    assert_eq!(repaired, table_digests(&target, &fresh_url, schema).await, "seed {seed}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let repaired = table_digests(target, &target.url(false), schema).await;
+    assert!(!repaired.is_empty());
+    assert_eq!(repaired, table_digests(target, &fresh_url, schema).await, "seed {seed}");
 }
 
 /// 40 random changes on the target: rows deleted, values changed (NULLs too), keys
@@ -344,4 +361,160 @@ async fn verify_on_a_live_pipeline_rechecks_rows_the_target_has_not_applied_yet(
     assert!(verification.matches(), "{shown}\n{}", pair.log());
     assert!(verification.consistent_at.is_some(), "the held-back row was not re-checked:\n{shown}");
     common::stop(&mut child);
+}
+
+const PG_LIVE: &str = "
+CREATE TABLE hot (id integer PRIMARY KEY, n bigint NOT NULL, note text);
+INSERT INTO hot SELECT g, 0, 'row ' || g FROM generate_series(1, 3000) g;
+CREATE TABLE tags (code text PRIMARY KEY, n integer);
+INSERT INTO tags SELECT 't' || g, g FROM generate_series(1, 3000) g;
+";
+
+const MARIADB_LIVE: &str = "
+CREATE TABLE hot (id int PRIMARY KEY, n bigint NOT NULL, note varchar(40));
+INSERT INTO hot SELECT seq, 0, CONCAT('row ', seq) FROM seq_1_to_3000;
+CREATE TABLE tags (code varchar(20) PRIMARY KEY, n int);
+INSERT INTO tags SELECT CONCAT('t', seq), seq FROM seq_1_to_3000;
+";
+
+/// Whether the target applies everything the source has written now, within `seconds`.
+async fn caught_up(config: &Config, seconds: u64) -> bool {
+    let position = cutover::pipeline::source_position(config).await.expect("source position");
+    cutover::pipeline::wait_until_applied(config, &position, Duration::from_secs(seconds))
+        .await
+        .is_ok_and(|(reached, _)| reached)
+}
+
+/// A source connection that stays open, for a writer.
+enum Writer {
+    Postgres(tokio_postgres::Client),
+    Mariadb(mysql_async::Conn),
+}
+
+impl Writer {
+    async fn open(server: &Server) -> Writer {
+        match server {
+            Server::Postgres(_) => Writer::Postgres(common::connect(&server.url(true)).await),
+            Server::Mariadb(_) => Writer::Mariadb(
+                mysql_async::Conn::new(mysql_async::Opts::from_url(&server.url(true)).expect("url"))
+                    .await
+                    .expect("mariadb"),
+            ),
+        }
+    }
+
+    async fn run(&mut self, sql: &str) {
+        use mysql_async::prelude::Queryable;
+        match self {
+            Writer::Postgres(client) => client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")),
+            Writer::Mariadb(conn) => conn.query_drop(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")),
+        }
+    }
+}
+
+/// One random write on the source: values changed, rows deleted, added, deleted and added
+/// again under the same key in one transaction, keys changed.
+fn random_write(rng: &mut common::Rng, i: u64) -> String {
+    let id = rng.range(1, 3000);
+    match rng.below(8) {
+        0 | 1 => format!("UPDATE hot SET n = n + 1, note = 'w{i}' WHERE id = {id}"),
+        2 => format!("DELETE FROM hot WHERE id = {id}"),
+        3 => format!("INSERT INTO hot VALUES ({}, {i}, 'new')", 10_000 + i),
+        4 => format!("BEGIN; DELETE FROM hot WHERE id = {id}; INSERT INTO hot VALUES ({id}, -{i}, 'again'); COMMIT"),
+        5 => format!("UPDATE hot SET id = {} WHERE id = {id}", 100_000 + i),
+        _ => format!("UPDATE tags SET n = n + 1 WHERE code = 't{id}'"),
+    }
+}
+
+/// `verify --repair` while the pipeline runs and the source takes random writes: the
+/// repair holds the applier at its snapshot of the source, so a change applied between its
+/// read and its write cannot be overwritten by an older row. Its write waits 2 s there
+/// (failpoint), while the writer goes on, so an unheld repair loses changes here. A repair
+/// killed while it holds lets the pipeline go on. Once the writer stops and the target
+/// caught up, every table equals a fresh copy of the source (CUTOVER_VERIFY_SEED).
+async fn repairs_a_live_pipeline(name: &str, source: Server, target: Server) {
+    let dir = common::test_dir(&format!("cutover-test-verify-{name}-{}", std::process::id()));
+    source.execute(true, if matches!(source, Server::Postgres(_)) { PG_LIVE } else { MARIADB_LIVE }).await;
+    target.execute(false, "SELECT 1").await;
+    let config_path = dir.join(format!("{name}.toml"));
+    common::pipeline_config(&config_path, &source, &target, &dir.join("state"), "");
+    let config = Config::load(&config_path).expect("config loads");
+    let log = dir.join("cutover.log");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut daemon = common::spawn_run(&config_path, &log, &[]);
+    let started = std::time::Instant::now();
+    while !(read_log().contains("streaming changes") && caught_up(&config, 5).await) {
+        assert!(started.elapsed() < Duration::from_secs(120), "no catch-up:\n{}", read_log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let seed = common::seed_from_env("CUTOVER_VERIFY_SEED", 11);
+    println!("{name}: live repair seed={seed} (replay: CUTOVER_VERIFY_SEED={seed})");
+    let mut rng = common::Rng::new(seed, 5);
+    let qualifier = match (&source, &target) {
+        (Server::Mariadb(_), Server::Postgres(_)) => "shop.",
+        _ => "",
+    };
+    let drift: Vec<String> = (0..30)
+        .map(|i| {
+            let id = rng.range(1, 3000);
+            match rng.below(5) {
+                0 => format!("DELETE FROM {qualifier}hot WHERE id = {id}"),
+                1 => format!("UPDATE {qualifier}hot SET n = -5 WHERE id = {id}"),
+                2 => format!("INSERT INTO {qualifier}hot VALUES ({}, 0, 'extra')", 500_000 + i),
+                3 => format!("UPDATE {qualifier}tags SET n = NULL WHERE code = 't{id}'"),
+                _ => format!("DELETE FROM {qualifier}tags WHERE code = 't{id}'"),
+            }
+        })
+        .collect();
+    target.execute(false, &drift.join(";\n")).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writer = Writer::open(&source).await;
+    let writing = {
+        let stop = stop.clone();
+        let mut rng = common::Rng::new(seed, 6);
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                writer.run(&random_write(&mut rng, i)).await;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            i
+        })
+    };
+    let verify = |failpoint: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["verify", "--repair", "--config"])
+            .arg(&config_path)
+            .env("CUTOVER_FAILPOINT", failpoint)
+            .output()
+            .expect("cutover verify runs");
+        (output.status.code(), common::output_text(&output))
+    };
+    // Killed while it holds the applier: the hold ends with it.
+    let (code, output) = verify("repair-rows-read");
+    assert!(code.is_none() && output.contains("failpoint repair-rows-read"), "{output}");
+    assert!(caught_up(&config, 60).await, "the pipeline did not go on after the repair died:\n{}", read_log());
+    let (code, output) = verify("repair-rows-read:sleep=2");
+    assert!(matches!(code, Some(0 | 1)) && output.contains("repaired"), "{output}\n{}", read_log());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writing.await.expect("writer");
+    println!("{name}: {writes} writes on the source");
+    assert!(caught_up(&config, 120).await, "no catch-up after the writes:\n{}", read_log());
+    common::stop(&mut daemon);
+    assert_equals_a_fresh_copy(&dir, &config_path, &source, &target, seed).await;
+    assert!(read_log().contains("holding the applier for a repair"), "{}", read_log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_repair_on_a_live_postgres_pipeline_holds_the_applier_at_its_snapshot() {
+    repairs_a_live_pipeline("live-pg-pg", Server::postgres(), Server::postgres()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_repair_on_a_live_mariadb_pipeline_holds_the_applier_at_its_snapshot() {
+    repairs_a_live_pipeline("live-my-pg", Server::mariadb(), Server::postgres()).await;
 }

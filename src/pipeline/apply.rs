@@ -15,6 +15,7 @@ use super::stopped;
 use crate::change::{Change, Event, Row, SchemaChange, SchemaOp, TableName, TableSchema, Value};
 use crate::checkpoint::{CheckpointStore, TableProgress};
 use crate::config::Config;
+use crate::hold::{self, Hold, HoldPoint};
 use crate::metrics::METRICS;
 use crate::position::{Position, StopAt};
 use crate::retry::{is_resume, is_transient, ResumeFromCheckpoint};
@@ -560,10 +561,39 @@ async fn log_end_after(source: &mut dyn Source, time: SystemTime) -> anyhow::Res
 }
 
 /// What tells the stream to end: `stop` for good, a new `resync` generation to drain and
-/// resume from the checkpoint (tables to copy again were forgotten).
+/// resume from the checkpoint (tables to copy again were forgotten); and `hold`, what
+/// holds the applier between transactions while `verify --repair` writes.
 pub(super) struct Signals {
     pub stop: watch::Receiver<bool>,
     pub resync: watch::Receiver<u64>,
+    pub hold: Arc<Hold>,
+}
+
+/// What the applier receives next.
+enum Next {
+    Event(Option<(Event, OwnedSemaphorePermit)>),
+    /// A transaction a hold keeps out, set aside until the hold lets go.
+    SetAside,
+}
+
+/// The transaction set aside by a hold, else the next event from the decode task; one a
+/// hold at `asked` keeps out is set aside in `pending`.
+async fn next_event(
+    pending: &mut Option<(Event, OwnedSemaphorePermit)>,
+    rx: &mut mpsc::Receiver<(Event, OwnedSemaphorePermit)>,
+    asked: Option<&HoldPoint>,
+) -> Next {
+    let next = match pending.take() {
+        Some(event) => Some(event),
+        None => rx.recv().await,
+    };
+    match next {
+        Some((event, permit)) if hold::stops_at(asked, &event) => {
+            *pending = Some((event, permit));
+            Next::SetAside
+        }
+        next => Next::Event(next),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -580,7 +610,7 @@ pub(super) async fn stream(
     signals: Signals,
     serial: Serial,
 ) -> anyhow::Result<()> {
-    let Signals { mut stop, mut resync } = signals;
+    let Signals { mut stop, mut resync, hold } = signals;
     tracing::info!(from = %start, "streaming changes");
     let (tx, mut rx) = mpsc::channel::<(Event, OwnedSemaphorePermit)>(8192);
     // Decoding runs beside applying; the channel, bounded by events and by bytes, is the backpressure.
@@ -615,7 +645,42 @@ pub(super) async fn stream(
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let (mut resyncing, mut resync_closed) = (false, false);
     let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+    let mut asked_rx = hold.asked();
+    // A transaction a hold keeps out, and the hold point last reported as held.
+    let mut pending: Option<(Event, OwnedSemaphorePermit)> = None;
+    let mut reported: Option<HoldPoint> = None;
     let result = loop {
+        let asked = asked_rx.borrow_and_update().clone();
+        let holding = applier.current.is_none()
+            && match &asked {
+                None => false,
+                Some(HoldPoint::Next) => true,
+                Some(HoldPoint::Before(before)) => {
+                    pending.as_ref().is_some_and(|(event, _)| hold::stops_at(asked.as_ref(), event))
+                        || applier.sent_up_to.as_ref().is_some_and(|sent| sent >= before)
+                }
+            };
+        match &asked {
+            Some(point) if holding && reported.as_ref() != Some(point) => {
+                if let Err(e) = applier.drain().await {
+                    break Err(e);
+                }
+                let applied = match (point, &applier.latest) {
+                    (HoldPoint::Before(before), Some(latest)) if latest >= before => {
+                        Err(format!("the target has already applied a transaction ordered at {latest}, past {before}"))
+                    }
+                    _ => Ok(applier.applied.clone()),
+                };
+                tracing::info!(at = %applier.applied, "holding the applier for a repair");
+                hold.report(point.clone(), applied);
+                reported = Some(point.clone());
+            }
+            None if reported.is_some() => {
+                tracing::info!("the repair let go: applying on");
+                reported = None;
+            }
+            _ => {}
+        }
         let deadline = drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = idle_check.tick() => {
@@ -659,8 +724,10 @@ pub(super) async fn stream(
                     break Err(e);
                 }
             }
-            event = rx.recv() => match event {
-                Some((event, permit)) => {
+            _ = asked_rx.changed() => {}
+            next = next_event(&mut pending, &mut rx, asked.as_ref()), if !holding => match next {
+                Next::SetAside => {}
+                Next::Event(Some((event, permit))) => {
                     let more_waiting = !rx.is_empty();
                     let handled = applier.handle(event, more_waiting).await;
                     drop(permit);
@@ -674,7 +741,7 @@ pub(super) async fn stream(
                         break applier.drain().await;
                     }
                 }
-                None => {
+                Next::Event(None) => {
                     let ended = (&mut reader).await;
                     // What the source sent whole before its stream ended goes in first.
                     if let Err(e) = applier.drain().await {

@@ -101,7 +101,10 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
     let stop_tx = Arc::new(stop_tx);
     // Bumped by `cutover resync`: the stream drains and the pipeline resumes, copying again.
     let (resync_tx, mut resync) = watch::channel(0u64);
-    let control = crate::status::serve(&config.state.dir, store.clone(), stop_tx.clone(), Arc::new(resync_tx)).await?;
+    // Set by `verify --repair` while it writes to the target.
+    let hold = Arc::new(crate::hold::Hold::default());
+    let controls = crate::status::Controls { stop: stop_tx.clone(), resync: Arc::new(resync_tx), hold: hold.clone() };
+    let control = crate::status::serve(&config.state.dir, store.clone(), controls).await?;
     let signal = tokio::spawn(async move {
         shutdown.await;
         crate::notify::notify("STOPPING=1");
@@ -116,7 +119,8 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()> + Send + 's
         let attempt = Instant::now();
         // A request made before this attempt is served by it: its copies are already forgotten.
         resync.borrow_and_update();
-        let error = match run_once(config, &store, stop.clone(), resync.clone(), serial.clone()).await {
+        let signals = apply::Signals { stop: stop.clone(), resync: resync.clone(), hold: hold.clone() };
+        let error = match run_once(config, &store, signals, serial.clone()).await {
             Ok(()) => break Ok(()),
             Err(e) if e.is::<lanes::ParallelApplyFailed>() => {
                 METRICS.errors.with_label_values(&["parallel_apply"]).inc();
@@ -222,8 +226,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 async fn run_once(
     config: &Config,
     store: &Arc<CheckpointStore>,
-    stop: watch::Receiver<bool>,
-    resync: watch::Receiver<u64>,
+    signals: apply::Signals,
     serial: lanes::Serial,
 ) -> anyhow::Result<()> {
     let store = store.clone();
@@ -324,10 +327,14 @@ async fn run_once(
     }
 
     let start = stream_start(sink.as_mut(), &store, config, &identity).await?;
+    // The target has everything before where the stream starts: say so before a transaction
+    // comes (status, and a verify waiting for an idle source, read it).
+    if store.position()?.is_none() {
+        store.save_position(&start)?;
+    }
     let copies: HashMap<String, TableProgress> = store.tables()?.into_iter().collect();
     let (confirmed, confirmed_rx) = watch::channel(start.clone());
     let changes = source.start_stream(&start, confirmed_rx, &copies).await?;
-    let signals = apply::Signals { stop, resync };
     let mut sinks = vec![sink];
     for lane in 1..config.pipeline.apply_connections() {
         sinks.push(crate::connect::apply_sink(config, lane).await?);

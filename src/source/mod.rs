@@ -135,17 +135,6 @@ pub trait Source: Send + Sync {
         Ok(Vec::new())
     }
 
-    /// The rows of `table` that `condition` (SQL of the source's dialect, on its columns)
-    /// selects, read now, each value in PostgreSQL's text form as the copy carries it:
-    /// what `verify --repair` gives the target. A source without SQL has none.
-    async fn read_rows(
-        &mut self,
-        table: &TableDefinition,
-        _condition: &str,
-    ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
-        anyhow::bail!("{}: this source's rows cannot be selected by SQL", table.schema.name)
-    }
-
     /// How to split a table so several workers can copy it; whole by default.
     fn chunks(&self, _table: &TableDefinition, _workers: usize) -> Vec<Chunk> {
         vec![Chunk::Whole]
@@ -172,6 +161,17 @@ pub trait TableReader: Send {
     /// A stream of the chunk's rows; [`TableRewritten`] (before any row) when the table
     /// changed under the snapshot in a way the snapshot cannot see past.
     async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream>;
+
+    /// The rows of `table` that `condition` (SQL of the source's dialect, on its columns)
+    /// selects, inside the snapshot, each value in PostgreSQL's text form as the copy carries
+    /// it: what `verify --repair` gives the target. A source without SQL has none.
+    async fn read_rows(
+        &mut self,
+        table: &TableDefinition,
+        _condition: &str,
+    ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+        anyhow::bail!("{}: this source's rows cannot be selected by SQL", table.schema.name)
+    }
 }
 
 /// The table was emptied or rewritten after the snapshot was pinned (PostgreSQL: TRUNCATE

@@ -367,25 +367,6 @@ impl Source for SqliteSource {
         })
     }
 
-    async fn read_rows(
-        &mut self,
-        table: &TableDefinition,
-        condition: &str,
-    ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
-        let name = &table.schema.name;
-        let source = self.tables.get(name).with_context(|| format!("no column mapping for {name}"))?;
-        let conn =
-            self.conn.lock().map_err(|_| anyhow::anyhow!("the SQLite connection was poisoned by a failed read"))?;
-        let mut statement =
-            conn.prepare(&source.select(Some(condition))).with_context(|| format!("reading rows of {name}"))?;
-        let mut rows = statement.query([]).with_context(|| format!("reading rows of {name}"))?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().with_context(|| format!("reading rows of {name}"))? {
-            out.push(pg_text_row(row, name, source)?);
-        }
-        Ok(out)
-    }
-
     async fn snapshot_reader(&self, _snapshot: &SnapshotPoint) -> anyhow::Result<Box<dyn TableReader>> {
         Ok(Box::new(SqliteReader { conn: self.conn.clone(), tables: self.tables.clone() }))
     }
@@ -411,6 +392,25 @@ struct SqliteReader {
 
 #[async_trait]
 impl TableReader for SqliteReader {
+    async fn read_rows(
+        &mut self,
+        table: &TableDefinition,
+        condition: &str,
+    ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+        let name = &table.schema.name;
+        let source = self.tables.get(name).with_context(|| format!("no column mapping for {name}"))?;
+        let conn =
+            self.conn.lock().map_err(|_| anyhow::anyhow!("the SQLite connection was poisoned by a failed read"))?;
+        let mut statement =
+            conn.prepare(&source.select(Some(condition))).with_context(|| format!("reading rows of {name}"))?;
+        let mut rows = statement.query([]).with_context(|| format!("reading rows of {name}"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().with_context(|| format!("reading rows of {name}"))? {
+            out.push(pg_text_row(row, name, source)?);
+        }
+        Ok(out)
+    }
+
     async fn read(&mut self, table: &TableDefinition, _chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
         anyhow::ensure!(
             format == CopyFormat::PostgresText,

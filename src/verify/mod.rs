@@ -79,6 +79,9 @@ struct TableCheck<'a> {
     differing: Vec<(Range, u64, u64)>,
 }
 
+/// One side's rows of one range, keyed as [`diff_rows`] takes them.
+type RangeRows = Vec<(String, String)>;
+
 impl TableCheck<'_> {
     /// Reads the differing ranges again: the source first, then, once the target has applied
     /// everything the source had written by then, the target. Returns the position waited for.
@@ -88,11 +91,7 @@ impl TableCheck<'_> {
         source: &mut Side,
         target: &mut Side,
     ) -> anyhow::Result<Option<String>> {
-        let ranges = std::mem::take(&mut self.differing);
-        let mut source_rows = Vec::with_capacity(ranges.len());
-        for (range, _, _) in &ranges {
-            source_rows.push(self.side_rows(source, range).await?);
-        }
+        let source_rows = self.differing_rows(source).await?;
         let position = crate::pipeline::source_position(config).await?;
         // A daemon that stopped meanwhile: compare the rows as they are.
         let (reached, applied) =
@@ -105,6 +104,23 @@ impl TableCheck<'_> {
                 applied.as_deref().unwrap_or("none")
             );
         }
+        self.compare_again(source_rows, target).await?;
+        Ok(applied.filter(|_| reached))
+    }
+
+    /// One side's rows of each differing range.
+    async fn differing_rows(&self, side: &mut Side) -> anyhow::Result<Vec<RangeRows>> {
+        let mut rows = Vec::with_capacity(self.differing.len());
+        for (range, _, _) in &self.differing {
+            rows.push(self.side_rows(side, range).await?);
+        }
+        Ok(rows)
+    }
+
+    /// Compares the differing ranges again, the source's rows read before against the
+    /// target's now; keeps the ranges that still differ, and reports what differs in them.
+    async fn compare_again(&mut self, source_rows: Vec<RangeRows>, target: &mut Side) -> anyhow::Result<()> {
+        let ranges = std::mem::take(&mut self.differing);
         self.report.missing = Differences::default();
         self.report.extra = Differences::default();
         self.report.changed = Differences::default();
@@ -117,7 +133,7 @@ impl TableCheck<'_> {
                 self.differing.push((range, new_s, new_t));
             }
         }
-        Ok(applied.filter(|_| reached))
+        Ok(())
     }
 }
 
@@ -146,11 +162,6 @@ pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Resu
     let mut source_rows = crate::connect::source(config).await?;
     let schema = source_rows.schema().await?;
     let live = crate::status::ask(&config.state.dir, &Request::Status).await.ok().flatten().is_some_and(|s| s.running);
-    anyhow::ensure!(
-        !(repair.apply && live),
-        "the pipeline is running: verify --repair writes to the target only while it is stopped (its changes and \
-         the repair's would cross); stop it, or write the SQL with --repair-script and run it when it is"
-    );
 
     let mut checks = Vec::new();
     let plans: Vec<TablePlan> = schema
@@ -197,15 +208,46 @@ pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Resu
         }
     }
     let mut repaired = Vec::new();
-    if repairing {
+    if repairing && checks.iter().any(|c| !c.differing.is_empty()) {
+        // On a live pipeline the applier holds while the repair writes; see [`crate::hold::Hold`].
+        let mut held = match repair.apply && live {
+            true => Some(
+                crate::status::HeldPipeline::next(&config.state.dir)
+                    .await?
+                    .context("the daemon stopped while verify ran: run verify --repair again")?
+                    .0,
+            ),
+            false => None,
+        };
+        // The source's rows are read inside one snapshot, as the copy reads them.
+        let snapshot = source_rows.new_snapshot().await.context("pinning a snapshot of the source for the repair")?;
+        let reader = source_rows.snapshot_reader(&snapshot).await;
+        let joined = match held.is_some() {
+            true => source.client.join_snapshot(&snapshot).await,
+            false => Ok(()),
+        };
+        source_rows.release_snapshot().await;
+        let (mut reader, ()) = (reader?, joined?);
+        if let Some(hold) = held.as_mut() {
+            // The target now holds exactly what the snapshot sees: compare there once more,
+            // and repair only what still differs.
+            let at = hold.before(&snapshot.position).await?;
+            tracing::info!(%at, "the target holds at the repair's snapshot: comparing the differing rows there");
+            for check in checks.iter_mut().filter(|c| !c.differing.is_empty()) {
+                let source_rows = check.differing_rows(&mut source).await?;
+                check.compare_again(source_rows, &mut target).await?;
+            }
+            consistent_at = Some(at.to_string());
+        }
         let mut repairs = Vec::new();
         for check in checks.iter().filter(|c| !c.differing.is_empty()) {
             let ranges = check.differing.iter().map(|(range, _, _)| range);
-            let table = repair::TableRepair::of(check.plan, check.table, ranges, source_rows.as_mut(), &mut target)
+            let table = repair::TableRepair::of(check.plan, check.table, ranges, reader.as_mut(), &mut target)
                 .await
                 .with_context(|| format!("writing the repair of {}", check.plan.display))?;
             repairs.push(table);
         }
+        crate::failpoint::hit("repair-rows-read");
         if let Some(path) = &repair.script {
             let script: String = std::iter::once(repair::script_session(target_dialect).to_string())
                 .chain(repairs.iter().map(|r| r.script(target_dialect)))
@@ -217,6 +259,8 @@ pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Resu
                 table.apply(&mut target).await?;
             }
         }
+        // Dropped only now: the applier goes on from the snapshot, over the repaired rows.
+        drop(held);
         repaired = repairs.into_iter().map(|r| r.table).collect();
     }
     Ok(Verification {

@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use super::plan::{Range, Side, TablePlan};
 use crate::schema::mysql_target::Conversion;
 use crate::schema::TableDefinition;
-use crate::source::Source;
+use crate::source::TableReader;
 use crate::sql::SqlDialect;
 
 /// Rows per INSERT statement.
@@ -65,7 +65,7 @@ impl TableRepair {
         plan: &TablePlan,
         table: &TableDefinition,
         ranges: impl Iterator<Item = &Range>,
-        source: &mut dyn Source,
+        source: &mut dyn TableReader,
         target: &mut Side,
     ) -> anyhow::Result<TableRepair> {
         let literals = Literals::of(plan, table, target).await?;

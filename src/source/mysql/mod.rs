@@ -267,27 +267,6 @@ impl Source for MysqlSource {
         Ok(Box::new(MysqlTableReader { conn: Arc::new(Mutex::new(conn)), encodings }))
     }
 
-    async fn read_rows(
-        &mut self,
-        table: &TableDefinition,
-        condition: &str,
-    ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
-        let name = &table.schema.name;
-        let encodings = self
-            .tables
-            .get(name)
-            .map(|t| t.encodings.clone())
-            .with_context(|| format!("no column mapping for {name}"))?;
-        let rows: Vec<mysql_async::Row> = self
-            .conn
-            .query(copy_select(table, Some(condition)))
-            .await
-            .with_context(|| format!("reading rows of {name}"))?;
-        let columns: Vec<String> = table.schema.columns.iter().map(|c| c.name.clone()).collect();
-        let key = table.schema.key_indexes();
-        rows.iter().map(|row| Ok(pg_text_row(row, &encodings, name, &columns, &key)?.0)).collect()
-    }
-
     async fn release_snapshot(&mut self) {
         if let Some(mut lock) = self.locked.take() {
             if let Err(e) = lock.query_drop("UNLOCK TABLES").await {
@@ -401,6 +380,25 @@ struct MysqlTableReader {
 
 #[async_trait]
 impl TableReader for MysqlTableReader {
+    async fn read_rows(
+        &mut self,
+        table: &TableDefinition,
+        condition: &str,
+    ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+        let name = &table.schema.name;
+        let encodings = self.encodings.get(name).cloned().with_context(|| format!("no column mapping for {name}"))?;
+        let rows: Vec<mysql_async::Row> = self
+            .conn
+            .lock()
+            .await
+            .query(copy_select(table, Some(condition)))
+            .await
+            .with_context(|| format!("reading rows of {name}"))?;
+        let columns: Vec<String> = table.schema.columns.iter().map(|c| c.name.clone()).collect();
+        let key = table.schema.key_indexes();
+        rows.iter().map(|row| Ok(pg_text_row(row, &encodings, name, &columns, &key)?.0)).collect()
+    }
+
     async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
         anyhow::ensure!(format == CopyFormat::PostgresText, "a MySQL source copies into PostgreSQL's text format only");
         let name = table.schema.name.clone();

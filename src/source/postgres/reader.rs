@@ -69,6 +69,29 @@ fn names_gone(error: &tokio_postgres::Error) -> bool {
 
 #[async_trait]
 impl TableReader for PostgresTableReader {
+    async fn read_rows(
+        &mut self,
+        table: &TableDefinition,
+        condition: &str,
+    ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+        // The text protocol prints each value by its type's output function, as text COPY does.
+        let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let only = if table.partitioning.is_some() { "" } else { "ONLY " };
+        let sql =
+            format!("SELECT {} FROM {only}{} WHERE {condition}", columns.join(", "), quote_table(&table.schema.name));
+        let messages =
+            self.client.simple_query(&sql).await.with_context(|| format!("reading rows of {}", table.schema.name))?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
     async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
         // The definition was read before the snapshot was pinned: DDL in between would have
         // the copy read other columns than the snapshot's.
