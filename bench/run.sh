@@ -76,7 +76,8 @@ set_marker synced; wait_marker "$NT" synced
 psql -q -h 127.0.0.1 -p "$NT" -U cutover postgres -c "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
 sleep 1
 # PGBENCH_ARGS="-N" writes pgbench's simple-update mix (no hot branch and teller rows).
-"$BIN/pgbench" -n ${PGBENCH_ARGS:-} -c 4 -j 2 -T "$BACKLOG_SECONDS" -h 127.0.0.1 -p "$SRC2" -U cutover postgres > "$WORK/pgbench.out" 2>&1
+"$BIN/pgbench" -n ${PGBENCH_ARGS:-} -c 4 -j 2 -T "$BACKLOG_SECONDS" -h 127.0.0.1 -p "$SRC2" -U cutover postgres > "$WORK/pgbench.out" 2>&1 \
+  || { echo "pgbench failed:" >&2; cat "$WORK/pgbench.out" >&2; exit 1; }
 set_marker backlog
 BACKLOG_TX=$(grep -E "number of transactions actually processed" "$WORK/pgbench.out" | awk '{print $NF}' | cut -d/ -f1)
 S0=$(server_cpu source2); T0=$(server_cpu catchup_native)

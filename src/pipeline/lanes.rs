@@ -115,6 +115,11 @@ impl Footprint {
         !self.everything && self.tables.is_empty() && self.whole_tables.is_empty()
     }
 
+    /// The tables it names.
+    fn touched_tables(&self) -> impl Iterator<Item = &TableName> {
+        self.tables.iter().chain(&self.whole_tables)
+    }
+
     fn add(&mut self, other: Footprint) {
         self.rows.extend(other.rows);
         self.tables.extend(other.tables);
@@ -134,7 +139,7 @@ impl Footprint {
             footprint.tables.insert(table.name.clone());
             for row in rows.iter().flatten() {
                 let mut hasher = DefaultHasher::new();
-                table.name.to_string().hash(&mut hasher);
+                table.name.hash(&mut hasher);
                 for &k in &key {
                     row.get(k).hash(&mut hasher);
                 }
@@ -155,6 +160,13 @@ impl Footprint {
         }
         footprint
     }
+}
+
+/// Changes sent together, and what they touch.
+#[derive(Default)]
+struct Batch {
+    changes: Vec<Change>,
+    footprint: Footprint,
 }
 
 /// A group sent to a lane and not committed yet.
@@ -269,19 +281,50 @@ impl<T> Lanes<T> {
         Ok(())
     }
 
-    /// Sends changes to the open group's lane, once no earlier group on another lane that
-    /// touches what they touch is still to commit.
+    /// Sends changes to the open group's lane: at once those that touch nothing an earlier
+    /// group on another lane has still to commit, then, once those groups have, the rest.
+    /// A group so waits only where it must (the hot rows of a workload), not from its
+    /// first such change on. Changes of one table keep their order (from the first that
+    /// waits, the table's later ones wait with it; rows are per table), and what follows a
+    /// waiting TRUNCATE or schema change waits with it, as one that follows anything waiting
+    /// does.
     pub(super) async fn apply(&mut self, changes: Vec<Change>) -> anyhow::Result<()> {
         let Some(lane) = self.open.as_ref().map(|g| g.lane) else {
             anyhow::bail!("internal error: changes to apply with no target transaction open")
         };
-        let mut footprint = Footprint::default();
-        for change in &changes {
-            footprint.add(Footprint::of(change));
+        let (mut ready, mut waiting) = (Batch::default(), Batch::default());
+        let mut waiting_tables: HashSet<TableName> = HashSet::new();
+        for change in changes {
+            let footprint = Footprint::of(&change);
+            let waits = waiting.footprint.everything
+                || (footprint.everything && !waiting.changes.is_empty())
+                || footprint.touched_tables().chain(change.table()).any(|t| waiting_tables.contains(t))
+                || self.in_flight.iter().any(|g| g.lane != lane && g.footprint.overlaps(&footprint));
+            let batch = match waits {
+                true => {
+                    waiting_tables.extend(footprint.touched_tables().chain(change.table()).cloned());
+                    &mut waiting
+                }
+                false => &mut ready,
+            };
+            batch.changes.push(change);
+            batch.footprint.add(footprint);
         }
-        while self.in_flight.iter().any(|g| g.lane != lane && g.footprint.overlaps(&footprint)) {
-            self.next_report().await?;
+        for batch in [ready, waiting] {
+            if batch.changes.is_empty() {
+                continue;
+            }
+            while self.in_flight.iter().any(|g| g.lane != lane && g.footprint.overlaps(&batch.footprint)) {
+                self.next_report().await?;
+            }
+            self.send_batch(lane, batch).await?;
         }
+        Ok(())
+    }
+
+    /// Sends changes no earlier group on another lane still to commit touches.
+    async fn send_batch(&mut self, lane: usize, batch: Batch) -> anyhow::Result<()> {
+        let Batch { changes, footprint } = batch;
         if footprint.everything {
             // Every earlier group on another lane has committed and no later group exists:
             // the other lanes forget before they apply anything after this.

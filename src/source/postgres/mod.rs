@@ -584,6 +584,7 @@ impl Source for PostgresSource {
             filter: self.filter.clone(),
             ddl_key,
             relations: HashMap::new(),
+            selected: Default::default(),
             unannounced: Default::default(),
             queued: Default::default(),
             type_names: HashMap::new(),

@@ -26,6 +26,8 @@ pub(super) struct PostgresChangeStream {
     /// The key the DDL capture signs its messages with; `None` when not capturing.
     pub(super) ddl_key: Option<String>,
     pub(super) relations: HashMap<u32, Arc<TableSchema>>,
+    /// Relations the filter selects, decided when each is described (not per change).
+    pub(super) selected: std::collections::HashSet<u32>,
     /// Relations described but not passed on yet: one goes out right before the first
     /// change that uses it. (Published via the partition root, pgoutput also describes
     /// the partition a change hit, which no change then names.)
@@ -117,6 +119,10 @@ impl PostgresChangeStream {
             _ => Identity::Nothing,
         };
         let schema = Arc::new(TableSchema { name: TableName::new(rel.namespace, rel.name), columns, identity });
+        match self.filter.includes(&schema.name.to_string()) {
+            true => self.selected.insert(rel.relid),
+            false => self.selected.remove(&rel.relid),
+        };
         self.relations.insert(rel.relid, schema.clone());
         Ok(schema)
     }
@@ -195,7 +201,7 @@ impl PostgresChangeStream {
     /// `Relation` event queued before the change when it was not passed on since it was described.
     fn selected_table(&mut self, relid: u32, at: Lsn) -> anyhow::Result<Option<Arc<TableSchema>>> {
         let table = self.table(relid, at)?;
-        if !self.filter.includes(&table.name.to_string()) {
+        if !self.selected.contains(&relid) {
             return Ok(None);
         }
         if self.unannounced.remove(&relid) {
