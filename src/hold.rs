@@ -41,18 +41,31 @@ type Held = (HoldPoint, Result<Position, String>);
 pub struct Hold {
     asked: watch::Sender<Option<HoldPoint>>,
     held: watch::Sender<Option<Held>>,
+    /// The stream ended while a hold was asked for (the pipeline resumes from its checkpoint,
+    /// and may copy tables again, or stops): what the hold promised may no longer be true,
+    /// so it answers no more until let go.
+    broken: watch::Sender<bool>,
 }
 
 impl Default for Hold {
     fn default() -> Hold {
-        Hold { asked: watch::channel(None).0, held: watch::channel(None).0 }
+        Hold { asked: watch::channel(None).0, held: watch::channel(None).0, broken: watch::channel(false).0 }
     }
 }
 
+/// Why a hold that was broken answers no more.
+const BROKEN: &str = "the pipeline stopped streaming or resumed from its checkpoint while held (it may have copied \
+                      tables since): nothing is repaired; run verify --repair again";
+
 impl Hold {
-    /// Asks the applier to hold at `point`; `None` lets it go on.
+    /// Asks the applier to hold at `point`; `None` lets it go on, and forgets what the hold said.
     pub fn ask(&self, point: Option<HoldPoint>) {
+        let letting_go = point.is_none();
         self.asked.send_replace(point);
+        if letting_go {
+            self.held.send_replace(None);
+            self.broken.send_replace(false);
+        }
     }
 
     /// Whether a hold is asked for.
@@ -61,13 +74,16 @@ impl Hold {
     }
 
     /// Waits until the applier holds at `point`: the position the target has applied then.
+    /// Asked again at the same point, it says whether the hold still stands.
     pub async fn held(&self, point: &HoldPoint) -> anyhow::Result<Position> {
-        let mut held = self.held.subscribe();
-        let answer = held
-            .wait_for(|held| held.as_ref().is_some_and(|(at, _)| at == point))
-            .await
-            .map_err(|_| anyhow::anyhow!("the applier is gone"))?
-            .clone();
+        let (mut held, mut broken) = (self.held.subscribe(), self.broken.subscribe());
+        let answer = tokio::select! {
+            biased;
+            _ = broken.wait_for(|broken| *broken) => anyhow::bail!(BROKEN),
+            answer = held.wait_for(|held| held.as_ref().is_some_and(|(at, _)| at == point)) => {
+                answer.map_err(|_| anyhow::anyhow!("the applier is gone"))?.clone()
+            }
+        };
         match answer {
             Some((_, Ok(position))) => Ok(position),
             Some((_, Err(why))) => anyhow::bail!("{why}"),
@@ -78,6 +94,13 @@ impl Hold {
     /// What the applier watches.
     pub(crate) fn asked(&self) -> watch::Receiver<Option<HoldPoint>> {
         self.asked.subscribe()
+    }
+
+    /// The stream ends: a hold asked for is broken.
+    pub(crate) fn stream_ended(&self) {
+        if self.is_asked() {
+            self.broken.send_replace(true);
+        }
     }
 
     /// The applier holds at `point`, with everything up to `applied` on the target.

@@ -248,6 +248,8 @@ impl HoldAnswer {
 pub struct HeldPipeline {
     lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
     write: OwnedWriteHalf,
+    /// The position last held before.
+    before: Option<String>,
 }
 
 impl HeldPipeline {
@@ -256,7 +258,7 @@ impl HeldPipeline {
     pub async fn next(state_dir: &Path) -> anyhow::Result<Option<(HeldPipeline, Position)>> {
         let Ok(socket) = tokio::net::UnixStream::connect(socket_path(state_dir)).await else { return Ok(None) };
         let (read, write) = socket.into_split();
-        let mut held = HeldPipeline { lines: BufReader::new(read).lines(), write };
+        let mut held = HeldPipeline { lines: BufReader::new(read).lines(), write, before: None };
         let at = held.ask(None).await?;
         Ok(Some((held, at)))
     }
@@ -264,7 +266,14 @@ impl HeldPipeline {
     /// Has the applier apply every transaction ordered before `position` (a snapshot's)
     /// and hold before the rest: the position the target has applied then.
     pub async fn before(&mut self, position: &Position) -> anyhow::Result<Position> {
-        self.ask(Some(position.to_string())).await
+        self.before = Some(position.to_string());
+        self.ask(self.before.clone()).await
+    }
+
+    /// Whether the hold still stands where it was last asked to (the daemon did not stop
+    /// streaming since, nor resume from its checkpoint): an error if not.
+    pub async fn confirm(&mut self) -> anyhow::Result<()> {
+        self.ask(self.before.clone()).await.map(|_| ())
     }
 
     async fn ask(&mut self, before: Option<String>) -> anyhow::Result<Position> {

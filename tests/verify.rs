@@ -32,6 +32,9 @@ INSERT INTO events SELECT 'e' || g, g FROM generate_series(1, 24000) g;
 INSERT INTO events VALUES (NULL, NULL), (NULL, NULL), ('e1', 1);
 CREATE TABLE tokens (id uuid PRIMARY KEY, n integer);
 INSERT INTO tokens SELECT md5(g::text)::uuid, g FROM generate_series(1, 24000) g;
+CREATE TABLE blobs (flag boolean, raw bytea, ratio double precision);
+INSERT INTO blobs SELECT g % 2 = 0, decode(md5(g::text), 'hex'), g / 3.0 FROM generate_series(1, 24000) g;
+INSERT INTO blobs VALUES (NULL, NULL, NULL);
 ANALYZE;
 "#;
 
@@ -53,15 +56,25 @@ INSERT INTO shop.events VALUES (NULL, NULL), (NULL, NULL), ('e1', 1);
 CREATE TABLE shop.tokens (id char(36) PRIMARY KEY, n int);
 INSERT INTO shop.tokens SELECT CONCAT_WS('-', SUBSTR(MD5(seq), 1, 8), SUBSTR(MD5(seq), 9, 4), SUBSTR(MD5(seq), 13, 4),
     SUBSTR(MD5(seq), 17, 4), SUBSTR(MD5(seq), 21, 12)), seq FROM seq_1_to_24000;
-ANALYZE TABLE shop.codes, shop.events, shop.tokens;
+CREATE TABLE shop.blobs (flag tinyint(1), raw varbinary(16), ratio double);
+INSERT INTO shop.blobs SELECT seq % 2 = 0, UNHEX(MD5(seq)), seq / 3 FROM seq_1_to_24000;
+INSERT INTO shop.blobs VALUES (NULL, NULL, NULL);
+ANALYZE TABLE shop.codes, shop.events, shop.tokens, shop.blobs;
 ";
 
 /// Made on the target after the copy: per table, one changed, one missing and one extra row
-/// (and a second changed item, by a cent; one of two equal keyless rows gone).
+/// (and a second changed item, by a cent; one of two equal keyless rows gone; in a keyless
+/// table of bytes, a boolean and a float, a changed and a missing row).
 fn drift(qualifier: &str, mysql_target: bool) -> String {
-    let one_of_two = match mysql_target {
-        true => "DELETE FROM {q}events WHERE v IS NULL LIMIT 1",
-        false => "DELETE FROM {q}events WHERE ctid = (SELECT min(ctid) FROM {q}events WHERE v IS NULL)",
+    let (one_of_two, one_flag) = match mysql_target {
+        true => (
+            "DELETE FROM {q}events WHERE v IS NULL LIMIT 1",
+            "UPDATE {q}blobs SET flag = NULL WHERE flag IS NOT NULL ORDER BY ratio LIMIT 1",
+        ),
+        false => (
+            "DELETE FROM {q}events WHERE ctid = (SELECT min(ctid) FROM {q}events WHERE v IS NULL)",
+            "UPDATE {q}blobs SET flag = NULL WHERE ctid = (SELECT min(ctid) FROM {q}blobs WHERE flag IS NOT NULL)",
+        ),
     };
     [
         "UPDATE {q}items SET name = 'changed' WHERE id = 1234",
@@ -76,6 +89,8 @@ fn drift(qualifier: &str, mysql_target: bool) -> String {
         one_of_two,
         "UPDATE {q}tokens SET n = -n WHERE n = 77",
         "DELETE FROM {q}tokens WHERE n = 78",
+        one_flag,
+        "DELETE FROM {q}blobs WHERE raw IS NULL",
     ]
     .map(|statement| statement.replace("{q}", qualifier))
     .join(";\n")
@@ -109,7 +124,7 @@ async fn names_differing_rows(name: &str, source: Server, target: Server) {
 
     let clean = cutover::verify::verify(&config).await.expect("verify runs");
     assert!(clean.matches(), "a fresh copy differs:\n{}", cutover::verify::render(&clean));
-    assert_eq!(clean.tables.len(), 4);
+    assert_eq!(clean.tables.len(), 5);
     assert_eq!(table(&clean, "items").source_rows, 5001);
 
     // A MySQL source's database lands in the PostgreSQL schema of its name.
@@ -142,6 +157,10 @@ async fn names_differing_rows(name: &str, source: Server, target: Server) {
     assert_eq!((events.missing.count, events.extra.count, events.changed.count), (2, 1, 0), "{shown}");
     assert!(events.missing.keys.iter().any(|k| k.contains("e3")), "{shown}");
     assert!(events.extra.keys[0].contains("new"), "{shown}");
+    // Without a key or a text column: in buckets by the bytes' hex, across dialects too.
+    let blobs = table(&drifted, "blobs");
+    assert_eq!((blobs.missing.count, blobs.extra.count, blobs.changed.count), (2, 1, 0), "{shown}");
+    assert!(blobs.chunks > 1 && blobs.source_rows == 24001, "{shown}");
 
     // The command: the keys on stdout, exit status 1.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
@@ -171,9 +190,9 @@ async fn names_differing_rows(name: &str, source: Server, target: Server) {
     let (code, output) = verify(&["--repair-script", &script_arg]);
     assert_eq!(code, Some(1), "{output}");
     let sql = std::fs::read_to_string(&script).expect("repair script");
-    assert!(sql.contains("DELETE FROM") && sql.contains("INSERT INTO") && sql.matches("COMMIT;").count() == 4, "{sql}");
+    assert!(sql.contains("DELETE FROM") && sql.contains("INSERT INTO") && sql.matches("COMMIT;").count() == 5, "{sql}");
     let (code, output) = verify(&["--repair"]);
-    assert!(code == Some(0) && output.contains("repaired") && output.contains("4 tables, 4 match"), "{output}");
+    assert!(code == Some(0) && output.contains("repaired") && output.contains("5 tables, 5 match"), "{output}");
     let repaired = cutover::verify::verify(&config).await.expect("verify runs");
     assert!(repaired.matches(), "{}", cutover::verify::render(&repaired));
 
@@ -195,7 +214,7 @@ async fn names_differing_rows(name: &str, source: Server, target: Server) {
             .await;
     }
     let (code, output) = verify(&["--repair"]);
-    assert!(code == Some(0) && output.contains("4 tables, 4 match"), "seed {seed}: {output}");
+    assert!(code == Some(0) && output.contains("5 tables, 5 match"), "seed {seed}: {output}");
     assert_equals_a_fresh_copy(&dir, &config_path, &source, &target, seed).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -430,7 +449,8 @@ fn random_write(rng: &mut common::Rng, i: u64) -> String {
 /// repair holds the applier at its snapshot of the source, so a change applied between its
 /// read and its write cannot be overwritten by an older row. Its write waits 2 s there
 /// (failpoint), while the writer goes on, so an unheld repair loses changes here. A repair
-/// killed while it holds lets the pipeline go on. Once the writer stops and the target
+/// killed while it holds lets the pipeline go on; a daemon killed and started again while
+/// a repair holds it has the repair roll back. Once the writer stops and the target
 /// caught up, every table equals a fresh copy of the source (CUTOVER_VERIFY_SEED).
 async fn repairs_a_live_pipeline(name: &str, source: Server, target: Server) {
     let dir = common::test_dir(&format!("cutover-test-verify-{name}-{}", std::process::id()));
@@ -497,6 +517,27 @@ async fn repairs_a_live_pipeline(name: &str, source: Server, target: Server) {
     let (code, output) = verify("repair-rows-read");
     assert!(code.is_none() && output.contains("failpoint repair-rows-read"), "{output}");
     assert!(caught_up(&config, 60).await, "the pipeline did not go on after the repair died:\n{}", read_log());
+    // The daemon killed and started again while a repair holds it: the hold is gone, so
+    // the repair's transaction rolls back instead of committing beside the new daemon.
+    let holds = read_log().matches("holding the applier for a repair").count();
+    let repairing = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["verify", "--repair", "--config"])
+        .arg(&config_path)
+        .env("CUTOVER_FAILPOINT", "repair-rows-read:sleep=4")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cutover verify starts");
+    let started = std::time::Instant::now();
+    while read_log().matches("holding the applier for a repair").count() < holds + 2 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the repair never held:\n{}", read_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    common::kill9(&mut daemon);
+    daemon = common::spawn_run(&config_path, &log, &[]);
+    let output = repairing.wait_with_output().expect("cutover verify ends");
+    let text = common::output_text(&output);
+    assert!(!output.status.success() && text.contains("rolled back"), "{text}");
     let (code, output) = verify("repair-rows-read:sleep=2");
     assert!(matches!(code, Some(0 | 1)) && output.contains("repaired"), "{output}\n{}", read_log());
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -713,6 +713,9 @@ pub(super) async fn stream(
             }
             _ => {}
         }
+        // A transaction is set aside only between transactions (a source that began one
+        // without ending it would have it set aside again and again).
+        let between = applier.current.is_none();
         let deadline = drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = idle_check.tick() => {
@@ -757,7 +760,7 @@ pub(super) async fn stream(
                 }
             }
             _ = asked_rx.changed() => {}
-            next = next_event(&mut pending, &mut rx, asked.as_ref()), if !holding => match next {
+            next = next_event(&mut pending, &mut rx, asked.as_ref().filter(|_| between)), if !holding => match next {
                 Next::SetAside => {}
                 Next::Event(Some((event, permit))) => {
                     let more_waiting = !rx.is_empty();
@@ -792,7 +795,8 @@ pub(super) async fn stream(
                 }
                 drain_deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
             }
-            changed = resync.changed(), if drain_deadline.is_none() && !resync_closed => {
+            // Not while a repair holds the applier: a copy then would be newer than its snapshot.
+            changed = resync.changed(), if drain_deadline.is_none() && !resync_closed && asked.is_none() => {
                 // The sender lives as long as the pipeline; gone, nothing can ask any more.
                 if changed.is_err() {
                     resync_closed = true;
@@ -811,6 +815,7 @@ pub(super) async fn stream(
         }
     };
     reader.abort();
+    hold.stream_ended();
     applier.lanes.shutdown().await;
     let result = result.map_err(|e| applier.explain_failure(e));
     // Drained for `cutover resync` (and not told to stop meanwhile): resume, copying again.
@@ -918,6 +923,9 @@ mod tests {
         }
         fn in_place(&self) -> crate::sink::InPlace {
             Box::new(|op| !matches!(op, SchemaOp::CreateTable | SchemaOp::CopyAgain { .. } | SchemaOp::SetType { .. }))
+        }
+        fn reorders_tables(&self) -> bool {
+            true
         }
         async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
             if self.fails {

@@ -203,6 +203,8 @@ pub(super) struct Lanes<T> {
     active: usize,
     /// A lane failed while groups were in flight on more than one lane.
     failed_in_parallel: bool,
+    /// The sinks take a table's changes ahead of another's ([`Sink::reorders_tables`]).
+    reorders_tables: bool,
 }
 
 /// Commands a lane holds before the applier waits: about two batches, so memory stays bounded.
@@ -211,6 +213,7 @@ const LANE_QUEUE: usize = 2;
 impl<T> Lanes<T> {
     /// Starts one lane per sink.
     pub(super) fn start(sinks: Vec<Box<dyn Sink>>) -> Lanes<T> {
+        let reorders_tables = sinks.iter().all(|sink| sink.reorders_tables());
         let (report_tx, reports) = mpsc::unbounded_channel();
         // The number of the last group committed: a lane's turn comes when it is the one before its group.
         let (turn_tx, turn) = watch::channel(0u64);
@@ -238,6 +241,7 @@ impl<T> Lanes<T> {
             next_seq: 1,
             active,
             failed_in_parallel: false,
+            reorders_tables,
         }
     }
 
@@ -286,8 +290,9 @@ impl<T> Lanes<T> {
     /// A group so waits only where it must (the hot rows of a workload), not from its
     /// first such change on. Changes of one table keep their order (from the first that
     /// waits, the table's later ones wait with it; rows are per table), and what follows a
-    /// waiting TRUNCATE or schema change waits with it, as one that follows anything waiting
-    /// does.
+    /// waiting TRUNCATE or schema change waits with it. Where the sinks keep the source's
+    /// order across tables (a foreign key checked at once), everything after the first
+    /// change that waits waits with it.
     pub(super) async fn apply(&mut self, changes: Vec<Change>) -> anyhow::Result<()> {
         let Some(lane) = self.open.as_ref().map(|g| g.lane) else {
             anyhow::bail!("internal error: changes to apply with no target transaction open")
@@ -297,7 +302,7 @@ impl<T> Lanes<T> {
         for change in changes {
             let footprint = Footprint::of(&change);
             let waits = waiting.footprint.everything
-                || (footprint.everything && !waiting.changes.is_empty())
+                || ((footprint.everything || !self.reorders_tables) && !waiting.changes.is_empty())
                 || footprint.touched_tables().chain(change.table()).any(|t| waiting_tables.contains(t))
                 || self.in_flight.iter().any(|g| g.lane != lane && g.footprint.overlaps(&footprint));
             let batch = match waits {

@@ -126,6 +126,14 @@ pub trait Sink: Send + Sync {
     /// always apply, and succeed when the table is not there.
     fn in_place(&self) -> InPlace;
 
+    /// Whether changes to different tables in one target transaction may reach it in
+    /// another order than the source made them: nothing between tables (a foreign key) is
+    /// checked before the commit. Parallel apply then lets a table's changes go ahead of
+    /// another's that wait. No, by default.
+    fn reorders_tables(&self) -> bool {
+        false
+    }
+
     /// Forgets what it read about `tables` on the target: another apply connection
     /// changed their shape.
     fn forget_tables(&mut self, _tables: &[TableName]) {}

@@ -256,7 +256,7 @@ pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Resu
         }
         if repair.apply {
             for table in &repairs {
-                table.apply(&mut target).await?;
+                table.apply(&mut target, held.as_mut()).await?;
             }
         }
         // Dropped only now: the applier goes on from the snapshot, over the repaired rows.

@@ -179,9 +179,11 @@ pub(super) struct TablePlan {
     pub(super) key: Vec<usize>,
     pub(super) key_order: KeyOrder,
     /// Across dialects, the column whose text both sides print alike (text, uuid, an
-    /// integer) that buckets go by: the first key column, or without a key the first such
-    /// column; `None` when there is none.
+    /// integer, bytes as hex, a boolean as 1 or 0) that buckets go by: the first key
+    /// column, or without a key the first such column; `None` when there is none.
     bucket_column: Option<usize>,
+    /// The bucket column is a boolean (PostgreSQL prints it `t`/`f`, MySQL `1`/`0`).
+    bucket_boolean: bool,
     /// The source's row estimate (0 when it has none): sizes the chunks.
     estimated_rows: u64,
     /// Source and target speak different dialects: buckets go by a hash both compute alike.
@@ -273,15 +275,18 @@ impl TablePlan {
             },
             None => KeyOrder::Whole,
         };
+        let type_name = |i: usize| table.schema.columns[i].type_name.to_ascii_lowercase();
         let same_text = |i: usize| {
-            let type_name = table.schema.columns[i].type_name.to_ascii_lowercase();
-            matches!(columns[i].1, ValueClass::Text | ValueClass::PaddedText)
-                || type_name == "uuid"
-                || KeyOrder::of(&type_name) == KeyOrder::Integer
+            matches!(columns[i].1, ValueClass::Text | ValueClass::PaddedText | ValueClass::Binary)
+                || ["uuid", "boolean"].contains(&type_name(i).as_str())
+                || KeyOrder::of(&type_name(i)) == KeyOrder::Integer
         };
+        // Without a key, a boolean (at most three buckets) only when nothing else is there.
         let bucket_column = match key.first() {
             Some(&first) => same_text(first).then_some(first),
-            None => (0..columns.len()).find(|&i| same_text(i)),
+            None => (0..columns.len())
+                .find(|&i| same_text(i) && type_name(i) != "boolean")
+                .or_else(|| (0..columns.len()).find(|&i| same_text(i))),
         };
         let sqlite_types = match source {
             SqlDialect::Sqlite => Some(
@@ -306,6 +311,7 @@ impl TablePlan {
             columns,
             key,
             key_order,
+            bucket_boolean: bucket_column.is_some_and(|i| type_name(i) == "boolean"),
             bucket_column,
             estimated_rows: table.estimated_rows,
             across: source != target,
@@ -361,7 +367,7 @@ impl TablePlan {
     /// both sides print alike (NULL as the empty text).
     fn bucket(&self, dialect: SqlDialect, of: u64) -> String {
         if self.across {
-            let column = self.bucket_column.map(|i| dialect.ident(&self.columns[i].0)).unwrap_or_default();
+            let column = self.bucket_column.map(|i| self.bucket_text(dialect, i)).unwrap_or_default();
             return match dialect {
                 SqlDialect::Mysql => format!(
                     "CAST(CONV(LEFT(MD5(COALESCE(CONVERT({column} USING utf8mb4), '')), 8), 16, 10) AS UNSIGNED) % {of}"
@@ -478,6 +484,15 @@ impl TablePlan {
             (SqlDialect::Mysql, ValueClass::Interval) => format!("CAST({column} AS TIME(6))"),
             (SqlDialect::Mysql, ValueClass::Real) => format!("({column} * 1e0)"),
             _ => column,
+        }
+    }
+
+    /// The bucket column as text both dialects print alike: bytes as lowercase hex, booleans
+    /// as 1 or 0 (as MySQL stores them; the copy refuses any other value there).
+    fn bucket_text(&self, dialect: SqlDialect, i: usize) -> String {
+        match (dialect, self.bucket_boolean) {
+            (SqlDialect::Postgres, true) => format!("{}::int", dialect.ident(&self.columns[i].0)),
+            _ => self.text_of(dialect, i),
         }
     }
 

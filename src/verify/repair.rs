@@ -20,6 +20,7 @@ use crate::schema::mysql_target::Conversion;
 use crate::schema::TableDefinition;
 use crate::source::TableReader;
 use crate::sql::SqlDialect;
+use crate::status::HeldPipeline;
 
 /// Rows per INSERT statement.
 const ROWS_PER_INSERT: usize = 500;
@@ -85,10 +86,19 @@ impl TableRepair {
     }
 
     /// Runs the statements on the target in one transaction.
-    pub(super) async fn apply(&self, target: &mut Side) -> anyhow::Result<()> {
+    /// Runs the repair in one transaction; with a `hold` on a live pipeline, commits only
+    /// if the hold still stands once the rows are written (locked by the transaction: a
+    /// daemon that resumes after that waits for the commit to touch them).
+    pub(super) async fn apply(&self, target: &mut Side, hold: Option<&mut HeldPipeline>) -> anyhow::Result<()> {
         target.run(begin(target.dialect())).await?;
         for statement in &self.statements {
             if let Err(e) = target.run(statement).await {
+                let _ = target.run("ROLLBACK").await;
+                return Err(e).with_context(|| format!("repairing {} (rolled back)", self.table));
+            }
+        }
+        if let Some(hold) = hold {
+            if let Err(e) = hold.confirm().await {
                 let _ = target.run("ROLLBACK").await;
                 return Err(e).with_context(|| format!("repairing {} (rolled back)", self.table));
             }

@@ -788,6 +788,12 @@ impl Sink for PostgresSink {
         tables_where(&self.client, tables, "JOIN pg_class c ON c.oid = to_regclass(t) WHERE c.relispartition").await
     }
 
+    /// Foreign keys are not checked while applying (replica role) or only at commit
+    /// (created deferrable, deferred), and a batch's changes are applied table by table.
+    fn reorders_tables(&self) -> bool {
+        true
+    }
+
     fn in_place(&self) -> InPlace {
         let partitions = self.partitions;
         Box::new(move |op| match op {

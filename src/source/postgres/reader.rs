@@ -67,6 +67,56 @@ fn names_gone(error: &tokio_postgres::Error) -> bool {
     error.code().is_some_and(|code| *code == SqlState::UNDEFINED_TABLE || *code == SqlState::UNDEFINED_COLUMN)
 }
 
+impl PostgresTableReader {
+    /// Whether the snapshot can read `name` (the table or a partition of it) as it was:
+    /// the table's columns as the snapshot's catalog shows them are the ones read (the
+    /// definition was read before the snapshot was pinned: DDL in between would have other
+    /// columns read, or none), and its file is the one the snapshot's catalog names.
+    async fn check_readable(&mut self, table: &TableDefinition, name: &TableName) -> anyhow::Result<()> {
+        if !self.checked.contains(&table.schema.name) {
+            let seen = super::catalog::signature_as_seen(&self.client, &table.schema.name).await?;
+            if seen.is_none_or(|seen| seen != table.signature()) {
+                return Err(changed_since_read(&table.schema.name));
+            }
+            self.checked.insert(table.schema.name.clone());
+        }
+        let qualified = quote_table(name);
+        // Lock the table (its read would, until this transaction ends), then compare the
+        // file the snapshot's catalog names with the table's file now: TRUNCATE swaps the
+        // file, and the snapshot would read the new one (empty of what it can see). Without
+        // waiting: a TRUNCATE queued for a table another reader holds would make this one
+        // wait behind it, and the TRUNCATE waits for the copy to end. (A failed statement
+        // ends a transaction: inside a savepoint.)
+        let checking = || format!("checking that {name} was not truncated since the snapshot");
+        let lock = format!(
+            "SAVEPOINT cutover_lock; LOCK TABLE ONLY {qualified} IN ACCESS SHARE MODE NOWAIT; RELEASE SAVEPOINT cutover_lock"
+        );
+        match self.client.batch_execute(&lock).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                self.client.batch_execute("ROLLBACK TO SAVEPOINT cutover_lock").await.with_context(checking)?;
+                return Err(TableRewritten(name.clone()).into());
+            }
+            Err(e) if names_gone(&e) => return Err(changed_since_read(&table.schema.name)),
+            Err(e) => return Err(e).with_context(checking),
+        }
+        let rewritten = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_class c WHERE c.oid = $1::text::regclass \
+                 AND pg_relation_filenode(c.oid) IS NOT DISTINCT FROM nullif(c.relfilenode, 0)",
+                &[&qualified],
+            )
+            .await
+            .with_context(checking)?
+            .is_none();
+        if rewritten {
+            return Err(TableRewritten(name.clone()).into());
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl TableReader for PostgresTableReader {
     async fn read_rows(
@@ -74,6 +124,9 @@ impl TableReader for PostgresTableReader {
         table: &TableDefinition,
         condition: &str,
     ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+        for holder in table.row_holders() {
+            self.check_readable(table, holder).await?;
+        }
         // The text protocol prints each value by its type's output function, as text COPY does.
         let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let only = if table.partitioning.is_some() { "" } else { "ONLY " };
@@ -93,15 +146,6 @@ impl TableReader for PostgresTableReader {
     }
 
     async fn read(&mut self, table: &TableDefinition, chunk: Chunk, format: CopyFormat) -> anyhow::Result<CopyStream> {
-        // The definition was read before the snapshot was pinned: DDL in between would have
-        // the copy read other columns than the snapshot's.
-        if !self.checked.contains(&table.schema.name) {
-            let seen = super::catalog::signature_as_seen(&self.client, &table.schema.name).await?;
-            if seen.is_none_or(|seen| seen != table.signature()) {
-                return Err(changed_since_read(&table.schema.name));
-            }
-            self.checked.insert(table.schema.name.clone());
-        }
         let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
         // The table that holds the chunk's rows: a partition, or the table itself.
         let name = match chunk {
@@ -139,38 +183,7 @@ impl TableReader for PostgresTableReader {
             CopyFormat::PostgresBinary => "FORMAT binary",
             CopyFormat::PostgresText => "FORMAT text",
         };
-        // Lock the table (its read would, until this transaction ends), then compare the
-        // file the snapshot's catalog names with the table's file now: TRUNCATE swaps the
-        // file, and the snapshot would read the new one (empty of what it can see). Without
-        // waiting: a TRUNCATE queued for a table another reader holds would make this one
-        // wait behind it, and the TRUNCATE waits for the copy to end. (A failed statement
-        // ends a transaction: inside a savepoint.)
-        let checking = || format!("checking that {name} was not truncated since the snapshot");
-        let lock = format!(
-            "SAVEPOINT cutover_lock; LOCK TABLE ONLY {qualified} IN ACCESS SHARE MODE NOWAIT; RELEASE SAVEPOINT cutover_lock"
-        );
-        match self.client.batch_execute(&lock).await {
-            Ok(()) => {}
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                self.client.batch_execute("ROLLBACK TO SAVEPOINT cutover_lock").await.with_context(checking)?;
-                return Err(TableRewritten(name).into());
-            }
-            Err(e) if names_gone(&e) => return Err(changed_since_read(&table.schema.name)),
-            Err(e) => return Err(e).with_context(checking),
-        }
-        let rewritten = self
-            .client
-            .query_opt(
-                "SELECT 1 FROM pg_class c WHERE c.oid = $1::text::regclass \
-                 AND pg_relation_filenode(c.oid) IS NOT DISTINCT FROM nullif(c.relfilenode, 0)",
-                &[&qualified],
-            )
-            .await
-            .with_context(checking)?
-            .is_none();
-        if rewritten {
-            return Err(TableRewritten(name).into());
-        }
+        self.check_readable(table, &name).await?;
         let stream = match self.client.copy_out(&format!("COPY {source} TO STDOUT ({options})")).await {
             Ok(stream) => stream,
             Err(e) if names_gone(&e) => return Err(changed_since_read(&table.schema.name)),
