@@ -870,6 +870,8 @@ mod tests {
         lane: Option<u64>,
         /// Fails every batch, after 20 ms.
         fails: bool,
+        /// Says it takes changes in the source's order across tables (as a MySQL target does).
+        keeps_table_order: bool,
     }
 
     impl MemorySink {
@@ -925,7 +927,7 @@ mod tests {
             Box::new(|op| !matches!(op, SchemaOp::CreateTable | SchemaOp::CopyAgain { .. } | SchemaOp::SetType { .. }))
         }
         fn reorders_tables(&self) -> bool {
-            true
+            !self.keeps_table_order
         }
         async fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
             if self.fails {
@@ -1042,17 +1044,19 @@ mod tests {
         events: Vec<Option<Event>>,
         log_end_after_stop: Option<Position>,
     ) -> (Vec<String>, bool) {
-        run_with(config, events, log_end_after_stop, Serial::No, None).await
+        run_with(config, events, log_end_after_stop, Serial::No, None, false).await
     }
 
-    /// As [`run`], with groups run on one connection as `serial` says, and the sink of
-    /// connection `failing` failing its batches.
+    /// As [`run`], with groups run on one connection as `serial` says, the sink of
+    /// connection `failing` failing its batches, and sinks that keep the source's order
+    /// across tables if `keeps_table_order`.
     async fn run_with(
         config: &Config,
         events: Vec<Option<Event>>,
         log_end_after_stop: Option<Position>,
         serial: Serial,
         failing: Option<u64>,
+        keeps_table_order: bool,
     ) -> (Vec<String>, bool) {
         let dir = std::env::temp_dir().join(format!(
             "cutover-applier-{}-{:?}",
@@ -1070,7 +1074,7 @@ mod tests {
             .map(|lane| {
                 let fails = failing == Some(lane as u64);
                 let lane = (lanes > 1).then_some(lane as u64);
-                Box::new(MemorySink { log: log.clone(), lane, fails }) as Box<dyn Sink>
+                Box::new(MemorySink { log: log.clone(), lane, fails, keeps_table_order }) as Box<dyn Sink>
             })
             .collect();
         let (confirmed, _rx) = watch::channel(lsn(0));
@@ -1317,25 +1321,41 @@ mod tests {
                 .collect();
             events.push(ranged_transaction(1000 + 10 * t, 1005 + 10 * t, changes));
         }
-        let (log, _) = run(&config, queued(events), None).await;
-        let commits: Vec<&String> = log.iter().filter(|l| l.starts_with("commit")).collect();
-        assert!(commits.len() > 10, "{log:?}");
-        let last = format!("commit lsn:0/{:X}", 1005 + 10 * 399);
-        assert_eq!(commits.last(), Some(&&last), "{log:?}");
-        let positions: Vec<u64> = commits
-            .iter()
-            .filter_map(|c| u64::from_str_radix(c.trim_start_matches("commit lsn:0/"), 16).ok())
-            .collect();
-        assert!(positions.windows(2).all(|w| w[0] < w[1]), "commits out of source order: {positions:?}");
-        for key in (100..105).chain(200..260) {
-            let wanted: Vec<&String> = expected_writes.iter().filter(|(k, _)| *k == key).map(|(_, v)| v).collect();
-            let prefix = format!("Text(\"{key}\")=");
-            let applied: Vec<String> = log
+        // Sinks that take a table's changes ahead of another's, and sinks that do not (whose
+        // transactions then reach them with their changes in the source's order).
+        for keeps_table_order in [false, true] {
+            let (log, _) = run_with(&config, queued(events.clone()), None, Serial::No, None, keeps_table_order).await;
+            let commits: Vec<&String> = log.iter().filter(|l| l.starts_with("commit")).collect();
+            assert!(commits.len() > 10, "{log:?}");
+            let last = format!("commit lsn:0/{:X}", 1005 + 10 * 399);
+            assert_eq!(commits.last(), Some(&&last), "{log:?}");
+            let positions: Vec<u64> = commits
                 .iter()
-                .filter_map(|l| l.strip_prefix(&prefix))
-                .map(|v| v.trim_start_matches("Text(\"").trim_end_matches("\")").to_string())
+                .filter_map(|c| u64::from_str_radix(c.trim_start_matches("commit lsn:0/"), 16).ok())
                 .collect();
-            assert_eq!(applied.iter().collect::<Vec<_>>(), wanted, "key {key}: {log:?}");
+            assert!(positions.windows(2).all(|w| w[0] < w[1]), "commits out of source order: {positions:?}");
+            let value = |entry: &str| {
+                let (_, value) = entry.split_once("=Text(\"")?;
+                Some(value.trim_end_matches("\")").to_string())
+            };
+            for key in (100..105).chain(200..260) {
+                let wanted: Vec<&String> = expected_writes.iter().filter(|(k, _)| *k == key).map(|(_, v)| v).collect();
+                let prefix = format!("Text(\"{key}\")=");
+                let applied: Vec<String> =
+                    log.iter().filter(|l| l.starts_with(&prefix)).filter_map(|l| value(l)).collect();
+                assert_eq!(applied.iter().collect::<Vec<_>>(), wanted, "key {key}: {log:?}");
+            }
+            // Each transaction's changes (`t.c`) in the order it made them.
+            let written: Vec<(u64, u64)> = log
+                .iter()
+                .filter_map(|l| value(l))
+                .filter_map(|v| v.split_once('.').and_then(|(t, c)| Some((t.parse().ok()?, c.parse().ok()?))))
+                .collect();
+            let in_order = (0..400u64).all(|t| {
+                let changes: Vec<u64> = written.iter().filter(|(wt, _)| *wt == t).map(|(_, c)| *c).collect();
+                changes.windows(2).all(|w| w[0] < w[1])
+            });
+            assert!(in_order || !keeps_table_order, "a transaction's changes reordered across tables: {log:?}");
         }
     }
 
@@ -1349,17 +1369,17 @@ mod tests {
             queued(transactions.collect())
         };
         // The second connection fails while the first has a group in flight.
-        let (log, _) = run_with(&config, events(), None, Serial::No, Some(1)).await;
+        let (log, _) = run_with(&config, events(), None, Serial::No, Some(1), false).await;
         let until = "applying again on one connection up to lsn:0/";
         assert!(
             log.last().is_some_and(|l| l.contains("applying on 2 connections failed") && l.contains(until)),
             "{log:?}"
         );
         // Run again up to there on one connection (the failing one is not used), then on both.
-        let (log, _) = run_with(&config, events(), None, Serial::Until(lsn(1020)), None).await;
+        let (log, _) = run_with(&config, events(), None, Serial::Until(lsn(1020)), None, false).await;
         let commits: Vec<&String> = log.iter().filter(|l| l.starts_with("commit")).collect();
         assert_eq!(commits.len(), 6, "{log:?}");
-        let (log, _) = run_with(&config, events(), None, Serial::Always, Some(1)).await;
+        let (log, _) = run_with(&config, events(), None, Serial::Always, Some(1), false).await;
         assert_eq!(log.iter().filter(|l| l.starts_with("commit")).count(), 6, "{log:?}");
     }
 
