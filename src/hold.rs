@@ -55,17 +55,18 @@ impl Default for Hold {
 
 /// Why a hold that was broken answers no more.
 const BROKEN: &str = "the pipeline stopped streaming or resumed from its checkpoint while held (it may have copied \
-                      tables since): nothing is repaired; run verify --repair again";
+                      tables since): this table's repair is rolled back (tables repaired before it stay repaired); \
+                      run verify --repair again";
 
 impl Hold {
     /// Asks the applier to hold at `point`; `None` lets it go on, and forgets what the hold said.
     pub fn ask(&self, point: Option<HoldPoint>) {
-        let letting_go = point.is_none();
-        self.asked.send_replace(point);
-        if letting_go {
+        // Forgotten before the hold ends: a hold asked next never sees this one's answers.
+        if point.is_none() {
             self.held.send_replace(None);
             self.broken.send_replace(false);
         }
+        self.asked.send_replace(point);
     }
 
     /// Whether a hold is asked for.

@@ -72,7 +72,8 @@ impl PostgresTableReader {
     /// the table's columns as the snapshot's catalog shows them are the ones read (the
     /// definition was read before the snapshot was pinned: DDL in between would have other
     /// columns read, or none), and its file is the one the snapshot's catalog names.
-    async fn check_readable(&mut self, table: &TableDefinition, name: &TableName) -> anyhow::Result<()> {
+    /// `only`: the lock takes `name` alone, not its partitions.
+    async fn check_readable(&mut self, table: &TableDefinition, name: &TableName, only: bool) -> anyhow::Result<()> {
         if !self.checked.contains(&table.schema.name) {
             let seen = super::catalog::signature_as_seen(&self.client, &table.schema.name).await?;
             if seen.is_none_or(|seen| seen != table.signature()) {
@@ -88,8 +89,9 @@ impl PostgresTableReader {
         // wait behind it, and the TRUNCATE waits for the copy to end. (A failed statement
         // ends a transaction: inside a savepoint.)
         let checking = || format!("checking that {name} was not truncated since the snapshot");
+        let only = if only { "ONLY " } else { "" };
         let lock = format!(
-            "SAVEPOINT cutover_lock; LOCK TABLE ONLY {qualified} IN ACCESS SHARE MODE NOWAIT; RELEASE SAVEPOINT cutover_lock"
+            "SAVEPOINT cutover_lock; LOCK TABLE {only}{qualified} IN ACCESS SHARE MODE NOWAIT; RELEASE SAVEPOINT cutover_lock"
         );
         match self.client.batch_execute(&lock).await {
             Ok(()) => {}
@@ -124,8 +126,13 @@ impl TableReader for PostgresTableReader {
         table: &TableDefinition,
         condition: &str,
     ) -> anyhow::Result<Vec<Vec<Option<String>>>> {
+        // A partitioned table: locked with its partitions first, parent before partitions as
+        // a TRUNCATE or ALTER of it locks them (the other order could deadlock with one).
+        if table.partitioning.is_some() {
+            self.check_readable(table, &table.schema.name, false).await?;
+        }
         for holder in table.row_holders() {
-            self.check_readable(table, holder).await?;
+            self.check_readable(table, holder, true).await?;
         }
         // The text protocol prints each value by its type's output function, as text COPY does.
         let columns: Vec<String> = table.schema.columns.iter().map(|c| quote_ident(&c.name)).collect();
@@ -183,7 +190,7 @@ impl TableReader for PostgresTableReader {
             CopyFormat::PostgresBinary => "FORMAT binary",
             CopyFormat::PostgresText => "FORMAT text",
         };
-        self.check_readable(table, &name).await?;
+        self.check_readable(table, &name, true).await?;
         let stream = match self.client.copy_out(&format!("COPY {source} TO STDOUT ({options})")).await {
             Ok(stream) => stream,
             Err(e) if names_gone(&e) => return Err(changed_since_read(&table.schema.name)),
