@@ -64,7 +64,8 @@ pub enum Command {
         /// Write the SQL that gives the target the source's rows where they differ to this file.
         #[arg(long)]
         repair_script: Option<PathBuf>,
-        /// Run that SQL on the target (a transaction per table; the pipeline stopped), then verify again.
+        /// Run that SQL on the target (a transaction per table; a running pipeline is held at the
+        /// repair's snapshot of the source meanwhile), then verify again.
         #[arg(long)]
         repair: bool,
     },
