@@ -253,14 +253,14 @@ pub struct HeldPipeline {
 }
 
 impl HeldPipeline {
-    /// Holds the daemon's applier before its next transaction: the hold, and the position
-    /// the target has applied. `None` when no daemon runs.
-    pub async fn next(state_dir: &Path) -> anyhow::Result<Option<(HeldPipeline, Position)>> {
+    /// Holds the daemon's applier before its next transaction, once it is there. `None`
+    /// when no daemon runs.
+    pub async fn next(state_dir: &Path) -> anyhow::Result<Option<HeldPipeline>> {
         let Ok(socket) = tokio::net::UnixStream::connect(socket_path(state_dir)).await else { return Ok(None) };
         let (read, write) = socket.into_split();
         let mut held = HeldPipeline { lines: BufReader::new(read).lines(), write, before: None };
-        let at = held.ask(None).await?;
-        Ok(Some((held, at)))
+        held.ask(None).await?;
+        Ok(Some(held))
     }
 
     /// Has the applier apply every transaction ordered before `position` (a snapshot's)

@@ -214,8 +214,7 @@ pub async fn verify_and_repair(config: &Config, repair: &Repair) -> anyhow::Resu
             true => Some(
                 crate::status::HeldPipeline::next(&config.state.dir)
                     .await?
-                    .context("the daemon stopped while verify ran: run verify --repair again")?
-                    .0,
+                    .context("the daemon stopped while verify ran: run verify --repair again")?,
             ),
             false => None,
         };
